@@ -1,0 +1,2 @@
+/* chat.c: not written yet */
+typedef int kp_placeholder_chat;

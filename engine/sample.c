@@ -1,0 +1,2 @@
+/* sample.c: not written yet */
+typedef int kp_placeholder_sample;

@@ -1,0 +1,2 @@
+/* synth.c: not written yet */
+typedef int kp_placeholder_synth;

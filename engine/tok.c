@@ -1,0 +1,2 @@
+/* tok.c: not written yet */
+typedef int kp_placeholder_tok;

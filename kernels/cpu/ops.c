@@ -1,0 +1,2 @@
+/* ops.c: not written yet */
+typedef int kp_placeholder_ops;

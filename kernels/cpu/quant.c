@@ -1,0 +1,2 @@
+/* quant.c: not written yet */
+typedef int kp_placeholder_quant;

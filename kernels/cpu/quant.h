@@ -1,0 +1,33 @@
+/*
+ * quant.h — CPU reference (and fast) conversions and dot products for every
+ * tensor type kvpark computes with: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K
+ * (plus Q8_K, used only for activations).
+ *
+ * Contract
+ *   - Block layouts are llama.cpp's (kernels/types.h); kp_dequant_row of a
+ *     row written by llama-quantize gives the values llama.cpp's
+ *     dequantize_row_* gives, bit for bit.
+ *   - kp_quant_row() is the reference quantiser for each type (llama.cpp's
+ *     quantize_row_*_ref): used by tests, synthetic models and to convert
+ *     activations before a dot product.
+ *   - To reproduce llama.cpp's numbers, a matrix product with weights of type
+ *     W first converts the activation row to kp_vec_dot_type(W) (Q8_0 for
+ *     Q4_0/Q8_0, Q8_K for Q4_K/Q6_K, F16 for F16, BF16 for BF16, F32 for F32)
+ *     and then calls kp_vec_dot(W, ...), which accumulates as llama.cpp's
+ *     ggml_vec_dot_* does (integer sums per block, float scale).
+ *   - n must be a multiple of the type's block size; functions return
+ *     KP_EINVAL otherwise (kp_vec_dot: caller's job, checked in debug only).
+ */
+#ifndef KP_QUANT_H
+#define KP_QUANT_H
+
+#include <stdint.h>
+
+#include "../types.h"
+
+int kp_dequant_row(int type, const void *src, float *dst, int64_t n);
+int kp_quant_row(int type, const float *src, void *dst, int64_t n);
+int kp_vec_dot_type(int wtype);
+float kp_vec_dot(int wtype, int64_t n, const void *w_row, const void *x_row);
+
+#endif

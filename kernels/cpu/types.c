@@ -1,0 +1,2 @@
+/* types.c: not written yet */
+typedef int kp_placeholder_types;

@@ -1,0 +1,98 @@
+/*
+ * testutil.c — see testutil.h.
+ */
+#include "testutil.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static const char *shared_dir(void) {
+    const char *d = getenv("KVPARK_SHARED");
+    return d && *d ? d : "../shared";
+}
+
+char *tu_shared_path(const char *rel) {
+    const char *d = shared_dir();
+    size_t n = strlen(d) + strlen(rel) + 2;
+    char *p = malloc(n);
+    assert_non_null(p);
+    snprintf(p, n, "%s/%s", d, rel);
+    return p;
+}
+
+int tu_shared_exists(const char *rel) {
+    char *p = tu_shared_path(rel);
+    struct stat st;
+    int ok = stat(p, &st) == 0;
+    free(p);
+    return ok;
+}
+
+char *tu_read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    if (fseek(f, 0, SEEK_END) != 0) { fclose(f); return NULL; }
+    long n = ftell(f);
+    if (n < 0) { fclose(f); return NULL; }
+    rewind(f);
+    char *buf = malloc((size_t)n + 1);
+    if (!buf) { fclose(f); return NULL; }
+    size_t got = fread(buf, 1, (size_t)n, f);
+    fclose(f);
+    if (got != (size_t)n) { free(buf); return NULL; }
+    buf[n] = 0;
+    if (len) *len = (size_t)n;
+    return buf;
+}
+
+json_t *tu_load_json(const char *rel) {
+    char *p = tu_shared_path(rel);
+    json_error_t e;
+    json_t *j = json_load_file(p, 0, &e);
+    if (!j) fail_msg("cannot parse %s: %s (line %d)", p, e.text, e.line);
+    free(p);
+    return j;
+}
+
+char *tu_tmpdir(void) {
+    const char *t = getenv("TMPDIR");
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s/kvpark-test-XXXXXX", t && *t ? t : "/tmp");
+    char *d = mkdtemp(buf);
+    assert_non_null(d);
+    return strdup(d);
+}
+
+double tu_max_abs_diff(const float *a, const float *b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (isnan(a[i]) || isnan(b[i])) return INFINITY;
+        if (d > m) m = d;
+    }
+    return m;
+}
+
+double tu_max_rel_err(const float *a, const float *b, size_t n, double floor) {
+    double m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(a[i]) || isnan(b[i])) return INFINITY;
+        double d = fabs((double)a[i] - (double)b[i]) / fmax(fabs((double)b[i]), floor);
+        if (d > m) m = d;
+    }
+    return m;
+}
+
+void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state) {
+    uint64_t s = *state ? *state : 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < n; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        x[i] = scale * (2.0f * (float)((s >> 40) * (1.0 / 16777216.0)) - 1.0f);
+    }
+    *state = s;
+}

@@ -1,0 +1,45 @@
+/*
+ * testutil.h — helpers shared by the tests: where the shared test data is,
+ * reading files and JSON, float comparisons.
+ *
+ * Tests find ../shared through $KVPARK_SHARED (set by tests/meson.build). A
+ * test whose data is missing calls skip() with a message, never passes
+ * silently.
+ */
+#ifndef KP_TESTUTIL_H
+#define KP_TESTUTIL_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <jansson.h>
+
+/* Path under the shared data dir (static buffer per call site is NOT used:
+ * returns a malloc'd string; free it). */
+char *tu_shared_path(const char *rel);
+/* 1 if the shared file exists. */
+int tu_shared_exists(const char *rel);
+/* Read a whole file; NULL on failure. *len may be NULL. */
+char *tu_read_file(const char *path, size_t *len);
+/* Load JSON from a shared file; fails the test on error. */
+json_t *tu_load_json(const char *rel);
+/* A fresh temporary directory (mkdtemp under $TMPDIR or /tmp); malloc'd. */
+char *tu_tmpdir(void);
+/* Max |a[i]-b[i]| and max relative error |a-b| / max(|b|, floor). */
+double tu_max_abs_diff(const float *a, const float *b, size_t n);
+double tu_max_rel_err(const float *a, const float *b, size_t n, double floor);
+/* Deterministic random floats in [-scale, scale) (xorshift). */
+void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state);
+
+#define TU_SKIP_UNLESS_SHARED(rel)                                                   \
+    do {                                                                             \
+        if (!tu_shared_exists(rel)) {                                                \
+            print_message("SKIP: shared test data '%s' not found (set KVPARK_SHARED)\n", \
+                          rel);                                                      \
+            skip();                                                                  \
+        }                                                                            \
+    } while (0)
+
+#endif
