@@ -12,6 +12,12 @@
  *     llama_chat_apply_template produces for the same messages.
  *   - Roles are "system", "user", "assistant" (others refused with
  *     KP_EINVAL).
+ *   - The exact formats are listed in chat.c's header comment. In short:
+ *     llama2 is llama.cpp's "llama2-sys-strip" variant (the one it picks for
+ *     Meta's Llama-2-chat template); plain is every message's content
+ *     verbatim joined by "\n" with no generation prompt, so one user message
+ *     renders as just its text (a story model continues it).
+ *   - chat_template_detect() also accepts a bare name ("chatml", ...).
  */
 #ifndef KP_CHAT_H
 #define KP_CHAT_H
@@ -22,7 +28,7 @@
 #include "kp.h"
 
 enum chat_template {
-    CHAT_PLAIN = 0, /* "system: ...\nuser: ...\nassistant:" style fallback */
+    CHAT_PLAIN = 0, /* no template: contents joined by "\n", no role markers */
     CHAT_CHATML,
     CHAT_LLAMA2,
     CHAT_LLAMA3,

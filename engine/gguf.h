@@ -133,6 +133,20 @@ int gguf_set_arr_str(gguf_writer *w, const char *key, const char *const *v, uint
  * ne[0] is the row length; n_dims 1..4. */
 int gguf_add_tensor(gguf_writer *w, const char *name, int type, int n_dims,
                     const int64_t *ne, const void *data, bool borrow, kp_err *err);
+/* Any fixed-size scalar type (u8 .. f64, bool): `v` points at one value of
+ * that type. The typed setters above are shorthands for it. */
+int gguf_set_val(gguf_writer *w, const char *key, enum gguf_vtype type, const void *v);
+/* Add a tensor whose data is produced at write time, so that files larger
+ * than memory can be written (synthetic models). fill() is called with
+ * consecutive byte ranges [offset, offset+nbytes) of the tensor, each made of
+ * whole rows (a row = ne[0] elements), in order; it returns 0 or a KP_E* code
+ * (and fills err). tensor_index is the tensor's position in the writer. */
+typedef int (*gguf_fill_fn)(void *ctx, int64_t tensor_index, void *dst, uint64_t offset,
+                            size_t nbytes, kp_err *err);
+int gguf_add_tensor_cb(gguf_writer *w, const char *name, int type, int n_dims,
+                       const int64_t *ne, gguf_fill_fn fill, void *ctx, kp_err *err);
+/* Exact size in bytes of the file gguf_writer_write() would write now. */
+int gguf_writer_size(gguf_writer *w, uint64_t *size, kp_err *err);
 int gguf_writer_write(gguf_writer *w, const char *path, kp_err *err);
 /* Serialise to a malloc'd buffer (tests, fuzz seeds). */
 int gguf_writer_write_mem(gguf_writer *w, uint8_t **out, size_t *size, kp_err *err);

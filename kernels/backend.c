@@ -1,2 +1,60 @@
-/* backend.c: not written yet */
-typedef int kp_placeholder_backend;
+/*
+ * backend.c — creating and destroying backends by name (see kernels.h).
+ *
+ * "cpu" is always built: an op table in kernels/cpu/ops.c running on a
+ * persistent thread pool (kernels/cpu/pool.c). "cuda" is reserved for the
+ * CUDA backend; this build has none, so asking for it is KP_EUNSUP with a
+ * message saying how to get one. To add a backend: give it an op table and
+ * init/release functions that fill be->impl, and a branch in kp_backend_new.
+ */
+#include "kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/cpu.h"
+
+int kp_backend_new(kp_backend **out, const char *name, int n_threads, kp_err *err) {
+    *out = NULL;
+    if (!name) name = "cpu";
+
+    if (strcmp(name, "cuda") == 0)
+        return kp_errf(err, KP_EUNSUP,
+                       "backend: this build has no CUDA backend (rebuild with -Dcuda=enabled)");
+    if (strcmp(name, "cpu") != 0)
+        return kp_errf(err, KP_EINVAL, "backend: unknown backend '%s' (use \"cpu\" or \"cuda\")",
+                       name);
+
+    kp_backend *be = calloc(1, sizeof *be);
+    if (!be) return kp_errf(err, KP_ENOMEM, "backend: out of memory");
+    be->ops = &kp_cpu_ops;
+    be->n_threads = n_threads > 0 ? n_threads : kp_cpu_count();
+    if (be->n_threads > 1) {
+        int rc = kp_pool_new(&be->pool, be->n_threads);
+        if (rc) {
+            int n = be->n_threads;
+            free(be);
+            return kp_errf(err, rc, "backend: cannot start %d CPU threads (try fewer)", n);
+        }
+    }
+    int rc = kp_cpu_init(be, err);
+    if (rc) {
+        kp_backend_free(be);
+        return rc;
+    }
+    *out = be;
+    return 0;
+}
+
+void kp_backend_free(kp_backend *be) {
+    if (!be) return;
+    if (be->ops == &kp_cpu_ops) kp_cpu_release(be);
+    kp_pool_free(be->pool);
+    free(be);
+}
+
+const kp_ops *kp_backend_ops(const kp_backend *be) { return be ? be->ops : NULL; }
+
+int kp_backend_threads(const kp_backend *be) { return be ? be->n_threads : 0; }
+
+int kp_cuda_available(void) { return 0; }

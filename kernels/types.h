@@ -56,6 +56,12 @@ typedef struct {
 } kp_block_q6_K;                                                               /* 210 B */
 typedef struct { float d; int8_t qs[KP_QK_K]; int16_t bsums[KP_QK_K / 16]; } kp_block_q8_K; /* 292 B */
 
+_Static_assert(sizeof(kp_block_q8_0) == 34, "kp_block_q8_0 must match ggml's block_q8_0");
+_Static_assert(sizeof(kp_block_q4_0) == 18, "kp_block_q4_0 must match ggml's block_q4_0");
+_Static_assert(sizeof(kp_block_q4_K) == 144, "kp_block_q4_K must match ggml's block_q4_K");
+_Static_assert(sizeof(kp_block_q6_K) == 210, "kp_block_q6_K must match ggml's block_q6_K");
+_Static_assert(sizeof(kp_block_q8_K) == 292, "kp_block_q8_K must match ggml's block_q8_K");
+
 /* Block size in elements (1 for float types) and bytes; 0 if unknown. */
 int kp_type_block(int type);
 size_t kp_type_block_bytes(int type);
@@ -71,5 +77,9 @@ float kp_fp16_to_f32(uint16_t h);
 uint16_t kp_f32_to_fp16(float f);
 float kp_bf16_to_f32(uint16_t h);
 uint16_t kp_f32_to_bf16(float f);
+/* Portable fp16 conversions (always compiled); bit-identical to the above,
+ * which use F16C instructions when available. For tests and cross-checks. */
+float kp_fp16_to_f32_soft(uint16_t h);
+uint16_t kp_f32_to_fp16_soft(float f);
 
 #endif

@@ -51,7 +51,7 @@ char *tu_read_file(const char *path, size_t *len) {
 json_t *tu_load_json(const char *rel) {
     char *p = tu_shared_path(rel);
     json_error_t e;
-    json_t *j = json_load_file(p, 0, &e);
+    json_t *j = json_load_file(p, JSON_ALLOW_NUL, &e);
     if (!j) fail_msg("cannot parse %s: %s (line %d)", p, e.text, e.line);
     free(p);
     return j;

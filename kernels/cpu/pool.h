@@ -6,7 +6,9 @@
  *   - kp_pool_run(p, fn, arg) calls fn(arg, ith, nth) once for every ith in
  *     0..nth-1 (ith 0 on the caller) and returns when all have returned.
  *     Workers spin briefly, then sleep on a condition variable, so a run costs
- *     microseconds while busy and no CPU while idle.
+ *     microseconds while busy and no CPU while idle. An ith whose worker has
+ *     not picked it up by the time the caller finished ith 0 is run by the
+ *     caller itself, so fn must not wait for another ith (no barriers).
  *   - Not re-entrant: one kp_pool_run at a time per pool (the engine's
  *     scheduler thread owns the pool). fn must not call kp_pool_run.
  */

@@ -30,4 +30,29 @@ int kp_quant_row(int type, const float *src, void *dst, int64_t n);
 int kp_vec_dot_type(int wtype);
 float kp_vec_dot(int wtype, int64_t n, const void *w_row, const void *x_row);
 
+/* Additions (quant.c) ------------------------------------------------------ */
+
+/* The activation quantiser llama.cpp's CPU backend runs on x86 (its
+ * type_traits from_float), which is what to use before kp_vec_dot to follow
+ * llama.cpp's numbers. It equals kp_quant_row except for Q8_0: llama.cpp's
+ * AVX quantize_row_q8_0 scales by 127/amax and rounds ties to even, where
+ * quantize_row_q8_0_ref multiplies by 1/(amax/127) and rounds ties away. */
+int kp_quant_row_act(int type, const float *src, void *dst, int64_t n);
+
+/* Scalar reference of kp_vec_dot: ggml's generic C code, op for op. The fast
+ * kp_vec_dot (AVX2/AVX-512 when compiled in) gives the same integer sums and
+ * differs only in float summation order. */
+float kp_vec_dot_ref(int wtype, int64_t n, const void *w_row, const void *x_row);
+
+/* out[r] = kp_vec_dot(wtype, n, w + r*w_stride, x_row) for r < nrows: the
+ * inner loop of a matmul, with the type dispatch hoisted out. */
+void kp_vec_dot_rows(int wtype, int64_t n, int64_t nrows, const void *w, size_t w_stride,
+                     const void *x_row, float *out);
+
+/* Row conversions, vectorised; bit-identical to kp_f32_to_fp16 & co. */
+void kp_f32_to_f16_row(const float *src, uint16_t *dst, int64_t n);
+void kp_f16_to_f32_row(const uint16_t *src, float *dst, int64_t n);
+void kp_f32_to_bf16_row(const float *src, uint16_t *dst, int64_t n);
+void kp_bf16_to_f32_row(const uint16_t *src, float *dst, int64_t n);
+
 #endif

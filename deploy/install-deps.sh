@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# install-deps.sh — install what kvpark needs to build and test on Debian/Ubuntu.
+# Idempotent: installs only what is missing. Run as root (or with sudo).
+#   build:  gcc, meson, ninja, pkg-config, libmicrohttpd, jansson, liblz4, libuv, xxhash
+#   tests:  cmocka, gnuplot (benchmark plots)
+# The CUDA Toolkit is not installed here: kvpark builds the CUDA backend when
+# /usr/local/cuda/bin/nvcc (or nvcc on PATH) exists, and without it otherwise.
+set -euo pipefail
+pkgs=(gcc meson ninja-build pkg-config libmicrohttpd-dev libjansson-dev liblz4-dev libuv1-dev
+      libxxhash-dev libcmocka-dev gnuplot-nox)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all packages present"
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "install-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "install-deps: done"

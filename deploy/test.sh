@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# test.sh — install dependencies, build, and run every test: once in a release
+# build and once under AddressSanitizer + UndefinedBehaviorSanitizer.
+# Ends with the line "N passed, N failed[, N skipped]".
+# Usage: deploy/test.sh            (from the repository root)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/install-deps.sh || { echo "0 passed, 1 failed"; exit 1; }
+export KVPARK_SHARED="${KVPARK_SHARED:-$(cd .. && pwd)/shared}"
+jobs=$(nproc)
+fail_build=0
+build() { # dir, extra meson args...
+  local dir=$1; shift
+  if [ ! -f "$dir/build.ninja" ]; then
+    meson setup "$dir" "$@" >"$dir.setup.log" 2>&1 || { cat "$dir.setup.log"; return 1; }
+  fi
+  ninja -C "$dir" -j "$jobs" >"$dir.ninja.log" 2>&1 || { tail -50 "$dir.ninja.log"; return 1; }
+}
+build build-test -Dbuildtype=release || fail_build=1
+build build-asan -Dbuildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false || fail_build=1
+if [ "$fail_build" -ne 0 ]; then
+  echo "build failed"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:halt_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+rc=0
+for dir in build-test build-asan; do
+  echo "=== tests in $dir ==="
+  meson test -C "$dir" --print-errorlogs --num-processes "$jobs" || rc=1
+done
+# Count individual cmocka test cases from meson's JSON logs; a program that
+# crashed or failed without cmocka's summary counts as one failure.
+python3 - <<'PY' || rc=1
+import json, re, sys
+p = f = s = 0
+for d in ("build-test", "build-asan"):
+    try:
+        lines = open(f"{d}/meson-logs/testlog.json").read().splitlines()
+    except FileNotFoundError:
+        f += 1
+        continue
+    for line in lines:
+        r = json.loads(line)
+        out = r.get("stdout", "") or ""
+        def count(tag):
+            m = re.findall(r"\[\s*" + tag + r"\s*\] (\d+) test", out)
+            return int(m[-1]) if m else 0
+        cp, cf, cs = count("PASSED"), count("FAILED"), count("SKIPPED")
+        if r["result"] not in ("OK", "SKIP") and cf == 0:
+            cf = 1
+        if cp + cf + cs == 0:
+            if r["result"] == "OK": cp = 1
+            elif r["result"] == "SKIP": cs = 1
+        p, f, s = p + cp, f + cf, s + cs
+print(f"{p} passed, {f} failed, {s} skipped")
+sys.exit(1 if f else 0)
+PY
+exit $rc

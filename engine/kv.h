@@ -1,0 +1,54 @@
+/*
+ * kv.h — the live KV cache of one sequence.
+ *
+ * Layout (what the codec and the session store rely on):
+ *   for each layer l:  K[l]  [n_ctx][n_kv_heads][head_dim]   keys AFTER RoPE
+ *                      V[l]  [n_ctx][n_kv_heads][head_dim]
+ *   elements of kv_type (F32, F16 or BF16), each layer's K and V one
+ *   contiguous backend buffer. Rows 0 .. n_pos-1 are filled.
+ * So a codec chunk (C consecutive tokens of one layer's K or V, all KV heads)
+ * is the contiguous byte range [t0 * row_bytes, (t0 + C) * row_bytes) of
+ * K[l] or V[l], with row_bytes = n_kv_heads * head_dim * elem_size: no copy
+ * of the world to take one.
+ *
+ * Contract
+ *   - kv_new allocates n_ctx rows per layer on the backend (memory is
+ *     reserved up front: n_ctx bounds what the sequence can hold).
+ *   - kv_truncate(n) forgets rows >= n (prefix reuse, rollback); the bytes stay
+ *     and are overwritten by later tokens.
+ *   - The model writes rows at n_pos .. n_pos+n-1 during a forward pass and
+ *     then advances n_pos.
+ */
+#ifndef KP_KV_H
+#define KP_KV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../kernels/kernels.h"
+#include "kp.h"
+
+typedef struct kv_cache {
+    kp_backend *be;
+    int kv_type;     /* KP_TYPE_F32, KP_TYPE_F16 or KP_TYPE_BF16 */
+    int n_layer;
+    int n_ctx;       /* rows reserved per layer */
+    int n_kv_heads;
+    int head_dim;
+    int n_pos;       /* rows filled */
+    size_t row_bytes; /* n_kv_heads * head_dim * element size */
+    void **k;        /* [n_layer] -> [n_ctx][n_kv_heads][head_dim] */
+    void **v;        /* [n_layer] -> [n_ctx][n_kv_heads][head_dim] */
+} kv_cache;
+
+int kv_new(kv_cache **out, kp_backend *be, int kv_type, int n_layer, int n_ctx,
+           int n_kv_heads, int head_dim, kp_err *err);
+void kv_free(kv_cache *kv);
+void kv_truncate(kv_cache *kv, int n_pos);
+/* Total bytes reserved, and bytes holding the n_pos filled rows. */
+size_t kv_bytes_reserved(const kv_cache *kv);
+size_t kv_bytes_used(const kv_cache *kv);
+/* Parse "f32" | "f16" | "bf16" into a kv type; -1 if unknown. */
+int kv_type_from_name(const char *name);
+
+#endif

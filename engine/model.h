@@ -1,0 +1,95 @@
+/*
+ * model.h — a loaded model: hyper-parameters, weights, vocabulary, and the
+ * forward pass for the architectures kvpark knows (llama, qwen2, gpt2).
+ *
+ * Contract
+ *   - model_load(path) opens a GGUF (memory-mapped: CPU weights are used in
+ *     place, never copied), reads `general.architecture` and the hyper-
+ *     parameters, checks that every tensor the architecture needs is present
+ *     with the right shape and a supported type (a message names the tensor
+ *     otherwise), and loads the tokenizer. "synthetic:NAME" paths are not
+ *     handled here (see synth.h: write the file first).
+ *   - model_forward() runs one step for a batch of sequences: each sequence
+ *     appends its n_tokens tokens at positions kv->n_pos .. (the KV cache
+ *     grows), and gets logits for its last token or for every token.
+ *     All tokens of all sequences go through each weight matrix together
+ *     (matrix-matrix work); attention is per sequence. Long inputs are split
+ *     into micro-batches of at most model_opts.n_batch tokens.
+ *   - One thread at a time calls model_forward (the scheduler owns the model).
+ */
+#ifndef KP_MODEL_H
+#define KP_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "../kernels/kernels.h"
+#include "kp.h"
+#include "kv.h"
+#include "tok.h"
+
+enum model_arch { ARCH_LLAMA = 1, ARCH_QWEN2 = 2, ARCH_GPT2 = 3 };
+
+typedef struct model_hparams {
+    int arch;
+    char arch_name[32];
+    int n_vocab;
+    int n_ctx_train;
+    int dim;
+    int n_layer;
+    int n_head;
+    int n_kv_heads;
+    int head_dim;
+    int ffn;
+    int n_rot;          /* dims rotated by RoPE (0 = no RoPE, gpt2) */
+    int rope_mode;      /* KP_ROPE_NORMAL | KP_ROPE_NEOX */
+    float rope_base;
+    float rope_freq_scale;
+    float norm_eps;
+    bool tied_output;   /* logits use token_embd.weight */
+    int n_params_m;     /* parameter count in millions (for messages) */
+} model_hparams;
+
+typedef struct model_opts {
+    const char *backend; /* "cpu" (default) or "cuda" */
+    int n_threads;       /* <= 0: all cores */
+    int n_batch;         /* micro-batch size in tokens; default 512 */
+} model_opts;
+
+typedef struct model model;
+
+model_opts model_default_opts(void);
+int model_load(model **out, const char *path, const model_opts *opts, kp_err *err);
+void model_free(model *m);
+
+const model_hparams *model_hp(const model *m);
+const tok_vocab *model_vocab(const model *m);
+kp_backend *model_backend(const model *m);
+const char *model_path(const model *m);
+/* Template text from tokenizer.chat_template, or NULL. */
+const char *model_chat_template(const model *m);
+/* One line: "llama, 5 layers, dim 64, 8 heads (4 kv), vocab 512, f32 (1.1 MB)". */
+const char *model_desc(const model *m);
+
+/* A KV cache shaped for this model (n_ctx <= 0: the training context). */
+int model_kv_new(const model *m, kv_cache **out, int kv_type, int n_ctx, kp_err *err);
+
+typedef struct model_seq {
+    kv_cache *kv;           /* appended to at kv->n_pos */
+    const int32_t *tokens;  /* [n_tokens] */
+    int n_tokens;
+    bool all_logits;        /* logits for every token, else only the last */
+    float *logits;          /* out (host memory): [n_tokens or 1][n_vocab]; may be NULL */
+} model_seq;
+
+/* Returns KP_ERANGE (sequence untouched) if a sequence would exceed its
+ * cache's n_ctx, KP_EINVAL for a token id outside the vocabulary. */
+int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err);
+
+/* Resolve which model file to use: `cli` (may be NULL), else $KVPARK_MODEL,
+ * else the first models/ *.gguf (sorted), else ../shared/models/stories260K.gguf.
+ * Writes the chosen path into buf, or returns KP_ENOTFOUND with a message
+ * saying how to get a GGUF model. */
+int model_find_default(const char *cli, char *buf, size_t cap, kp_err *err);
+
+#endif
