@@ -491,7 +491,7 @@ static int32_t apply_min_p(sample_cand *c, int32_t nc, float m, float min_p) {
     const double thr = log((double)min_p);
     int32_t w = 0;
     for (int32_t i = 0; i < nc; i++)
-        if ((double)c[i].logit - (double)m > thr) c[w++] = c[i];
+        if ((double)c[i].logit - (double)m >= thr) c[w++] = c[i];
     return w;
 }
 

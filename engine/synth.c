@@ -244,7 +244,7 @@ static int letters(char out[64][4], const char *word_start) {
  * first (tokens of length 1 first). Single letters already in the vocabulary
  * (BPE) are not added again; `merges` (may be NULL) gets "A B" per token. */
 static int grow_tokens(strlist *tok, strlist *merges, size_t count, char let[64][4], int n_let,
-                       const size_t *letter_ids, size_t first_piece) {
+                       const size_t *letter_ids) {
     size_t target = tok->n + count;
     /* queue of token ids to extend: the letters, then every new token */
     size_t q = 0;
@@ -261,7 +261,6 @@ static int grow_tokens(strlist *tok, strlist *merges, size_t count, char let[64]
             queue[qn++] = tok->n - 1;
         }
     }
-    (void)first_piece;
     while (tok->n < target && rc == 0) {
         size_t p = queue[q++];
         for (int i = 0; i < n_let && tok->n < target && rc == 0; i++) {
@@ -307,7 +306,7 @@ static int set_vocab(gguf_writer *w, const synth_spec *s, kp_err *err) {
             types[3 + b] = 6;
         }
         if (rc == 0 && s->n_vocab > 259)
-            rc = grow_tokens(&tok, NULL, (size_t)s->n_vocab - 259, let, n_let, NULL, 259);
+            rc = grow_tokens(&tok, NULL, (size_t)s->n_vocab - 259, let, n_let, NULL);
         for (int i = 0; i < s->n_vocab && rc == 0; i++) {
             scores[i] = i < 259 ? 0.0f : -(float)(i - 259);
             if (i >= 259) types[i] = 1;
@@ -337,7 +336,7 @@ static int set_vocab(gguf_writer *w, const synth_spec *s, kp_err *err) {
                 if (gpt2_byte((int)id) == b) letter_ids[i] = id;
         }
         if (rc == 0)
-            rc = grow_tokens(&tok, &merges, (size_t)s->first_special - 256, let, n_let, letter_ids, 256);
+            rc = grow_tokens(&tok, &merges, (size_t)s->first_special - 256, let, n_let, letter_ids);
         int n_named = 0;
         while (s->specials[n_named]) n_named++;
         for (int id = s->first_special; id < s->n_vocab && rc == 0; id++) {

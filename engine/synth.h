@@ -14,6 +14,14 @@
  *     (norm weights 1), deterministic for a seed. Large files are written
  *     tensor by tensor, never held whole in memory.
  *   - An unknown name is KP_ENOTFOUND with the list of known names.
+ *   - A matrix whose row length is not a multiple of the type's block size
+ *     gets a fallback type, as llama-quantize does (Q4_K -> Q4_0, Q6_K ->
+ *     Q8_0 when the row is a multiple of 32, else F16): e.g. Qwen2.5-0.5B's
+ *     896-wide rows at Q4_K.
+ *   - "tiny-llama-256-shape", "tiny-qwen2-shape", "tiny-gpt2-shape" mirror
+ *     the small models in ../shared/models (used by tests). Llama-3.2-1B's
+ *     context_length is written as 8192 (the real 131072 only sizes the KV
+ *     cache) and its rope-scaling tensor rope_freqs.weight is omitted.
  */
 #ifndef KP_SYNTH_H
 #define KP_SYNTH_H

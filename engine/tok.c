@@ -154,6 +154,12 @@ struct tok_vocab {
 
     int32_t byte_tok[256]; /* SPM byte-fallback token of each byte, -1 if none */
 
+    /* SPM: bitset over hashes of the adjacent character pairs inside tokens.
+     * Where two neighbouring characters of the input are a pair no token
+     * contains, no merge can ever cross, so the text is cut there and the
+     * pieces are merged separately: same result, much smaller queues. */
+    uint64_t *pair_bits; /* [PAIR_WORDS] */
+
     int32_t bos, eos, eot, eom, unk, pad;
     bool add_bos, add_eos, add_space_prefix, clean_spaces, ignore_merges;
     char info[256];
@@ -466,6 +472,49 @@ static void symbols_merge(symbols *s, int32_t left, int32_t right)
 
 /* ------------------------------------------------------------------------ */
 /* SPM (llm_tokenizer_spm_session).                                          */
+
+#define PAIR_LOG2 21
+#define PAIR_WORDS ((1u << PAIR_LOG2) / 64)
+
+static uint32_t pair_slot(const char *p, size_t n)
+{
+    return (uint32_t)(fnv_update(FNV_INIT, p, n) >> (64 - PAIR_LOG2));
+}
+
+/* May a token contain the characters p[0..l1) p[l1..l1+l2) side by side?
+ * (false positives only cost speed) */
+static bool pair_possible(const tok_vocab *v, const char *p, size_t l1, size_t l2)
+{
+    uint32_t h = pair_slot(p, l1 + l2);
+    return (v->pair_bits[h / 64] >> (h % 64)) & 1;
+}
+
+static int spm_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *out);
+
+/* Cut the text where no merge can cross and tokenise each piece. The cuts
+ * are at character boundaries of the whole text, so every piece splits into
+ * the same characters as it would inside the whole; merges inside different
+ * pieces never interact, and the queue order restricted to one piece is the
+ * same, so the ids are exactly those of one big session. */
+static int spm_tokenize_cut(const tok_vocab *v, const char *text, size_t len, ivec *out)
+{
+    size_t seg = 0, prev = 0, prev_len = 0;
+    for (size_t off = 0; off < len;) {
+        size_t l = utf8_len((uint8_t)text[off]);
+        if (l > len - off)
+            l = len - off;
+        if (off > 0 && !pair_possible(v, text + prev, prev_len, l)) {
+            int rc = spm_tokenize(v, text + seg, off - seg, out);
+            if (rc)
+                return rc;
+            seg = off;
+        }
+        prev = off;
+        prev_len = l;
+        off += l;
+    }
+    return spm_tokenize(v, text + seg, len - seg, out);
+}
 
 static void spm_try_bigram(const tok_vocab *v, const char *text, const symbols *s, heap *h,
                            int32_t left, int32_t right)
@@ -971,6 +1020,18 @@ static int pre_tokenize(int pre, const cpt_text *t, split *out)
 /* ------------------------------------------------------------------------ */
 /* BPE (llm_tokenizer_bpe_session).                                          */
 
+/* Queue the merge of symbols l and r if the merges list has it. The queue
+ * priority is -rank (ranks are exact in a float: at most 2^24 merges). */
+static void bpe_try(const tok_vocab *v, const char *w, const symbols *s, heap *h, int32_t l,
+                    int32_t r)
+{
+    if (l < 0 || r < 0)
+        return;
+    int32_t rank = merge_rank(v, w + s->off[l], s->len[l], w + s->off[r], s->len[r]);
+    if (rank >= 0)
+        heap_push(h, (bigram){-(float)rank, l, r, s->len[l] + s->len[r]});
+}
+
 /* Merge one byte-encoded pre-token and append its ids. */
 static int bpe_word(const tok_vocab *v, const char *w, size_t len, ivec *out)
 {
@@ -985,27 +1046,17 @@ static int bpe_word(const tok_vocab *v, const char *w, size_t len, ivec *out)
     if (symbols_init(&s, w, len))
         return KP_ENOMEM;
     heap h = {0};
-#define BPE_TRY(l, r)                                                                   \
-    do {                                                                                \
-        int32_t l_ = (l), r_ = (r);                                                     \
-        if (l_ >= 0 && r_ >= 0) {                                                       \
-            int32_t rank = merge_rank(v, w + s.off[l_], s.len[l_], w + s.off[r_], s.len[r_]); \
-            if (rank >= 0)                                                              \
-                heap_push(&h, (bigram){-(float)rank, l_, r_, s.len[l_] + s.len[r_]});   \
-        }                                                                               \
-    } while (0)
     for (size_t i = 1; i < s.n; i++)
-        BPE_TRY((int32_t)i - 1, (int32_t)i);
+        bpe_try(v, w, &s, &h, (int32_t)i - 1, (int32_t)i);
     while (h.n && !h.oom) {
         bigram b = heap_pop(&h);
         uint32_t ll = s.len[b.left], rl = s.len[b.right];
         if (ll == 0 || rl == 0 || ll + rl != b.size)
             continue; /* outdated */
         symbols_merge(&s, b.left, b.right);
-        BPE_TRY(s.prev[b.left], b.left);
-        BPE_TRY(b.left, s.next[b.left]);
+        bpe_try(v, w, &s, &h, s.prev[b.left], b.left);
+        bpe_try(v, w, &s, &h, b.left, s.next[b.left]);
     }
-#undef BPE_TRY
     for (int32_t i = 0; i != -1 && s.n && !h.oom; i = s.next[i]) {
         const char *p = w + s.off[i];
         int32_t id = tok_find(v, p, s.len[i]);
@@ -1026,7 +1077,8 @@ static int bpe_word(const tok_vocab *v, const char *w, size_t len, ivec *out)
     return oom ? KP_ENOMEM : 0;
 }
 
-/* ranks are exact in a float up to 2^24 merges */
+/* One raw-text fragment: code points (invalid UTF-8 -> U+FFFD), pre-tokens,
+ * GPT-2 byte images, merges. */
 static int bpe_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *out)
 {
     int rc = KP_ENOMEM;
@@ -1107,12 +1159,39 @@ static void fvec_push(fvec *a, frag f)
 /* For each special token, longest first, cut every raw fragment at each of
  * its occurrences. Control and unknown tokens only when parse_special;
  * user-defined tokens always (as llama.cpp / HF tokenizers). */
+static uint32_t tri_slot(const char *p)
+{
+    return (uint32_t)(fnv_update(FNV_INIT, p, 3) >> 48);
+}
+
+static bool bit_get(const uint64_t *b, uint32_t i) { return (b[i / 64] >> (i % 64)) & 1; }
+static void bit_set(uint64_t *b, uint32_t i) { b[i / 64] |= 1ull << (i % 64); }
+
 static int partition(const tok_vocab *v, const char *text, size_t len, bool parse_special,
                      fvec *out)
 {
     fvec cur = {0};
     if (len)
         fvec_push(&cur, (frag){-1, 0, len});
+
+    /* Which bytes, byte pairs and (hashed) byte triples occur in the text: a
+     * special token whose start is absent cannot occur, so its search is
+     * skipped (vocabularies with thousands of user-defined tokens). */
+    uint64_t *seen = NULL;
+    if (len >= 64 && v->n_special > 4) {
+        seen = calloc(4 + 1024 + 1024, sizeof(uint64_t));
+        if (!seen)
+            return KP_ENOMEM;
+        const uint8_t *u = (const uint8_t *)text;
+        for (size_t i = 0; i < len; i++) {
+            bit_set(seen, u[i]);
+            if (i + 1 < len)
+                bit_set(seen + 4, (uint32_t)u[i] << 8 | u[i + 1]);
+            if (i + 2 < len)
+                bit_set(seen + 4 + 1024, tri_slot(text + i));
+        }
+    }
+
     for (int32_t k = 0; k < v->n_special && !cur.oom; k++) {
         int32_t id = v->special[k];
         uint16_t at = v->attr[id];
@@ -1120,6 +1199,13 @@ static int partition(const tok_vocab *v, const char *text, size_t len, bool pars
             continue;
         const char *st = tok_str(v, id);
         size_t sl = v->text_len[id];
+        if (seen) {
+            const uint8_t *su = (const uint8_t *)st;
+            if (sl > len || !bit_get(seen, su[0]) ||
+                (sl >= 2 && !bit_get(seen + 4, (uint32_t)su[0] << 8 | su[1])) ||
+                (sl >= 3 && !bit_get(seen + 4 + 1024, tri_slot(st))))
+                continue;
+        }
         fvec next = {0};
         for (size_t i = 0; i < cur.n; i++) {
             frag f = cur.v[i];
@@ -1158,6 +1244,7 @@ static int partition(const tok_vocab *v, const char *text, size_t len, bool pars
         free(cur.v);
         cur = next;
     }
+    free(seen);
     *out = cur;
     return cur.oom ? KP_ENOMEM : 0;
 }
@@ -1214,7 +1301,7 @@ int tok_encode(const tok_vocab *v, const char *text, size_t len, bool add_specia
                     buf[bl++] = s[j];
                 }
             }
-            rc = spm_tokenize(v, buf, bl, &out);
+            rc = spm_tokenize_cut(v, buf, bl, &out);
             prev_special = false;
         }
     } else {
@@ -1411,6 +1498,7 @@ void tok_free(tok_vocab *v)
     free(v->merge_len);
     free(v->merge_ht);
     free(v->special);
+    free(v->pair_bits);
     free(v);
 }
 
@@ -1439,7 +1527,6 @@ static size_t make_piece(const tok_vocab *v, int32_t id, char *out)
         }
         /* byte-level BPE: every code point back to its byte */
         for (size_t i = 0; i < tl;) {
-            size_t i0 = i;
             uint32_t c = utf8_next((const uint8_t *)t, tl, &i);
             int b = bpe_cpt_to_byte(c);
             if (b >= 0) {
@@ -1447,7 +1534,6 @@ static size_t make_piece(const tok_vocab *v, int32_t id, char *out)
             } else { /* as llama_decode_text */
                 char u[4];
                 int nb = utf8_put(c, u);
-                (void)i0;
                 k += (size_t)sprintf(out + k, "[UNK_BYTE_0x");
                 for (int j = 0; j < nb; j++)
                     k += (size_t)sprintf(out + k, "%02x", (uint8_t)u[j]);
@@ -1689,7 +1775,8 @@ int tok_load(tok_vocab **out, const gguf_file *f, kp_err *err)
     /* tokens */
     gguf_arr ta;
     if (gguf_get_arr(f, "tokenizer.ggml.tokens", &ta, NULL) || ta.type != GGUF_VT_STRING) {
-        rc = kp_errf(err, KP_EFORMAT, "tok: tokenizer.ggml.tokens is missing or not a string array");
+        rc = kp_errf(err, KP_EFORMAT,
+                     "tok: tokenizer.ggml.tokens is missing or not a string array");
         goto fail;
     }
     if (ta.n == 0 || ta.n > INT32_MAX / 2) {
@@ -1736,6 +1823,10 @@ int tok_load(tok_vocab **out, const gguf_file *f, kp_err *err)
     /* scores (f32 or i32) and types */
     gguf_arr sa;
     rc = gguf_get_arr(f, "tokenizer.ggml.scores", &sa, NULL);
+    if (rc != 0 && rc != KP_ENOTFOUND) {
+        rc = kp_errf(err, KP_EFORMAT, "tok: tokenizer.ggml.scores is not an array");
+        goto fail;
+    }
     if (rc == 0) {
         if ((sa.type != GGUF_VT_FLOAT32 && sa.type != GGUF_VT_INT32) || sa.n < ta.n) {
             rc = kp_errf(err, KP_EFORMAT,
@@ -1747,8 +1838,10 @@ int tok_load(tok_vocab **out, const gguf_file *f, kp_err *err)
             v->score[i] = (float)gguf_arr_get_float(&sa, (uint64_t)i);
     }
     gguf_arr ya;
-    bool have_types = gguf_get_arr(f, "tokenizer.ggml.token_type", &ya, NULL) == 0;
-    if (have_types && (ya.type != GGUF_VT_INT32 || ya.n < ta.n)) {
+    rc = gguf_get_arr(f, "tokenizer.ggml.token_type", &ya, NULL);
+    bool have_types = rc == 0;
+    if ((rc != 0 && rc != KP_ENOTFOUND) ||
+        (have_types && (ya.type != GGUF_VT_INT32 || ya.n < ta.n))) {
         rc = kp_errf(err, KP_EFORMAT,
                      "tok: tokenizer.ggml.token_type must be an i32 array of %d entries", v->n);
         goto fail;
@@ -1842,6 +1935,29 @@ int tok_load(tok_vocab **out, const gguf_file *f, kp_err *err)
         if (v->byte_tok[b] < 0) {
             char c = (char)b;
             v->byte_tok[b] = tok_find(v, &c, 1);
+        }
+    }
+
+    /* SPM: the character pairs that occur inside tokens */
+    if (v->kind == TOK_SPM) {
+        v->pair_bits = calloc(PAIR_WORDS, sizeof(uint64_t));
+        if (!v->pair_bits) {
+            rc = kp_errf(err, KP_ENOMEM, "tok: out of memory");
+            goto fail;
+        }
+        for (int32_t i = 0; i < v->n; i++) {
+            const char *t = tok_str(v, i);
+            size_t tl = v->text_len[i], prev = 0, prev_len = 0;
+            for (size_t o = 0; o < tl;) {
+                size_t l = KP_MIN(utf8_len((uint8_t)t[o]), tl - o);
+                if (o > 0) {
+                    uint32_t h = pair_slot(t + prev, prev_len + l);
+                    v->pair_bits[h / 64] |= 1ull << (h % 64);
+                }
+                prev = o;
+                prev_len = l;
+                o += l;
+            }
         }
     }
 

@@ -15,16 +15,23 @@
  *   - tok_encode(add_special=true) prepends BOS when the vocab says so
  *     (`tokenizer.ggml.add_bos_token`, default true for SPM, false for BPE)
  *     and appends EOS when `add_eos_token` is set.
- *   - parse_special=true turns the text of control/user-defined tokens
- *     (token_type 3 and 4, e.g. "<s>", "<|im_start|>") into their ids;
- *     otherwise such text is tokenised as plain text.
+ *   - parse_special=true turns the text of control/unknown tokens
+ *     (token_type 3 and 2, e.g. "<s>", "<|im_start|>") into their ids;
+ *     otherwise such text is tokenised as plain text. User-defined tokens
+ *     (token_type 4, e.g. deepseek's "ö", mpt's runs of spaces) are split out
+ *     ALWAYS, as llama.cpp and HF tokenizers do (the test vectors need it).
  *   - tok_piece() gives the bytes a token stands for (byte tokens give one raw
  *     byte, "▁" becomes " " for SPM, byte-level BPE is un-mapped; control
  *     tokens give their text only if `special`).
  *   - tok_decode() concatenates pieces; with SPM a leading space of the first
  *     piece is dropped unless the previous token is BOS (as llama.cpp).
- *   - Input text is arbitrary bytes: invalid UTF-8 never crashes (it is
- *     tokenised byte by byte via fallback).
+ *     It is llama_detokenize(remove_special, unparse_special = !remove_special):
+ *     remove_special drops a leading BOS / trailing EOS and the text of
+ *     control tokens; without it control tokens are rendered ("<s>").
+ *     BPE vocabs other than deepseek/qwen2 also "clean spaces" (" ," -> ",").
+ *   - Input text is arbitrary bytes: invalid UTF-8 never crashes. SPM
+ *     tokenises it byte by byte via fallback; byte-level BPE sees each invalid
+ *     byte as U+FFFD, exactly as llama.cpp (so it does not round-trip).
  */
 #ifndef KP_TOK_H
 #define KP_TOK_H

@@ -486,6 +486,88 @@ static void test_idempotence(void **state) {
     free(q2);
 }
 
+/* The SIMD Q8_0 / Q8_K quantisers against ggml's scalar definitions written
+ * out here (quantize_row_q8_0_ref: roundf(x / d); quantize_row_q8_K_ref:
+ * nearest_int(-127/max * x) with max the first value of largest magnitude),
+ * on random data and on rows full of exact .5 ties. */
+static int tq_nearest_int(float f) {
+    float v = f + 12582912.f;
+    int32_t i;
+    memcpy(&i, &v, sizeof i);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+static void test_quant_definitions(void **state) {
+    (void)state;
+    enum { N = 256 * 16 };
+    float *x = malloc(N * sizeof *x);
+    kp_block_q8_0 *q0 = malloc(N / 32 * sizeof *q0);
+    kp_block_q8_K *qk = malloc(N / 256 * sizeof *qk);
+    uint64_t s = 1;
+    tu_rand_floats(x, N, 3.0f, &s);
+    /* block 0 (both types): max magnitude 127, values k + 0.5 (exact ties);
+     * a +127 after the first -127 must not win */
+    x[0] = -127.0f;
+    for (int j = 1; j < 256; j++) x[j] = (float)((j * 37) % 253 - 126) + 0.5f;
+    x[200] = 127.0f;
+    x[32] = 127.0f; /* q8_0 block 1: amax 127 too */
+    /* a block with repeated max magnitudes of both signs, and a zero block */
+    for (int j = 0; j < 256; j++) x[256 + j] = (j % 5 == 0) ? (j % 2 ? 2.0f : -2.0f) : x[256 + j] * 0.5f;
+    memset(x + 512, 0, 256 * sizeof *x);
+    assert_int_equal(kp_quant_row(KP_TYPE_Q8_0, x, q0, N), 0);
+    for (int b = 0; b < N / 32; b++) {
+        float amax = 0;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[32 * b + j]));
+        const float d = amax / 127, id = d ? 1.0f / d : 0.0f;
+        assert_int_equal(q0[b].d, kp_f32_to_fp16(d));
+        for (int j = 0; j < 32; j++) {
+            const int want = (int)roundf(x[32 * b + j] * id);
+            if (q0[b].qs[j] != want) fail_msg("q8_0 block %d elt %d: %d want %d", b, j, q0[b].qs[j], want);
+        }
+    }
+    assert_int_equal(q0[0].qs[1], -89); /* -88.5 -> -89 (away from zero) */
+    assert_int_equal(kp_quant_row(KP_TYPE_Q8_K, x, qk, N), 0);
+    for (int b = 0; b < N / 256; b++) {
+        const float *xb = x + 256 * b;
+        float max = 0, amax = 0;
+        for (int j = 0; j < 256; j++)
+            if (fabsf(xb[j]) > amax) {
+                amax = fabsf(xb[j]);
+                max = xb[j];
+            }
+        if (!amax) {
+            assert_true(qk[b].d == 0.0f);
+            for (int j = 0; j < 256; j++) assert_int_equal(qk[b].qs[j], 0);
+            for (int j = 0; j < 16; j++) assert_int_equal(qk[b].bsums[j], 0);
+            continue;
+        }
+        const float iscale = -127.f / max;
+        assert_true(qk[b].d == 1 / iscale);
+        for (int j = 0; j < 256; j++) {
+            int want = tq_nearest_int(iscale * xb[j]);
+            if (want > 127) want = 127;
+            if (qk[b].qs[j] != want) fail_msg("q8_K block %d elt %d: %d want %d", b, j, qk[b].qs[j], want);
+        }
+        for (int j = 0; j < 16; j++) {
+            int sum = 0;
+            for (int i = 0; i < 16; i++) sum += qk[b].qs[16 * j + i];
+            assert_int_equal(qk[b].bsums[j], sum);
+        }
+    }
+    /* block 0: max = -127 (first), iscale = 1: ties to even, +127 stays 127 */
+    assert_true(qk[0].d == 1.0f);
+    assert_int_equal(qk[0].qs[0], -127);
+    assert_int_equal(qk[0].qs[200], 127);
+    assert_int_equal(qk[0].qs[1], -88); /* -88.5 -> -88 (even) */
+    /* block 1: the first of the +-2 values is -2 (j = 0) */
+    assert_true(qk[1].d == 1 / (-127.f / -2.0f));
+    assert_int_equal(qk[1].qs[0], -127);
+    assert_int_equal(qk[1].qs[5], 127);
+    free(x);
+    free(q0);
+    free(qk);
+}
+
 /* kp_quant_row_act(Q8_0) is llama.cpp's x86 activation quantiser: scale
  * 127/amax, ties to even; checked against that definition written here. */
 static void test_quant_act(void **state) {
@@ -678,28 +760,50 @@ static void test_vec_dot_exact(void **state) {
     }
 }
 
-/* kp_vec_dot_rows equals row-by-row kp_vec_dot. */
+/* kp_vec_dot_rows and kp_vec_dot_nx equal kp_vec_dot call by call, bit for
+ * bit (batching must not change results). */
 static void test_vec_dot_rows(void **state) {
     (void)state;
-    enum { N = 512, R = 5 };
-    float *w = malloc(N * R * sizeof *w), *x = malloc(N * sizeof *x);
-    uint8_t *wq = malloc(N * R * 4), *xq = malloc(N * 4);
+    enum { NMAX = 1280, R = 9 };
+    float *w = malloc(NMAX * R * sizeof *w), *x = malloc(NMAX * sizeof *x);
+    uint8_t *wq = malloc(NMAX * R * 4), *xq = malloc(NMAX * 4), *xs = malloc(NMAX * R * 4);
     uint64_t s = 8;
-    tu_rand_floats(w, N * R, 1.0f, &s);
-    tu_rand_floats(x, N, 1.0f, &s);
+    tu_rand_floats(w, NMAX * R, 1.0f, &s);
+    tu_rand_floats(x, NMAX, 1.0f, &s);
     for (size_t ti = 0; ti < KP_ARRAY_LEN(tq_dot_types); ti++) {
-        const int wt = tq_dot_types[ti];
-        const size_t rb = kp_type_row_bytes(wt, N);
-        for (int r = 0; r < R; r++) assert_int_equal(kp_quant_row(wt, w + r * N, wq + r * rb, N), 0);
-        assert_int_equal(kp_quant_row(kp_vec_dot_type(wt), x, xq, N), 0);
-        float out[R];
-        kp_vec_dot_rows(wt, N, R, wq, rb, xq, out);
-        for (int r = 0; r < R; r++) assert_true(out[r] == kp_vec_dot(wt, N, wq + r * rb, xq));
+        const int wt = tq_dot_types[ti], xt = kp_vec_dot_type(wt);
+        /* 1056 and 1064: tails after the 64-wide float loops */
+        const int lens[] = {1280, 1056, 1064};
+        for (size_t li = 0; li < KP_ARRAY_LEN(lens); li++) {
+            const int n = lens[li];
+            if (n % kp_type_block(wt) != 0) continue;
+            const size_t rb = kp_type_row_bytes(wt, n), xrb = kp_type_row_bytes(xt, n);
+            for (int r = 0; r < R; r++) assert_int_equal(kp_quant_row(wt, w + r * n, wq + r * rb, n), 0);
+            assert_int_equal(kp_quant_row(xt, x, xq, n), 0);
+            float out[R];
+            kp_vec_dot_rows(wt, n, R, wq, rb, xq, out);
+            for (int r = 0; r < R; r++) assert_true(out[r] == kp_vec_dot(wt, n, wq + r * rb, xq));
+            /* nx: weight row 1 against the R rows of w quantised as activations */
+            for (int r = 0; r < R; r++) assert_int_equal(kp_quant_row(xt, w + r * n, xs + r * xrb, n), 0);
+            for (int nx = 1; nx <= R; nx++) {
+                float o2[2 * R];
+                for (int i = 0; i < 2 * R; i++) o2[i] = NAN;
+                kp_vec_dot_nx(wt, n, wq + rb, xs, xrb, nx, o2, 2);
+                for (int j = 0; j < nx; j++) {
+                    const float want = kp_vec_dot(wt, n, wq + rb, xs + j * xrb);
+                    if (memcmp(&o2[2 * j], &want, sizeof want) != 0)
+                        fail_msg("%s n=%d nx=%d j=%d: %.9g vs %.9g", kp_type_name(wt), n, nx, j, o2[2 * j], want);
+                }
+                for (int j = nx; j < R; j++) assert_true(isnan(o2[2 * j]));
+                for (int j = 0; j < R; j++) assert_true(isnan(o2[2 * j + 1]));
+            }
+        }
     }
     free(w);
     free(x);
     free(wq);
     free(xq);
+    free(xs);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -897,12 +1001,31 @@ static void test_bench(void **state) {
     (void)state;
     const char *env = getenv("KVPARK_BENCH_QUANT");
     if (!env || !*env || *env == '0') skip();
+    {
+        enum { N = 4096, REP = 200 };
+        float *x = malloc(N * sizeof *x);
+        uint8_t *q = malloc(N * 4);
+        uint64_t s = 5;
+        tu_rand_floats(x, N, 1.0f, &s);
+        const int qt[] = {KP_TYPE_Q8_0, KP_TYPE_Q8_K, KP_TYPE_F16, KP_TYPE_BF16};
+        for (size_t i = 0; i < KP_ARRAY_LEN(qt); i++) {
+            for (int act = 0; act < 2; act++) {
+                double t0 = tq_now();
+                for (int r = 0; r < REP; r++) (act ? kp_quant_row_act : kp_quant_row)(qt[i], x, q, N);
+                print_message("quant%s %-5s %6.2f ns/elt\n", act ? "_act" : "    ", kp_type_name(qt[i]),
+                              (tq_now() - t0) / REP / N * 1e9);
+            }
+        }
+        free(x);
+        free(q);
+    }
     const int ns[] = {256, 512, 2048};
     for (size_t ni = 0; ni < KP_ARRAY_LEN(ns); ni++) {
         const int n = ns[ni], nrows = 8 * 1048576 / n / 4; /* 8 MiB of f32 weights */
         float *wf = malloc((size_t)n * nrows * sizeof *wf), *xf = malloc(n * sizeof *xf);
         float *out = malloc(nrows * sizeof *out);
-        uint8_t *wq = malloc((size_t)n * nrows * 4), *xq = malloc(n * 4);
+        uint8_t *wq = malloc((size_t)n * nrows * 4), *xq = malloc(n * 4 * 4);
+        float *out4 = malloc(nrows * 4 * sizeof *out4);
         uint64_t s = 1;
         tu_rand_floats(wf, (size_t)n * nrows, 1.0f, &s);
         tu_rand_floats(xf, n, 1.0f, &s);
@@ -910,8 +1033,14 @@ static void test_bench(void **state) {
             const int wt = tq_dot_types[ti];
             const size_t rb = kp_type_row_bytes(wt, n);
             for (int r = 0; r < nrows; r++) kp_quant_row(wt, wf + (size_t)r * n, wq + r * rb, n);
-            kp_quant_row(kp_vec_dot_type(wt), xf, xq, n);
-            double best = 1e9, best_ref = 1e9;
+            const size_t xrb = kp_type_row_bytes(kp_vec_dot_type(wt), n);
+            for (int j = 0; j < 4; j++) kp_quant_row(kp_vec_dot_type(wt), xf, xq + j * xrb, n);
+            double best = 1e9, best_ref = 1e9, best4 = 1e9;
+            for (int it = 0; it < 3; it++) {
+                double t0 = tq_now();
+                for (int r = 0; r < nrows; r++) kp_vec_dot_nx(wt, n, wq + r * rb, xq, xrb, 4, out4 + r, nrows);
+                if (tq_now() - t0 < best4) best4 = tq_now() - t0;
+            }
             for (int it = 0; it < 5; it++) {
                 double t0 = tq_now();
                 kp_vec_dot_rows(wt, n, nrows, wq, rb, xq, out);
@@ -921,15 +1050,18 @@ static void test_bench(void **state) {
                 if (t1 - t0 < best) best = t1 - t0;
                 if (it < 2 && t2 - t1 < best_ref) best_ref = t2 - t1;
             }
-            print_message("n=%5d %-5s %7.1f ns/row  %6.2f GB/s  %6.1f Gmac/s  (ref %7.1f ns/row, x%.1f)\n", n,
+            print_message("n=%5d %-5s %7.1f ns/row  %6.2f GB/s  %6.1f Gmac/s  (ref %7.1f ns/row, x%.1f; "
+                          "nx=4: %6.1f ns/row/x)\n", n,
                           kp_type_name(wt), best / nrows * 1e9, rb * (double)nrows / best * 1e-9,
-                          (double)n * nrows / best * 1e-9, best_ref / nrows * 1e9, best_ref / best);
+                          (double)n * nrows / best * 1e-9, best_ref / nrows * 1e9, best_ref / best,
+                          best4 / nrows / 4 * 1e9);
         }
         free(wf);
         free(xf);
         free(out);
         free(wq);
         free(xq);
+        free(out4);
     }
 }
 
@@ -946,6 +1078,7 @@ int main(void) {
         cmocka_unit_test(test_dequant_q8_K_block),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_idempotence),
+        cmocka_unit_test(test_quant_definitions),
         cmocka_unit_test(test_quant_act),
         cmocka_unit_test(test_vec_dot_random),
         cmocka_unit_test(test_vec_dot_exact),

@@ -397,6 +397,13 @@ static void test_top_p(void **state) {
     p.top_p = 0.9f; /* 0.95 needed for all four: keeps three */
     draw_counts(&p, x4, V4, 4000, c4);
     assert_true(c4[0] > 0 && c4[1] > 0 && c4[3] > 0 && c4[2] == 0);
+    /* exactly at the boundary: 4 equal logits, mass 0.5 is reached (>=)
+     * after two tokens, the lowest ids */
+    const float eq[V4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    p.top_p = 0.5f;
+    draw_counts(&p, eq, V4, 2000, c4);
+    assert_true(c4[0] > 0 && c4[1] > 0 && c4[2] == 0 && c4[3] == 0);
+    p.top_p = 0.9f;
     p.top_k = 2; /* top-k first: 0.9 of {0.5, 0.3} renormalised -> both */
     draw_counts(&p, x4, V4, 2000, c4);
     assert_true(c4[1] > 0 && c4[3] > 0 && c4[0] == 0 && c4[2] == 0);

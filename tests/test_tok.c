@@ -7,7 +7,8 @@
  *   2. llama.cpp's tokenizer test vectors, golden/vocab/ggml-vocab-*.gguf with
  *      .inp/.out (no BOS, no special parsing): every string of every vocab.
  *      Plus the LLaMA-3 and Qwen2 pre-tokenizers, which no test vocab uses,
- *      on the GPT-2 vocab re-packed with another tokenizer.ggml.pre.
+ *      on the GPT-2 vocab re-packed with another tokenizer.ggml.pre, and
+ *      malformed vocabularies refused with a message.
  *   3. prompt ids of the tiny models (golden/tiny/llama_tokenize_ids.txt and
  *      the "ids" of tiny-qwen2 / tiny-gpt2 .logits.json).
  *   4. decode(encode(x)) == x for assorted strings (invalid UTF-8 included),
@@ -20,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "gguf.h"
 #include "kp.h"
@@ -473,6 +475,87 @@ static void test_pre_llama3_qwen2(void **state)
 }
 
 /* ---------------------------------------------------------------------- */
+/* 2c. bad vocabularies are refused with a message                        */
+
+static int load_mem(gguf_writer *w, kp_err *e, tok_vocab **v)
+{
+    uint8_t *buf;
+    size_t size;
+    assert_int_equal(gguf_writer_write_mem(w, &buf, &size, e), 0);
+    gguf_writer_free(w);
+    gguf_file *f;
+    assert_int_equal(gguf_open_mem(&f, buf, size, e), 0);
+    int rc = tok_load(v, f, e);
+    gguf_close(f);
+    free(buf);
+    return rc;
+}
+
+static void test_load_errors(void **state)
+{
+    (void)state;
+    static const char *const toks[] = {"<unk>", "<s>", "</s>", "a", "b", "ab"};
+    static const char *const dup[] = {"<unk>", "<s>", "</s>", "a", "a"};
+    kp_err e;
+    tok_vocab *v;
+
+    gguf_writer *w = gguf_writer_new(); /* no tokenizer at all */
+    gguf_set_str(w, "general.name", "empty");
+    memset(&e, 0, sizeof(e));
+    assert_int_equal(load_mem(w, &e, &v), KP_EFORMAT);
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
+
+    w = gguf_writer_new(); /* a tokenizer family we do not have */
+    gguf_set_str(w, "tokenizer.ggml.model", "bert");
+    gguf_set_arr_str(w, "tokenizer.ggml.tokens", toks, 6);
+    memset(&e, 0, sizeof(e));
+    assert_int_equal(load_mem(w, &e, &v), KP_EUNSUP);
+    assert_non_null(strstr(e.msg, "bert"));
+
+    w = gguf_writer_new(); /* BPE without merges */
+    gguf_set_str(w, "tokenizer.ggml.model", "gpt2");
+    gguf_set_arr_str(w, "tokenizer.ggml.tokens", toks, 6);
+    memset(&e, 0, sizeof(e));
+    assert_int_equal(load_mem(w, &e, &v), KP_EFORMAT);
+    assert_non_null(strstr(e.msg, "merges"));
+
+    w = gguf_writer_new(); /* duplicate token text */
+    gguf_set_str(w, "tokenizer.ggml.model", "llama");
+    gguf_set_arr_str(w, "tokenizer.ggml.tokens", dup, 5);
+    memset(&e, 0, sizeof(e));
+    assert_int_equal(load_mem(w, &e, &v), KP_EFORMAT);
+    assert_non_null(strstr(e.msg, "duplicate"));
+
+    w = gguf_writer_new(); /* scores of the wrong length */
+    gguf_set_str(w, "tokenizer.ggml.model", "llama");
+    gguf_set_arr_str(w, "tokenizer.ggml.tokens", toks, 6);
+    float sc[3] = {0, 0, 0};
+    gguf_set_arr(w, "tokenizer.ggml.scores", GGUF_VT_FLOAT32, sc, 3);
+    memset(&e, 0, sizeof(e));
+    assert_int_equal(load_mem(w, &e, &v), KP_EFORMAT);
+    assert_non_null(strstr(e.msg, "scores"));
+
+    /* a minimal SPM vocab works: no scores, no types, no byte tokens
+     * ("c" has no token and no <0x63>: it becomes <unk>, id 0) */
+    w = gguf_writer_new();
+    gguf_set_str(w, "tokenizer.ggml.model", "llama");
+    gguf_set_arr_str(w, "tokenizer.ggml.tokens", toks, 6);
+    gguf_set_bool(w, "tokenizer.ggml.add_space_prefix", false);
+    memset(&e, 0, sizeof(e));
+    assert_int_equal(load_mem(w, &e, &v), 0);
+    int32_t *ids;
+    size_t n;
+    encode(v, "abc", 3, true, false, &ids, &n);
+    assert_int_equal(n, 3);
+    assert_int_equal(ids[0], 1);
+    assert_int_equal(ids[1], 5);
+    assert_int_equal(ids[2], 0);
+    free(ids);
+    tok_free(v);
+    tok_free(NULL);
+}
+
+/* ---------------------------------------------------------------------- */
 /* 3. tiny models' prompt ids                                              */
 
 static void test_tiny_prompt_ids(void **state)
@@ -709,6 +792,13 @@ static void test_roundtrip(void **state)
 /* ---------------------------------------------------------------------- */
 /* 5. speed and count on the eval text                                     */
 
+static double cpu_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
 static void test_eval_text_speed(void **state)
 {
     (void)state;
@@ -721,13 +811,19 @@ static void test_eval_text_speed(void **state)
     free(path);
     int32_t *ids;
     size_t n;
-    double t0 = kp_now();
+    double t0 = kp_now(), c0 = cpu_seconds();
     encode(l.v, text, len, true, false, &ids, &n);
-    double dt = kp_now() - t0;
-    print_message("eval text: %zu bytes -> %zu tokens in %.3f s\n", len, n, dt);
+    double dt = kp_now() - t0, dc = cpu_seconds() - c0;
+    print_message("eval text: %zu bytes -> %zu tokens in %.3f s (%.3f s CPU)\n", len, n, dt, dc);
     assert_int_equal(n, 279496);
     assert_int_equal(ids[0], 1);
-    assert_true(dt < 1.0);
+    /* CPU time, so that a busy shared machine does not fail the test; the
+     * limit holds for optimised builds, sanitizer/debug builds get slack */
+#if defined(__OPTIMIZE__) && !defined(__SANITIZE_ADDRESS__)
+    assert_true(dc < 1.0);
+#else
+    assert_true(dc < 20.0);
+#endif
     /* and it decodes back to the text, after the leading space */
     char *out;
     size_t olen;
@@ -754,6 +850,7 @@ int main(void)
         cmocka_unit_test(test_vocab_refact),
         cmocka_unit_test(test_vocab_mpt),
         cmocka_unit_test(test_pre_llama3_qwen2),
+        cmocka_unit_test(test_load_errors),
         cmocka_unit_test(test_tiny_prompt_ids),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_eval_text_speed),

@@ -96,3 +96,8 @@ void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state) {
     }
     *state = s;
 }
+
+void tu_apply_filter(void) {
+    const char *f = getenv("KVPARK_TEST_FILTER");
+    if (f && *f) cmocka_set_test_filter(f);
+}

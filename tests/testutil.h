@@ -33,6 +33,10 @@ double tu_max_rel_err(const float *a, const float *b, size_t n, double floor);
 /* Deterministic random floats in [-scale, scale) (xorshift). */
 void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state);
 
+/* Honour $KVPARK_TEST_FILTER (a cmocka pattern such as "test_ppl*") so one
+ * test can be run alone: KVPARK_TEST_FILTER='*ppl*' build/tests/test_golden */
+void tu_apply_filter(void);
+
 #define TU_SKIP_UNLESS_SHARED(rel)                                                   \
     do {                                                                             \
         if (!tu_shared_exists(rel)) {                                                \

@@ -51,8 +51,12 @@
 /* Matmuls with at most this many tokens use the GEMV path. */
 #define KP_GEMV_MAX_N 3
 /* GEMM blocking: KC inputs x NC outputs of W are packed at a time. */
+#ifndef KP_KC
 #define KP_KC 256
+#endif
+#ifndef KP_NC
 #define KP_NC 128
+#endif
 /* GEMV: rows sharing one pass over the activation row. */
 #define KP_GEMV_ROWS 8
 
@@ -96,7 +100,11 @@ static inline kp_vf vf_set1(float x) {
     return r;
 }
 static inline kp_vf vf_fma(kp_vf a, kp_vf b, kp_vf c) {
+#ifdef FP_FAST_FMAF /* hardware fma (e.g. aarch64); without it fmaf is a slow libm call */
     for (int i = 0; i < KP_VL; i++) c.v[i] = fmaf(a.v[i], b.v[i], c.v[i]);
+#else
+    for (int i = 0; i < KP_VL; i++) c.v[i] = a.v[i] * b.v[i] + c.v[i];
+#endif
     return c;
 }
 static inline float vf_hsum(kp_vf v) {

@@ -7,10 +7,15 @@
  * layouts, quantisers and dot products follow ggml (ggml-quants.c,
  * ggml-cpu) operation for operation:
  *   - kp_dequant_row / kp_quant_row are dequantize_row_* / quantize_row_*_ref.
+ *   - kp_quant_row_act is what llama.cpp's x86 CPU backend runs on
+ *     activations (differs from the reference only for Q8_0).
  *   - kp_vec_dot_ref is ggml's generic C vec_dot (the specification); the
  *     hot kp_vec_dot uses AVX2 (AVX-512 for the float types) when compiled
  *     for it. Integer sums per block are exact either way; only the order in
- *     which per-block float terms are added differs.
+ *     which per-block float terms are added differs. kp_vec_dot_nx applies
+ *     one weight row to up to 4 activation rows per pass, bit-identical to
+ *     kp_vec_dot. The quantisers of activations (Q8_0, Q8_K) are vectorised
+ *     too, bit-identical to the scalar reference code kept beside them.
  *
  * Layout reminders (QK_K = 256 elements per super-block):
  *   Q8_0  d (fp16) | qs[32] int8                         x = d * q
@@ -47,6 +52,7 @@
 #endif
 
 #define KP_GROUP_MAX_EPS 1e-15f
+#define KP_AI static inline __attribute__((always_inline))
 
 /* ---- small helpers --------------------------------------------------------- */
 
@@ -254,44 +260,77 @@ int kp_dequant_row(int type, const void *src, float *dst, int64_t n) {
 
 /* ---- reference quantisers (quantize_row_*_ref) ---------------------------- */
 
+#if defined(KP_QUANT_AVX2)
+/* Max |x| over 32 floats, and the 4 vectors loaded. */
+KP_AI float kp_amax32(const float *x, __m256 v[4]) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int k = 0; k < 4; k++) {
+        v[k] = _mm256_loadu_ps(x + 8 * k);
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    return _mm_cvtss_f32(m4);
+}
+
+/* 4 vectors of 8 int32 (elements 0..31, values in int8 range) -> 32 int8 in
+ * element order (the packs work per 128-bit lane; the permute undoes it). */
+KP_AI __m256i kp_pack32_i8(const __m256i q[4]) {
+    const __m256i ab = _mm256_packs_epi32(q[0], q[1]), cd = _mm256_packs_epi32(q[2], q[3]);
+    return _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* C roundf (ties away from zero) on 8 floats, exactly: truncate, then step
+ * away from zero when the (exact) remainder is >= 0.5 in magnitude. */
+KP_AI __m256 kp_roundf8(__m256 v) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 frac = _mm256_andnot_ps(sign, _mm256_sub_ps(v, t));
+    const __m256 step = _mm256_or_ps(_mm256_and_ps(v, sign), _mm256_set1_ps(1.0f)); /* +-1 */
+    return _mm256_add_ps(t, _mm256_and_ps(_mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ), step));
+}
+#endif
+
 static void kp_quant_q8_0(const float *x, kp_block_q8_0 *y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += KP_QK8_0) {
+#if defined(KP_QUANT_AVX2)
+        __m256 v[4];
+        const float amax = kp_amax32(x, v);
+        const float d = amax / ((1 << 7) - 1);
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = KP_F2H(d);
+        __m256i q[4];
+        for (int k = 0; k < 4; k++)
+            q[k] = _mm256_cvttps_epi32(kp_roundf8(_mm256_mul_ps(v[k], _mm256_set1_ps(id))));
+        _mm256_storeu_si256((__m256i *)y[i].qs, kp_pack32_i8(q));
+#else
         float amax = 0.0f;
         for (int j = 0; j < KP_QK8_0; j++) amax = fmaxf(amax, fabsf(x[j]));
         const float d = amax / ((1 << 7) - 1);
         const float id = d ? 1.0f / d : 0.0f;
         y[i].d = KP_F2H(d);
         for (int j = 0; j < KP_QK8_0; j++) y[i].qs[j] = (int8_t)roundf(x[j] * id);
+#endif
     }
 }
 
 /* llama.cpp's x86 quantize_row_q8_0 (AVX): multiplier 127/amax, ties to even. */
 static void kp_quant_q8_0_act(const float *x, kp_block_q8_0 *y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += KP_QK8_0) {
-        float amax = 0.0f;
 #if defined(KP_QUANT_AVX2)
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        __m256 v[4], m = _mm256_setzero_ps();
-        for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(x + 8 * k);
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[k]));
-        }
-        __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        amax = _mm_cvtss_f32(m4);
+        __m256 v[4];
+        const float amax = kp_amax32(x, v);
         y[i].d = KP_F2H(amax / 127.f);
         const __m256 mul = _mm256_set1_ps(amax != 0.0f ? 127.f / amax : 0.0f);
         __m256i q[4];
         for (int k = 0; k < 4; k++)
             q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], mul),
                                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        __m256i a = _mm256_packs_epi32(q[0], q[1]);
-        __m256i b = _mm256_packs_epi32(q[2], q[3]);
-        a = _mm256_packs_epi16(a, b);
-        a = _mm256_permutevar8x32_epi32(a, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)y[i].qs, a);
+        _mm256_storeu_si256((__m256i *)y[i].qs, kp_pack32_i8(q));
 #else
+        float amax = 0.0f;
         for (int j = 0; j < KP_QK8_0; j++) amax = fmaxf(amax, fabsf(x[j]));
         y[i].d = KP_F2H(amax / 127.f);
         const float id = amax != 0.0f ? 127.f / amax : 0.0f;
@@ -560,7 +599,23 @@ static void kp_quant_q6_K(const float *x, kp_block_q6_K *y, int64_t nb) {
 
 static void kp_quant_q8_K(const float *x, kp_block_q8_K *y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += KP_QK_K) {
+        /* max: the first value of largest magnitude, with its sign */
         float max = 0, amax = 0;
+#if defined(KP_QUANT_AVX2)
+        __m256 v[4];
+        for (int c = 0; c < KP_QK_K / 32; c++) amax = fmaxf(amax, kp_amax32(x + 32 * c, v));
+        if (amax) {
+            const __m256 sign = _mm256_set1_ps(-0.0f), am = _mm256_set1_ps(amax);
+            for (int k = 0; k < KP_QK_K / 8; k++) {
+                const int mask = _mm256_movemask_ps(
+                    _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + 8 * k)), am, _CMP_EQ_OQ));
+                if (mask) {
+                    max = x[8 * k + __builtin_ctz((unsigned)mask)];
+                    break;
+                }
+            }
+        }
+#else
         for (int j = 0; j < KP_QK_K; j++) {
             const float ax = fabsf(x[j]);
             if (ax > amax) {
@@ -568,12 +623,40 @@ static void kp_quant_q8_K(const float *x, kp_block_q8_K *y, int64_t nb) {
                 max = x[j];
             }
         }
+#endif
         if (!amax) {
             /* ggml leaves bsums untouched here; zero is what they sum to */
             memset(&y[i], 0, sizeof y[i]);
             continue;
         }
         const float iscale = -127.f / max;
+#if defined(KP_QUANT_AVX2)
+        /* nearest_int == conversion in the default round-to-nearest-even mode */
+        const __m256 is = _mm256_set1_ps(iscale);
+        const __m256i top = _mm256_set1_epi32(127), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+        __m256i sums[8]; /* per 32 elements: 4 lanes of 4-sums for each 16 */
+        for (int c = 0; c < KP_QK_K / 32; c++) {
+            __m256i q[4];
+            for (int k = 0; k < 4; k++)
+                q[k] = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 32 * c + 8 * k), is)), top);
+            const __m256i b = kp_pack32_i8(q);
+            _mm256_storeu_si256((__m256i *)(y[i].qs + 32 * c), b);
+            /* lanes 0-3: 4-sums of bytes 0..15, lanes 4-7: of bytes 16..31
+             * (sign trick: |b| * sign(1, b) = b) */
+            sums[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, b), ones16);
+        }
+        /* reduce 4-sums to 16-sums: after two hadds lane l of chunk group g
+         * holds bsums[2*(4g+l)] (l < 4) or bsums[2*(4g+l-4)+1]; permute back */
+        const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        __m256i bs[2];
+        for (int g = 0; g < 2; g++) {
+            const __m256i h01 = _mm256_hadd_epi32(sums[4 * g + 0], sums[4 * g + 1]);
+            const __m256i h23 = _mm256_hadd_epi32(sums[4 * g + 2], sums[4 * g + 3]);
+            bs[g] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(h01, h23), perm);
+        }
+        const __m256i b16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(bs[0], bs[1]), _MM_SHUFFLE(3, 1, 2, 0));
+        _mm256_storeu_si256((__m256i *)y[i].bsums, b16);
+#else
         for (int j = 0; j < KP_QK_K; j++) {
             const int v = kp_nearest_int(iscale * x[j]);
             y[i].qs[j] = (int8_t)kp_imin(127, v);
@@ -583,6 +666,7 @@ static void kp_quant_q8_K(const float *x, kp_block_q8_K *y, int64_t nb) {
             for (int ii = 0; ii < 16; ii++) sum += y[i].qs[j * 16 + ii];
             y[i].bsums[j] = (int16_t)sum;
         }
+#endif
         y[i].d = 1 / iscale;
     }
 }
@@ -762,6 +846,14 @@ static float kp_dot_q6_K_ref(int64_t n, const void *vw, const void *vx) {
 
 #if defined(KP_QUANT_AVX2)
 
+/* Each SIMD kernel is written once, for one weight row against NX (1..4)
+ * activation rows x + j*xs, results to out[j*os]. NX is a constant at every
+ * call site, so the per-x loops unroll; the weights are loaded and unpacked
+ * once per block for all NX rows. With NX = 1 it is the plain dot product, and
+ * for any NX each result is bit-identical to it (same operations, same
+ * order, per activation row). */
+#define KP_NX_MAX 4
+
 static inline float kp_hsum8(__m256 v) {
     __m128 r = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -770,9 +862,9 @@ static inline float kp_hsum8(__m256 v) {
 }
 
 /* 8 int32 lanes: lane k = sum of u[4k..4k+3] * s[4k..4k+3], u unsigned
- * bytes, s signed bytes (products pairwise-summed in int16 first without
- * VNNI: callers keep |u*s| pairs below 32767). */
-static inline __m256i kp_dot_u8s8(__m256i u, __m256i s) {
+ * bytes, s signed bytes (without VNNI the products are pairwise-summed in
+ * int16 first: callers keep |u*s| pairs below 32767). */
+KP_AI __m256i kp_dot_u8s8(__m256i u, __m256i s) {
 #if defined(__AVXVNNI__)
     return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
 #elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -782,211 +874,199 @@ static inline __m256i kp_dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
-/* Signed x signed bytes (|values| <= 127): move the sign of a onto b. */
-static inline __m256i kp_dot_s8s8(__m256i a, __m256i b) {
-    return kp_dot_u8s8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
-}
+/* ---- float types ---- */
 
-static float kp_dot_f32_simd(int64_t n, const void *vw, const void *vx) {
-    const float *w = vw, *x = vx;
-    int64_t i = 0;
-    float sumf = 0.0f;
 #if defined(KP_QUANT_AVX512)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
-    }
-    for (; i + 16 <= n; i += 16)
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
-    sumf = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#define KP_FV __m512
+#define KP_FW 16
+#define KP_FZERO() _mm512_setzero_ps()
+#define KP_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define KP_FADD(a, b) _mm512_add_ps(a, b)
+#define KP_FHSUM(v) _mm512_reduce_add_ps(v)
+#define KP_LD_F32(p) _mm512_loadu_ps(p)
+#define KP_LD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
+#define KP_LD_BF16(p) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #else
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8)
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
-    sumf = kp_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#define KP_FV __m256
+#define KP_FW 8
+#define KP_FZERO() _mm256_setzero_ps()
+#define KP_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define KP_FADD(a, b) _mm256_add_ps(a, b)
+#define KP_FHSUM(v) kp_hsum8(v)
+#define KP_LD_F32(p) _mm256_loadu_ps(p)
+#define KP_LD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define KP_LD_BF16(p) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #endif
-    for (; i < n; i++) sumf += w[i] * x[i];
-    return sumf;
+
+/* f32: four vector accumulators per x row, summed in float. */
+KP_AI void kp_dotk_f32(int64_t n, const void *vw, const uint8_t *x, size_t xs, float *out, size_t os,
+                       const int NX) {
+    const float *w = vw;
+    KP_FV acc[KP_NX_MAX][4];
+    for (int j = 0; j < NX; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = KP_FZERO();
+    int64_t i = 0;
+    for (; i + 4 * KP_FW <= n; i += 4 * KP_FW) {
+        KP_FV wv[4];
+        for (int k = 0; k < 4; k++) wv[k] = KP_LD_F32(w + i + k * KP_FW);
+        for (int j = 0; j < NX; j++) {
+            const float *xj = (const float *)(x + j * xs);
+            for (int k = 0; k < 4; k++) acc[j][k] = KP_FMA(wv[k], KP_LD_F32(xj + i + k * KP_FW), acc[j][k]);
+        }
+    }
+    for (; i + KP_FW <= n; i += KP_FW) {
+        const KP_FV wv = KP_LD_F32(w + i);
+        for (int j = 0; j < NX; j++) acc[j][0] = KP_FMA(wv, KP_LD_F32((const float *)(x + j * xs) + i), acc[j][0]);
+    }
+    for (int j = 0; j < NX; j++) {
+        const float *xj = (const float *)(x + j * xs);
+        float sumf = KP_FHSUM(KP_FADD(KP_FADD(acc[j][0], acc[j][1]), KP_FADD(acc[j][2], acc[j][3])));
+        for (int64_t t = i; t < n; t++) sumf += w[t] * xj[t];
+        out[j * os] = sumf;
+    }
 }
 
 /* f16 and bf16: products of two 16-bit floats are exact in f32, so fused
  * multiply-add and multiply-then-add agree; lanes are summed in float and the
  * total (with the tail) in double, as ggml_vec_dot_f16 does. */
-static float kp_dot_f16_simd(int64_t n, const void *vw, const void *vx) {
-    const uint16_t *w = vw, *x = vx;
-    int64_t i = 0;
-    double sum = 0.0;
-#if defined(KP_QUANT_AVX512)
-#define KP_LD16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(KP_LD16(w + i), KP_LD16(x + i), a0);
-        a1 = _mm512_fmadd_ps(KP_LD16(w + i + 16), KP_LD16(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(KP_LD16(w + i + 32), KP_LD16(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(KP_LD16(w + i + 48), KP_LD16(x + i + 48), a3);
+#define KP_DEF_DOTK_HALF(NAME, LD, CVT)                                                                \
+    KP_AI void NAME(int64_t n, const void *vw, const uint8_t *x, size_t xs, float *out, size_t os,      \
+                    const int NX) {                                                                     \
+        const uint16_t *w = vw;                                                                         \
+        KP_FV acc[KP_NX_MAX][4];                                                                        \
+        for (int j = 0; j < NX; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = KP_FZERO();        \
+        int64_t i = 0;                                                                                  \
+        for (; i + 4 * KP_FW <= n; i += 4 * KP_FW) {                                                    \
+            KP_FV wv[4];                                                                                \
+            for (int k = 0; k < 4; k++) wv[k] = LD(w + i + k * KP_FW);                                  \
+            for (int j = 0; j < NX; j++) {                                                              \
+                const uint16_t *xj = (const uint16_t *)(x + j * xs);                                    \
+                for (int k = 0; k < 4; k++) acc[j][k] = KP_FMA(wv[k], LD(xj + i + k * KP_FW), acc[j][k]); \
+            }                                                                                           \
+        }                                                                                               \
+        for (; i + KP_FW <= n; i += KP_FW) {                                                            \
+            const KP_FV wv = LD(w + i);                                                                 \
+            for (int j = 0; j < NX; j++)                                                                \
+                acc[j][0] = KP_FMA(wv, LD((const uint16_t *)(x + j * xs) + i), acc[j][0]);              \
+        }                                                                                               \
+        for (int j = 0; j < NX; j++) {                                                                  \
+            const uint16_t *xj = (const uint16_t *)(x + j * xs);                                        \
+            double sum = KP_FHSUM(KP_FADD(KP_FADD(acc[j][0], acc[j][1]), KP_FADD(acc[j][2], acc[j][3]))); \
+            for (int64_t t = i; t < n; t++) sum += (double)(CVT(w[t]) * CVT(xj[t]));                    \
+            out[j * os] = (float)sum;                                                                   \
+        }                                                                                               \
     }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(KP_LD16(w + i), KP_LD16(x + i), a0);
-    sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#undef KP_LD16
-#else
-#define KP_LD8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(KP_LD8(w + i), KP_LD8(x + i), a0);
-        a1 = _mm256_fmadd_ps(KP_LD8(w + i + 8), KP_LD8(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(KP_LD8(w + i + 16), KP_LD8(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(KP_LD8(w + i + 24), KP_LD8(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(KP_LD8(w + i), KP_LD8(x + i), a0);
-    sum = kp_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#undef KP_LD8
-#endif
-    for (; i < n; i++) sum += (double)(KP_H2F(w[i]) * KP_H2F(x[i]));
-    return (float)sum;
-}
 
-static float kp_dot_bf16_simd(int64_t n, const void *vw, const void *vx) {
-    const uint16_t *w = vw, *x = vx;
-    int64_t i = 0;
-    double sum = 0.0;
-#if defined(KP_QUANT_AVX512)
-#define KP_LDB16(p) \
-    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 64 <= n; i += 64) {
-        a0 = _mm512_fmadd_ps(KP_LDB16(w + i), KP_LDB16(x + i), a0);
-        a1 = _mm512_fmadd_ps(KP_LDB16(w + i + 16), KP_LDB16(x + i + 16), a1);
-        a2 = _mm512_fmadd_ps(KP_LDB16(w + i + 32), KP_LDB16(x + i + 32), a2);
-        a3 = _mm512_fmadd_ps(KP_LDB16(w + i + 48), KP_LDB16(x + i + 48), a3);
-    }
-    for (; i + 16 <= n; i += 16) a0 = _mm512_fmadd_ps(KP_LDB16(w + i), KP_LDB16(x + i), a0);
-    sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-#undef KP_LDB16
-#else
-#define KP_LDB8(p) \
-    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm256_fmadd_ps(KP_LDB8(w + i), KP_LDB8(x + i), a0);
-        a1 = _mm256_fmadd_ps(KP_LDB8(w + i + 8), KP_LDB8(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(KP_LDB8(w + i + 16), KP_LDB8(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(KP_LDB8(w + i + 24), KP_LDB8(x + i + 24), a3);
-    }
-    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(KP_LDB8(w + i), KP_LDB8(x + i), a0);
-    sum = kp_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#undef KP_LDB8
-#endif
-    for (; i < n; i++) sum += (double)(kp_bf16_to_f32(w[i]) * kp_bf16_to_f32(x[i]));
-    return (float)sum;
-}
+KP_DEF_DOTK_HALF(kp_dotk_f16, KP_LD_F16, kp_h2f)
+KP_DEF_DOTK_HALF(kp_dotk_bf16, KP_LD_BF16, kp_bf16_to_f32)
 
-static float kp_dot_q8_0_simd(int64_t n, const void *vw, const void *vx) {
-    const kp_block_q8_0 *w = vw, *x = vx;
-    const int64_t nb = n / KP_QK8_0;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t ib = 0;
-    for (; ib + 2 <= nb; ib += 2) {
-        const __m256i p0 = kp_dot_s8s8(_mm256_loadu_si256((const __m256i *)w[ib].qs),
-                                       _mm256_loadu_si256((const __m256i *)x[ib].qs));
-        const __m256i p1 = kp_dot_s8s8(_mm256_loadu_si256((const __m256i *)w[ib + 1].qs),
-                                       _mm256_loadu_si256((const __m256i *)x[ib + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(KP_H2F(w[ib].d) * KP_H2F(x[ib].d)),
-                               _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(KP_H2F(w[ib + 1].d) * KP_H2F(x[ib + 1].d)),
-                               _mm256_cvtepi32_ps(p1), acc1);
+/* ---- Q8_0 / Q4_0 weights . Q8_0 activations ---- */
+
+/* Per block: 8 int32 lanes of exact partial sums, times d_w*d_x, into one of
+ * two float accumulators (even / odd blocks). Signed x signed bytes use the
+ * sign trick: |w| (unsigned) times x with w's sign (|values| <= 127). */
+#define KP_DEF_DOTK_Q8_0(NAME, WBLOCK, WBYTES)                                                          \
+    KP_AI void NAME(int64_t n, const void *vw, const uint8_t *x, size_t xs, float *out, size_t os,      \
+                    const int NX) {                                                                     \
+        const WBLOCK *w = vw;                                                                           \
+        const int64_t nb = n / KP_QK8_0;                                                                \
+        __m256 acc0[KP_NX_MAX], acc1[KP_NX_MAX];                                                        \
+        for (int j = 0; j < NX; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();                           \
+        int64_t ib = 0;                                                                                 \
+        for (; ib + 2 <= nb; ib += 2) {                                                                 \
+            const __m256i qw0 = WBYTES(w[ib].qs), qw1 = WBYTES(w[ib + 1].qs);                           \
+            const __m256i aw0 = _mm256_sign_epi8(qw0, qw0), aw1 = _mm256_sign_epi8(qw1, qw1);           \
+            const float dw0 = KP_H2F(w[ib].d), dw1 = KP_H2F(w[ib + 1].d);                               \
+            for (int j = 0; j < NX; j++) {                                                              \
+                const kp_block_q8_0 *xb = (const kp_block_q8_0 *)(x + j * xs) + ib;                     \
+                const __m256i p0 =                                                                      \
+                    kp_dot_u8s8(aw0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb[0].qs), qw0)); \
+                const __m256i p1 =                                                                      \
+                    kp_dot_u8s8(aw1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb[1].qs), qw1)); \
+                acc0[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw0 * KP_H2F(xb[0].d)), _mm256_cvtepi32_ps(p0), acc0[j]); \
+                acc1[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw1 * KP_H2F(xb[1].d)), _mm256_cvtepi32_ps(p1), acc1[j]); \
+            }                                                                                           \
+        }                                                                                               \
+        if (ib < nb) { /* odd block count: the last block goes to acc0 */                               \
+            const __m256i qw0 = WBYTES(w[ib].qs);                                                       \
+            const __m256i aw0 = _mm256_sign_epi8(qw0, qw0);                                             \
+            const float dw0 = KP_H2F(w[ib].d);                                                          \
+            for (int j = 0; j < NX; j++) {                                                              \
+                const kp_block_q8_0 *xb = (const kp_block_q8_0 *)(x + j * xs) + ib;                     \
+                const __m256i p0 =                                                                      \
+                    kp_dot_u8s8(aw0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xb[0].qs), qw0)); \
+                acc0[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw0 * KP_H2F(xb[0].d)), _mm256_cvtepi32_ps(p0), acc0[j]); \
+            }                                                                                           \
+        }                                                                                               \
+        for (int j = 0; j < NX; j++) out[j * os] = kp_hsum8(_mm256_add_ps(acc0[j], acc1[j]));           \
     }
-    for (; ib < nb; ib++) {
-        const __m256i p = kp_dot_s8s8(_mm256_loadu_si256((const __m256i *)w[ib].qs),
-                                      _mm256_loadu_si256((const __m256i *)x[ib].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(KP_H2F(w[ib].d) * KP_H2F(x[ib].d)),
-                               _mm256_cvtepi32_ps(p), acc0);
-    }
-    return kp_hsum8(_mm256_add_ps(acc0, acc1));
-}
+
+KP_AI __m256i kp_q8_0_bytes(const int8_t *qs) { return _mm256_loadu_si256((const __m256i *)qs); }
 
 /* 32 nibbles of a q4_0 block as bytes 0..15 (low nibbles, elements 0..15)
  * and 16..31 (high nibbles), offset to -8..7. */
-static inline __m256i kp_q4_0_bytes(const uint8_t *qs) {
+KP_AI __m256i kp_q4_0_bytes(const uint8_t *qs) {
     const __m128i t = _mm_loadu_si128((const __m128i *)qs);
     const __m256i b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
     return _mm256_sub_epi8(_mm256_and_si256(b, _mm256_set1_epi8(0xF)), _mm256_set1_epi8(8));
 }
 
-static float kp_dot_q4_0_simd(int64_t n, const void *vw, const void *vx) {
-    const kp_block_q4_0 *w = vw;
-    const kp_block_q8_0 *x = vx;
-    const int64_t nb = n / KP_QK4_0;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t ib = 0;
-    for (; ib + 2 <= nb; ib += 2) {
-        const __m256i p0 = kp_dot_s8s8(kp_q4_0_bytes(w[ib].qs),
-                                       _mm256_loadu_si256((const __m256i *)x[ib].qs));
-        const __m256i p1 = kp_dot_s8s8(kp_q4_0_bytes(w[ib + 1].qs),
-                                       _mm256_loadu_si256((const __m256i *)x[ib + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(KP_H2F(w[ib].d) * KP_H2F(x[ib].d)),
-                               _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(KP_H2F(w[ib + 1].d) * KP_H2F(x[ib + 1].d)),
-                               _mm256_cvtepi32_ps(p1), acc1);
-    }
-    for (; ib < nb; ib++) {
-        const __m256i p = kp_dot_s8s8(kp_q4_0_bytes(w[ib].qs),
-                                      _mm256_loadu_si256((const __m256i *)x[ib].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(KP_H2F(w[ib].d) * KP_H2F(x[ib].d)),
-                               _mm256_cvtepi32_ps(p), acc0);
-    }
-    return kp_hsum8(_mm256_add_ps(acc0, acc1));
-}
+KP_DEF_DOTK_Q8_0(kp_dotk_q8_0, kp_block_q8_0, kp_q8_0_bytes)
+KP_DEF_DOTK_Q8_0(kp_dotk_q4_0, kp_block_q4_0, kp_q4_0_bytes)
 
-static float kp_dot_q4_K_simd(int64_t n, const void *vw, const void *vx) {
+/* ---- Q4_K / Q6_K weights . Q8_K activations ---- */
+
+KP_AI void kp_dotk_q4_K(int64_t n, const void *vw, const uint8_t *x, size_t xs, float *out, size_t os,
+                        const int NX) {
     const kp_block_q4_K *w = vw;
-    const kp_block_q8_K *x = vx;
     const int64_t nb = n / KP_QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF);
-    __m256 acc = _mm256_setzero_ps();
-    __m128 acc_m = _mm_setzero_ps();
+    __m256 acc[KP_NX_MAX];
+    __m128 acc_m[KP_NX_MAX];
+    for (int j = 0; j < NX; j++) {
+        acc[j] = _mm256_setzero_ps();
+        acc_m[j] = _mm_setzero_ps();
+    }
     for (int64_t i = 0; i < nb; i++) {
-        const float d = KP_H2F(w[i].d) * x[i].d;
-        const float dmin = KP_H2F(w[i].dmin) * x[i].d;
-
         uint8_t sm[16]; /* scales 0..7, mins 8..15 */
         kp_q4k_unpack_scales(w[i].scales, sm);
-
-        /* mins: sum_j min_j * (bsums[2j] + bsums[2j+1]) */
         const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(sm + 8)));
-        const __m128i b0 = _mm_loadu_si128((const __m128i *)x[i].bsums);
-        const __m128i b1 = _mm_loadu_si128((const __m128i *)(x[i].bsums + 8));
-        const __m128i prod = _mm_madd_epi16(mins, _mm_hadd_epi16(b0, b1));
-        acc_m = _mm_fmadd_ps(_mm_set1_ps(-dmin), _mm_cvtepi32_ps(prod), acc_m);
-
-        __m256i sumi = _mm256_setzero_si256();
-        const uint8_t *q4 = w[i].qs;
-        const int8_t *q8 = x[i].qs;
-        for (int j = 0; j < 4; j++) { /* 64-element chunks: sub-blocks 2j, 2j+1 */
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(q4 + 32 * j));
+        const float dw = KP_H2F(w[i].d), dminw = KP_H2F(w[i].dmin);
+        __m256i sumi[KP_NX_MAX];
+        for (int j = 0; j < NX; j++) {
+            const kp_block_q8_K *xb = (const kp_block_q8_K *)(x + j * xs) + i;
+            /* mins: sum_s min_s * (bsums[2s] + bsums[2s+1]) */
+            const __m128i b0 = _mm_loadu_si128((const __m128i *)xb->bsums);
+            const __m128i b1 = _mm_loadu_si128((const __m128i *)(xb->bsums + 8));
+            const __m128i prod = _mm_madd_epi16(mins, _mm_hadd_epi16(b0, b1));
+            acc_m[j] = _mm_fmadd_ps(_mm_set1_ps(-(dminw * xb->d)), _mm_cvtepi32_ps(prod), acc_m[j]);
+            sumi[j] = _mm256_setzero_si256();
+        }
+        for (int c = 0; c < 4; c++) { /* 64-element chunks: sub-blocks 2c, 2c+1 */
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(w[i].qs + 32 * c));
             const __m256i lo = _mm256_and_si256(q, m4);
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            const __m256i y0 = _mm256_loadu_si256((const __m256i *)(q8 + 64 * j));
-            const __m256i y1 = _mm256_loadu_si256((const __m256i *)(q8 + 64 * j + 32));
-            __m256i p0 = _mm256_maddubs_epi16(lo, y0); /* |pair| <= 2*15*127 */
-            __m256i p1 = _mm256_maddubs_epi16(hi, y1);
-            p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sm[2 * j]));
-            p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sm[2 * j + 1]));
-            sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+            const __m256i s0 = _mm256_set1_epi16(sm[2 * c]), s1 = _mm256_set1_epi16(sm[2 * c + 1]);
+            for (int j = 0; j < NX; j++) {
+                const int8_t *q8 = ((const kp_block_q8_K *)(x + j * xs) + i)->qs + 64 * c;
+                __m256i p0 = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q8)); /* <= 2*15*127 */
+                __m256i p1 = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
+                p0 = _mm256_madd_epi16(p0, s0);
+                p1 = _mm256_madd_epi16(p1, s1);
+                sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(p0, p1));
+            }
         }
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        for (int j = 0; j < NX; j++) {
+            const float d = dw * ((const kp_block_q8_K *)(x + j * xs) + i)->d;
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+        }
     }
-    acc_m = _mm_add_ps(acc_m, _mm_movehl_ps(acc_m, acc_m));
-    acc_m = _mm_add_ss(acc_m, _mm_movehdup_ps(acc_m));
-    return kp_hsum8(acc) + _mm_cvtss_f32(acc_m);
+    for (int j = 0; j < NX; j++) {
+        __m128 m = _mm_add_ps(acc_m[j], _mm_movehl_ps(acc_m[j], acc_m[j]));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[j * os] = kp_hsum8(acc[j]) + _mm_cvtss_f32(m);
+    }
 }
 
 /* Byte shuffles picking Q6_K scales: mask k gives scale[2k] in bytes 0..7 and
@@ -1003,46 +1083,98 @@ static const uint8_t kp_q6k_scale_shuf[8][16] = {
 };
 
 /* q6_K . q8_K: the 6-bit values are used unsigned (0..63) and the -32 offset
- * is taken out once per block as 32 * sum_j scale_j * bsums_j. */
-static float kp_dot_q6_K_simd(int64_t n, const void *vw, const void *vx) {
+ * is taken out once per block as 32 * sum_s scale_s * bsums_s. */
+KP_AI void kp_dotk_q6_K(int64_t n, const void *vw, const uint8_t *x, size_t xs, float *out, size_t os,
+                        const int NX) {
     const kp_block_q6_K *w = vw;
-    const kp_block_q8_K *x = vx;
     const int64_t nb = n / KP_QK_K;
     const __m256i m4 = _mm256_set1_epi8(0xF), m3 = _mm256_set1_epi8(3), m30 = _mm256_set1_epi8(0x30);
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[KP_NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
-        const float d = KP_H2F(w[i].d) * x[i].d;
         const __m128i sc8 = _mm_loadu_si128((const __m128i *)w[i].scales);
-
-        /* offset term: 32 * sum_j scale_j * bsums_j (8 int32 lanes) */
-        const __m256i corr = _mm256_slli_epi32(
-            _mm256_madd_epi16(_mm256_cvtepi8_epi16(sc8), _mm256_loadu_si256((const __m256i *)x[i].bsums)), 5);
-
-        __m256i sumi = _mm256_setzero_si256();
+        const __m256i sc16 = _mm256_cvtepi8_epi16(sc8);
+        __m256i sumi[KP_NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) { /* 128-element halves */
             const uint8_t *ql = w[i].ql + 64 * h;
             const __m256i qlA = _mm256_loadu_si256((const __m256i *)ql);
             const __m256i qlB = _mm256_loadu_si256((const __m256i *)(ql + 32));
             const __m256i qh = _mm256_loadu_si256((const __m256i *)(w[i].qh + 32 * h));
-            __m256i q[4];
+            __m256i q[4], s[4];
             q[0] = _mm256_or_si256(_mm256_and_si256(qlA, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4));
             q[1] = _mm256_or_si256(_mm256_and_si256(qlB, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
             q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlA, 4), m4), _mm256_and_si256(qh, m30));
             q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qlB, 4), m4),
                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
-            const int8_t *q8 = x[i].qs + 128 * h;
-            for (int k = 0; k < 4; k++) {
-                const __m256i y = _mm256_loadu_si256((const __m256i *)(q8 + 32 * k));
-                const __m256i p = _mm256_maddubs_epi16(q[k], y); /* |pair| <= 2*63*127 */
-                const __m128i s = _mm_shuffle_epi8(
-                    sc8, _mm_loadu_si128((const __m128i *)kp_q6k_scale_shuf[4 * h + k]));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, _mm256_cvtepi8_epi16(s)));
+            for (int k = 0; k < 4; k++)
+                s[k] = _mm256_cvtepi8_epi16(
+                    _mm_shuffle_epi8(sc8, _mm_loadu_si128((const __m128i *)kp_q6k_scale_shuf[4 * h + k])));
+            for (int j = 0; j < NX; j++) {
+                const int8_t *q8 = ((const kp_block_q8_K *)(x + j * xs) + i)->qs + 128 * h;
+                for (int k = 0; k < 4; k++) {
+                    const __m256i p = /* |pair| <= 2*63*127 */
+                        _mm256_maddubs_epi16(q[k], _mm256_loadu_si256((const __m256i *)(q8 + 32 * k)));
+                    sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(p, s[k]));
+                }
             }
         }
-        sumi = _mm256_sub_epi32(sumi, corr);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        const float dw = KP_H2F(w[i].d);
+        for (int j = 0; j < NX; j++) {
+            const kp_block_q8_K *xb = (const kp_block_q8_K *)(x + j * xs) + i;
+            /* offset term: 32 * sum_s scale_s * bsums_s */
+            const __m256i corr =
+                _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)xb->bsums)), 5);
+            const __m256i t = _mm256_sub_epi32(sumi[j], corr);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), _mm256_cvtepi32_ps(t), acc[j]);
+        }
     }
-    return kp_hsum8(acc);
+    for (int j = 0; j < NX; j++) out[j * os] = kp_hsum8(acc[j]);
+}
+
+/* Instantiations: kp_dot_T_simd (one x row) and kp_dotn_T[NX-1]. */
+typedef void (*kp_dotn_fn)(int64_t n, const void *w, const uint8_t *x, size_t xs, float *out, size_t os);
+
+#define KP_INSTANTIATE(T)                                                                                  \
+    static float kp_dot_##T##_simd(int64_t n, const void *w, const void *x) {                            \
+        float r;                                                                                           \
+        kp_dotk_##T(n, w, x, 0, &r, 0, 1);                                                                 \
+        return r;                                                                                          \
+    }                                                                                                      \
+    static void kp_dot_##T##_n1(int64_t n, const void *w, const uint8_t *x, size_t xs, float *o, size_t os) { \
+        kp_dotk_##T(n, w, x, xs, o, os, 1);                                                                \
+    }                                                                                                      \
+    static void kp_dot_##T##_n2(int64_t n, const void *w, const uint8_t *x, size_t xs, float *o, size_t os) { \
+        kp_dotk_##T(n, w, x, xs, o, os, 2);                                                                \
+    }                                                                                                      \
+    static void kp_dot_##T##_n3(int64_t n, const void *w, const uint8_t *x, size_t xs, float *o, size_t os) { \
+        kp_dotk_##T(n, w, x, xs, o, os, 3);                                                                \
+    }                                                                                                      \
+    static void kp_dot_##T##_n4(int64_t n, const void *w, const uint8_t *x, size_t xs, float *o, size_t os) { \
+        kp_dotk_##T(n, w, x, xs, o, os, 4);                                                                \
+    }                                                                                                      \
+    static const kp_dotn_fn kp_dotn_##T[KP_NX_MAX] = {kp_dot_##T##_n1, kp_dot_##T##_n2, kp_dot_##T##_n3,  \
+                                                      kp_dot_##T##_n4};
+
+KP_INSTANTIATE(f32)
+KP_INSTANTIATE(f16)
+KP_INSTANTIATE(bf16)
+KP_INSTANTIATE(q8_0)
+KP_INSTANTIATE(q4_0)
+KP_INSTANTIATE(q4_K)
+KP_INSTANTIATE(q6_K)
+
+static const kp_dotn_fn *kp_dotn_table(int wtype) {
+    switch (wtype) {
+    case KP_TYPE_F32: return kp_dotn_f32;
+    case KP_TYPE_F16: return kp_dotn_f16;
+    case KP_TYPE_BF16: return kp_dotn_bf16;
+    case KP_TYPE_Q8_0: return kp_dotn_q8_0;
+    case KP_TYPE_Q4_0: return kp_dotn_q4_0;
+    case KP_TYPE_Q4_K: return kp_dotn_q4_K;
+    case KP_TYPE_Q6_K: return kp_dotn_q6_K;
+    default: return NULL;
+    }
 }
 
 #endif /* KP_QUANT_AVX2 */
@@ -1099,9 +1231,22 @@ float kp_vec_dot_ref(int wtype, int64_t n, const void *w_row, const void *x_row)
 }
 
 float kp_vec_dot(int wtype, int64_t n, const void *w_row, const void *x_row) {
-    kp_dot_fn f = kp_dot_fast_fn(wtype);
-    assert(f && n % kp_type_block(wtype) == 0);
+    assert(kp_dot_fast_fn(wtype) && n % kp_type_block(wtype) == 0);
+#if defined(KP_QUANT_AVX2)
+    switch (wtype) { /* direct calls: the kernels inline here */
+    case KP_TYPE_F32: return kp_dot_f32_simd(n, w_row, x_row);
+    case KP_TYPE_F16: return kp_dot_f16_simd(n, w_row, x_row);
+    case KP_TYPE_BF16: return kp_dot_bf16_simd(n, w_row, x_row);
+    case KP_TYPE_Q8_0: return kp_dot_q8_0_simd(n, w_row, x_row);
+    case KP_TYPE_Q4_0: return kp_dot_q4_0_simd(n, w_row, x_row);
+    case KP_TYPE_Q4_K: return kp_dot_q4_K_simd(n, w_row, x_row);
+    case KP_TYPE_Q6_K: return kp_dot_q6_K_simd(n, w_row, x_row);
+    default: return 0.0f;
+    }
+#else
+    kp_dot_fn f = kp_dot_ref_fn(wtype);
     return f ? f(n, w_row, x_row) : 0.0f;
+#endif
 }
 
 void kp_vec_dot_rows(int wtype, int64_t n, int64_t nrows, const void *w, size_t w_stride,
@@ -1111,4 +1256,25 @@ void kp_vec_dot_rows(int wtype, int64_t n, int64_t nrows, const void *w, size_t 
     if (!f) return;
     const uint8_t *wr = w;
     for (int64_t r = 0; r < nrows; r++) out[r] = f(n, wr + (size_t)r * w_stride, x_row);
+}
+
+void kp_vec_dot_nx(int wtype, int64_t n, const void *w_row, const void *x, size_t x_stride, int nx,
+                   float *out, size_t out_stride) {
+    assert(kp_dot_fast_fn(wtype) && n % kp_type_block(wtype) == 0);
+    const uint8_t *xb = x;
+#if defined(KP_QUANT_AVX2)
+    const kp_dotn_fn *tab = kp_dotn_table(wtype);
+    if (!tab) return;
+    while (nx > 0) {
+        const int k = nx < KP_NX_MAX ? nx : KP_NX_MAX;
+        tab[k - 1](n, w_row, xb, x_stride, out, out_stride);
+        xb += (size_t)k * x_stride;
+        out += (size_t)k * out_stride;
+        nx -= k;
+    }
+#else
+    kp_dot_fn f = kp_dot_ref_fn(wtype);
+    if (!f) return;
+    for (int j = 0; j < nx; j++) out[(size_t)j * out_stride] = f(n, w_row, xb + (size_t)j * x_stride);
+#endif
 }

@@ -49,6 +49,12 @@ float kp_vec_dot_ref(int wtype, int64_t n, const void *w_row, const void *x_row)
 void kp_vec_dot_rows(int wtype, int64_t n, int64_t nrows, const void *w, size_t w_stride,
                      const void *x_row, float *out);
 
+/* out[j * out_stride] = kp_vec_dot(wtype, n, w_row, x + j * x_stride) for
+ * j < nx, bit for bit, with the weight row loaded and unpacked once per 4
+ * activation rows: for multiplying several tokens by the same weights. */
+void kp_vec_dot_nx(int wtype, int64_t n, const void *w_row, const void *x, size_t x_stride, int nx,
+                   float *out, size_t out_stride);
+
 /* Row conversions, vectorised; bit-identical to kp_f32_to_fp16 & co. */
 void kp_f32_to_f16_row(const float *src, uint16_t *dst, int64_t n);
 void kp_f16_to_f32_row(const uint16_t *src, float *dst, int64_t n);
