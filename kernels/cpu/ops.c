@@ -49,7 +49,9 @@
  * this many elements. */
 #define KP_PAR_MIN_ELEMS (1 << 15)
 /* Matmuls with at most this many tokens use the GEMV path. */
+#ifndef KP_GEMV_MAX_N
 #define KP_GEMV_MAX_N 3
+#endif
 /* GEMM blocking: KC inputs x NC outputs of W are packed at a time. */
 #ifndef KP_KC
 #define KP_KC 256
@@ -399,20 +401,50 @@ static void gemv_block(float *y, const float *x, const float *w, int64_t n_in, i
             gemv_rows(1, w + o * n_in, n_in, x + t * n_in, n_in, y + t * n_out + o);
 }
 
-/* Pack W[o0 .. o0+np*NR)[k0 .. k0+kc) into np panels, each [kc][NR];
- * rows past n_out are zero. */
+#ifdef KP_HAVE_V8
+/* Columns k .. k+3 of the 8 rows r[0..7] as 4 vectors of 8 (a 4x8 -> 8x4
+ * transpose). Rows j and j+4 share a vector from the loads on (the insert
+ * runs on the load ports), so only 8 shuffles are needed. */
+static inline void v8_columns4(const float *const r[8], int64_t k, __m256 c[4]) {
+    __m256 a[4];
+    for (int j = 0; j < 4; j++)
+        a[j] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r[j] + k)),
+                                    _mm_loadu_ps(r[j + 4] + k), 1);
+    __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
+    __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
+    c[0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    c[1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    c[2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    c[3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+}
+#endif
+
+/* Pack W[o0 .. o0+np*NR)[k0 .. k0+kc) into np panels, each [kc][NR]
+ * (a transpose, 8 rows x 4 columns at a time through registers where AVX2
+ * is there); rows
+ * past n_out are zero. */
 static void gemm_pack(float *pk, const float *w, int64_t n_in, int64_t n_out, int64_t o0,
                       int np, int64_t k0, int64_t kc) {
     for (int p = 0; p < np; p++) {
         float *dst = pk + (int64_t)p * kc * KP_NR;
-        for (int j = 0; j < KP_NR; j++) {
-            int64_t o = o0 + (int64_t)p * KP_NR + j;
-            if (o < n_out) {
-                const float *src = w + o * n_in + k0;
-                for (int64_t k = 0; k < kc; k++) dst[k * KP_NR + j] = src[k];
-            } else {
-                for (int64_t k = 0; k < kc; k++) dst[k * KP_NR + j] = 0.0f;
+        for (int j0 = 0; j0 < KP_NR; j0 += 8) {
+            const int64_t ob = o0 + (int64_t)p * KP_NR + j0; /* first of 8 rows */
+            const int rows = (int)KP_MAX((int64_t)0, KP_MIN((int64_t)8, n_out - ob));
+            int64_t k = 0;
+#ifdef KP_HAVE_V8
+            if (rows == 8) {
+                const float *r[8];
+                for (int j = 0; j < 8; j++) r[j] = w + (ob + j) * n_in + k0;
+                for (; k + 4 <= kc; k += 4) {
+                    __m256 c[4];
+                    v8_columns4(r, k, c);
+                    for (int kk = 0; kk < 4; kk++) _mm256_storeu_ps(dst + (k + kk) * KP_NR + j0, c[kk]);
+                }
             }
+#endif
+            for (; k < kc; k++)
+                for (int j = 0; j < 8; j++)
+                    dst[k * KP_NR + j0 + j] = j < rows ? w[(ob + j) * n_in + k0 + k] : 0.0f;
         }
     }
 }
