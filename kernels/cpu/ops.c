@@ -8,8 +8,13 @@
  * RMSNorm/LayerNorm sums in double, RoPE angles built by repeated float
  * multiplication, softmax with max subtraction and a double sum, activations
  * converted to the weight's vec_dot type before quantised dot products, GELU
- * through fp16 as ggml's lookup table does. Every op gives the same result
- * for any thread count (work is split between whole output elements).
+ * through fp16 as ggml's lookup table does. Like ggml on AVX2/AVX-512,
+ * softmax and SiLU use a vectorised exp (v8_exp, within ~1 ulp of expf);
+ * the portable build uses expf. Every op gives the same result for any
+ * thread count (work is split between whole output elements or groups).
+ *
+ * A backend is used by one thread at a time (the engine's scheduler): its
+ * scratch buffers are shared by successive ops.
  *
  * Matrix products (the bulk of the time):
  *   n == 1..KP_GEMV_MAX_N  one dot product per (token, output row), 8 rows
@@ -50,7 +55,7 @@
 #define KP_PAR_MIN_ELEMS (1 << 15)
 /* Matmuls with at most this many tokens use the GEMV path. */
 #ifndef KP_GEMV_MAX_N
-#define KP_GEMV_MAX_N 3
+#define KP_GEMV_MAX_N 7
 #endif
 /* GEMM blocking: KC inputs x NC outputs of W are packed at a time. */
 #ifndef KP_KC
@@ -285,6 +290,25 @@ static inline float v8_hmax(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* 8 vectors of 8 -> one vector of their 8 horizontal sums:
+ * out[u] = ((p_u[0]+p_u[1]) + (p_u[2]+p_u[3])) + ((p_u[4]+p_u[5]) + (p_u[6]+p_u[7])). */
+static inline __m256 v8_hsum8(const __m256 p[8]) {
+    __m256 t0 = _mm256_hadd_ps(p[0], p[1]), t1 = _mm256_hadd_ps(p[2], p[3]);
+    __m256 t2 = _mm256_hadd_ps(p[4], p[5]), t3 = _mm256_hadd_ps(p[6], p[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* A kp_vf folded to 8 lanes (lane i + lane i+8 for AVX-512). */
+static inline __m256 v8_fold(kp_vf v) {
+#if KP_VL == 16
+    return _mm256_add_ps(_mm512_castps512_ps256(v),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+#else
+    return v;
+#endif
+}
+
 /* exp(x) for 8 floats, within ~1 ulp of expf (what ggml's softmax and SiLU
  * do too: a vectorised exp, not libm's): x = n ln2 + r with |r| <= ln2/2
  * (Cody-Waite split of ln2), exp(r) by its degree-7 Taylor polynomial
@@ -370,8 +394,11 @@ static void cpu_get_rows(kp_backend *be, float *out, const kp_wref *w, const int
 /* ---------------------------------------------------------------------- */
 
 /* R consecutive rows of W (each one accumulator), dotted with one x row:
- * y[r] = sum_k W[o+r][k] * x[k]. The vector part runs in steps of KP_VL,
- * the tail in order; the result of a row never depends on R. */
+ * y[r] = sum_k W[o+r][k] * x[k]. The vector part runs in steps of KP_VL;
+ * with R == 8 the 8 horizontal sums are done together (a tree of hadds,
+ * ~3x cheaper than 8 separate ones: for dim-64 rows they cost as much as
+ * the multiply-adds); then the tail in order. Threads split rows in whole
+ * groups of 8, so which rows take which path never depends on the split. */
 KP_INLINE void gemv_rows(int R, const float *w, int64_t ldw, const float *x, int64_t n_in,
                          float *y) {
     kp_vf acc[KP_GEMV_ROWS];
@@ -382,7 +409,14 @@ KP_INLINE void gemv_rows(int R, const float *w, int64_t ldw, const float *x, int
         kp_vf xv = vf_load(x + k);
         for (int r = 0; r < R; r++) acc[r] = vf_fma(vf_load(w + r * ldw + k), xv, acc[r]);
     }
-    for (int r = 0; r < R; r++) s[r] = n_in >= KP_VL ? vf_hsum(acc[r]) : 0.0f;
+#if defined(KP_HAVE_V8)
+    if (R == 8) {
+        __m256 h[8];
+        for (int r = 0; r < 8; r++) h[r] = v8_fold(acc[r]);
+        _mm256_storeu_ps(s, v8_hsum8(h));
+    } else
+#endif
+        for (int r = 0; r < R; r++) s[r] = n_in >= KP_VL ? vf_hsum(acc[r]) : 0.0f;
     for (; k < n_in; k++)
         for (int r = 0; r < R; r++) s[r] += w[r * ldw + k] * x[k];
     for (int r = 0; r < R; r++) y[r] = s[r];
@@ -402,20 +436,27 @@ static void gemv_block(float *y, const float *x, const float *w, int64_t n_in, i
 }
 
 #ifdef KP_HAVE_V8
-/* Columns k .. k+3 of the 8 rows r[0..7] as 4 vectors of 8 (a 4x8 -> 8x4
- * transpose). Rows j and j+4 share a vector from the loads on (the insert
- * runs on the load ports), so only 8 shuffles are needed. */
-static inline void v8_columns4(const float *const r[8], int64_t k, __m256 c[4]) {
-    __m256 a[4];
-    for (int j = 0; j < 4; j++)
-        a[j] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(r[j] + k)),
-                                    _mm_loadu_ps(r[j + 4] + k), 1);
-    __m256 t0 = _mm256_unpacklo_ps(a[0], a[1]), t1 = _mm256_unpackhi_ps(a[0], a[1]);
-    __m256 t2 = _mm256_unpacklo_ps(a[2], a[3]), t3 = _mm256_unpackhi_ps(a[2], a[3]);
-    c[0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-    c[1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-    c[2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-    c[3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+/* Rows ra, rb (k .. k+3 of each) as one vector: ra in the low half. The
+ * insert runs on the load ports, which spares the shuffle port. */
+static inline __m256 v8_two_rows(const float *ra, const float *rb) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(ra)), _mm_loadu_ps(rb), 1);
+}
+
+/* Transpose 8 rows x kc columns (rows r, stride ld) into dst[k][0..8)
+ * (stride NR), 4 columns at a time: 8 shuffles per 32 floats. */
+static void v8_pack8(float *dst, const float *r, int64_t ld, int64_t kc) {
+    const float *r0 = r, *r1 = r + ld, *r2 = r + 2 * ld, *r3 = r + 3 * ld;
+    const float *r4 = r + 4 * ld, *r5 = r + 5 * ld, *r6 = r + 6 * ld, *r7 = r + 7 * ld;
+    for (int64_t k = 0; k < kc; k += 4, dst += 4 * KP_NR) {
+        __m256 a0 = v8_two_rows(r0 + k, r4 + k), a1 = v8_two_rows(r1 + k, r5 + k);
+        __m256 a2 = v8_two_rows(r2 + k, r6 + k), a3 = v8_two_rows(r3 + k, r7 + k);
+        __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+        __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+        _mm256_storeu_ps(dst, _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)));
+        _mm256_storeu_ps(dst + KP_NR, _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)));
+        _mm256_storeu_ps(dst + 2 * KP_NR, _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)));
+        _mm256_storeu_ps(dst + 3 * KP_NR, _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
 }
 #endif
 
@@ -433,13 +474,8 @@ static void gemm_pack(float *pk, const float *w, int64_t n_in, int64_t n_out, in
             int64_t k = 0;
 #ifdef KP_HAVE_V8
             if (rows == 8) {
-                const float *r[8];
-                for (int j = 0; j < 8; j++) r[j] = w + (ob + j) * n_in + k0;
-                for (; k + 4 <= kc; k += 4) {
-                    __m256 c[4];
-                    v8_columns4(r, k, c);
-                    for (int kk = 0; kk < 4; kk++) _mm256_storeu_ps(dst + (k + kk) * KP_NR + j0, c[kk]);
-                }
+                k = kc & ~(int64_t)3;
+                v8_pack8(dst + j0, w + ob * n_in + k0, n_in, k);
             }
 #endif
             for (; k < kc; k++)
@@ -599,7 +635,7 @@ static void quant_act_worker(void *arg_, int ith, int nth) {
     int64_t lo, hi;
     kp_pool_range(a->n, ith, nth, &lo, &hi);
     for (int64_t t = lo; t < hi; t++)
-        kp_quant_row(a->vdt, a->x + t * a->w->n_in, a->xq + (size_t)t * a->xq_rb, a->w->n_in);
+        kp_quant_row_act(a->vdt, a->x + t * a->w->n_in, a->xq + (size_t)t * a->xq_rb, a->w->n_in);
 }
 
 static void matmul_q_worker(void *arg_, int ith, int nth) {
@@ -964,12 +1000,28 @@ static void attn_head_scalar(const attn_args *a, const float *q, float *out, int
 }
 
 #ifdef KP_HAVE_V8
+/* out[0 .. 8*nc) = sum_j p[j] * V_j[r .. r + 8*nc), keys in order (nc and
+ * kv_type constants after inlining). */
+KP_INLINE void attn_v_chunks(int kv_type, int nc, const void *v, int64_t r, int64_t row_stride,
+                             const float *p, int n_keys, float *out) {
+    __m256 acc[8];
+    for (int c = 0; c < nc; c++) acc[c] = _mm256_setzero_ps();
+    for (int j = 0; j < n_keys; j++, r += row_stride) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int c = 0; c < nc; c++) acc[c] = _mm256_fmadd_ps(pj, v8_load_kv(kv_type, v, r + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < nc; c++) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+#endif
+
+#ifdef KP_HAVE_V8
 /* AVX2 path for head_dim a multiple of 8 (kv_type constant after inlining).
  *   scores: 8 keys at a time, each dot accumulated in one 8-lane vector,
  *           the 8 vectors reduced together by a tree of hadds;
  *   softmax: vector max, v8_exp, double sum;
- *   output: per 8-lane chunk of head_dim, 4 interleaved accumulators over
- *           keys (hides FMA latency). */
+ *   output: head_dim >= 32: one accumulator per 8-lane chunk, keys in
+ *           order; shorter heads: 4 accumulators over interleaved keys
+ *           (hides FMA latency). */
 KP_INLINE void attn_head_v8(int kv_type, const attn_args *a, const float *q, float *out, int kh,
                             int n_keys, float *s) {
     const int hd = a->head_dim;
@@ -979,19 +1031,17 @@ KP_INLINE void attn_head_v8(int kv_type, const attn_args *a, const float *q, flo
 
     int j = 0;
     for (; j + 8 <= n_keys; j += 8) {
+        /* chunk outer, key inner: 8 independent FMA chains */
         __m256 p[8];
-        for (int u = 0; u < 8; u++) {
-            const int64_t r = base + (int64_t)(j + u) * row_stride;
-            p[u] = _mm256_mul_ps(_mm256_loadu_ps(q), v8_load_kv(kv_type, a->k, r));
-            for (int c = 8; c < hd; c += 8)
-                p[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), v8_load_kv(kv_type, a->k, r + c), p[u]);
+        const int64_t r = base + (int64_t)j * row_stride;
+        __m256 qc = _mm256_loadu_ps(q);
+        for (int u = 0; u < 8; u++) p[u] = _mm256_mul_ps(qc, v8_load_kv(kv_type, a->k, r + u * row_stride));
+        for (int c = 8; c < hd; c += 8) {
+            qc = _mm256_loadu_ps(q + c);
+            for (int u = 0; u < 8; u++)
+                p[u] = _mm256_fmadd_ps(qc, v8_load_kv(kv_type, a->k, r + u * row_stride + c), p[u]);
         }
-        __m256 t0 = _mm256_hadd_ps(p[0], p[1]), t1 = _mm256_hadd_ps(p[2], p[3]);
-        __m256 t2 = _mm256_hadd_ps(p[4], p[5]), t3 = _mm256_hadd_ps(p[6], p[7]);
-        __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-        __m256 dots = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
-                                    _mm256_permute2f128_ps(u0, u1, 0x31));
-        _mm256_storeu_ps(s + j, _mm256_mul_ps(dots, vscale));
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(v8_hsum8(p), vscale));
     }
     for (; j < n_keys; j++) {
         const int64_t r = base + (int64_t)j * row_stride;
@@ -1019,18 +1069,36 @@ KP_INLINE void attn_head_v8(int kv_type, const attn_args *a, const float *q, flo
     const __m256 inv = _mm256_set1_ps((float)(1.0 / ((sd[0] + sd[1]) + (sd[2] + sd[3]))));
     for (j = 0; j < n_pad; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
 
-    for (int c = 0; c < hd; c += 8) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                         _mm256_setzero_ps()};
-        int64_t r = base + c;
-        for (j = 0; j + 4 <= n_keys; j += 4, r += 4 * row_stride)
-            for (int u = 0; u < 4; u++)
-                acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(s[j + u]),
-                                         v8_load_kv(kv_type, a->v, r + u * row_stride), acc[u]);
-        for (int u = 0; j < n_keys; j++, u++, r += row_stride)
-            acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), v8_load_kv(kv_type, a->v, r), acc[u]);
-        _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
-                                                _mm256_add_ps(acc[2], acc[3])));
+    if (hd >= 32) {
+        /* keys outer, up to 8 chunks of head_dim inner: 4..8 independent
+         * accumulators and one pass over V per 64 dims */
+        for (int c0 = 0; c0 < hd; c0 += 64) {
+            const int nc = KP_MIN(8, (hd - c0) / 8);
+            float *o = out + c0;
+            const int64_t r = base + c0;
+            if (nc == 8) /* constant chunk counts keep acc[] in registers */
+                attn_v_chunks(kv_type, 8, a->v, r, row_stride, s, n_keys, o);
+            else if (nc == 4)
+                attn_v_chunks(kv_type, 4, a->v, r, row_stride, s, n_keys, o);
+            else
+                for (int c = 0; c < nc; c++)
+                    attn_v_chunks(kv_type, 1, a->v, r + 8 * c, row_stride, s, n_keys, o + 8 * c);
+        }
+    } else {
+        /* short heads: per 8-dim chunk, 4 accumulators over interleaved keys */
+        for (int c = 0; c < hd; c += 8) {
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                             _mm256_setzero_ps()};
+            int64_t r = base + c;
+            for (j = 0; j + 4 <= n_keys; j += 4, r += 4 * row_stride)
+                for (int u = 0; u < 4; u++)
+                    acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(s[j + u]),
+                                             v8_load_kv(kv_type, a->v, r + u * row_stride), acc[u]);
+            for (int u = 0; j < n_keys; j++, u++, r += row_stride)
+                acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(s[j]), v8_load_kv(kv_type, a->v, r), acc[u]);
+            _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                                    _mm256_add_ps(acc[2], acc[3])));
+        }
     }
 }
 #endif
@@ -1057,17 +1125,18 @@ static void attn_one(const attn_args *a, int64_t item, float *s, float *kbuf, fl
 }
 
 /* Work split: with many queries (prefill), thread ith takes queries ith,
- * ith+nth, ... (all heads of each), which evens out the causal triangle
- * and keeps each thread's output rows contiguous; with few (decode), the
- * (query, head) pairs are cut into contiguous ranges. */
+ * ith+nth, ... (all heads of each, head by head), which evens out the
+ * causal triangle and keeps each thread's output rows apart; with few
+ * (decode), the (query, head) pairs are cut into contiguous ranges. */
 static void attn_worker(void *arg_, int ith, int nth) {
     attn_args *a = arg_;
     float *s = cpu_thread_buf(a->be, ith); /* [pos0 + n_q, padded] scores, then 2 rows */
     float *kbuf = s + (((int64_t)a->pos0 + a->n_q + 15) & ~(int64_t)15);
     float *vbuf = kbuf + ((a->head_dim + 15) & ~15);
     if (a->n_q >= 4 * nth) {
-        for (int64_t i = ith; i < a->n_q; i += nth)
-            for (int h = 0; h < a->n_head; h++) attn_one(a, i * a->n_head + h, s, kbuf, vbuf);
+        /* heads outer: one KV head's rows stay in L1/L2 across the queries */
+        for (int h = 0; h < a->n_head; h++)
+            for (int64_t i = ith; i < a->n_q; i += nth) attn_one(a, i * a->n_head + h, s, kbuf, vbuf);
     } else {
         int64_t lo, hi;
         kp_pool_range((int64_t)a->n_q * a->n_head, ith, nth, &lo, &hi);

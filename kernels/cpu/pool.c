@@ -125,7 +125,7 @@ static void kp_pool_wake(kp_pool *p) {
 
 static void kp_pool_stop(kp_pool *p, int n_started) {
     atomic_store(&p->stop, 1);
-    p->gen++;
+    if (++p->gen == 0) p->gen = 1;
     atomic_store(&p->job, (uint64_t)p->gen << 32 | (uint32_t)p->n_threads); /* nothing to claim */
     kp_pool_wake(p);
     for (int i = 0; i < n_started; i++) pthread_join(p->workers[i].thread, NULL);
