@@ -43,7 +43,7 @@ for d in ("build-test", "build-asan"):
         continue
     for line in lines:
         r = json.loads(line)
-        out = r.get("stdout", "") or ""
+        out = (r.get("stdout", "") or "") + (r.get("stderr", "") or "")
         def count(tag):
             m = re.findall(r"\[\s*" + tag + r"\s*\] (\d+) test", out)
             return int(m[-1]) if m else 0

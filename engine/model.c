@@ -628,20 +628,25 @@ static int file_exists(const char *p) {
     return stat(p, &st) == 0 && S_ISREG(st.st_mode);
 }
 
+static int path_exists(const char *p) {
+    struct stat st;
+    return stat(p, &st) == 0;
+}
+
 static int cmp_str(const void *a, const void *b) {
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
 int model_find_default(const char *cli, char *buf, size_t cap, kp_err *err) {
     if (cli && *cli) {
-        if (strncmp(cli, "synthetic:", 10) != 0 && !file_exists(cli))
+        if (strncmp(cli, "synthetic:", 10) != 0 && !path_exists(cli))
             return kp_errf(err, KP_ENOTFOUND, "model file '%s' does not exist", cli);
         snprintf(buf, cap, "%s", cli);
         return 0;
     }
     const char *env = getenv("KVPARK_MODEL");
     if (env && *env) {
-        if (strncmp(env, "synthetic:", 10) != 0 && !file_exists(env))
+        if (strncmp(env, "synthetic:", 10) != 0 && !path_exists(env))
             return kp_errf(err, KP_ENOTFOUND, "$KVPARK_MODEL names '%s', which does not exist", env);
         snprintf(buf, cap, "%s", env);
         return 0;

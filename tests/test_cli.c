@@ -1,0 +1,158 @@
+/*
+ * test_cli.c — the `kvpark` command as a user runs it: real process, real
+ * model, output compared with the golden data; bad usage gives a clear
+ * message and a non-zero status, never a crash.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "engine/kp.h"
+#include "testutil.h"
+
+/* Run a shell command, capture stdout (and stderr if merge), return exit status. */
+static int run_cmd(const char *cmd, char *out, size_t cap) {
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = 0;
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+static const char *bin(void) {
+    const char *b = getenv("KVPARK_BIN");
+    return b && *b ? b : "build/kvpark";
+}
+
+static char out[1 << 16];
+
+static void test_run_greedy_ids_match_golden(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    json_t *g = tu_load_json("golden/stories260K/logits.json");
+    json_t *c = json_array_get(json_object_get(g, "cases"), 0);
+    const char *prompt = json_string_value(json_object_get(c, "prompt"));
+    json_t *gids = json_object_get(json_object_get(c, "greedy"), "ids");
+    char *model = tu_shared_path("models/stories260K.gguf");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p '%s' -n 64 --temp 0 --ids --ignore-eos 2>/dev/null",
+             bin(), model, prompt);
+    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    char *s = out;
+    for (size_t i = 0; i < json_array_size(gids); i++) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        assert_true(end != s);
+        assert_int_equal(v, json_integer_value(json_array_get(gids, i)));
+        s = end;
+    }
+    /* text mode prints the golden continuation text */
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p '%s' -n 64 --temp 0 --ignore-eos 2>/dev/null", bin(),
+             model, prompt);
+    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    const char *text = json_string_value(json_object_get(json_object_get(c, "greedy"), "text"));
+    assert_non_null(strstr(out, text));
+    free(model);
+    json_decref(g);
+}
+
+static void test_run_seed_reproducible(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    char *model = tu_shared_path("models/stories260K.gguf");
+    char cmd[2048], a[4096], b[4096];
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'Once upon a time' -n 40 --seed 7 --ids 2>/dev/null",
+             bin(), model);
+    assert_int_equal(run_cmd(cmd, a, sizeof a), 0);
+    assert_int_equal(run_cmd(cmd, b, sizeof b), 0);
+    assert_string_equal(a, b);
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'Once upon a time' -n 40 --seed 8 --ids 2>/dev/null",
+             bin(), model);
+    assert_int_equal(run_cmd(cmd, b, sizeof b), 0);
+    assert_string_not_equal(a, b);
+    free(model);
+}
+
+static void test_tokenize_matches_golden(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    char *model = tu_shared_path("models/stories260K.gguf");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s tokenize -m '%s' 'Once upon a time, there was a little girl named Lily.'",
+             bin(), model);
+    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    assert_string_equal(out, "1 403 407 261 378 432 383 286 261 376 298 315 421 395 317 426\n");
+    snprintf(cmd, sizeof cmd, "%s tokenize --no-bos -m '%s' 'Once upon a time'", bin(), model);
+    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    assert_string_equal(out, "403 407 261 378\n");
+    free(model);
+}
+
+static void test_ppl_output(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("golden/stories260K/ppl_excerpt.txt");
+    char *model = tu_shared_path("models/stories260K.gguf");
+    char *text = tu_shared_path("golden/stories260K/ppl_excerpt.txt");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' -c 128 2>/dev/null", bin(), model, text);
+    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    const char *line = strstr(out, "ppl = ");
+    assert_non_null(line);
+    double ppl = atof(line + 6);
+    assert_true(ppl > 3.7508 && ppl < 3.7584); /* golden 3.7546 within 0.1% */
+    free(model);
+    free(text);
+}
+
+/* Bad usage and bad files: clear message on stderr, status 1 or 2, no crash. */
+static void test_errors(void **state) {
+    (void)state;
+    char cmd[2048];
+    struct {
+        const char *args;
+        int status;
+        const char *needle;
+    } cases[] = {
+        {"frobnicate", 2, "unknown command"},
+        {"run -m /nonexistent.gguf -p hi", 1, "does not exist"},
+        {"run -p", 2, ""},
+        {"run -m /dev/null -p hi", 1, "gguf"},
+        {"run -p hi -n abc", 2, "bad -n"},
+        {"run -p hi --temp -1", 2, "--temp"},
+        {"ppl -f /nonexistent.txt", 1, "cannot open"},
+        {"tokenize", 2, "TEXT"},
+        {"run -m synthetic:no-such-model -p hi", 1, "no-such-model"},
+    };
+    for (size_t i = 0; i < KP_ARRAY_LEN(cases); i++) {
+        snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin(), cases[i].args);
+        int st = run_cmd(cmd, out, sizeof out);
+        if (st != cases[i].status || !strstr(out, cases[i].needle))
+            fail_msg("'%s': status %d (want %d), output: %s", cases[i].args, st, cases[i].status, out);
+    }
+    /* a truncated model file */
+    char *dir = tu_tmpdir();
+    char *model = tu_shared_path("models/stories260K.gguf");
+    snprintf(cmd, sizeof cmd, "head -c 100000 '%s' > '%s/trunc.gguf' && %s run -m '%s/trunc.gguf' -p hi 2>&1",
+             model, dir, bin(), dir);
+    int st = run_cmd(cmd, out, sizeof out);
+    assert_int_equal(st, 1);
+    assert_non_null(strstr(out, "gguf"));
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    free(dir);
+    free(model);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_run_greedy_ids_match_golden),
+        cmocka_unit_test(test_run_seed_reproducible),
+        cmocka_unit_test(test_tokenize_matches_golden),
+        cmocka_unit_test(test_ppl_output),
+        cmocka_unit_test(test_errors),
+    };
+    tu_apply_filter();
+    return cmocka_run_group_tests_name("cli", tests, NULL, NULL);
+}
