@@ -24,6 +24,10 @@
 
 #include "gguf.h"
 
+/* xxhash as a header-only library (XXH_INLINE_ALL): no link dependency. */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 /* One layer's weights. Unused ones (per architecture) are zeroed. */
 typedef struct layer_w {
     const float *attn_norm, *attn_norm_b;   /* [dim] */
@@ -68,6 +72,7 @@ struct model {
     kp_wref output;     /* [n_vocab][dim] */
     const float *out_norm, *out_norm_b;
     layer_w *layers;    /* [n_layer] */
+    uint64_t fingerprint; /* 0 until model_fingerprint() computes it */
 
     scratch s;
 };
@@ -417,6 +422,30 @@ kp_backend *model_backend(const model *m) { return m->be; }
 const char *model_path(const model *m) { return m->path; }
 const char *model_chat_template(const model *m) { return m->chat_template; }
 const char *model_desc(const model *m) { return m->desc; }
+
+uint64_t model_fingerprint(model *m) {
+    if (m->fingerprint) return m->fingerprint;
+    XXH3_state_t *st = XXH3_createState();
+    if (!st) return 0;
+    XXH3_64bits_reset(st);
+    const model_hparams *hp = &m->hp;
+    int32_t ints[] = {hp->arch, hp->n_vocab, hp->n_ctx_train, hp->dim, hp->n_layer, hp->n_head,
+                      hp->n_kv_heads, hp->head_dim, hp->ffn, hp->n_rot, hp->rope_mode};
+    float floats[] = {hp->rope_base, hp->rope_freq_scale, hp->norm_eps};
+    XXH3_64bits_update(st, ints, sizeof ints);
+    XXH3_64bits_update(st, floats, sizeof floats);
+    for (int64_t i = 0; i < gguf_n_tensors(m->gf); i++) {
+        const gguf_tensor *t = gguf_tensor_at(m->gf, i);
+        XXH3_64bits_update(st, t->name, strlen(t->name) + 1);
+        XXH3_64bits_update(st, &t->type, sizeof t->type);
+        XXH3_64bits_update(st, t->ne, sizeof t->ne);
+        XXH3_64bits_update(st, t->data, t->nbytes);
+    }
+    uint64_t h = XXH3_64bits_digest(st);
+    XXH3_freeState(st);
+    m->fingerprint = h ? h : 1; /* 0 means "not computed" */
+    return m->fingerprint;
+}
 
 int model_kv_new(const model *m, kv_cache **out, int kv_type, int n_ctx, kp_err *err) {
     if (n_ctx <= 0) n_ctx = m->hp.n_ctx_train;

@@ -71,6 +71,12 @@ const char *model_chat_template(const model *m);
 /* One line: "llama, 5 layers, dim 64, 8 heads (4 kv), vocab 512, f32 (1.1 MB)". */
 const char *model_desc(const model *m);
 
+/* The model's fingerprint: XXH3-64 of the hyper-parameters, every tensor's
+ * name, shape and type, and every weight byte. Codec files and parked
+ * sessions carry it, so KV made by one model is never fed to another.
+ * Computed on first call (reads all weights once: ~1 s per 10 GB) and cached. */
+uint64_t model_fingerprint(model *m);
+
 /* A KV cache shaped for this model (n_ctx <= 0: the training context). */
 int model_kv_new(const model *m, kv_cache **out, int kv_type, int n_ctx, kp_err *err);
 

@@ -305,6 +305,24 @@ static void test_batched_sequences(void **state) {
     model_free(ref);
 }
 
+/* Same file -> same fingerprint; different weights -> different. */
+static void test_fingerprint(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/tiny-llama-256-Q8_0.gguf");
+    model *a = load("models/stories260K.gguf", 1), *b = load("models/stories260K.gguf", 1);
+    model *c = load("models/tiny-llama-256.gguf", 1), *d = load("models/tiny-llama-256-Q8_0.gguf", 1);
+    uint64_t fa = model_fingerprint(a);
+    assert_true(fa != 0);
+    assert_true(fa == model_fingerprint(b));
+    assert_true(fa == model_fingerprint(a)); /* cached */
+    assert_true(model_fingerprint(c) != fa);
+    assert_true(model_fingerprint(c) != model_fingerprint(d));
+    model_free(a);
+    model_free(b);
+    model_free(c);
+    model_free(d);
+}
+
 static void test_missing_model(void **state) {
     (void)state;
     model *m = NULL;
@@ -330,6 +348,7 @@ int main(void) {
         cmocka_unit_test(test_stories_ppl_excerpt),
         cmocka_unit_test(test_stories_ppl_full),
         cmocka_unit_test(test_batched_sequences),
+        cmocka_unit_test(test_fingerprint),
         cmocka_unit_test(test_missing_model),
     };
     tu_apply_filter();
