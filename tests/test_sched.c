@@ -1,0 +1,288 @@
+/*
+ * test_sched.c — continuous batching: jobs running together produce what each
+ * produces alone (greedy), sessions reuse their prefix, cancel / stop /
+ * length / queue-full behave as scheduler.h says.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "engine/scheduler.h"
+#include "testutil.h"
+
+typedef struct out_buf {
+    int32_t ids[512];
+    int n;
+    int stop_after; /* callback asks to stop after this many tokens (0: never) */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+} out_buf;
+
+static int on_token(sched_job *j, int32_t id, const float *logits) {
+    (void)logits;
+    out_buf *o = j->ud;
+    o->ids[o->n++] = id;
+    return o->stop_after && o->n >= o->stop_after;
+}
+
+static void on_done(sched_job *j) {
+    out_buf *o = j->ud;
+    pthread_mutex_lock(&o->mu);
+    o->done = true;
+    pthread_cond_signal(&o->cv);
+    pthread_mutex_unlock(&o->mu);
+}
+
+static void wait_done(out_buf *o) {
+    pthread_mutex_lock(&o->mu);
+    while (!o->done) pthread_cond_wait(&o->cv, &o->mu);
+    pthread_mutex_unlock(&o->mu);
+}
+
+static void init_job(sched_job *j, out_buf *o, const int32_t *prompt, int n, int max_tokens) {
+    memset(j, 0, sizeof *j);
+    memset(o, 0, sizeof *o);
+    pthread_mutex_init(&o->mu, NULL);
+    pthread_cond_init(&o->cv, NULL);
+    j->prompt = prompt;
+    j->n_prompt = n;
+    j->max_tokens = max_tokens;
+    j->ignore_eos = true;
+    j->sampling = sample_default_params();
+    j->sampling.temperature = 0;
+    j->on_token = on_token;
+    j->on_done = on_done;
+    j->ud = o;
+    atomic_init(&j->cancel, false);
+}
+
+static model *load_stories(void) {
+    char *p = tu_shared_path("models/stories260K.gguf");
+    model *m = NULL;
+    kp_err err = {0};
+    if (model_load(&m, p, NULL, &err)) fail_msg("%s", err.msg);
+    free(p);
+    return m;
+}
+
+/* One job reproduces llama.cpp's greedy continuation. */
+static void test_single_matches_golden(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load_stories();
+    json_t *g = tu_load_json("golden/stories260K/logits.json");
+    sched *s = NULL;
+    kp_err err = {0};
+    assert_int_equal(sched_new(&s, m, NULL, &err), 0);
+    for (size_t ci = 0; ci < json_array_size(json_object_get(g, "cases")); ci++) {
+        json_t *c = json_array_get(json_object_get(g, "cases"), ci);
+        json_t *ids = json_object_get(c, "ids"), *gen = json_object_get(json_object_get(c, "greedy"), "ids");
+        int32_t prompt[64];
+        int n = (int)json_array_size(ids);
+        for (int i = 0; i < n; i++) prompt[i] = (int32_t)json_integer_value(json_array_get(ids, i));
+        sched_job j;
+        out_buf o;
+        init_job(&j, &o, prompt, n, 64);
+        assert_int_equal(sched_submit(s, &j, &err), 0);
+        wait_done(&o);
+        assert_int_equal(j.finish, SCHED_LENGTH);
+        assert_int_equal(o.n, 64);
+        for (int i = 0; i < 64; i++)
+            assert_int_equal(o.ids[i], json_integer_value(json_array_get(gen, i)));
+        assert_true(j.t_first_token >= j.t_submit && j.t_done >= j.t_first_token);
+    }
+    sched_free(s);
+    json_decref(g);
+    model_free(m);
+}
+
+/* 10 jobs on 4 parallel slots with a small token budget (prefill chunks
+ * interleave with decoding): each equals the single-job result. */
+static void test_concurrent_equals_alone(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load_stories();
+    enum { N = 10 };
+    int32_t prompts[N][40];
+    int lens[N];
+    uint64_t r = 99;
+    for (int i = 0; i < N; i++) {
+        lens[i] = 1 + i * 4;
+        prompts[i][0] = 1;
+        for (int t = 1; t < lens[i]; t++) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            prompts[i][t] = (int32_t)(3 + (r >> 33) % 500);
+        }
+    }
+    kp_err err = {0};
+    /* alone, one at a time */
+    static out_buf alone[N], together[N];
+    static sched_job ja[N], jt[N];
+    sched *s = NULL;
+    sched_opts o1 = sched_default_opts();
+    o1.n_parallel = 1;
+    assert_int_equal(sched_new(&s, m, &o1, &err), 0);
+    for (int i = 0; i < N; i++) {
+        init_job(&ja[i], &alone[i], prompts[i], lens[i], 20);
+        assert_int_equal(sched_submit(s, &ja[i], &err), 0);
+        wait_done(&alone[i]);
+    }
+    sched_free(s);
+    sched_opts o4 = sched_default_opts();
+    o4.n_parallel = 4;
+    o4.n_batch = 16;
+    assert_int_equal(sched_new(&s, m, &o4, &err), 0);
+    for (int i = 0; i < N; i++) {
+        init_job(&jt[i], &together[i], prompts[i], lens[i], 20);
+        assert_int_equal(sched_submit(s, &jt[i], &err), 0);
+    }
+    for (int i = 0; i < N; i++) {
+        wait_done(&together[i]);
+        assert_int_equal(jt[i].finish, SCHED_LENGTH);
+        assert_int_equal(together[i].n, alone[i].n);
+        assert_memory_equal(together[i].ids, alone[i].ids, sizeof(int32_t) * (size_t)alone[i].n);
+    }
+    sched_free(s);
+    model_free(m);
+}
+
+/* A session continues: the second turn reuses the cached prefix and gives
+ * the same tokens as a fresh run of the whole conversation. */
+static void test_session_prefix_reuse(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load_stories();
+    kp_err err = {0};
+    sched *s = NULL;
+    assert_int_equal(sched_new(&s, m, NULL, &err), 0);
+    sched_seq *seq = NULL;
+    assert_int_equal(sched_seq_new(&seq, m, KP_TYPE_F32, 256, &err), 0);
+    int32_t conv[128] = {1, 403, 407, 261, 378};
+    int n = 5;
+    sched_job j;
+    out_buf o;
+    init_job(&j, &o, conv, n, 10);
+    j.seq = seq;
+    assert_int_equal(sched_submit(s, &j, &err), 0);
+    wait_done(&o);
+    assert_int_equal(j.n_cached, 0);
+    /* turn 2: conversation = prompt + answer + a new user part */
+    memcpy(conv + n, o.ids, sizeof(int32_t) * (size_t)o.n);
+    n += o.n;
+    conv[n++] = 410;
+    conv[n++] = 376;
+    init_job(&j, &o, conv, n, 10);
+    j.seq = seq;
+    assert_int_equal(sched_submit(s, &j, &err), 0);
+    wait_done(&o);
+    assert_int_equal(j.n_cached, 5 + 9); /* the last answer token was never fed */
+    out_buf fresh;
+    sched_job jf;
+    init_job(&jf, &fresh, conv, n, 10);
+    assert_int_equal(sched_submit(s, &jf, &err), 0);
+    wait_done(&fresh);
+    assert_memory_equal(fresh.ids, o.ids, sizeof(int32_t) * 10);
+    assert_int_equal(seq->kv->n_pos, seq->n_tokens);
+    sched_free(s);
+    sched_seq_free(seq);
+    model_free(m);
+}
+
+static void test_stop_cancel_busy(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load_stories();
+    kp_err err = {0};
+    sched *s = NULL;
+    sched_opts so = sched_default_opts();
+    so.n_parallel = 1;
+    so.queue_max = 1;
+    so.n_ctx = 64;
+    assert_int_equal(sched_new(&s, m, &so, &err), 0);
+    int32_t prompt[] = {1, 403, 407, 261, 378};
+    /* callback stop */
+    sched_job j;
+    out_buf o;
+    init_job(&j, &o, prompt, 5, 50);
+    o.stop_after = 3;
+    assert_int_equal(sched_submit(s, &j, &err), 0);
+    wait_done(&o);
+    assert_int_equal(j.finish, SCHED_STOP);
+    assert_int_equal(o.n, 3);
+    /* context full -> length */
+    init_job(&j, &o, prompt, 5, 1000);
+    assert_int_equal(sched_submit(s, &j, &err), 0);
+    wait_done(&o);
+    assert_int_equal(j.finish, SCHED_LENGTH);
+    assert_true(o.n >= 58 && o.n <= 60);
+    /* cancel, and a full queue -> KP_EBUSY */
+    static sched_job jb[3];
+    static out_buf ob[3];
+    for (int i = 0; i < 3; i++) init_job(&jb[i], &ob[i], prompt, 5, 1000);
+    assert_int_equal(sched_submit(s, &jb[0], &err), 0);
+    for (int running = 0; running == 0;) {
+        usleep(100);
+        sched_stats(s, &running, NULL);
+    }
+    assert_int_equal(sched_submit(s, &jb[1], &err), 0); /* waits */
+    assert_int_equal(sched_submit(s, &jb[2], &err), KP_EBUSY);
+    assert_non_null(strstr(err.msg, "busy"));
+    atomic_store(&jb[0].cancel, true);
+    wait_done(&ob[0]);
+    assert_int_equal(jb[0].finish, SCHED_CANCELED);
+    atomic_store(&jb[1].cancel, true);
+    wait_done(&ob[1]);
+    assert_int_equal(jb[1].finish, SCHED_CANCELED);
+    /* prompt longer than the context -> error, not a crash */
+    int32_t big[100];
+    for (int i = 0; i < 100; i++) big[i] = 5;
+    init_job(&j, &o, big, 100, 5);
+    assert_int_equal(sched_submit(s, &j, &err), 0);
+    wait_done(&o);
+    assert_int_equal(j.finish, SCHED_ERROR);
+    assert_non_null(strstr(j.err.msg, "context"));
+    /* bad jobs refused at submit */
+    init_job(&j, &o, prompt, 0, 5);
+    assert_int_equal(sched_submit(s, &j, &err), KP_EINVAL);
+    sched_free(s);
+    model_free(m);
+}
+
+/* Shutting down with jobs running and waiting: every on_done runs. */
+static void test_shutdown(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load_stories();
+    kp_err err = {0};
+    sched *s = NULL;
+    sched_opts so = sched_default_opts();
+    so.n_parallel = 2;
+    assert_int_equal(sched_new(&s, m, &so, &err), 0);
+    int32_t prompt[] = {1, 403};
+    static sched_job j[5];
+    static out_buf o[5];
+    for (int i = 0; i < 5; i++) {
+        init_job(&j[i], &o[i], prompt, 2, 100000);
+        assert_int_equal(sched_submit(s, &j[i], &err), 0);
+    }
+    sched_free(s);
+    for (int i = 0; i < 5; i++) {
+        assert_true(o[i].done);
+        assert_true(j[i].finish == SCHED_CANCELED || j[i].finish == SCHED_LENGTH);
+    }
+    model_free(m);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_single_matches_golden),
+        cmocka_unit_test(test_concurrent_equals_alone),
+        cmocka_unit_test(test_session_prefix_reuse),
+        cmocka_unit_test(test_stop_cancel_busy),
+        cmocka_unit_test(test_shutdown),
+    };
+    tu_apply_filter();
+    return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
+}
