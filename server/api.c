@@ -1,0 +1,884 @@
+/*
+ * api.c — OpenAI-compatible request parsing and response building (see api.h).
+ *
+ * Parsing is table-free and linear: load the body with jansson (after a cheap
+ * nesting-depth scan), then read each known field with a small typed getter
+ * that writes a precise 400 error naming the field. Building responses uses
+ * jansson objects dumped compactly, so escaping is always right; all text is
+ * run through api_utf8_sanitize() first because jansson refuses invalid UTF-8
+ * and a model can emit a partial character (a byte token, a cut at max_tokens).
+ */
+#include "api.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- errors ---------------------------------------------------------- */
+
+static void api_copy(char *dst, size_t cap, const char *src) {
+    snprintf(dst, cap, "%s", src ? src : "");
+}
+
+int api_error_set(api_error *e, int http_status, const char *type, const char *code,
+                  const char *param, const char *fmt, ...) {
+    if (e) {
+        e->http_status = http_status;
+        api_copy(e->type, sizeof(e->type), type);
+        api_copy(e->code, sizeof(e->code), code);
+        api_copy(e->param, sizeof(e->param), param);
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->message, sizeof(e->message), fmt, ap);
+        va_end(ap);
+    }
+    switch (http_status) {
+    case 401: case 403: return KP_EINVAL;
+    case 404: return KP_ENOTFOUND;
+    case 413: return KP_ERANGE;
+    case 429: case 503: return KP_EBUSY;
+    case 500: return KP_EIO;
+    default: return KP_EINVAL;
+    }
+}
+
+#define API_BAD(e, param, code, ...) \
+    api_error_set((e), 400, "invalid_request_error", (code), (param), __VA_ARGS__)
+
+void api_error_bad_key(api_error *e) {
+    api_error_set(e, 401, "authentication_error", "invalid_api_key", NULL,
+                  "Incorrect or missing API key: send the header 'Authorization: Bearer <key>'");
+}
+
+void api_error_unknown_route(api_error *e, const char *method, const char *path) {
+    api_error_set(e, 404, "not_found_error", "unknown_url", NULL, "Invalid URL (%s %s)",
+                  method ? method : "?", path ? path : "?");
+}
+
+void api_error_unknown_session(api_error *e, const char *session_id) {
+    api_error_set(e, 404, "not_found_error", "session_not_found", "session_id",
+                  "No session '%.64s': it never existed, expired, or belongs to another key; "
+                  "omit session_id to start a new conversation", session_id ? session_id : "");
+}
+
+void api_error_body_too_large(api_error *e, size_t limit_bytes) {
+    api_error_set(e, 413, "invalid_request_error", "request_too_large", NULL,
+                  "Request body is too large: the limit is %zu bytes", limit_bytes);
+}
+
+void api_error_queue_full(api_error *e, int queue_len) {
+    api_error_set(e, 429, "rate_limit_error", "queue_full", NULL,
+                  "The server is busy: the request queue is full (%d waiting). Retry later.",
+                  queue_len);
+}
+
+void api_error_not_ready(api_error *e, const char *why) {
+    api_error_set(e, 503, "server_error", "not_ready", NULL,
+                  "The server is not ready: %s. Retry shortly.", why ? why : "starting up");
+}
+
+void api_error_server(api_error *e, const char *what) {
+    api_error_set(e, 500, "server_error", NULL, NULL, "Internal server error: %s",
+                  what ? what : "unknown");
+}
+
+void api_error_context_overflow(api_error *e, enum api_kind kind, int32_t n_ctx,
+                                int32_t n_prompt, int32_t n_completion) {
+    const char *what = kind == API_CHAT ? "messages" : "prompt";
+    api_error_set(e, 400, "invalid_request_error", "context_length_exceeded", what,
+                  "This model's maximum context length is %d tokens. However, your %s "
+                  "resulted in %lld tokens (%d in the %s, %d in the completion). Please reduce "
+                  "the length of the %s or completion.",
+                  (int)n_ctx, what, (long long)n_prompt + n_completion, (int)n_prompt, what,
+                  (int)n_completion, what);
+}
+
+char *api_error_json(const api_error *e) {
+    json_t *inner = json_object();
+    json_object_set_new(inner, "message", json_string(e->message));
+    json_object_set_new(inner, "type", json_string(e->type[0] ? e->type : "server_error"));
+    json_object_set_new(inner, "param", e->param[0] ? json_string(e->param) : json_null());
+    json_object_set_new(inner, "code", e->code[0] ? json_string(e->code) : json_null());
+    json_t *root = json_object();
+    json_object_set_new(root, "error", inner);
+    char *s = json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    return s;
+}
+
+/* ---- parsing: typed getters ------------------------------------------ */
+/* Each returns 1 if the field was present and valid, 0 if absent (or null),
+ * KP_EINVAL with *e filled if present but wrong. */
+
+static const char *api_type_name(const json_t *v) {
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "an object";
+    case JSON_ARRAY: return "an array";
+    case JSON_STRING: return "a string";
+    case JSON_INTEGER: return "an integer";
+    case JSON_REAL: return "a number";
+    case JSON_TRUE: case JSON_FALSE: return "a boolean";
+    default: return "null";
+    }
+}
+
+/* A number in the range, lo exclusive when lo_open. `what` is the range text
+ * for the message, e.g. "between 0 and 2". */
+static int api_get_number(json_t *root, const char *key, double lo, bool lo_open, double hi,
+                          const char *what, double *out, api_error *e) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v))
+        return API_BAD(e, key, "invalid_type", "'%s' must be a number %s (got %s)", key, what,
+                       api_type_name(v));
+    double x = json_number_value(v);
+    if (!(lo_open ? x > lo : x >= lo) || !(x <= hi))
+        return API_BAD(e, key, "invalid_value", "'%s' must be a number %s (got %g)", key, what,
+                       x);
+    *out = x;
+    return 1;
+}
+
+static int api_get_int(json_t *root, const char *key, long long lo, long long hi,
+                       const char *what, long long *out, api_error *e) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_integer(v))
+        return API_BAD(e, key, "invalid_type", "'%s' must be %s (got %s)", key, what,
+                       api_type_name(v));
+    long long x = json_integer_value(v);
+    if (x < lo || x > hi)
+        return API_BAD(e, key, "invalid_value", "'%s' must be %s (got %lld)", key, what, x);
+    *out = x;
+    return 1;
+}
+
+static int api_get_bool(json_t *root, const char *key, bool *out, api_error *e) {
+    json_t *v = json_object_get(root, key);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v))
+        return API_BAD(e, key, "invalid_type", "'%s' must be a boolean (got %s)", key,
+                       api_type_name(v));
+    *out = json_is_true(v);
+    return 1;
+}
+
+static char *api_strdup(const char *s, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = 0;
+    }
+    return d;
+}
+
+#define API_OOM(e) api_error_set((e), 500, "server_error", NULL, NULL, "out of memory")
+
+bool api_session_id_valid(const char *s) {
+    size_t n = 0;
+    for (; s[n]; n++) {
+        char c = s[n];
+        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                  c == '_' || c == '-';
+        if (!ok || n >= API_SESSION_ID_MAX) return false;
+    }
+    return n >= 1;
+}
+
+/* Index of the byte where nesting first exceeds max_depth, or -1. Strings
+ * are skipped (brackets inside them do not count). Malformed input is left
+ * for jansson to report. */
+static long api_depth_scan(const char *p, size_t n, int max_depth) {
+    int depth = 0;
+    bool in_str = false;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (in_str) {
+            if (c == '\\') i++;
+            else if (c == '"') in_str = false;
+        } else if (c == '"') {
+            in_str = true;
+        } else if (c == '[' || c == '{') {
+            if (++depth > max_depth) return (long)i;
+        } else if (c == ']' || c == '}') {
+            depth--;
+        }
+    }
+    return -1;
+}
+
+static int api_load(const char *body, size_t len, json_t **root, api_error *e) {
+    *root = NULL;
+    if (!body || len == 0)
+        return API_BAD(e, NULL, "invalid_json", "invalid JSON: the request body is empty");
+    long at = api_depth_scan(body, len, API_MAX_DEPTH);
+    if (at >= 0)
+        return API_BAD(e, NULL, "invalid_json",
+                       "invalid JSON: nested deeper than %d levels (at byte %ld)", API_MAX_DEPTH,
+                       at);
+    json_error_t je;
+    json_t *v = json_loadb(body, len, JSON_DECODE_ANY, &je);
+    if (!v) /* jansson says "unable to decode byte 0x.." for bad UTF-8: name it */
+        return API_BAD(e, NULL, "invalid_json", "invalid JSON at line %d column %d: %s%s",
+                       je.line, je.column,
+                       strstr(je.text, "decode byte") ? "invalid UTF-8, " : "", je.text);
+    if (!json_is_object(v)) {
+        int rc = API_BAD(e, NULL, "invalid_type",
+                         "the request body must be a JSON object (got %s)", api_type_name(v));
+        json_decref(v);
+        return rc;
+    }
+    *root = v;
+    return 0;
+}
+
+/* ---- parsing: fields shared by both endpoints -------------------------- */
+
+static int api_parse_stop(json_t *root, api_request *r, api_error *e) {
+    json_t *v = json_object_get(root, "stop");
+    if (!v || json_is_null(v)) return 0;
+    const char *msg = "'stop' must be a non-empty string or an array of up to 4 non-empty strings";
+    if (json_is_string(v)) {
+        if (json_string_length(v) == 0) return API_BAD(e, "stop", "invalid_value", "%s", msg);
+        r->stop[0] = api_strdup(json_string_value(v), json_string_length(v));
+        if (!r->stop[0]) return API_OOM(e);
+        r->n_stop = 1;
+        return 0;
+    }
+    if (!json_is_array(v)) return API_BAD(e, "stop", "invalid_type", "%s", msg);
+    if (json_array_size(v) > API_MAX_STOP)
+        return API_BAD(e, "stop", "invalid_value", "%s (got %zu)", msg, json_array_size(v));
+    size_t i;
+    json_t *s;
+    json_array_foreach(v, i, s) {
+        if (!json_is_string(s))
+            return API_BAD(e, "stop", "invalid_type", "%s ('stop[%zu]' is %s)", msg, i,
+                           api_type_name(s));
+        if (json_string_length(s) == 0)
+            return API_BAD(e, "stop", "invalid_value", "%s ('stop[%zu]' is empty)", msg, i);
+        r->stop[r->n_stop] = api_strdup(json_string_value(s), json_string_length(s));
+        if (!r->stop[r->n_stop]) return API_OOM(e);
+        r->n_stop++;
+    }
+    return 0;
+}
+
+static int api_parse_common(json_t *root, const api_limits *lim, api_request *r,
+                            api_error *e) {
+    int rc;
+    double x;
+    long long k = 0;
+
+    json_t *model = json_object_get(root, "model");
+    if (json_is_string(model)) {
+        r->model = api_strdup(json_string_value(model), json_string_length(model));
+        if (!r->model) return API_OOM(e);
+    }
+
+    long long tok_hi = (lim && lim->max_tokens_limit > 0) ? lim->max_tokens_limit : INT32_MAX;
+    char what[80];
+    snprintf(what, sizeof(what), "a positive integer (at most %lld)", tok_hi);
+    r->max_tokens = -1;
+    if ((rc = api_get_int(root, "max_tokens", 1, tok_hi, what, &k, e)) < 0) return rc;
+    if (rc) r->max_tokens = (int32_t)k;
+    if ((rc = api_get_int(root, "max_completion_tokens", 1, tok_hi, what, &k, e)) < 0) return rc;
+    if (rc) r->max_tokens = (int32_t)k; /* the newer name wins */
+
+    sample_params *sp = &r->sp;
+    if ((rc = api_get_number(root, "temperature", 0, false, 2, "between 0 and 2", &x, e)) < 0)
+        return rc;
+    if (rc) sp->temperature = (float)x;
+    if ((rc = api_get_number(root, "top_p", 0, true, 1, "greater than 0 and at most 1", &x, e)) <
+        0)
+        return rc;
+    if (rc) sp->top_p = (float)x;
+    if ((rc = api_get_int(root, "top_k", 0, INT32_MAX, "an integer >= 0 (0 = off)", &k, e)) < 0)
+        return rc;
+    if (rc) sp->top_k = (int32_t)k;
+    if ((rc = api_get_number(root, "min_p", 0, false, 1, "between 0 and 1", &x, e)) < 0)
+        return rc;
+    if (rc) sp->min_p = (float)x;
+    if ((rc = api_get_number(root, "presence_penalty", -2, false, 2, "between -2 and 2", &x,
+                             e)) < 0)
+        return rc;
+    if (rc) sp->presence_penalty = (float)x;
+    if ((rc = api_get_number(root, "frequency_penalty", -2, false, 2, "between -2 and 2", &x,
+                             e)) < 0)
+        return rc;
+    if (rc) sp->frequency_penalty = (float)x;
+    if ((rc = api_get_number(root, "repeat_penalty", 0, true, 10,
+                             "greater than 0 and at most 10 (1 = off)", &x, e)) < 0)
+        return rc;
+    if (rc) sp->repeat_penalty = (float)x;
+
+    sp->seed = SAMPLE_SEED_RANDOM;
+    if ((rc = api_get_int(root, "seed", INT64_MIN, INT64_MAX, "an integer", &k, e)) < 0)
+        return rc;
+    if (rc) {
+        sp->seed = (uint64_t)k;
+        r->has_seed = true;
+    }
+
+    if ((rc = api_parse_stop(root, r, e)) < 0) return rc;
+
+    json_t *n = json_object_get(root, "n");
+    if (n && !json_is_null(n)) {
+        if (!json_is_integer(n))
+            return API_BAD(e, "n", "invalid_type", "'n' must be an integer (got %s)",
+                           api_type_name(n));
+        if (json_integer_value(n) != 1)
+            return API_BAD(e, "n", "invalid_value",
+                           "n must be 1: kvpark generates one choice per request");
+    }
+
+    json_t *user = json_object_get(root, "user");
+    if (user && !json_is_null(user) && !json_is_string(user))
+        return API_BAD(e, "user", "invalid_type", "'user' must be a string (got %s)",
+                       api_type_name(user));
+
+    if ((rc = api_get_bool(root, "stream", &r->stream, e)) < 0) return rc;
+    json_t *so = json_object_get(root, "stream_options");
+    if (so && !json_is_null(so)) {
+        if (!json_is_object(so))
+            return API_BAD(e, "stream_options", "invalid_type",
+                           "'stream_options' must be an object (got %s)", api_type_name(so));
+        if ((rc = api_get_bool(so, "include_usage", &r->include_usage, e)) < 0) {
+            api_copy(e->param, sizeof(e->param), "stream_options.include_usage");
+            return rc;
+        }
+    }
+
+    json_t *sid = json_object_get(root, "session_id");
+    if (sid && !json_is_null(sid)) {
+        if (!json_is_string(sid))
+            return API_BAD(e, "session_id", "invalid_type",
+                           "'session_id' must be a string (got %s)", api_type_name(sid));
+        const char *s = json_string_value(sid);
+        if (strlen(s) != json_string_length(sid) || !api_session_id_valid(s))
+            return API_BAD(e, "session_id", "invalid_value",
+                           "'session_id' must be 1 to 64 characters from A-Z a-z 0-9 _ -");
+        api_copy(r->session_id, sizeof(r->session_id), s);
+    }
+    return 0;
+}
+
+/* logprobs for chat: bool + top_logprobs 0..20 (needs logprobs). */
+static int api_parse_chat_logprobs(json_t *root, api_request *r, api_error *e) {
+    int rc;
+    long long k = 0;
+    if ((rc = api_get_bool(root, "logprobs", &r->logprobs, e)) < 0) return rc;
+    if ((rc = api_get_int(root, "top_logprobs", 0, API_MAX_TOP_LOGPROBS,
+                          "an integer between 0 and 20", &k, e)) < 0)
+        return rc;
+    if (rc) {
+        if (!r->logprobs)
+            return API_BAD(e, "top_logprobs", "invalid_value",
+                           "'top_logprobs' requires 'logprobs' to be true");
+        r->top_logprobs = (int)k;
+    }
+    return 0;
+}
+
+/* ---- chat ------------------------------------------------------------ */
+
+/* Text of one message's content: a string, or text parts joined by "\n". */
+static int api_parse_content(json_t *c, size_t mi, const char *role, char **out, api_error *e) {
+    char param[64];
+    snprintf(param, sizeof(param), "messages[%zu].content", mi);
+    if (!c)
+        return API_BAD(e, param, "missing_required_parameter", "'%s' is required", param);
+    if (json_is_null(c) && strcmp(role, "assistant") == 0) {
+        *out = api_strdup("", 0);
+        return *out ? 0 : API_OOM(e);
+    }
+    if (json_is_string(c)) {
+        *out = api_strdup(json_string_value(c), json_string_length(c));
+        return *out ? 0 : API_OOM(e);
+    }
+    if (!json_is_array(c))
+        return API_BAD(e, param, "invalid_type",
+                       "'%s' must be a string or an array of text parts (got %s)", param,
+                       api_type_name(c));
+    /* Two passes: validate and size, then copy. */
+    size_t total = 0, j;
+    json_t *part;
+    json_array_foreach(c, j, part) {
+        snprintf(param, sizeof(param), "messages[%zu].content[%zu]", mi, j);
+        if (!json_is_object(part))
+            return API_BAD(e, param, "invalid_type",
+                           "'%s' must be an object {\"type\":\"text\",\"text\":...} (got %s)",
+                           param, api_type_name(part));
+        json_t *type = json_object_get(part, "type");
+        if (!json_is_string(type))
+            return API_BAD(e, param, "invalid_type", "'%s.type' must be a string", param);
+        if (strcmp(json_string_value(type), "text") != 0)
+            return API_BAD(e, param, "unsupported",
+                           "'%s.type' is '%.40s': kvpark only accepts text content parts",
+                           param, json_string_value(type));
+        json_t *text = json_object_get(part, "text");
+        if (!json_is_string(text))
+            return API_BAD(e, param, "invalid_type", "'%s.text' must be a string", param);
+        total += json_string_length(text) + (j > 0);
+    }
+    char *buf = malloc(total + 1), *p = buf;
+    if (!buf) return API_OOM(e);
+    json_array_foreach(c, j, part) {
+        json_t *text = json_object_get(part, "text");
+        if (j > 0) *p++ = '\n';
+        memcpy(p, json_string_value(text), json_string_length(text));
+        p += json_string_length(text);
+    }
+    *p = 0;
+    *out = buf;
+    return 0;
+}
+
+static int api_parse_messages(json_t *root, const api_limits *lim, api_request *r,
+                              api_error *e) {
+    json_t *msgs = json_object_get(root, "messages");
+    if (!msgs || json_is_null(msgs))
+        return API_BAD(e, "messages", "missing_required_parameter", "'messages' is required");
+    if (!json_is_array(msgs))
+        return API_BAD(e, "messages", "invalid_type",
+                       "'messages' must be an array of message objects (got %s)",
+                       api_type_name(msgs));
+    size_t n = json_array_size(msgs);
+    if (n == 0)
+        return API_BAD(e, "messages", "invalid_value",
+                       "'messages' must contain at least one message");
+    if (lim && lim->max_messages > 0 && n > lim->max_messages)
+        return API_BAD(e, "messages", "invalid_value",
+                       "'messages' has %zu messages; this server accepts at most %zu", n,
+                       lim->max_messages);
+    r->msgs = calloc(n, sizeof(*r->msgs));
+    if (!r->msgs) return API_OOM(e);
+
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m) {
+        char param[64];
+        snprintf(param, sizeof(param), "messages[%zu]", i);
+        if (!json_is_object(m))
+            return API_BAD(e, param, "invalid_type", "'%s' must be an object (got %s)", param,
+                           api_type_name(m));
+        snprintf(param, sizeof(param), "messages[%zu].role", i);
+        json_t *role = json_object_get(m, "role");
+        if (!role)
+            return API_BAD(e, param, "missing_required_parameter", "'%s' is required", param);
+        if (!json_is_string(role))
+            return API_BAD(e, param, "invalid_type", "'%s' must be a string (got %s)", param,
+                           api_type_name(role));
+        const char *rs = json_string_value(role);
+        const char *norm = NULL;
+        if (strcmp(rs, "system") == 0 || strcmp(rs, "developer") == 0) norm = "system";
+        else if (strcmp(rs, "user") == 0) norm = "user";
+        else if (strcmp(rs, "assistant") == 0) norm = "assistant";
+        else if (strcmp(rs, "tool") == 0 || strcmp(rs, "function") == 0)
+            return API_BAD(e, param, "unsupported",
+                           "'%s' is '%s': kvpark does not support tool or function calls", param,
+                           rs);
+        else
+            return API_BAD(e, param, "invalid_value",
+                           "'%s' must be one of 'system', 'user', 'assistant', 'developer' "
+                           "(got '%.40s')",
+                           param, rs);
+        char *content = NULL;
+        int rc = api_parse_content(json_object_get(m, "content"), i, norm, &content, e);
+        if (rc < 0) return rc;
+        r->msgs[i].role = norm;
+        r->msgs[i].content = content;
+        r->n_msgs = i + 1;
+    }
+    return 0;
+}
+
+static void api_request_init(api_request *r, enum api_kind kind) {
+    memset(r, 0, sizeof(*r));
+    r->kind = kind;
+    r->sp = sample_default_params();
+    r->sp.seed = SAMPLE_SEED_RANDOM;
+    r->max_tokens = -1;
+}
+
+int api_parse_chat(const char *body, size_t len, const api_limits *lim, api_request *out,
+                   api_error *err) {
+    api_request_init(out, API_CHAT);
+    json_t *root;
+    int rc = api_load(body, len, &root, err);
+    if (rc < 0) return rc;
+    rc = api_parse_messages(root, lim, out, err);
+    if (rc == 0) rc = api_parse_common(root, lim, out, err);
+    if (rc == 0) rc = api_parse_chat_logprobs(root, out, err);
+    json_decref(root);
+    if (rc < 0) {
+        api_request_free(out);
+        out->kind = API_CHAT;
+    }
+    return rc;
+}
+
+/* ---- completions ----------------------------------------------------- */
+
+static int api_parse_ids(json_t *arr, const char *param, api_request *r, api_error *e) {
+    size_t n = json_array_size(arr), i;
+    if (n == 0)
+        return API_BAD(e, param, "invalid_value", "'%s' must not be empty", param);
+    r->prompt_ids = malloc(n * sizeof(int32_t));
+    if (!r->prompt_ids) return API_OOM(e);
+    json_t *v;
+    json_array_foreach(arr, i, v) {
+        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+            json_integer_value(v) > INT32_MAX)
+            return API_BAD(e, param, json_is_integer(v) ? "invalid_value" : "invalid_type",
+                           "'%s[%zu]' must be a token id (an integer >= 0)", param, i);
+        r->prompt_ids[i] = (int32_t)json_integer_value(v);
+    }
+    r->n_prompt_ids = n;
+    return 0;
+}
+
+static int api_parse_prompt(json_t *root, api_request *r, api_error *e) {
+    const char *kinds = "a string, an array of token ids, or an array holding one string or "
+                        "one array of token ids";
+    json_t *p = json_object_get(root, "prompt");
+    if (!p || json_is_null(p))
+        return API_BAD(e, "prompt", "missing_required_parameter", "'prompt' is required");
+    if (json_is_string(p)) {
+        r->prompt = api_strdup(json_string_value(p), json_string_length(p));
+        return r->prompt ? 0 : API_OOM(e);
+    }
+    if (!json_is_array(p))
+        return API_BAD(e, "prompt", "invalid_type", "'prompt' must be %s (got %s)", kinds,
+                       api_type_name(p));
+    size_t n = json_array_size(p);
+    if (n == 0) return API_BAD(e, "prompt", "invalid_value", "'prompt' must not be empty");
+    json_t *first = json_array_get(p, 0);
+    if (json_is_integer(first)) return api_parse_ids(p, "prompt", r, e);
+    if (!json_is_string(first) && !json_is_array(first))
+        return API_BAD(e, "prompt", "invalid_type", "'prompt' must be %s (prompt[0] is %s)",
+                       kinds, api_type_name(first));
+    if (n > 1)
+        return API_BAD(e, "prompt", "unsupported",
+                       "'prompt' holds %zu prompts: kvpark generates one choice per request, "
+                       "send one request per prompt",
+                       n);
+    if (json_is_string(first)) {
+        r->prompt = api_strdup(json_string_value(first), json_string_length(first));
+        return r->prompt ? 0 : API_OOM(e);
+    }
+    return api_parse_ids(first, "prompt[0]", r, e);
+}
+
+/* Legacy completions logprobs: integer 0..5 = number of alternatives; a bool
+ * is accepted too (true = chosen token only, with top_logprobs if given). */
+static int api_parse_completion_logprobs(json_t *root, api_request *r, api_error *e) {
+    json_t *v = json_object_get(root, "logprobs");
+    if (!v || json_is_null(v)) return api_parse_chat_logprobs(root, r, e);
+    if (json_is_integer(v)) {
+        long long k = json_integer_value(v);
+        if (k < 0 || k > 5)
+            return API_BAD(e, "logprobs", "invalid_value",
+                           "'logprobs' must be an integer between 0 and 5 (got %lld)", k);
+        r->logprobs = true;
+        r->top_logprobs = (int)k;
+        return 0;
+    }
+    if (!json_is_boolean(v))
+        return API_BAD(e, "logprobs", "invalid_type",
+                       "'logprobs' must be an integer between 0 and 5 (got %s)",
+                       api_type_name(v));
+    return api_parse_chat_logprobs(root, r, e);
+}
+
+int api_parse_completion(const char *body, size_t len, const api_limits *lim,
+                         api_request *out, api_error *err) {
+    api_request_init(out, API_COMPLETION);
+    json_t *root;
+    int rc = api_load(body, len, &root, err);
+    if (rc < 0) return rc;
+    rc = api_parse_prompt(root, out, err);
+    if (rc == 0) rc = api_parse_common(root, lim, out, err);
+    if (rc == 0) rc = api_parse_completion_logprobs(root, out, err);
+    json_decref(root);
+    if (rc < 0) {
+        api_request_free(out);
+        out->kind = API_COMPLETION;
+    }
+    return rc;
+}
+
+void api_request_free(api_request *r) {
+    if (!r) return;
+    free(r->model);
+    for (size_t i = 0; i < r->n_msgs; i++) free((char *)r->msgs[i].content); /* owned */
+    free(r->msgs);
+    free(r->prompt);
+    free(r->prompt_ids);
+    for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+    enum api_kind kind = r->kind;
+    memset(r, 0, sizeof(*r));
+    r->kind = kind;
+    r->max_tokens = -1;
+}
+
+/* ---- responses ------------------------------------------------------- */
+
+/* Length of the valid UTF-8 sequence at s (1..4), or 0 if invalid there. */
+static size_t api_utf8_seq(const unsigned char *s, size_t n) {
+    unsigned c = s[0];
+    if (c < 0x80) return 1;
+    size_t need;
+    unsigned cp, min;
+    if (c >= 0xC2 && c <= 0xDF) need = 2, cp = c & 0x1F, min = 0x80;
+    else if (c >= 0xE0 && c <= 0xEF) need = 3, cp = c & 0x0F, min = 0x800;
+    else if (c >= 0xF0 && c <= 0xF4) need = 4, cp = c & 0x07, min = 0x10000;
+    else return 0;
+    if (need > n) return 0;
+    for (size_t i = 1; i < need; i++) {
+        if ((s[i] & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (s[i] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return need;
+}
+
+char *api_utf8_sanitize(const char *s, size_t len, size_t *out_len) {
+    char *out = malloc(len * 3 + 1); /* worst case: every byte -> 3-byte U+FFFD */
+    if (!out) return NULL;
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i = 0, o = 0;
+    while (i < len) {
+        size_t k = api_utf8_seq(u + i, len - i);
+        if (k) {
+            memcpy(out + o, u + i, k);
+            o += k;
+            i += k;
+        } else {
+            memcpy(out + o, "\xEF\xBF\xBD", 3);
+            o += 3;
+            i++;
+        }
+    }
+    out[o] = 0;
+    if (out_len) *out_len = o;
+    return out;
+}
+
+/* A JSON string from bytes, invalid UTF-8 replaced. */
+static json_t *api_jstr(const char *s, size_t n) {
+    if (!s) return json_string("");
+    size_t m;
+    char *clean = api_utf8_sanitize(s, n, &m);
+    if (!clean) return NULL;
+    json_t *v = json_stringn(clean, m);
+    free(clean);
+    return v;
+}
+
+static json_t *api_jlogprob(float lp) {
+    return json_real(isfinite(lp) ? (double)lp : -9999.0);
+}
+
+static json_t *api_jbytes(const char *s, size_t n) {
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++) json_array_append_new(a, json_integer((unsigned char)s[i]));
+    return a;
+}
+
+/* {token, logprob, bytes} */
+static json_t *api_jtok(const api_logprob *t) {
+    json_t *o = json_object();
+    json_object_set_new(o, "token", api_jstr(t->token, t->token_len));
+    json_object_set_new(o, "logprob", api_jlogprob(t->logprob));
+    json_object_set_new(o, "bytes", api_jbytes(t->token, t->token_len));
+    return o;
+}
+
+/* Chat logprobs: null or {"content":[{token, logprob, bytes, top_logprobs}]} */
+static json_t *api_chat_logprobs(const api_result *r) {
+    if (!r->has_logprobs) return json_null();
+    json_t *content = json_array();
+    for (size_t i = 0; i < r->n_logprobs; i++) {
+        const api_token_logprob *t = &r->logprobs[i];
+        json_t *o = api_jtok(&t->tok);
+        json_t *top = json_array();
+        for (int j = 0; j < t->n_top; j++) json_array_append_new(top, api_jtok(&t->top[j]));
+        json_object_set_new(o, "top_logprobs", top);
+        json_array_append_new(content, o);
+    }
+    json_t *lp = json_object();
+    json_object_set_new(lp, "content", content);
+    return lp;
+}
+
+/* Legacy completion logprobs: {tokens, token_logprobs, top_logprobs, text_offset}. */
+static json_t *api_completion_logprobs(const api_result *r) {
+    if (!r->has_logprobs) return json_null();
+    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
+           *offs = json_array();
+    size_t off = 0;
+    for (size_t i = 0; i < r->n_logprobs; i++) {
+        const api_token_logprob *t = &r->logprobs[i];
+        json_array_append_new(tokens, api_jstr(t->tok.token, t->tok.token_len));
+        json_array_append_new(lps, api_jlogprob(t->tok.logprob));
+        json_t *top = json_object();
+        for (int j = 0; j < t->n_top; j++) {
+            size_t m;
+            char *k = api_utf8_sanitize(t->top[j].token, t->top[j].token_len, &m);
+            if (k) json_object_setn_new(top, k, m, api_jlogprob(t->top[j].logprob));
+            free(k);
+        }
+        json_array_append_new(tops, top);
+        json_array_append_new(offs, json_integer((json_int_t)off));
+        off += t->tok.token_len;
+    }
+    json_t *o = json_object();
+    json_object_set_new(o, "tokens", tokens);
+    json_object_set_new(o, "token_logprobs", lps);
+    json_object_set_new(o, "top_logprobs", tops);
+    json_object_set_new(o, "text_offset", offs);
+    return o;
+}
+
+static json_t *api_jfinish(enum api_finish f) {
+    if (f == API_FINISH_STOP) return json_string("stop");
+    if (f == API_FINISH_LENGTH) return json_string("length");
+    return json_null();
+}
+
+static json_t *api_usage(const api_result *r) {
+    json_t *u = json_object();
+    json_object_set_new(u, "prompt_tokens", json_integer(r->prompt_tokens));
+    json_object_set_new(u, "completion_tokens", json_integer(r->completion_tokens));
+    json_object_set_new(u, "total_tokens",
+                        json_integer((json_int_t)r->prompt_tokens + r->completion_tokens));
+    json_t *d = json_object();
+    json_object_set_new(d, "cached_tokens", json_integer(r->cached_tokens));
+    json_object_set_new(u, "prompt_tokens_details", d);
+    return u;
+}
+
+/* {"id","object","created","model"} — the head every response shares. */
+static json_t *api_head(const api_result *r, const char *object) {
+    json_t *o = json_object();
+    json_object_set_new(o, "id", json_string(r->id ? r->id : ""));
+    json_object_set_new(o, "object", json_string(object));
+    json_object_set_new(o, "created", json_integer(r->created));
+    json_object_set_new(o, "model", api_jstr(r->model ? r->model : "", r->model ? strlen(r->model) : 0));
+    return o;
+}
+
+static char *api_finish_doc(json_t *o, const api_result *r) {
+    if (r->session_id && r->session_id[0])
+        json_object_set_new(o, "session_id", json_string(r->session_id));
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return s;
+}
+
+char *api_chat_response_json(const api_result *r) {
+    json_t *o = api_head(r, "chat.completion");
+    json_t *msg = json_object();
+    json_object_set_new(msg, "role", json_string("assistant"));
+    json_object_set_new(msg, "content", api_jstr(r->text, r->text_len));
+    json_t *ch = json_object();
+    json_object_set_new(ch, "index", json_integer(0));
+    json_object_set_new(ch, "message", msg);
+    json_object_set_new(ch, "logprobs", api_chat_logprobs(r));
+    json_object_set_new(ch, "finish_reason", api_jfinish(r->finish));
+    json_t *choices = json_array();
+    json_array_append_new(choices, ch);
+    json_object_set_new(o, "choices", choices);
+    json_object_set_new(o, "usage", api_usage(r));
+    return api_finish_doc(o, r);
+}
+
+char *api_completion_response_json(const api_result *r) {
+    json_t *o = api_head(r, "text_completion");
+    json_t *ch = json_object();
+    json_object_set_new(ch, "text", api_jstr(r->text, r->text_len));
+    json_object_set_new(ch, "index", json_integer(0));
+    json_object_set_new(ch, "logprobs", api_completion_logprobs(r));
+    json_object_set_new(ch, "finish_reason", api_jfinish(r->finish));
+    json_t *choices = json_array();
+    json_array_append_new(choices, ch);
+    json_object_set_new(o, "choices", choices);
+    json_object_set_new(o, "usage", api_usage(r));
+    return api_finish_doc(o, r);
+}
+
+static char *api_chunk(const api_result *r, enum api_chunk_kind kind, bool chat) {
+    json_t *o = api_head(r, chat ? "chat.completion.chunk" : "text_completion");
+    json_t *choices = json_array();
+    if (kind != API_CHUNK_USAGE) {
+        json_t *ch = json_object();
+        json_object_set_new(ch, "index", json_integer(0));
+        bool content = kind == API_CHUNK_CONTENT;
+        if (chat) {
+            json_t *delta = json_object();
+            if (kind == API_CHUNK_ROLE) {
+                json_object_set_new(delta, "role", json_string("assistant"));
+                json_object_set_new(delta, "content", json_string(""));
+            } else if (content) {
+                json_object_set_new(delta, "content", api_jstr(r->text, r->text_len));
+            }
+            json_object_set_new(ch, "delta", delta);
+            json_object_set_new(ch, "logprobs",
+                                content ? api_chat_logprobs(r) : json_null());
+        } else {
+            json_object_set_new(ch, "text",
+                                content ? api_jstr(r->text, r->text_len) : json_string(""));
+            json_object_set_new(ch, "logprobs",
+                                content ? api_completion_logprobs(r) : json_null());
+        }
+        json_object_set_new(ch, "finish_reason",
+                            kind == API_CHUNK_FINISH ? api_jfinish(r->finish) : json_null());
+        json_array_append_new(choices, ch);
+    }
+    json_object_set_new(o, "choices", choices);
+    if (kind == API_CHUNK_USAGE) json_object_set_new(o, "usage", api_usage(r));
+    else if (r->include_usage) json_object_set_new(o, "usage", json_null());
+    return api_finish_doc(o, r);
+}
+
+char *api_chat_chunk_json(const api_result *r, enum api_chunk_kind kind) {
+    return api_chunk(r, kind, true);
+}
+
+char *api_completion_chunk_json(const api_result *r, enum api_chunk_kind kind) {
+    return api_chunk(r, kind, false);
+}
+
+char *api_sse_event(const char *json) {
+    size_t n = strlen(json);
+    char *s = malloc(n + 9);
+    if (!s) return NULL;
+    memcpy(s, "data: ", 6);
+    memcpy(s + 6, json, n);
+    memcpy(s + 6 + n, "\n\n", 3);
+    return s;
+}
+
+char *api_models_json(const char *model_id, int64_t created) {
+    json_t *m = json_object();
+    json_object_set_new(m, "id", api_jstr(model_id, model_id ? strlen(model_id) : 0));
+    json_object_set_new(m, "object", json_string("model"));
+    json_object_set_new(m, "created", json_integer(created));
+    json_object_set_new(m, "owned_by", json_string("kvpark"));
+    json_t *data = json_array();
+    json_array_append_new(data, m);
+    json_t *o = json_object();
+    json_object_set_new(o, "object", json_string("list"));
+    json_object_set_new(o, "data", data);
+    char *s = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    return s;
+}
+
+void api_make_id(char *buf, size_t cap, const char *prefix, uint64_t r_hi, uint64_t r_lo) {
+    snprintf(buf, cap, "%s%016llx%016llx", prefix ? prefix : "", (unsigned long long)r_hi,
+             (unsigned long long)r_lo);
+}
