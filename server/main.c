@@ -5,6 +5,7 @@
  *   kvpark tokenize  -m MODEL [--no-bos] TEXT                  print token ids
  *   kvpark ppl       -m MODEL -f FILE [-c CTX] [-b BATCH]      perplexity
  *   kvpark bench engine -m MODEL                               prefill/decode speed
+ *   kvpark serve     [-m MODEL] [--port 8080] ...              the OpenAI-compatible server
  *
  * Each subcommand parses its options, loads the model, calls the engine and
  * prints. Errors go to stderr as "kvpark: <message>" with exit status 1
@@ -25,6 +26,7 @@
 #include "engine/sample.h"
 #include "engine/synth.h"
 #include "engine/tok.h"
+#include "server/http.h"
 
 #define KVPARK_VERSION "0.1.0"
 
@@ -70,6 +72,8 @@ enum {
     OPT_TEMP = 1000, OPT_TOP_K, OPT_TOP_P, OPT_MIN_P, OPT_SEED, OPT_IDS, OPT_KV_TYPE, OPT_NO_BOS,
     OPT_REPEAT_PENALTY, OPT_FREQ_PENALTY, OPT_PRES_PENALTY, OPT_IGNORE_EOS, OPT_CHUNKS, OPT_CSV,
     OPT_NO_PARSE_SPECIAL, OPT_REPEATS, OPT_THREADS_LIST, OPT_CHAT, OPT_CHAT_TEMPLATE, OPT_TYPE,
+    OPT_HOST, OPT_PORT, OPT_PARALLEL, OPT_QUEUE, OPT_API_KEY, OPT_API_KEY_FILE, OPT_METRICS_KEY,
+    OPT_MAX_BODY, OPT_MAX_TOKENS, OPT_SESSION_DIR, OPT_TIMEOUT, OPT_QUIET,
 };
 
 /* Handle an option common to model-loading commands; 1 if consumed, -1 on a bad value. */
@@ -662,11 +666,147 @@ static int cmd_bench(int argc, char **argv) {
     return 0;
 }
 
+
+/* ------------------------------------------------------------------ */
+/* kvpark serve                                                        */
+
+static const char *serve_help =
+    "usage: kvpark serve [-m MODEL] [options]\n"
+    "OpenAI-compatible HTTP server (chat/completions, completions, models, sessions,\n"
+    "health, metrics). Stops cleanly on SIGINT/SIGTERM.\n"
+    "  -m, --model PATH         GGUF model (default lookup as for 'kvpark run')\n"
+    "      --host ADDR          IPv4 address to listen on (default 127.0.0.1)\n"
+    "      --port N             TCP port (default 8080)\n"
+    "      --parallel N         sequences decoded together (default 4)\n"
+    "      --queue N            requests waiting before 429 (default 64)\n"
+    "  -c, --ctx N              context per sequence (default: the model's, at most 4096)\n"
+    "      --kv-type T          f32 | f16 | bf16 (default f32)\n"
+    "  -t, --threads N          CPU threads (default: all cores)\n"
+    "      --api-key KEY        require 'Authorization: Bearer KEY' (repeatable)\n"
+    "      --api-key-file FILE  one key per line (blank lines and # comments ignored)\n"
+    "      --metrics-key KEY    also protect /health and /metrics with this key\n"
+    "      --max-body BYTES     largest request body (default 8388608)\n"
+    "      --max-tokens N       default max_tokens when a request gives none\n"
+    "                           (default: until end of text or the context is full)\n"
+    "      --session-dir DIR    where saved sessions live (default ./sessions)\n"
+    "      --chat-template T    chatml | llama2 | llama3 | plain (default: from the model)\n"
+    "      --timeout S          idle connection timeout in seconds (default 60)\n"
+    "      --quiet              no per-request log lines\n";
+
+static char *key_store[HTTP_MAX_KEYS];
+
+static int read_key_file(const char *path, http_opts *o) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "kvpark: cannot open --api-key-file '%s': %s\n", path, strerror(errno));
+        return -1;
+    }
+    char line[1024];
+    while (fgets(line, sizeof line, f)) {
+        char *p = line;
+        while (*p == ' ' || *p == '\t') p++;
+        size_t n = strcspn(p, "\r\n");
+        while (n > 0 && (p[n - 1] == ' ' || p[n - 1] == '\t')) n--;
+        p[n] = 0;
+        if (!*p || *p == '#') continue;
+        if (o->n_keys >= HTTP_MAX_KEYS) {
+            fprintf(stderr, "kvpark: more than %d API keys\n", HTTP_MAX_KEYS);
+            fclose(f);
+            return -1;
+        }
+        key_store[o->n_keys] = strdup(p);
+        o->keys[o->n_keys] = key_store[o->n_keys];
+        o->n_keys++;
+    }
+    fclose(f);
+    return 0;
+}
+
+static int cmd_serve(int argc, char **argv) {
+    common_opts co = {.kv_type = KP_TYPE_F32};
+    http_opts ho = http_default_opts();
+    static const struct option lo[] = {
+        {"model", required_argument, 0, 'm'}, {"ctx", required_argument, 0, 'c'},
+        {"threads", required_argument, 0, 't'}, {"kv-type", required_argument, 0, OPT_KV_TYPE},
+        {"host", required_argument, 0, OPT_HOST}, {"port", required_argument, 0, OPT_PORT},
+        {"parallel", required_argument, 0, OPT_PARALLEL}, {"queue", required_argument, 0, OPT_QUEUE},
+        {"api-key", required_argument, 0, OPT_API_KEY},
+        {"api-key-file", required_argument, 0, OPT_API_KEY_FILE},
+        {"metrics-key", required_argument, 0, OPT_METRICS_KEY},
+        {"max-body", required_argument, 0, OPT_MAX_BODY},
+        {"max-tokens", required_argument, 0, OPT_MAX_TOKENS},
+        {"session-dir", required_argument, 0, OPT_SESSION_DIR},
+        {"chat-template", required_argument, 0, OPT_CHAT_TEMPLATE},
+        {"timeout", required_argument, 0, OPT_TIMEOUT}, {"quiet", no_argument, 0, OPT_QUIET},
+        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:c:t:h", lo, NULL)) != -1) {
+        int r = common_opt(c, optarg, &co);
+        if (r < 0) return usage_error("serve", "bad option value");
+        if (r > 0) continue;
+        long v;
+        switch (c) {
+        case OPT_HOST: ho.host = optarg; break;
+        case OPT_PORT:
+            if (parse_long(optarg, 0, 65535, &v)) return usage_error("serve", "bad --port");
+            ho.port = (int)v;
+            break;
+        case OPT_PARALLEL:
+            if (parse_long(optarg, 1, 1024, &v)) return usage_error("serve", "bad --parallel (1..1024)");
+            ho.n_parallel = (int)v;
+            break;
+        case OPT_QUEUE:
+            if (parse_long(optarg, 0, 1 << 20, &v)) return usage_error("serve", "bad --queue");
+            ho.queue_max = (int)v;
+            break;
+        case OPT_API_KEY:
+            if (ho.n_keys >= HTTP_MAX_KEYS || !*optarg) return usage_error("serve", "bad --api-key");
+            ho.keys[ho.n_keys++] = optarg;
+            break;
+        case OPT_API_KEY_FILE:
+            if (read_key_file(optarg, &ho)) return 1;
+            break;
+        case OPT_METRICS_KEY: ho.metrics_key = optarg; break;
+        case OPT_MAX_BODY:
+            if (parse_long(optarg, 1024, 1L << 32, &v)) return usage_error("serve", "bad --max-body");
+            ho.max_body = (size_t)v;
+            break;
+        case OPT_MAX_TOKENS:
+            if (parse_long(optarg, 1, 1 << 24, &v)) return usage_error("serve", "bad --max-tokens");
+            ho.max_tokens_default = (int)v;
+            break;
+        case OPT_SESSION_DIR: ho.session_dir = optarg; break;
+        case OPT_CHAT_TEMPLATE: ho.chat_template = optarg; break;
+        case OPT_TIMEOUT:
+            if (parse_long(optarg, 1, 86400, &v)) return usage_error("serve", "bad --timeout");
+            ho.timeout_s = (int)v;
+            break;
+        case OPT_QUIET: ho.quiet = 1; break;
+        case 'h': fputs(serve_help, stdout); return 0;
+        default: return usage_error("serve", "unknown option");
+        }
+    }
+    if (optind < argc) return usage_error("serve", "unexpected argument");
+    kp_err err = {0};
+    char path[1024];
+    int rc = resolve_model_path(co.model, path, sizeof path, &err);
+    if (rc) return die(&err, rc);
+    ho.model = path;
+    ho.n_threads = co.threads;
+    ho.n_ctx = co.n_ctx;
+    ho.kv_type = co.kv_type;
+    rc = http_serve(&ho, &err);
+    for (int i = 0; i < HTTP_MAX_KEYS; i++) free(key_store[i]);
+    return rc ? die(&err, rc) : 0;
+}
+
 /* ------------------------------------------------------------------ */
 
 static const char *main_help =
     "kvpark " KVPARK_VERSION " — an LLM inference engine that parks idle conversations\n"
     "usage: kvpark COMMAND [options]   (kvpark COMMAND --help for details)\n"
+    "  serve      the OpenAI-compatible HTTP server\n"
     "  run        generate text from a prompt\n"
     "  tokenize   print the token ids of a text\n"
     "  ppl        perplexity of a model on a text file\n"
@@ -680,6 +820,7 @@ int main(int argc, char **argv) {
     }
     const char *cmd = argv[1];
     if (!strcmp(cmd, "run")) return cmd_run(argc - 1, argv + 1);
+    if (!strcmp(cmd, "serve")) return cmd_serve(argc - 1, argv + 1);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "ppl")) return cmd_ppl(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);

@@ -1,0 +1,49 @@
+/*
+ * http.h — `kvpark serve`: the OpenAI-compatible HTTP server.
+ *
+ * libmicrohttpd serves each connection on its own thread; JSON goes through
+ * server/api.c; generation runs on the engine's scheduler (continuous
+ * batching); sessions are kept in memory (hot) and saved through the session
+ * store (storage/store.h) in --session-dir; /metrics speaks Prometheus.
+ *
+ * Contract
+ *   - http_serve() starts listening at once (GET /health answers 503 while the
+ *     model loads), loads the model, then serves until SIGINT/SIGTERM, then
+ *     stops accepting, cancels running generations and returns 0 — or a
+ *     negative code with a message (port in use, model not found, ...).
+ *   - Every error a client can cause is answered in OpenAI's error shape with
+ *     the right status; nothing a client sends can crash the server.
+ */
+#ifndef KP_HTTP_H
+#define KP_HTTP_H
+
+#include <stddef.h>
+
+#include "engine/kp.h"
+
+#define HTTP_MAX_KEYS 64
+
+typedef struct http_opts {
+    const char *model;        /* path or synthetic:NAME (resolved by the caller) */
+    const char *host;         /* default 127.0.0.1 */
+    int port;                 /* default 8080 */
+    int n_threads;            /* CPU threads for the model (<= 0: all) */
+    int n_parallel;           /* sequences decoded together (default 4) */
+    int queue_max;            /* waiting requests before 429 (default 64) */
+    int n_ctx;                /* context per sequence (default: model's, <= 4096) */
+    int kv_type;              /* F32 default */
+    int max_tokens_default;   /* when a request gives none (default: until EOS/context) */
+    size_t max_body;          /* bytes (default 8 MiB) */
+    int timeout_s;            /* idle connection timeout (default 60) */
+    const char *session_dir;  /* default ./sessions */
+    const char *chat_template;/* NULL: from the model */
+    const char *keys[HTTP_MAX_KEYS]; /* API keys (none: no auth) */
+    int n_keys;
+    const char *metrics_key;  /* if set, /health and /metrics need it */
+    int quiet;                /* no per-request log lines */
+} http_opts;
+
+http_opts http_default_opts(void);
+int http_serve(const http_opts *o, kp_err *err);
+
+#endif
