@@ -34,6 +34,7 @@ struct sched {
     sched_call_rec *calls;
     atomic_int n_running_pub;
     atomic_int n_waiting_pub;
+    bool joined;            /* sched_stop has joined the thread */
 
     /* scheduler-thread state */
     sched_job **running;    /* [n_parallel] */
@@ -378,13 +379,19 @@ fail:
     return rc;
 }
 
-void sched_free(sched *s) {
-    if (!s) return;
+void sched_stop(sched *s) {
+    if (!s || s->joined) return;
     pthread_mutex_lock(&s->mu);
     s->stop = true;
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->thread, NULL);
+    s->joined = true;
+}
+
+void sched_free(sched *s) {
+    if (!s) return;
+    sched_stop(s);
     for (int i = 0; i < s->o.n_parallel; i++) sched_seq_free(s->slots[i]);
     free(s->slots);
     free(s->running);

@@ -101,7 +101,11 @@ typedef struct sched sched;
 
 sched_opts sched_default_opts(void);
 int sched_new(sched **out, model *m, const sched_opts *o, kp_err *err);
-/* Cancels running and waiting jobs (their on_done runs) and joins the thread. */
+/* Cancels running and waiting jobs (their on_done runs) and joins the
+ * thread; afterwards sched_submit/sched_call answer KP_ECANCELED, so threads
+ * still holding the pointer are safe until sched_free. Idempotent. */
+void sched_stop(sched *s);
+/* sched_stop, then release everything. */
 void sched_free(sched *s);
 /* Queue a job. KP_EBUSY if the queue is full, KP_EINVAL for a bad job
  * (message in err). The job and its prompt must stay valid until on_done. */

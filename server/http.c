@@ -1118,8 +1118,9 @@ int http_serve(const http_opts *opts, kp_err *err) {
     rc = 0;
 done:
     atomic_store(&s->ready, false);
-    if (s->sch) sched_free(s->sch); /* cancels generations: readers finish */
-    if (d) MHD_stop_daemon(d);
+    if (s->sch) sched_stop(s->sch); /* cancels generations: readers finish */
+    if (d) MHD_stop_daemon(d);       /* joins every connection thread */
+    sched_free(s->sch);
     for (session *x = s->sessions; x;) {
         session *nx = x->next;
         sched_seq_free(x->seq);
