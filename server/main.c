@@ -26,6 +26,7 @@
 #include "engine/sample.h"
 #include "engine/synth.h"
 #include "engine/tok.h"
+#include "server/bench_serve.h"
 #include "server/http.h"
 
 #define KVPARK_VERSION "0.1.0"
@@ -551,9 +552,11 @@ static int bench_once(model *m, int n_p, int n_g, int kv_type, double *pp_s, dou
 }
 
 static int cmd_bench(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "serve")) return bench_serve_main(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "engine") != 0) {
         fprintf(stderr, "usage: kvpark bench engine [-m MODEL] [-p 128,512] [-n 128,512] [-r 5]\n"
-                        "       [--threads-list 1,2] [--kv-type f16] [--csv FILE]\n");
+                        "       [--threads-list 1,2] [--kv-type f16] [--csv FILE]\n"
+                        "       kvpark bench serve [-m MODEL] [--clients 1,8,32] ... (--help)\n");
         return 2;
     }
     argc--;
@@ -810,7 +813,7 @@ static const char *main_help =
     "  run        generate text from a prompt\n"
     "  tokenize   print the token ids of a text\n"
     "  ppl        perplexity of a model on a text file\n"
-    "  bench      benchmarks: bench engine\n"
+    "  bench      benchmarks: bench engine | bench serve\n"
     "  version    print the version\n";
 
 int main(int argc, char **argv) {
