@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing. Run as root (or with sudo).
 #   build:  gcc, meson, ninja, pkg-config, libmicrohttpd, jansson, liblz4, libuv, xxhash
 #   tests:  cmocka, gnuplot (benchmark plots), prometheus (for promtool, which
-#           validates the /metrics output)
+#           validates the /metrics output), nodejs + npm (integration tests)
 # The CUDA Toolkit is not installed here: kvpark builds the CUDA backend when
 # /usr/local/cuda/bin/nvcc (or nvcc on PATH) exists, and without it otherwise.
 set -euo pipefail
@@ -13,6 +13,10 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js + npm drive the integration tests (the official OpenAI SDK); any
+# node >= 18 already on PATH is used as it is.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all packages present"
   exit 0

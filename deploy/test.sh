@@ -30,6 +30,13 @@ for dir in build-test build-asan; do
   echo "=== tests in $dir ==="
   meson test -C "$dir" --print-errorlogs --num-processes "$jobs" || rc=1
 done
+# Integration tests: the real server driven by the OpenAI Node SDK and raw
+# HTTP, once with the release binary and once with the ASan/UBSan one.
+: > integration.log
+for dir in build-test build-asan; do
+  echo "=== integration tests with $dir/kvpark ==="
+  KVPARK_BIN="$dir/kvpark" bash tests/integration/run.sh 2>&1 | tee -a integration.log | grep -E "^(not ok|integration:)" || true
+done
 # Count individual cmocka test cases from meson's JSON logs; a program that
 # crashed or failed without cmocka's summary counts as one failure.
 python3 - <<'PY' || rc=1
@@ -54,6 +61,14 @@ for d in ("build-test", "build-asan"):
             if r["result"] == "OK": cp = 1
             elif r["result"] == "SKIP": cs = 1
         p, f, s = p + cp, f + cf, s + cs
+try:
+    runs = re.findall(r"^integration: (\d+) passed, (\d+) failed", open("integration.log").read(), re.M)
+except FileNotFoundError:
+    runs = []
+if len(runs) != 2:
+    f += 1  # an integration run did not finish
+for ip, ifl in runs:
+    p, f = p + int(ip), f + int(ifl)
 print(f"{p} passed, {f} failed, {s} skipped")
 sys.exit(1 if f else 0)
 PY

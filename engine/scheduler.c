@@ -419,10 +419,12 @@ int sched_submit(sched *s, sched_job *j, kp_err *err) {
         pthread_mutex_unlock(&s->mu);
         return kp_errf(err, KP_ECANCELED, "sched: shutting down");
     }
-    if (s->n_waiting >= s->o.queue_max && s->n_running >= s->o.n_parallel) {
+    /* capacity = running slots + queue; n_running_pub is updated under this
+     * mutex when a job is admitted, so a burst cannot overshoot */
+    if (atomic_load(&s->n_running_pub) + s->n_waiting >= s->o.n_parallel + s->o.queue_max) {
         pthread_mutex_unlock(&s->mu);
         return kp_errf(err, KP_EBUSY, "the server is busy: %d requests running and %d waiting",
-                       s->n_running, s->n_waiting);
+                       atomic_load(&s->n_running_pub), s->n_waiting);
     }
     sched_job **pp = &s->queue;
     while (*pp) pp = &(*pp)->next;

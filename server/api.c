@@ -340,6 +340,8 @@ static int api_parse_common(json_t *root, const api_limits *lim, api_request *r,
                        api_type_name(user));
 
     if ((rc = api_get_bool(root, "stream", &r->stream, e)) < 0) return rc;
+    /* llama.cpp server extension: keep generating past end-of-text */
+    if ((rc = api_get_bool(root, "ignore_eos", &r->ignore_eos, e)) < 0) return rc;
     json_t *so = json_object_get(root, "stream_options");
     if (so && !json_is_null(so)) {
         if (!json_is_object(so))

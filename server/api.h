@@ -85,6 +85,7 @@ typedef struct api_request {
     int top_logprobs;      /* 0..20 */
     bool stream;
     bool include_usage;    /* stream_options.include_usage */
+    bool ignore_eos;       /* extension (llama.cpp server): generate past EOS */
     char session_id[API_SESSION_ID_MAX + 1]; /* "" = none */
 } api_request;
 

@@ -557,8 +557,14 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
     if (r->n_prompt + max_tokens > s->n_ctx) max_tokens = s->n_ctx - r->n_prompt;
 
     /* the session */
-    const char *sid = r->req.session_id[0] ? r->req.session_id
-                                           : MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Session-Id");
+    const char *hsid = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Session-Id");
+    const char *sid = r->req.session_id[0] ? r->req.session_id : hsid;
+    if (r->req.session_id[0] && hsid && *hsid && strcmp(hsid, r->req.session_id) != 0) {
+        api_error_set(&e, 400, "invalid_request_error", "invalid_value", "session_id",
+                      "the X-Session-Id header (%.64s) and the body's session_id (%s) name different "
+                      "sessions", hsid, r->req.session_id);
+        return reply_error(c, &e);
+    }
     if (sid && *sid) {
         pthread_mutex_lock(&s->sess_mu);
         session *x = store_id_valid(sid) ? session_find(s, sid, r->owner) : NULL;
@@ -593,6 +599,7 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
     j->prompt = r->prompt;
     j->n_prompt = r->n_prompt;
     j->max_tokens = max_tokens;
+    j->ignore_eos = r->req.ignore_eos;
     j->sampling = r->req.sp;
     j->on_token = on_token;
     j->on_done = on_done;
@@ -816,7 +823,7 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
                 return reply_error(c, &e);
             }
         }
-        if (strcmp(method, "GET") != 0) {
+        if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
             api_error_unknown_route(&e, method, url);
             return reply_error(c, &e);
         }
@@ -924,7 +931,7 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum 
     char st[8];
     snprintf(st, sizeof st, "%d", r->status ? r->status : (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 200 : 499));
     metrics_inc(s->m_requests, endpoint_label(r->url), st);
-    if (r->gen) log_request(r);
+    if (strcmp(r->url, "/health") != 0 && strcmp(r->url, "/metrics") != 0) log_request(r);
     stop_free(&r->stop);
     api_request_free(&r->req);
     free(r->prompt);

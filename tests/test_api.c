@@ -84,7 +84,7 @@ static void test_api_chat_all_fields(void **state) {
                   "\"max_tokens\":10,\"max_completion_tokens\":20,\"temperature\":0,"
                   "\"top_p\":0.5,\"top_k\":7,\"min_p\":0.1,\"seed\":-3,\"stop\":[\"a\",\"bb\"],"
                   "\"presence_penalty\":-2,\"frequency_penalty\":2,\"repeat_penalty\":1.1,"
-                  "\"logprobs\":true,\"top_logprobs\":20,\"n\":1,\"user\":\"u\",\"stream\":true,"
+                  "\"logprobs\":true,\"top_logprobs\":20,\"n\":1,\"user\":\"u\",\"stream\":true,\"ignore_eos\":true,"
                   "\"stream_options\":{\"include_usage\":true},\"session_id\":\"Ab_9-x\","
                   "\"unknown_field\":{\"deep\":[1,2,3]},\"logit_bias\":null}",
                   &r);
@@ -95,6 +95,7 @@ static void test_api_chat_all_fields(void **state) {
     assert_string_equal(r.msgs[2].role, "assistant");
     assert_string_equal(r.msgs[2].content, "");
     assert_int_equal(r.max_tokens, 20); /* max_completion_tokens wins */
+    assert_true(r.ignore_eos);
     assert_true(r.sp.temperature == 0.0f);
     assert_true(r.sp.top_p == 0.5f);
     assert_int_equal(r.sp.top_k, 7);
@@ -173,6 +174,7 @@ static void test_api_chat_invalid_fields(void **state) {
         {"\"n\":\"1\"", "n", "invalid_type", NULL},
         {"\"user\":5", "user", "invalid_type", NULL},
         {"\"stream\":\"yes\"", "stream", "invalid_type", NULL},
+        {"\"ignore_eos\":1", "ignore_eos", "invalid_type", NULL},
         {"\"stream_options\":true", "stream_options", "invalid_type", NULL},
         {"\"stream_options\":{\"include_usage\":1}", "stream_options.include_usage",
          "invalid_type", NULL},

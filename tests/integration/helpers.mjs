@@ -1,0 +1,313 @@
+/*
+ * helpers.mjs — shared plumbing for the kvpark integration tests.
+ *
+ * Why: every *.test.mjs file drives a real `kvpark serve` process over HTTP,
+ * the way a user would (the official OpenAI Node SDK, plus raw HTTP for the
+ * cases an SDK refuses to send: broken JSON, invalid UTF-8, huge bodies).
+ * This file starts and stops those servers safely — a free port on 127.0.0.1,
+ * a bounded wait for /health, and a kill that always happens, even when a
+ * test fails or the test process itself is interrupted — and holds the small
+ * HTTP/SSE helpers and the golden greedy texts the tests compare against.
+ *
+ * Environment
+ *   KVPARK_BIN     the kvpark binary (default: build/kvpark in the repository)
+ *   KVPARK_SHARED  the shared test-data folder (default: ../shared next to the repository)
+ * Relative values are read from the current directory.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import OpenAI from 'openai';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const REPO = path.resolve(here, '..', '..');
+export const BIN = process.env.KVPARK_BIN
+  ? path.resolve(process.env.KVPARK_BIN)
+  : path.join(REPO, 'build', 'kvpark');
+export const SHARED = process.env.KVPARK_SHARED
+  ? path.resolve(process.env.KVPARK_SHARED)
+  : path.resolve(REPO, '..', 'shared');
+export const MODEL = path.join(SHARED, 'models', 'stories260K.gguf');
+
+/* Greedy continuations computed by llama.cpp (golden/README.md): prompt -> the
+ * first 64 generated tokens as text, and the prompt's token count with BOS. */
+const goldenCases = JSON.parse(
+  fs.readFileSync(path.join(SHARED, 'golden', 'stories260K', 'logits.json'), 'utf8'),
+).cases;
+export const GOLDEN = Object.fromEntries(goldenCases.map((c) => [c.prompt, c.greedy.text]));
+export const GOLDEN_PROMPT_TOKENS = Object.fromEntries(goldenCases.map((c) => [c.prompt, c.n_tokens]));
+export const GOLDEN_N = 64; /* tokens in each golden continuation (no EOS among them) */
+export const ONCE = 'Once upon a time';
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+/* A sleep that does not keep the process alive (for Promise.race deadlines). */
+const sleepUnref = (ms) => new Promise((r) => setTimeout(r, ms).unref());
+
+/* ---- servers ------------------------------------------------------- */
+
+/* Every server this process started and has not yet seen exit; killed on any exit path. */
+const live = new Set();
+function killAll() {
+  for (const p of live) {
+    try { p.kill('SIGKILL'); } catch { /* already gone */ }
+  }
+}
+process.on('exit', killAll);
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.once(sig, () => { killAll(); process.exit(128 + (os.constants.signals[sig] || 0)); });
+}
+
+/* A TCP port that was free a moment ago (listen on 0, read it, close). */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export function tmpDir(tag) {
+  return fs.mkdtempSync(path.join(os.tmpdir(), `kvpark-it-${tag}-`));
+}
+
+/*
+ * Start `kvpark serve -m MODEL --host 127.0.0.1 --port P ...args` and wait
+ * (bounded) until GET /health answers 200 (sent with healthKey as a Bearer
+ * token when the server has --metrics-key). Returns
+ *   { url, baseURL, port, proc, log(), stop(), client(key) }.
+ * The caller must `await server.stop()` in an after() hook; the process is
+ * also SIGKILLed when the test process exits.
+ */
+export async function startServer({ args = [], model = MODEL, readyTimeoutMs = 30000, healthKey } = {}) {
+  let lastErr;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const port = await freePort();
+    try {
+      return await startOn(port, model, args, readyTimeoutMs, healthKey);
+    } catch (e) {
+      lastErr = e;
+      /* someone took the port between our close and the server's bind: retry */
+      if (!/address already in use|EADDRINUSE|bind/i.test(String(e.message))) throw e;
+    }
+  }
+  throw lastErr;
+}
+
+async function startOn(port, model, args, readyTimeoutMs, healthKey) {
+  if (!fs.existsSync(BIN)) throw new Error(`kvpark binary not found at ${BIN} (set KVPARK_BIN or build it)`);
+  /* never let a test write ./sessions into the checkout: default to a temp dir */
+  let ownDir = null;
+  if (!args.includes('--session-dir')) {
+    ownDir = tmpDir('sess');
+    args = [...args, '--session-dir', ownDir];
+  }
+  const argv = ['serve', '-m', model, '--host', '127.0.0.1', '--port', String(port), ...args];
+  const proc = spawn(BIN, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(proc);
+  let log = '';
+  const keep = (d) => { log += d.toString(); if (log.length > 65536) log = log.slice(-65536); };
+  proc.stdout.on('data', keep);
+  proc.stderr.on('data', keep);
+  let exitInfo = null;
+  const exited = new Promise((resolve) => {
+    proc.once('exit', (code, signal) => {
+      exitInfo = { code, signal };
+      live.delete(proc);
+      if (ownDir) fs.rmSync(ownDir, { recursive: true, force: true });
+      resolve(exitInfo);
+    });
+    proc.once('error', (err) => { exitInfo = { code: null, signal: null, err }; live.delete(proc); resolve(exitInfo); });
+  });
+  const url = `http://127.0.0.1:${port}`;
+
+  async function stop({ graceMs = 5000 } = {}) {
+    if (exitInfo) return exitInfo;
+    try { proc.kill('SIGTERM'); } catch { /* gone */ }
+    const t0 = Date.now();
+    const r = await Promise.race([exited, sleepUnref(graceMs).then(() => null)]);
+    if (r) return { ...r, ms: Date.now() - t0 };
+    try { proc.kill('SIGKILL'); } catch { /* gone */ }
+    const r2 = await Promise.race([exited, sleepUnref(3000).then(() => null)]);
+    return { ...(r2 || { code: null, signal: null }), ms: Date.now() - t0, killed: true };
+  }
+
+  const deadline = Date.now() + readyTimeoutMs;
+  for (;;) {
+    if (exitInfo) {
+      throw new Error(`kvpark serve exited (code ${exitInfo.code}, signal ${exitInfo.signal}` +
+        `${exitInfo.err ? ', ' + exitInfo.err.message : ''}) before /health was ready; ` +
+        `argv: ${argv.join(' ')}\n--- server log ---\n${log}`);
+    }
+    try {
+      const r = await fetch(url + '/health', {
+        signal: AbortSignal.timeout(2000),
+        headers: healthKey ? { authorization: `Bearer ${healthKey}` } : {},
+      });
+      await r.arrayBuffer();
+      if (r.status === 200) break;
+    } catch { /* not listening yet */ }
+    if (Date.now() > deadline) {
+      await stop();
+      throw new Error(`kvpark serve not ready after ${readyTimeoutMs} ms; argv: ${argv.join(' ')}\n` +
+        `--- server log ---\n${log}`);
+    }
+    await sleep(50);
+  }
+
+  return {
+    port, url, baseURL: url + '/v1', proc, argv,
+    log: () => log,
+    exited: () => exitInfo,
+    stop,
+    client: (apiKey = 'sk-none', opts = {}) =>
+      new OpenAI({ apiKey, baseURL: url + '/v1', maxRetries: 0, timeout: 30000, ...opts }),
+  };
+}
+
+/* ---- HTTP ------------------------------------------------------------ */
+
+/*
+ * A request with node's http module: works for bodies fetch would not send
+ * as-is (raw bytes, chunked uploads of any size) and keeps the response even
+ * when the server answers early and closes while we are still uploading.
+ * body: string | Buffer | undefined. chunked: true -> no Content-Length.
+ * Resolves { status, headers, text, json } (json null when not JSON).
+ */
+export function rawRequest(url, { method = 'GET', headers = {}, body, chunked = false, timeoutMs = 20000 } = {}) {
+  return new Promise((resolve, reject) => {
+    const u = new URL(url);
+    const buf = body === undefined ? null : Buffer.isBuffer(body) ? body : Buffer.from(body);
+    const h = { ...headers };
+    if (buf && !chunked) h['content-length'] = String(buf.length);
+    if (buf && !h['content-type'] && !h['Content-Type']) h['content-type'] = 'application/json';
+    let settled = false;
+    let responded = false;
+    const req = http.request({
+      host: u.hostname, port: u.port, path: u.pathname + u.search, method, headers: h,
+      agent: false,
+    });
+    const timer = setTimeout(() => {
+      if (!settled) { settled = true; req.destroy(); reject(new Error(`${method} ${url}: no response in ${timeoutMs} ms`)); }
+    }, timeoutMs);
+    req.on('response', (res) => {
+      responded = true;
+      const parts = [];
+      res.on('data', (d) => parts.push(d));
+      res.on('end', () => {
+        clearTimeout(timer);
+        if (settled) return;
+        settled = true;
+        const text = Buffer.concat(parts).toString('utf8');
+        let json = null;
+        try { json = JSON.parse(text); } catch { /* not JSON */ }
+        resolve({ status: res.statusCode, headers: res.headers, text, json });
+      });
+      res.on('error', (e) => { clearTimeout(timer); if (!settled) { settled = true; reject(e); } });
+    });
+    req.on('error', (e) => {
+      /* EPIPE / ECONNRESET after the server answered early: the response wins */
+      if (responded) return;
+      clearTimeout(timer);
+      if (!settled) { settled = true; reject(e); }
+    });
+    if (!buf) { req.end(); return; }
+    /* write in 256 KiB slices, honouring back-pressure, stop once answered */
+    let off = 0;
+    const slice = 256 * 1024;
+    const pump = () => {
+      while (off < buf.length && !responded && !req.destroyed) {
+        const ok = req.write(buf.subarray(off, Math.min(off + slice, buf.length)));
+        off += slice;
+        if (!ok) { req.once('drain', pump); return; }
+      }
+      req.end();
+    };
+    pump();
+  });
+}
+
+/* JSON POST (or any method) with fetch; resolves { status, headers, json, text }. */
+export async function jfetch(url, { method = 'POST', body, headers = {}, timeoutMs = 30000 } = {}) {
+  const init = { method, headers: { ...headers }, signal: AbortSignal.timeout(timeoutMs) };
+  if (body !== undefined) {
+    init.body = typeof body === 'string' ? body : JSON.stringify(body);
+    init.headers['content-type'] = 'application/json';
+  }
+  const r = await fetch(url, init);
+  const text = await r.text();
+  let json = null;
+  try { json = JSON.parse(text); } catch { /* not JSON */ }
+  return { status: r.status, headers: r.headers, json, text };
+}
+
+/*
+ * POST a streaming request and read the whole SSE response.
+ * Resolves { status, headers, events: [parsed data objects], done (saw [DONE]), raw }.
+ */
+export async function sse(url, body, { headers = {}, timeoutMs = 30000 } = {}) {
+  const r = await fetch(url, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json', ...headers },
+    body: JSON.stringify(body),
+    signal: AbortSignal.timeout(timeoutMs),
+  });
+  const raw = await r.text();
+  const events = [];
+  let done = false;
+  for (const block of raw.split(/\r?\n\r?\n/)) {
+    const data = block.split(/\r?\n/).filter((l) => l.startsWith('data:'))
+      .map((l) => l.slice(5).replace(/^ /, '')).join('\n');
+    if (!data) continue;
+    if (data === '[DONE]') { done = true; continue; }
+    events.push(JSON.parse(data));
+  }
+  return { status: r.status, headers: r.headers, events, done, raw };
+}
+
+/* The OpenAI error shape: {"error":{"message","type","param","code"}}. */
+export function assertErrorShape(assert, json, { type, code, param } = {}) {
+  assert.ok(json && typeof json === 'object', `error body is not JSON: ${JSON.stringify(json)}`);
+  const e = json.error;
+  assert.ok(e && typeof e === 'object', `no "error" object in ${JSON.stringify(json)}`);
+  assert.equal(typeof e.message, 'string');
+  assert.ok(e.message.length > 0, 'empty error message');
+  assert.equal(typeof e.type, 'string');
+  assert.ok('param' in e, `"param" missing in ${JSON.stringify(e)}`);
+  assert.ok('code' in e, `"code" missing in ${JSON.stringify(e)}`);
+  if (type !== undefined) assert.equal(e.type, type, JSON.stringify(e));
+  if (code !== undefined) assert.equal(e.code, code, JSON.stringify(e));
+  if (param !== undefined) assert.equal(e.param, param, JSON.stringify(e));
+}
+
+/* A one-message greedy chat body. */
+export function chatBody(content, extra = {}) {
+  return { model: 'stories260K', messages: [{ role: 'user', content }], temperature: 0, ...extra };
+}
+
+/* Run an SDK streaming chat and collect { text, finish, chunks, usage, role }. */
+export async function collectStream(stream) {
+  let text = '';
+  let finish = null;
+  let usage = null;
+  let role = null;
+  const chunks = [];
+  for await (const chunk of stream) {
+    chunks.push(chunk);
+    if (chunk.usage) usage = chunk.usage;
+    for (const c of chunk.choices || []) {
+      if (c.delta?.role) role = c.delta.role;
+      if (typeof c.delta?.content === 'string') text += c.delta.content;
+      if (typeof c.text === 'string') text += c.text;
+      if (c.finish_reason) finish = c.finish_reason;
+    }
+  }
+  return { text, finish, chunks, usage, role };
+}

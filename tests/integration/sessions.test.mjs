@@ -1,0 +1,197 @@
+/*
+ * sessions.test.mjs — parked conversations end to end: create a session,
+ * chat in it, save it, restart the server on the same --session-dir, restore
+ * it, and check the next turn is exactly what a server that never restarted
+ * answers (greedy). Also: session ids in body and header, the sessions API
+ * shapes, and that a session belongs to the API key that created it (another
+ * key gets 404, even after the restart).
+ *
+ * Why: surviving a restart with the conversation intact is kvpark's reason to
+ * exist; owner isolation keeps one tenant out of another's conversation.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { after, before, describe, it } from 'node:test';
+import { GOLDEN, ONCE, assertErrorShape, jfetch, startServer, tmpDir } from './helpers.mjs';
+
+const KA = 'key-tenant-a';
+const KB = 'key-tenant-b';
+const hA = { authorization: `Bearer ${KA}` };
+const hB = { authorization: `Bearer ${KB}` };
+
+const TURN2_USER = 'What did Lily do next?';
+const turn1Body = (sid) => ({
+  model: 'm', temperature: 0, max_tokens: 24, session_id: sid,
+  messages: [{ role: 'user', content: ONCE }],
+});
+const turn2Body = (reply1) => ({
+  model: 'm', temperature: 0, max_tokens: 24,
+  messages: [{ role: 'user', content: ONCE }, { role: 'assistant', content: reply1 },
+    { role: 'user', content: TURN2_USER }],
+});
+
+describe('sessions', { timeout: 110000 }, () => {
+  let dirA;
+  let dirB;
+  let a; /* the server that is restarted */
+  let b; /* the reference server that never restarts */
+  const args = (dir) => ['-c', '512', '--api-key', KA, '--api-key', KB, '--session-dir', dir];
+
+  before(async () => {
+    dirA = tmpDir('sessA');
+    dirB = tmpDir('sessB');
+    [a, b] = await Promise.all([startServer({ args: args(dirA) }), startServer({ args: args(dirB) })]);
+  });
+  after(async () => {
+    await Promise.all([a?.stop(), b?.stop()]);
+    for (const d of [dirA, dirB]) if (d) fs.rmSync(d, { recursive: true, force: true });
+  });
+
+  const createSession = async (srv, h) => {
+    const r = await jfetch(srv.url + '/v1/sessions', { body: {}, headers: h });
+    assert.equal(r.status, 200, r.text);
+    assert.equal(r.json.object, 'session');
+    assert.match(r.json.id, /^[A-Za-z0-9_-]{16,64}$/, 'an unguessable id');
+    return r.json.id;
+  };
+
+  let sidA;
+  let sidB;
+  let reply1;
+  let tokensBeforeSave;
+
+  it('create + chat in a session: id echoed in body and X-Session-Id', async () => {
+    sidA = await createSession(a, hA);
+    sidB = await createSession(b, hA);
+    assert.notEqual(sidA, sidB);
+    const ra = await jfetch(a.baseURL + '/chat/completions', { body: turn1Body(sidA), headers: hA });
+    assert.equal(ra.status, 200, ra.text);
+    assert.equal(ra.json.session_id, sidA);
+    assert.equal(ra.headers.get('x-session-id'), sidA);
+    reply1 = ra.json.choices[0].message.content;
+    assert.ok(GOLDEN[ONCE].startsWith(reply1) && reply1.length > 0, reply1);
+
+    /* the reference names its session by header instead of body */
+    const { session_id: _, ...noSid } = turn1Body(sidB);
+    const rb = await jfetch(b.baseURL + '/chat/completions', { body: noSid, headers: { ...hA, 'x-session-id': sidB } });
+    assert.equal(rb.status, 200, rb.text);
+    assert.equal(rb.json.session_id, sidB);
+    assert.equal(rb.headers.get('x-session-id'), sidB);
+    assert.equal(rb.json.choices[0].message.content, reply1);
+  });
+
+  it('GET /v1/sessions and /v1/sessions/{id} describe it', async () => {
+    const list = await jfetch(a.url + '/v1/sessions', { method: 'GET', headers: hA });
+    assert.equal(list.status, 200, list.text);
+    assert.equal(list.json.object, 'list');
+    const e = list.json.data.find((s) => s.id === sidA);
+    assert.ok(e, `session ${sidA} not listed: ${list.text}`);
+    for (const k of ['tokens', 'bytes', 'last_used']) assert.equal(typeof e[k], 'number', `${k} in ${JSON.stringify(e)}`);
+    assert.equal(typeof e.tier, 'string');
+    assert.ok(e.tokens >= 5 + 24 - 1, `tokens ${e.tokens}: the turn's prompt and reply`);
+    const one = await jfetch(a.url + `/v1/sessions/${sidA}`, { method: 'GET', headers: hA });
+    assert.equal(one.status, 200, one.text);
+    assert.equal(one.json.id, sidA);
+    assert.equal(one.json.tokens, e.tokens);
+    tokensBeforeSave = e.tokens;
+  });
+
+  it('save writes it to --session-dir', async () => {
+    const r = await jfetch(a.url + `/v1/sessions/${sidA}/save`, { headers: hA });
+    assert.equal(r.status, 200, r.text);
+    assert.equal(r.json.id, sidA);
+    assert.ok(r.json.bytes > 0, r.text);
+    assert.equal(typeof r.json.ratio_vs_fp16, 'number');
+    assert.ok(r.json.ratio_vs_fp16 > 0);
+    assert.equal(typeof r.json.ms, 'number');
+    const files = fs.readdirSync(dirA, { recursive: true });
+    assert.ok(files.length > 0, 'nothing written under --session-dir');
+  });
+
+  it('SIGTERM stops the server within 5 s; it restarts on the same --session-dir', async () => {
+    const ex = await a.stop();
+    assert.ok(!ex.killed, `did not exit within 5 s of SIGTERM (log: ${a.log().slice(-500)})`);
+    a = await startServer({ args: args(dirA) });
+    const list = await jfetch(a.url + '/v1/sessions', { method: 'GET', headers: hA });
+    assert.equal(list.status, 200, list.text);
+    const e = list.json.data.find((s) => s.id === sidA);
+    assert.ok(e, `session not re-indexed after restart: ${list.text}`);
+    assert.equal(e.tokens, tokensBeforeSave);
+  });
+
+  it('another key cannot see or touch the session, even after the restart (404)', async () => {
+    const listB = await jfetch(a.url + '/v1/sessions', { method: 'GET', headers: hB });
+    assert.equal(listB.status, 200);
+    assert.ok(!listB.json.data.some((s) => s.id === sidA), 'key B lists key A\'s session');
+    for (const [method, p] of [['GET', `/v1/sessions/${sidA}`], ['POST', `/v1/sessions/${sidA}/save`],
+      ['POST', `/v1/sessions/${sidA}/restore`], ['DELETE', `/v1/sessions/${sidA}`]]) {
+      const r = await jfetch(a.url + p, { method, headers: hB });
+      assert.equal(r.status, 404, `key B ${method} ${p}: ${r.status} ${r.text}`);
+      assertErrorShape(assert, r.json);
+    }
+    const chat = await jfetch(a.baseURL + '/chat/completions', { body: { ...turn2Body(reply1), session_id: sidA }, headers: hB });
+    assert.equal(chat.status, 404, chat.text);
+    const hdr = await jfetch(a.baseURL + '/chat/completions', { body: turn2Body(reply1), headers: { ...hB, 'x-session-id': sidA } });
+    assert.equal(hdr.status, 404, hdr.text);
+    const nokey = await jfetch(a.url + `/v1/sessions/${sidA}`, { method: 'GET' });
+    assert.equal(nokey.status, 401);
+  });
+
+  it('restore, then the next turn equals the never-restarted server (greedy)', async () => {
+    const rs = await jfetch(a.url + `/v1/sessions/${sidA}/restore`, { headers: hA });
+    assert.equal(rs.status, 200, rs.text);
+    assert.equal(rs.json.id, sidA);
+    assert.equal(typeof rs.json.ms, 'number');
+
+    const ra = await jfetch(a.baseURL + '/chat/completions', { body: turn2Body(reply1), headers: { ...hA, 'x-session-id': sidA } });
+    const rb = await jfetch(b.baseURL + '/chat/completions', { body: turn2Body(reply1), headers: { ...hA, 'x-session-id': sidB } });
+    assert.equal(ra.status, 200, ra.text);
+    assert.equal(rb.status, 200, rb.text);
+    assert.equal(ra.json.session_id, sidA);
+    assert.equal(ra.json.choices[0].message.content, rb.json.choices[0].message.content);
+    assert.equal(ra.json.usage.prompt_tokens, rb.json.usage.prompt_tokens);
+    const cached = ra.json.usage.prompt_tokens_details?.cached_tokens;
+    assert.ok(cached > 0, `the restored session's KV was not reused: ${JSON.stringify(ra.json.usage)}`);
+    assert.equal(cached, rb.json.usage.prompt_tokens_details?.cached_tokens,
+      'restored and never-parked sessions reuse the same prefix');
+  });
+
+  it('a streamed turn in the session also matches', async () => {
+    const body = { ...turn2Body(reply1), stream: true, max_tokens: 12 };
+    body.messages = [...body.messages, { role: 'assistant', content: 'She' }, { role: 'user', content: 'And then?' }];
+    const texts = [];
+    for (const [srv, sid] of [[a, sidA], [b, sidB]]) {
+      const r = await jfetch(srv.baseURL + '/chat/completions', { body, headers: { ...hA, 'x-session-id': sid } });
+      assert.equal(r.status, 200, r.text);
+      assert.equal(r.headers.get('x-session-id'), sid);
+      const events = r.text.split('\n').filter((l) => l.startsWith('data: {')).map((l) => JSON.parse(l.slice(6)));
+      texts.push(events.map((e) => e.choices[0]?.delta?.content ?? '').join(''));
+    }
+    assert.equal(texts[0], texts[1]);
+  });
+
+  it('concurrent requests on one session: each is served correctly (or refused), never mixed', async () => {
+    const sid = await createSession(b, hA);
+    const body = { model: 'm', temperature: 0, max_tokens: 64, session_id: sid, messages: [{ role: 'user', content: ONCE }] };
+    const res = await Promise.all([0, 1, 2].map(() => jfetch(b.baseURL + '/chat/completions', { body, headers: hA })));
+    for (const r of res) {
+      assert.ok([200, 409, 429].includes(r.status), `${r.status} ${r.text.slice(0, 200)}`);
+      if (r.status === 200) assert.equal(r.json.choices[0].message.content, GOLDEN[ONCE]);
+    }
+    assert.ok(res.some((r) => r.status === 200));
+    const after = await jfetch(b.baseURL + '/chat/completions', { body, headers: hA });
+    assert.equal(after.status, 200, after.text);
+    assert.equal(after.json.choices[0].message.content, GOLDEN[ONCE]);
+  });
+
+  it('DELETE removes it for its owner', async () => {
+    const d = await jfetch(a.url + `/v1/sessions/${sidA}`, { method: 'DELETE', headers: hA });
+    assert.equal(d.status, 200, d.text);
+    const g = await jfetch(a.url + `/v1/sessions/${sidA}`, { method: 'GET', headers: hA });
+    assert.equal(g.status, 404);
+    const c = await jfetch(a.baseURL + '/chat/completions', { body: turn1Body(sidA), headers: hA });
+    assert.equal(c.status, 404);
+    const again = await jfetch(a.url + `/v1/sessions/${sidA}`, { method: 'DELETE', headers: hA });
+    assert.equal(again.status, 404);
+  });
+});
