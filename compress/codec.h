@@ -19,9 +19,10 @@
  *
  * Contract
  *   - codec_encode writes a self-describing chunk: a 16-byte header
- *     (magic "KC", codec id, element type, n rows, payload bytes, checksum
- *     of the payload) followed by the payload whose layout each codec
- *     documents in its .c file. The bitstream is deterministic and
+ *     (magic "KC", codec id, element type, n rows, K/V flag, payload bytes,
+ *     XXH32 checksum of the header's first 12 bytes and the payload; byte map
+ *     in codec.c) followed by the payload whose layout each codec
+ *     documents in its .c file (codec_baseline.c for the baselines). The bitstream is deterministic and
  *     little-endian; the CUDA decoder reads the same bytes.
  *   - codec_decode checks the header against what the caller expects (codec,
  *     rows, shape) and the checksum BEFORE writing any output; a damaged chunk
