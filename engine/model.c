@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 
 #include "gguf.h"
+#include "../kernels/cpu/quant.h"
 
 /* xxhash as a header-only library (XXH_INLINE_ALL): no link dependency. */
 #define XXH_INLINE_ALL
@@ -73,6 +74,9 @@ struct model {
     const float *out_norm, *out_norm_b;
     layer_w *layers;    /* [n_layer] */
     uint64_t fingerprint; /* 0 until model_fingerprint() computes it */
+    model_probe_fn probe;
+    void *probe_ud;
+    int *probe_seq;       /* [n_batch] sequence index of each micro-batch row */
 
     scratch s;
 };
@@ -411,6 +415,7 @@ void model_free(model *m) {
     tok_free(m->vocab);
     gguf_close(m->gf);
     free(m->layers);
+    free(m->probe_seq);
     free(m->chat_template);
     free(m->path);
     free(m);
@@ -422,6 +427,27 @@ kp_backend *model_backend(const model *m) { return m->be; }
 const char *model_path(const model *m) { return m->path; }
 const char *model_chat_template(const model *m) { return m->chat_template; }
 const char *model_desc(const model *m) { return m->desc; }
+
+void model_set_probe(model *m, model_probe_fn fn, void *ud) {
+    free(m->probe_seq);
+    m->probe_seq = fn ? calloc((size_t)m->n_batch, sizeof *m->probe_seq) : NULL;
+    m->probe = m->probe_seq ? fn : NULL;
+    m->probe_ud = ud;
+}
+
+float *model_wo_f32(const model *m, int layer) {
+    if (layer < 0 || layer >= m->hp.n_layer) return NULL;
+    const kp_wref *w = &m->layers[layer].wo;
+    float *out = malloc(sizeof(float) * (size_t)w->n_in * (size_t)w->n_out);
+    if (!out) return NULL;
+    size_t rb = kp_type_row_bytes(w->type, w->n_in);
+    for (int64_t o = 0; o < w->n_out; o++)
+        if (kp_dequant_row(w->type, (const char *)w->data + (size_t)o * rb, out + o * w->n_in, w->n_in)) {
+            free(out);
+            return NULL;
+        }
+    return out;
+}
 
 uint64_t model_fingerprint(model *m) {
     if (m->fingerprint) return m->fingerprint;
@@ -492,6 +518,7 @@ static void forward_ubatch(model *m, const ubatch_seq *us, int n_us, int n) {
                 ops->copy(be, s->k + (size_t)t * kvd, row + dim, (size_t)kvd * sizeof(float));
                 ops->copy(be, s->v + (size_t)t * kvd, row + dim + kvd, (size_t)kvd * sizeof(float));
             }
+            if (m->probe) m->probe(m->probe_ud, l, s->q, s->k, s->v, s->pos, m->probe_seq, n);
         } else {
             ops->rmsnorm(be, s->h, s->x, L->attn_norm, n, dim, hp->norm_eps);
             ops->matmul(be, s->q, s->h, &L->wq, n);
@@ -500,6 +527,7 @@ static void forward_ubatch(model *m, const ubatch_seq *us, int n_us, int n) {
             if (L->bq) ops->add_bias(be, s->q, L->bq, n, dim);
             if (L->bk) ops->add_bias(be, s->k, L->bk, n, kvd);
             if (L->bv) ops->add_bias(be, s->v, L->bv, n, kvd);
+            if (m->probe) m->probe(m->probe_ud, l, s->q, s->k, s->v, s->pos, m->probe_seq, n);
             ops->rope(be, s->q, s->pos, n, hp->n_head, hd, hp->n_rot, hp->rope_base,
                       hp->rope_freq_scale, hp->rope_mode);
             ops->rope(be, s->k, s->pos, n, hp->n_kv_heads, hd, hp->n_rot, hp->rope_base,
@@ -608,6 +636,7 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err) {
                 for (int t = 0; t < take; t++) {
                     m->s.ids[n + t] = q->tokens[done[cur] + t];
                     m->s.pos[n + t] = u->pos0 + t;
+                    if (m->probe_seq) m->probe_seq[n + t] = cur;
                 }
                 n += take;
                 done[cur] += take;

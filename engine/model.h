@@ -92,6 +92,19 @@ typedef struct model_seq {
  * cache's n_ctx, KP_EINVAL for a token id outside the vocabulary. */
 int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err);
 
+/* A probe sees each layer's activations during model_forward (calibration of
+ * the KV codec): q [n][n_head][head_dim] and k [n][n_kv][head_dim] BEFORE
+ * RoPE, v [n][n_kv][head_dim], for the n tokens of one micro-batch at
+ * positions pos[0..n-1] (host memory; valid only during the call; tokens of
+ * several sequences may be mixed: seq[t] says which model_seq each row is).
+ * NULL removes it. CPU backend only. */
+typedef void (*model_probe_fn)(void *ud, int layer, const float *q, const float *k, const float *v,
+                               const int32_t *pos, const int *seq, int n);
+void model_set_probe(model *m, model_probe_fn fn, void *ud);
+/* The output projection of layer l as f32 [dim][dim] (row o = output o; the
+ * caller frees it) — what value errors are weighted by. */
+float *model_wo_f32(const model *m, int layer);
+
 /* Resolve which model file to use: `cli` (may be NULL), else $KVPARK_MODEL,
  * else the first models/ *.gguf (sorted), else ../shared/models/stories260K.gguf.
  * Writes the chosen path into buf, or returns KP_ENOTFOUND with a message

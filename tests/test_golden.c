@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "engine/eval.h"
+#include "engine/gguf.h"
 #include "engine/model.h"
 #include "testutil.h"
 
@@ -323,6 +324,61 @@ static void test_fingerprint(void **state) {
     model_free(d);
 }
 
+/* The calibration probe sees pre-RoPE keys: rotating them gives exactly the
+ * cache rows; it sees every layer once per micro-batch. */
+typedef struct probe_rec {
+    float k0[64][32];
+    int n, calls;
+} probe_rec;
+
+static void probe_fn(void *ud, int layer, const float *q, const float *k, const float *v,
+                     const int32_t *pos, const int *seq, int n) {
+    (void)q; (void)v; (void)seq;
+    probe_rec *p = ud;
+    p->calls++;
+    if (layer != 0) return;
+    for (int t = 0; t < n; t++) memcpy(p->k0[pos[t]], k + (size_t)t * 32, sizeof p->k0[0]);
+    p->n = n;
+}
+
+static void test_probe_and_wo(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load("models/stories260K.gguf", 1);
+    probe_rec *p = calloc(1, sizeof *p);
+    model_set_probe(m, probe_fn, p);
+    kp_err err = {0};
+    kv_cache *kv = NULL;
+    assert_int_equal(model_kv_new(m, &kv, KP_TYPE_F32, 64, &err), 0);
+    int32_t ids[20];
+    for (int i = 0; i < 20; i++) ids[i] = i == 0 ? 1 : 300 + i;
+    model_seq q = {.kv = kv, .tokens = ids, .n_tokens = 20};
+    assert_int_equal(model_forward(m, &q, 1, &err), 0);
+    assert_int_equal(p->n, 20);
+    assert_int_equal(p->calls, 5);
+    const model_hparams *hp = model_hp(m);
+    const kp_ops *ops = kp_backend_ops(model_backend(m));
+    int32_t pos[20];
+    for (int i = 0; i < 20; i++) pos[i] = i;
+    ops->rope(model_backend(m), &p->k0[0][0], pos, 20, hp->n_kv_heads, hp->head_dim, hp->n_rot, hp->rope_base,
+              hp->rope_freq_scale, hp->rope_mode);
+    assert_memory_equal(&p->k0[0][0], kv->k[0], sizeof(float) * 20 * 32);
+    model_set_probe(m, NULL, NULL);
+    float *wo = model_wo_f32(m, 0);
+    assert_non_null(wo);
+    assert_null(model_wo_f32(m, 99));
+    char *path = tu_shared_path("models/stories260K.gguf");
+    gguf_file *gf = NULL;
+    assert_int_equal(gguf_open(&gf, path, &err), 0);
+    assert_memory_equal(wo, gguf_find_tensor(gf, "blk.0.attn_output.weight")->data, sizeof(float) * 64 * 64);
+    gguf_close(gf);
+    free(path);
+    free(wo);
+    kv_free(kv);
+    free(p);
+    model_free(m);
+}
+
 static void test_missing_model(void **state) {
     (void)state;
     model *m = NULL;
@@ -349,6 +405,7 @@ int main(void) {
         cmocka_unit_test(test_stories_ppl_full),
         cmocka_unit_test(test_batched_sequences),
         cmocka_unit_test(test_fingerprint),
+        cmocka_unit_test(test_probe_and_wo),
         cmocka_unit_test(test_missing_model),
     };
     tu_apply_filter();
