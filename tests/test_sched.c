@@ -15,6 +15,7 @@ typedef struct out_buf {
     int32_t ids[512];
     int n;
     int stop_after; /* callback asks to stop after this many tokens (0: never) */
+    bool hold;      /* the callback blocks (holding the scheduler) while set */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool done;
@@ -23,8 +24,27 @@ typedef struct out_buf {
 static int on_token(sched_job *j, int32_t id, const float *logits) {
     (void)logits;
     out_buf *o = j->ud;
-    o->ids[o->n++] = id;
+    pthread_mutex_lock(&o->mu);
+    if (o->n < (int)KP_ARRAY_LEN(o->ids)) o->ids[o->n] = id;
+    o->n++;
+    pthread_cond_broadcast(&o->cv);
+    while (o->hold) pthread_cond_wait(&o->cv, &o->mu);
+    pthread_mutex_unlock(&o->mu);
     return o->stop_after && o->n >= o->stop_after;
+}
+
+/* Wait until the job has produced at least one token (it is running). */
+static void wait_first_token(out_buf *o) {
+    pthread_mutex_lock(&o->mu);
+    while (o->n == 0 && !o->done) pthread_cond_wait(&o->cv, &o->mu);
+    pthread_mutex_unlock(&o->mu);
+}
+
+static void release(out_buf *o) {
+    pthread_mutex_lock(&o->mu);
+    o->hold = false;
+    pthread_cond_broadcast(&o->cv);
+    pthread_mutex_unlock(&o->mu);
 }
 
 static void on_done(sched_job *j) {
@@ -217,24 +237,29 @@ static void test_stop_cancel_busy(void **state) {
     wait_done(&o);
     assert_int_equal(j.finish, SCHED_LENGTH);
     assert_true(o.n >= 58 && o.n <= 60);
-    /* cancel, and a full queue -> KP_EBUSY */
+    /* a full queue -> KP_EBUSY; cancel running and waiting jobs. The first
+     * job blocks inside its callback so it is surely running meanwhile. */
     static sched_job jb[3];
     static out_buf ob[3];
     for (int i = 0; i < 3; i++) init_job(&jb[i], &ob[i], prompt, 5, 1000);
+    ob[0].hold = true;
     assert_int_equal(sched_submit(s, &jb[0], &err), 0);
-    for (int running = 0; running == 0;) {
-        usleep(100);
-        sched_stats(s, &running, NULL);
-    }
+    wait_first_token(&ob[0]);
     assert_int_equal(sched_submit(s, &jb[1], &err), 0); /* waits */
     assert_int_equal(sched_submit(s, &jb[2], &err), KP_EBUSY);
     assert_non_null(strstr(err.msg, "busy"));
+    int running = -1, waiting = -1;
+    sched_stats(s, &running, &waiting);
+    assert_int_equal(running, 1);
+    assert_int_equal(waiting, 1);
     atomic_store(&jb[0].cancel, true);
+    atomic_store(&jb[1].cancel, true);
+    release(&ob[0]);
     wait_done(&ob[0]);
     assert_int_equal(jb[0].finish, SCHED_CANCELED);
-    atomic_store(&jb[1].cancel, true);
     wait_done(&ob[1]);
     assert_int_equal(jb[1].finish, SCHED_CANCELED);
+    assert_int_equal(ob[1].n, 0);
     /* prompt longer than the context -> error, not a crash */
     int32_t big[100];
     for (int i = 0; i < 100; i++) big[i] = 5;
