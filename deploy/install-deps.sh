@@ -8,7 +8,7 @@
 # /usr/local/cuda/bin/nvcc (or nvcc on PATH) exists, and without it otherwise.
 set -euo pipefail
 pkgs=(gcc meson ninja-build pkg-config libmicrohttpd-dev libjansson-dev liblz4-dev libuv1-dev
-      libxxhash-dev libcmocka-dev gnuplot-nox prometheus)
+      libxxhash-dev libcmocka-dev gnuplot-nox prometheus curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -524,54 +524,67 @@ int api_parse_chat(const char *body, size_t len, const api_limits *lim, api_requ
 
 /* ---- completions ----------------------------------------------------- */
 
-static int api_parse_ids(json_t *arr, const char *param, api_request *r, api_error *e) {
+static int api_parse_ids(json_t *arr, const char *param, api_prompt *pr, api_error *e) {
     size_t n = json_array_size(arr), i;
     if (n == 0)
         return API_BAD(e, param, "invalid_value", "'%s' must not be empty", param);
-    r->prompt_ids = malloc(n * sizeof(int32_t));
-    if (!r->prompt_ids) return API_OOM(e);
+    pr->ids = malloc(n * sizeof(int32_t));
+    if (!pr->ids) return API_OOM(e);
     json_t *v;
     json_array_foreach(arr, i, v) {
         if (!json_is_integer(v) || json_integer_value(v) < 0 ||
             json_integer_value(v) > INT32_MAX)
             return API_BAD(e, param, json_is_integer(v) ? "invalid_value" : "invalid_type",
                            "'%s[%zu]' must be a token id (an integer >= 0)", param, i);
-        r->prompt_ids[i] = (int32_t)json_integer_value(v);
+        pr->ids[i] = (int32_t)json_integer_value(v);
     }
-    r->n_prompt_ids = n;
+    pr->n_ids = n;
     return 0;
 }
 
+/* One prompt from a string or an array of ids. */
+static int api_parse_one_prompt(json_t *p, const char *param, api_prompt *pr, api_error *e) {
+    if (json_is_string(p)) {
+        pr->text = api_strdup(json_string_value(p), json_string_length(p));
+        return pr->text ? 0 : API_OOM(e);
+    }
+    return api_parse_ids(p, param, pr, e);
+}
+
+/* 'prompt': a string, an array of token ids, or an array of strings / id
+ * arrays (a batch: one choice per prompt, as OpenAI does). */
 static int api_parse_prompt(json_t *root, api_request *r, api_error *e) {
-    const char *kinds = "a string, an array of token ids, or an array holding one string or "
-                        "one array of token ids";
+    const char *kinds = "a string, an array of token ids, or an array of strings or of token "
+                        "id arrays";
     json_t *p = json_object_get(root, "prompt");
     if (!p || json_is_null(p))
         return API_BAD(e, "prompt", "missing_required_parameter", "'prompt' is required");
-    if (json_is_string(p)) {
-        r->prompt = api_strdup(json_string_value(p), json_string_length(p));
-        return r->prompt ? 0 : API_OOM(e);
-    }
-    if (!json_is_array(p))
+    if (!json_is_string(p) && !json_is_array(p))
         return API_BAD(e, "prompt", "invalid_type", "'prompt' must be %s (got %s)", kinds,
                        api_type_name(p));
-    size_t n = json_array_size(p);
+    size_t n = json_is_string(p) ? 1 : json_array_size(p);
     if (n == 0) return API_BAD(e, "prompt", "invalid_value", "'prompt' must not be empty");
-    json_t *first = json_array_get(p, 0);
-    if (json_is_integer(first)) return api_parse_ids(p, "prompt", r, e);
-    if (!json_is_string(first) && !json_is_array(first))
-        return API_BAD(e, "prompt", "invalid_type", "'prompt' must be %s (prompt[0] is %s)",
-                       kinds, api_type_name(first));
-    if (n > 1)
-        return API_BAD(e, "prompt", "unsupported",
-                       "'prompt' holds %zu prompts: kvpark generates one choice per request, "
-                       "send one request per prompt",
-                       n);
-    if (json_is_string(first)) {
-        r->prompt = api_strdup(json_string_value(first), json_string_length(first));
-        return r->prompt ? 0 : API_OOM(e);
+    json_t *first = json_is_array(p) ? json_array_get(p, 0) : p;
+    bool batch = json_is_array(p) && !json_is_integer(first);
+    if (!batch) n = 1;
+    if (n > API_MAX_PROMPTS)
+        return API_BAD(e, "prompt", "invalid_value",
+                       "'prompt' holds %zu prompts: at most %d per request", n, API_MAX_PROMPTS);
+    r->prompts = calloc(n, sizeof *r->prompts);
+    if (!r->prompts) return API_OOM(e);
+    r->n_prompts = n;
+    if (!batch) return api_parse_one_prompt(p, "prompt", &r->prompts[0], e);
+    for (size_t i = 0; i < n; i++) {
+        json_t *x = json_array_get(p, i);
+        char param[32];
+        snprintf(param, sizeof param, "prompt[%zu]", i);
+        if (!json_is_string(x) && !json_is_array(x))
+            return API_BAD(e, param, "invalid_type", "'prompt' must be %s (%s is %s)", kinds, param,
+                           api_type_name(x));
+        int rc = api_parse_one_prompt(x, param, &r->prompts[i], e);
+        if (rc) return rc;
     }
-    return api_parse_ids(first, "prompt[0]", r, e);
+    return 0;
 }
 
 /* Legacy completions logprobs: integer 0..5 = number of alternatives; a bool
@@ -617,8 +630,11 @@ void api_request_free(api_request *r) {
     free(r->model);
     for (size_t i = 0; i < r->n_msgs; i++) free((char *)r->msgs[i].content); /* owned */
     free(r->msgs);
-    free(r->prompt);
-    free(r->prompt_ids);
+    for (size_t i = 0; i < r->n_prompts; i++) {
+        free(r->prompts[i].text);
+        free(r->prompts[i].ids);
+    }
+    free(r->prompts);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     enum api_kind kind = r->kind;
     memset(r, 0, sizeof(*r));

@@ -64,6 +64,15 @@ typedef struct api_error {
 
 enum api_kind { API_CHAT = 0, API_COMPLETION = 1 };
 
+/* One completion prompt: text, or token ids when text is NULL. */
+typedef struct api_prompt {
+    char *text;
+    int32_t *ids;          /* [n_ids] */
+    size_t n_ids;
+} api_prompt;
+
+#define API_MAX_PROMPTS 64
+
 typedef struct api_request {
     enum api_kind kind;
     char *model;           /* the "model" string, or NULL (absent / not a string) */
@@ -71,10 +80,9 @@ typedef struct api_request {
      * contents are owned (malloc'd) by the request. */
     chat_msg *msgs;        /* [n_msgs] */
     size_t n_msgs;
-    /* completion: either prompt text or prompt token ids */
-    char *prompt;          /* NULL when the prompt is token ids */
-    int32_t *prompt_ids;   /* [n_prompt_ids] */
-    size_t n_prompt_ids;
+    /* completion prompts */
+    api_prompt *prompts;   /* [n_prompts] (1..API_MAX_PROMPTS); one choice each */
+    size_t n_prompts;
     int32_t max_tokens;    /* -1 = not given (generate until EOS / context full) */
     sample_params sp;      /* sample_default_params() + the request's fields;
                               seed = SAMPLE_SEED_RANDOM when not given */

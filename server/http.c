@@ -175,7 +175,25 @@ typedef struct lp_entry {
     float top_lp[API_MAX_TOP_LOGPROBS];
 } lp_entry;
 
-typedef struct req_ctx {
+typedef struct req_ctx req_ctx;
+
+/* One choice being generated: a completion request with a batch of prompts
+ * has several parts, every other request exactly one. */
+typedef struct gen_part {
+    req_ctx *r;
+    int index;              /* choices[index] */
+    sched_job job;
+    int32_t *prompt;
+    int n_prompt;
+    stop_matcher stop;
+    char *text;             /* generated text so far (after stop handling) */
+    size_t text_len, text_cap;
+    lp_entry *lps;          /* [n_lps] when logprobs were asked */
+    size_t n_lps, cap_lps, lps_sent;
+    bool submitted, done;
+} gen_part;
+
+struct req_ctx {
     server *s;
     /* request body */
     char *body;
@@ -187,28 +205,22 @@ typedef struct req_ctx {
     char url[256];
     int status;
     /* generation */
-    bool gen;               /* a job was submitted */
+    bool gen;               /* jobs were submitted and a streaming response queued */
     bool stream;
     enum api_kind kind;
     api_request req;
-    int32_t *prompt;
-    int n_prompt;
-    sched_job job;
+    gen_part *parts;        /* [n_parts] */
+    int n_parts, n_done;
     session *sess;
-    stop_matcher stop;
     char id[64];
+    int64_t created;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    bool finished;          /* on_done ran and the output is complete */
+    bool finished;          /* every part ended and the output is complete */
     char *out;              /* bytes to send */
     size_t out_len, out_cap, out_pos;
-    char *text;             /* generated text so far (after stop handling) */
-    size_t text_len, text_cap;
-    lp_entry *lps;          /* [n_lps] when logprobs were asked */
-    size_t n_lps, cap_lps, lps_sent;
     int fd;                 /* the client socket, to notice a hang-up */
-    bool role_sent;
-} req_ctx;
+};
 
 static int buf_append(char **buf, size_t *len, size_t *cap, const char *data, size_t n) {
     if (*len + n + 1 > *cap) {
@@ -225,42 +237,57 @@ static int buf_append(char **buf, size_t *len, size_t *cap, const char *data, si
     return 0;
 }
 
+static void totals(const req_ctx *r, int *in, int *cached, int *out, double *ttft) {
+    *in = *cached = *out = 0;
+    *ttft = 0;
+    for (int i = 0; i < r->n_parts; i++) {
+        const gen_part *p = &r->parts[i];
+        if (!p->submitted) continue;
+        *in += p->n_prompt;
+        *cached += p->job.n_cached;
+        *out += p->job.n_generated;
+        if (p->job.t_first_token > 0 && (*ttft == 0 || p->job.t_first_token - p->job.t_submit < *ttft))
+            *ttft = p->job.t_first_token - p->job.t_submit;
+    }
+}
+
 static void log_request(req_ctx *r) {
     if (r->s->o.quiet) return;
-    double total = kp_now() - r->t0;
-    double ttft = r->gen && r->job.t_first_token > 0 ? r->job.t_first_token - r->job.t_submit : 0;
+    int in, cached, out;
+    double ttft;
+    totals(r, &in, &cached, &out, &ttft);
     fprintf(stderr, "kvpark: %s %s %s status=%d session=%s in=%d cached=%d out=%d ttft=%.1fms total=%.1fms\n",
-            r->id[0] ? r->id : "-", r->method, r->url, r->status,
-            r->sess ? r->sess->id : "-", r->gen ? r->n_prompt : 0, r->gen ? r->job.n_cached : 0,
-            r->gen ? r->job.n_generated : 0, ttft * 1e3, total * 1e3);
+            r->id[0] ? r->id : "-", r->method, r->url, r->status, r->sess ? r->sess->id : "-", in, cached,
+            out, ttft * 1e3, (kp_now() - r->t0) * 1e3);
 }
 
 /* ------------------------------------------------------------------ */
 /* 3. generation                                                       */
 
-static void fill_result(req_ctx *r, api_result *res, const char *text, size_t len) {
+static void fill_result(gen_part *p, api_result *res, const char *text, size_t len) {
+    req_ctx *r = p->r;
     memset(res, 0, sizeof *res);
     res->id = r->id;
-    res->created = (int64_t)unix_now();
+    res->created = r->created;
     res->model = r->req.model ? r->req.model : r->s->model_id;
     res->session_id = r->sess ? r->sess->id : NULL;
     res->text = text;
     res->text_len = len;
-    res->prompt_tokens = r->n_prompt;
-    res->completion_tokens = r->job.n_generated;
-    res->cached_tokens = r->job.n_cached;
+    res->prompt_tokens = p->n_prompt;
+    res->completion_tokens = p->job.n_generated;
+    res->cached_tokens = p->job.n_cached;
     res->include_usage = r->req.include_usage;
+    res->finish = p->job.finish == SCHED_LENGTH ? API_FINISH_LENGTH : API_FINISH_STOP;
 }
 
 /* Build api_token_logprob views over lps[from, to). Caller frees *out and *tops. */
-static void lp_views(req_ctx *r, size_t from, size_t to, api_token_logprob **out,
-                     api_logprob **tops) {
+static void lp_views(gen_part *p, size_t from, size_t to, api_token_logprob **out, api_logprob **tops) {
     size_t n = to - from;
     *out = calloc(n ? n : 1, sizeof **out);
     *tops = calloc((n ? n : 1) * API_MAX_TOP_LOGPROBS, sizeof **tops);
     if (!*out || !*tops) return;
     for (size_t i = 0; i < n; i++) {
-        lp_entry *e = &r->lps[from + i];
+        lp_entry *e = &p->lps[from + i];
         api_token_logprob *t = &(*out)[i];
         t->tok = (api_logprob){e->tok, e->tok_len, e->lp};
         api_logprob *tp = *tops + i * API_MAX_TOP_LOGPROBS;
@@ -270,25 +297,47 @@ static void lp_views(req_ctx *r, size_t from, size_t to, api_token_logprob **out
     }
 }
 
+/* Set choices[*].index of a response or chunk to `index` (batches only). */
+static char *with_index(char *json, int index) {
+    if (!json || index == 0) return json;
+    json_t *j = json_loads(json, 0, NULL);
+    json_t *ch = j ? json_object_get(j, "choices") : NULL;
+    for (size_t i = 0; i < json_array_size(ch); i++)
+        json_object_set_new(json_array_get(ch, i), "index", json_integer(index));
+    char *out = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (!out) return json;
+    free(json);
+    return out;
+}
+
 /* Append one SSE event with a chunk of the given kind (caller holds r->mu). */
-static void push_chunk(req_ctx *r, enum api_chunk_kind kind, const char *text, size_t len,
+static void push_chunk(gen_part *p, enum api_chunk_kind kind, const char *text, size_t len,
                        bool with_lps) {
+    req_ctx *r = p->r;
     api_result res;
-    fill_result(r, &res, text, len);
+    fill_result(p, &res, text, len);
+    if (kind == API_CHUNK_USAGE) { /* usage of the whole request */
+        int in, cached, out;
+        double ttft;
+        totals(r, &in, &cached, &out, &ttft);
+        res.prompt_tokens = in;
+        res.cached_tokens = cached;
+        res.completion_tokens = out;
+    }
     api_token_logprob *v = NULL;
     api_logprob *tops = NULL;
-    if (with_lps && r->req.logprobs && r->lps_sent < r->n_lps) {
-        lp_views(r, r->lps_sent, r->n_lps, &v, &tops);
+    if (with_lps && r->req.logprobs && p->lps_sent < p->n_lps) {
+        lp_views(p, p->lps_sent, p->n_lps, &v, &tops);
         if (v && tops) {
             res.has_logprobs = true;
             res.logprobs = v;
-            res.n_logprobs = r->n_lps - r->lps_sent;
-            r->lps_sent = r->n_lps;
+            res.n_logprobs = p->n_lps - p->lps_sent;
+            p->lps_sent = p->n_lps;
         }
     }
-    if (kind == API_CHUNK_FINISH)
-        res.finish = r->job.finish == SCHED_LENGTH ? API_FINISH_LENGTH : API_FINISH_STOP;
     char *json = r->kind == API_CHAT ? api_chat_chunk_json(&res, kind) : api_completion_chunk_json(&res, kind);
+    if (kind != API_CHUNK_USAGE) json = with_index(json, p->index);
     char *ev = json ? api_sse_event(json) : NULL;
     if (ev) buf_append(&r->out, &r->out_len, &r->out_cap, ev, strlen(ev));
     free(ev);
@@ -298,99 +347,131 @@ static void push_chunk(req_ctx *r, enum api_chunk_kind kind, const char *text, s
 }
 
 /* Text that passed the stop matcher: keep it, and stream it. */
-static void emit_text(req_ctx *r, const char *t, size_t n) {
+static void emit_text(gen_part *p, const char *t, size_t n) {
     if (n == 0) return;
-    buf_append(&r->text, &r->text_len, &r->text_cap, t, n);
-    if (r->stream) push_chunk(r, API_CHUNK_CONTENT, t, n, true);
+    buf_append(&p->text, &p->text_len, &p->text_cap, t, n);
+    if (p->r->stream) push_chunk(p, API_CHUNK_CONTENT, t, n, true);
 }
 
-static void record_logprobs(req_ctx *r, int32_t id, const float *logits) {
-    if (r->n_lps == r->cap_lps) {
-        size_t nc = r->cap_lps ? r->cap_lps * 2 : 64;
-        lp_entry *p = realloc(r->lps, nc * sizeof *p);
-        if (!p) return;
-        r->lps = p;
-        r->cap_lps = nc;
+static void record_logprobs(gen_part *p, int32_t id, const float *logits) {
+    server *s = p->r->s;
+    if (p->n_lps == p->cap_lps) {
+        size_t nc = p->cap_lps ? p->cap_lps * 2 : 64;
+        lp_entry *np = realloc(p->lps, nc * sizeof *np);
+        if (!np) return;
+        p->lps = np;
+        p->cap_lps = nc;
     }
-    lp_entry *e = &r->lps[r->n_lps++];
+    lp_entry *e = &p->lps[p->n_lps++];
     memset(e, 0, sizeof *e);
     int32_t top_ids[API_MAX_TOP_LOGPROBS];
     float top_lp[API_MAX_TOP_LOGPROBS];
-    int n_top = r->req.top_logprobs;
-    e->lp = sample_logprobs(logits, model_hp(r->s->m)->n_vocab, id, n_top, top_ids, top_lp);
-    int len = tok_piece(r->s->vocab, id, false, e->tok, sizeof e->tok);
+    int n_top = p->r->req.top_logprobs;
+    e->lp = sample_logprobs(logits, model_hp(s->m)->n_vocab, id, n_top, top_ids, top_lp);
+    int len = tok_piece(s->vocab, id, false, e->tok, sizeof e->tok);
     e->tok_len = len > 0 ? (size_t)KP_MIN(len, (int)sizeof e->tok) : 0;
     e->n_top = n_top;
     for (int k = 0; k < n_top; k++) {
-        len = tok_piece(r->s->vocab, top_ids[k], false, e->top_tok[k], sizeof e->top_tok[k]);
+        len = tok_piece(s->vocab, top_ids[k], false, e->top_tok[k], sizeof e->top_tok[k]);
         e->top_len[k] = len > 0 ? (size_t)KP_MIN(len, (int)sizeof e->top_tok[k]) : 0;
         e->top_lp[k] = top_lp[k];
     }
 }
 
 static int on_token(sched_job *job, int32_t id, const float *logits) {
-    req_ctx *r = job->ud;
+    gen_part *p = job->ud;
+    req_ctx *r = p->r;
     char piece[256];
     int len = tok_piece(r->s->vocab, id, false, piece, sizeof piece);
     if (len < 0) len = 0;
     if (len > (int)sizeof piece) len = (int)sizeof piece;
     pthread_mutex_lock(&r->mu);
-    if (r->req.logprobs) record_logprobs(r, id, logits);
+    if (r->req.logprobs) record_logprobs(p, id, logits);
     const char *emit;
     size_t emit_len;
-    int stopped = stop_feed(&r->stop, piece, (size_t)len, &emit, &emit_len);
-    emit_text(r, emit, emit_len);
+    int stopped = stop_feed(&p->stop, piece, (size_t)len, &emit, &emit_len);
+    emit_text(p, emit, emit_len);
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
     return stopped;
 }
 
+/* The whole non-streaming response once every part has ended (r->mu held). */
+static void finish_response(req_ctx *r) {
+    if (r->status >= 500) {
+        api_error e;
+        const char *msg = "generation failed";
+        for (int i = 0; i < r->n_parts; i++)
+            if (r->parts[i].job.finish == SCHED_ERROR && r->parts[i].job.err.msg[0]) msg = r->parts[i].job.err.msg;
+        api_error_server(&e, msg);
+        char *json = api_error_json(&e);
+        if (json) buf_append(&r->out, &r->out_len, &r->out_cap, json, strlen(json));
+        free(json);
+        return;
+    }
+    json_t *all = NULL;
+    for (int i = 0; i < r->n_parts; i++) {
+        gen_part *p = &r->parts[i];
+        api_result res;
+        fill_result(p, &res, p->text ? p->text : "", p->text_len);
+        api_token_logprob *v = NULL;
+        api_logprob *tops = NULL;
+        if (r->req.logprobs) {
+            lp_views(p, 0, p->n_lps, &v, &tops);
+            if (v && tops) {
+                res.has_logprobs = true;
+                res.logprobs = v;
+                res.n_logprobs = p->n_lps;
+            }
+        }
+        if (r->n_parts > 1) { /* usage of the whole request on every choice's draft */
+            int in, cached, out;
+            double ttft;
+            totals(r, &in, &cached, &out, &ttft);
+            res.prompt_tokens = in;
+            res.cached_tokens = cached;
+            res.completion_tokens = out;
+        }
+        char *json = r->kind == API_CHAT ? api_chat_response_json(&res) : api_completion_response_json(&res);
+        free(v);
+        free(tops);
+        json = with_index(json, p->index);
+        if (r->n_parts == 1) {
+            if (json) buf_append(&r->out, &r->out_len, &r->out_cap, json, strlen(json));
+            free(json);
+            return;
+        }
+        json_t *j = json ? json_loads(json, 0, NULL) : NULL;
+        free(json);
+        if (!j) continue;
+        if (!all) all = j;
+        else {
+            json_array_extend(json_object_get(all, "choices"), json_object_get(j, "choices"));
+            json_decref(j);
+        }
+    }
+    char *txt = all ? json_dumps(all, JSON_COMPACT) : NULL;
+    json_decref(all);
+    if (txt) buf_append(&r->out, &r->out_len, &r->out_cap, txt, strlen(txt));
+    free(txt);
+}
+
 static void on_done(sched_job *job) {
-    req_ctx *r = job->ud;
+    gen_part *p = job->ud;
+    req_ctx *r = p->r;
     server *s = r->s;
     pthread_mutex_lock(&r->mu);
     const char *emit;
     size_t emit_len;
-    if (job->finish != SCHED_STOP || !r->stop.stopped) {
-        stop_flush(&r->stop, &emit, &emit_len);
-        emit_text(r, emit, emit_len);
+    if (job->finish != SCHED_STOP || !p->stop.stopped) {
+        stop_flush(&p->stop, &emit, &emit_len);
+        emit_text(p, emit, emit_len);
     }
-    if (job->finish == SCHED_ERROR || job->finish == SCHED_CANCELED) {
-        if (!r->stream && job->finish == SCHED_ERROR) {
-            api_error e;
-            api_error_server(&e, job->err.msg[0] ? job->err.msg : "generation failed");
-            char *json = api_error_json(&e);
-            if (json) buf_append(&r->out, &r->out_len, &r->out_cap, json, strlen(json));
-            free(json);
-        }
-        r->status = job->finish == SCHED_ERROR ? 500 : 499;
-    } else if (r->stream) {
-        push_chunk(r, API_CHUNK_FINISH, "", 0, false);
-        if (r->req.include_usage) push_chunk(r, API_CHUNK_USAGE, "", 0, false);
-        buf_append(&r->out, &r->out_len, &r->out_cap, API_SSE_DONE, strlen(API_SSE_DONE));
-    } else {
-        api_result res;
-        fill_result(r, &res, r->text ? r->text : "", r->text_len);
-        res.finish = job->finish == SCHED_LENGTH ? API_FINISH_LENGTH : API_FINISH_STOP;
-        api_token_logprob *v = NULL;
-        api_logprob *tops = NULL;
-        if (r->req.logprobs) {
-            lp_views(r, 0, r->n_lps, &v, &tops);
-            if (v && tops) {
-                res.has_logprobs = true;
-                res.logprobs = v;
-                res.n_logprobs = r->n_lps;
-            }
-        }
-        char *json = r->kind == API_CHAT ? api_chat_response_json(&res) : api_completion_response_json(&res);
-        if (json) buf_append(&r->out, &r->out_len, &r->out_cap, json, strlen(json));
-        free(json);
-        free(v);
-        free(tops);
-    }
-    /* metrics */
+    if (job->finish == SCHED_ERROR) r->status = 500;
+    else if (job->finish == SCHED_CANCELED && r->status < 500) r->status = 499;
+    else if (r->stream) push_chunk(p, API_CHUNK_FINISH, "", 0, false);
     if (job->finish != SCHED_ERROR && job->finish != SCHED_CANCELED) {
-        metrics_add(s->m_prompt_tokens, r->n_prompt, NULL, NULL);
+        metrics_add(s->m_prompt_tokens, p->n_prompt, NULL, NULL);
         metrics_add(s->m_gen_tokens, job->n_generated, NULL, NULL);
         metrics_add(s->m_cache_hits, job->n_cached, NULL, NULL);
         if (job->t_first_token > 0) {
@@ -400,15 +481,30 @@ static void on_done(sched_job *job) {
                                 NULL, NULL);
         }
     }
-    if (r->sess) {
-        pthread_mutex_lock(&s->sess_mu);
-        r->sess->n_tokens = r->sess->seq ? r->sess->seq->n_tokens : r->sess->n_tokens;
-        r->sess->last_use = unix_now();
-        pthread_mutex_unlock(&s->sess_mu);
+    p->done = true;
+    if (++r->n_done == r->n_parts) { /* the last part: complete the response */
+        if (r->stream) {
+            if (r->status < 400) {
+                if (r->req.include_usage) push_chunk(p, API_CHUNK_USAGE, "", 0, false);
+                buf_append(&r->out, &r->out_len, &r->out_cap, API_SSE_DONE, strlen(API_SSE_DONE));
+            }
+        } else {
+            finish_response(r);
+        }
+        if (r->sess) {
+            pthread_mutex_lock(&s->sess_mu);
+            r->sess->n_tokens = r->sess->seq ? r->sess->seq->n_tokens : r->sess->n_tokens;
+            r->sess->last_use = unix_now();
+            pthread_mutex_unlock(&s->sess_mu);
+        }
+        r->finished = true;
     }
-    r->finished = true;
     pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->mu);
+}
+
+static void cancel_all(req_ctx *r) {
+    for (int i = 0; i < r->n_parts; i++) atomic_store(&r->parts[i].job.cancel, true);
 }
 
 static bool client_gone(int fd) {
@@ -445,7 +541,7 @@ static ssize_t gen_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         }
         pthread_cond_timedwait(&r->cv, &r->mu, &ts);
         if (!r->finished && r->out_pos == r->out_len && client_gone(r->fd)) {
-            atomic_store(&r->job.cancel, true);
+            cancel_all(r);
             pthread_mutex_unlock(&r->mu);
             return MHD_CONTENT_READER_END_WITH_ERROR;
         }
@@ -500,6 +596,45 @@ static int session_make_resident(server *s, session *x, double *ms, kp_err *err)
     return 0;
 }
 
+/* Tokenise prompt i of the request into p->prompt; an api_error on failure. */
+static int tokenize_part(server *s, req_ctx *r, int i, gen_part *p, api_error *e) {
+    kp_err err = {0};
+    size_t n = 0;
+    int rc = 0;
+    char param[32];
+    if (r->kind == API_CHAT) snprintf(param, sizeof param, "messages");
+    else if (r->req.n_prompts > 1) snprintf(param, sizeof param, "prompt[%d]", i);
+    else snprintf(param, sizeof param, "prompt");
+    if (r->kind == API_CHAT) {
+        char *text = NULL;
+        int32_t b = tok_bos(s->vocab), eo = tok_eos(s->vocab);
+        rc = chat_apply(s->tmpl, r->req.msgs, r->req.n_msgs, true, b >= 0 ? tok_text(s->vocab, b) : "",
+                        eo >= 0 ? tok_text(s->vocab, eo) : "", &text, &err);
+        if (!rc) rc = tok_encode(s->vocab, text, strlen(text), true, true, &p->prompt, &n, &err);
+        free(text);
+    } else if (r->req.prompts[i].text) {
+        const char *t = r->req.prompts[i].text;
+        rc = tok_encode(s->vocab, t, strlen(t), true, true, &p->prompt, &n, &err);
+    } else {
+        const api_prompt *ap = &r->req.prompts[i];
+        n = ap->n_ids;
+        p->prompt = malloc(sizeof *p->prompt * (n ? n : 1));
+        if (!p->prompt) return api_error_set(e, 500, "server_error", NULL, NULL, "out of memory");
+        memcpy(p->prompt, ap->ids, sizeof *p->prompt * n);
+        for (size_t k = 0; k < n; k++)
+            if (p->prompt[k] < 0 || p->prompt[k] >= model_hp(s->m)->n_vocab)
+                return api_error_set(e, 400, "invalid_request_error", "invalid_value", param,
+                                     "token id %d in 'prompt' is outside the vocabulary (0..%d)", p->prompt[k],
+                                     model_hp(s->m)->n_vocab - 1);
+    }
+    if (rc)
+        return api_error_set(e, 400, "invalid_request_error", "invalid_value", param, "%s",
+                             err.msg[0] ? err.msg : "cannot tokenise the prompt");
+    if (n == 0) return api_error_set(e, 400, "invalid_request_error", "invalid_value", param, "the prompt is empty");
+    p->n_prompt = (int)n;
+    return 0;
+}
+
 static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req_ctx *r,
                                         enum api_kind kind) {
     api_error e;
@@ -510,51 +645,27 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
     if (rc) return reply_error(c, &e);
     r->kind = kind;
     r->stream = r->req.stream;
+    r->n_parts = kind == API_CHAT ? 1 : (int)r->req.n_prompts;
+    r->parts = calloc((size_t)r->n_parts, sizeof *r->parts);
+    if (!r->parts) {
+        api_error_server(&e, "out of memory");
+        return reply_error(c, &e);
+    }
 
-    /* the prompt */
-    kp_err err = {0};
-    size_t n = 0;
-    if (kind == API_CHAT) {
-        char *text = NULL;
-        int32_t b = tok_bos(s->vocab), eo = tok_eos(s->vocab);
-        rc = chat_apply(s->tmpl, r->req.msgs, r->req.n_msgs, true, b >= 0 ? tok_text(s->vocab, b) : "",
-                        eo >= 0 ? tok_text(s->vocab, eo) : "", &text, &err);
-        if (!rc) rc = tok_encode(s->vocab, text, strlen(text), true, true, &r->prompt, &n, &err);
-        free(text);
-    } else if (r->req.prompt) {
-        rc = tok_encode(s->vocab, r->req.prompt, strlen(r->req.prompt), true, true, &r->prompt, &n, &err);
-    } else {
-        n = r->req.n_prompt_ids;
-        r->prompt = malloc(sizeof *r->prompt * (n ? n : 1));
-        if (!r->prompt) rc = KP_ENOMEM;
-        else memcpy(r->prompt, r->req.prompt_ids, sizeof *r->prompt * n);
-        for (size_t i = 0; i < n && !rc; i++)
-            if (r->prompt[i] < 0 || r->prompt[i] >= model_hp(s->m)->n_vocab) {
-                api_error_set(&e, 400, "invalid_request_error", "invalid_value", "prompt",
-                              "token id %d in 'prompt' is outside the vocabulary (0..%d)", r->prompt[i],
-                              model_hp(s->m)->n_vocab - 1);
-                return reply_error(c, &e);
-            }
-    }
-    if (rc) {
-        api_error_set(&e, 400, "invalid_request_error", "invalid_value", kind == API_CHAT ? "messages" : "prompt",
-                      "%s", err.msg[0] ? err.msg : "cannot tokenise the prompt");
-        return reply_error(c, &e);
-    }
-    if (n == 0) {
-        api_error_set(&e, 400, "invalid_request_error", "invalid_value", kind == API_CHAT ? "messages" : "prompt",
-                      "the prompt is empty");
-        return reply_error(c, &e);
-    }
-    r->n_prompt = (int)n;
+    /* the prompts and the token budget */
     int32_t max_tokens = r->req.max_tokens;
     bool explicit_max = max_tokens > 0;
     if (!explicit_max) max_tokens = s->o.max_tokens_default > 0 ? s->o.max_tokens_default : s->n_ctx;
-    if (r->n_prompt >= s->n_ctx || (explicit_max && r->n_prompt + max_tokens > s->n_ctx)) {
-        api_error_context_overflow(&e, kind, s->n_ctx, r->n_prompt, explicit_max ? max_tokens : 0);
-        return reply_error(c, &e);
+    for (int i = 0; i < r->n_parts; i++) {
+        gen_part *p = &r->parts[i];
+        p->r = r;
+        p->index = i;
+        if (tokenize_part(s, r, i, p, &e)) return reply_error(c, &e);
+        if (p->n_prompt >= s->n_ctx || (explicit_max && p->n_prompt + max_tokens > s->n_ctx)) {
+            api_error_context_overflow(&e, kind, s->n_ctx, p->n_prompt, explicit_max ? max_tokens : 0);
+            return reply_error(c, &e);
+        }
     }
-    if (r->n_prompt + max_tokens > s->n_ctx) max_tokens = s->n_ctx - r->n_prompt;
 
     /* the session */
     const char *hsid = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Session-Id");
@@ -565,7 +676,13 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
                       "sessions", hsid, r->req.session_id);
         return reply_error(c, &e);
     }
+    if (sid && *sid && r->n_parts > 1) {
+        api_error_set(&e, 400, "invalid_request_error", "invalid_value", "session_id",
+                      "a session holds one conversation: send one prompt per request on a session");
+        return reply_error(c, &e);
+    }
     if (sid && *sid) {
+        kp_err err = {0};
         pthread_mutex_lock(&s->sess_mu);
         session *x = store_id_valid(sid) ? session_find(s, sid, r->owner) : NULL;
         if (!x) {
@@ -585,35 +702,48 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
         pthread_mutex_unlock(&s->sess_mu);
     }
 
-    if ((rc = stop_init(&r->stop, (const char *const *)r->req.stop, r->req.n_stop, &err))) {
-        api_error_server(&e, err.msg);
-        return reply_error(c, &e);
-    }
     uint64_t rnd[2] = {0, 0};
     if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) rnd[0] = (uint64_t)(kp_now() * 1e9);
     api_make_id(r->id, sizeof r->id, kind == API_CHAT ? "chatcmpl-" : "cmpl-", rnd[0], rnd[1]);
-
-    sched_job *j = &r->job;
-    memset(j, 0, sizeof *j);
-    j->seq = r->sess ? r->sess->seq : NULL;
-    j->prompt = r->prompt;
-    j->n_prompt = r->n_prompt;
-    j->max_tokens = max_tokens;
-    j->ignore_eos = r->req.ignore_eos;
-    j->sampling = r->req.sp;
-    j->on_token = on_token;
-    j->on_done = on_done;
-    j->ud = r;
-    atomic_init(&j->cancel, false);
+    r->created = (int64_t)unix_now();
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     r->fd = ci ? ci->connect_fd : -1;
-    if (r->stream) {
-        pthread_mutex_lock(&r->mu);
-        push_chunk(r, API_CHUNK_ROLE, "", 0, false);
-        pthread_mutex_unlock(&r->mu);
+    r->status = 200;
+
+    /* one scheduler job per part */
+    int submitted = 0;
+    kp_err err = {0};
+    for (int i = 0; i < r->n_parts && !rc; i++) {
+        gen_part *p = &r->parts[i];
+        if ((rc = stop_init(&p->stop, (const char *const *)r->req.stop, r->req.n_stop, &err))) break;
+        sched_job *j = &p->job;
+        memset(j, 0, sizeof *j);
+        j->seq = r->sess ? r->sess->seq : NULL;
+        j->prompt = p->prompt;
+        j->n_prompt = p->n_prompt;
+        j->max_tokens = KP_MIN(max_tokens, s->n_ctx - p->n_prompt);
+        j->ignore_eos = r->req.ignore_eos;
+        j->sampling = r->req.sp;
+        j->on_token = on_token;
+        j->on_done = on_done;
+        j->ud = p;
+        atomic_init(&j->cancel, false);
+        if (r->stream) {
+            pthread_mutex_lock(&r->mu);
+            push_chunk(p, API_CHUNK_ROLE, "", 0, false);
+            pthread_mutex_unlock(&r->mu);
+        }
+        if ((rc = sched_submit(s->sch, j, &err))) break;
+        p->submitted = true;
+        submitted++;
     }
-    rc = sched_submit(s->sch, j, &err);
     if (rc) {
+        /* take back what was submitted, then answer with the error */
+        pthread_mutex_lock(&r->mu);
+        cancel_all(r);
+        r->n_parts = submitted; /* on_done counts against the submitted parts only */
+        while (r->n_done < submitted) pthread_cond_wait(&r->cv, &r->mu);
+        pthread_mutex_unlock(&r->mu);
         if (r->sess) {
             pthread_mutex_lock(&s->sess_mu);
             r->sess->users--;
@@ -624,13 +754,14 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
             int waiting = 0;
             sched_stats(s->sch, NULL, &waiting);
             api_error_queue_full(&e, waiting);
+        } else if (rc == KP_ECANCELED) {
+            api_error_not_ready(&e, "the server is shutting down");
         } else {
             api_error_set(&e, 400, "invalid_request_error", "invalid_value", NULL, "%s", err.msg);
         }
         return reply_error(c, &e);
     }
     r->gen = true;
-    r->status = 200;
     struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, gen_reader, r, NULL);
     if (!resp) return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", r->stream ? "text/event-stream" : "application/json");
@@ -916,7 +1047,7 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum 
     if (r->gen) {
         pthread_mutex_lock(&r->mu);
         if (!r->finished) {
-            atomic_store(&r->job.cancel, true);
+            cancel_all(r);
             while (!r->finished) pthread_cond_wait(&r->cv, &r->mu);
         }
         pthread_mutex_unlock(&r->mu);
@@ -932,13 +1063,19 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum 
     snprintf(st, sizeof st, "%d", r->status ? r->status : (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 200 : 499));
     metrics_inc(s->m_requests, endpoint_label(r->url), st);
     if (strcmp(r->url, "/health") != 0 && strcmp(r->url, "/metrics") != 0) log_request(r);
-    stop_free(&r->stop);
+    if (r->parts) {
+        int n = r->req.n_prompts > 0 ? (int)r->req.n_prompts : 1; /* every allocated part */
+        for (int i = 0; i < n; i++) {
+            stop_free(&r->parts[i].stop);
+            free(r->parts[i].prompt);
+            free(r->parts[i].text);
+            free(r->parts[i].lps);
+        }
+        free(r->parts);
+    }
     api_request_free(&r->req);
-    free(r->prompt);
     free(r->body);
     free(r->out);
-    free(r->text);
-    free(r->lps);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cv);
     free(r);
@@ -1089,6 +1226,13 @@ int http_serve(const http_opts *opts, kp_err *err) {
         goto done;
     }
     fprintf(stderr, "kvpark: loading %s\n", s->o.model);
+    /* Tests only: hold the "loading" state so the 503 answers can be checked
+     * (a tiny model loads in milliseconds). */
+    const char *delay = getenv("KVPARK_TEST_LOAD_DELAY_MS");
+    if (delay && atoi(delay) > 0) {
+        struct timespec ts = {.tv_sec = atoi(delay) / 1000, .tv_nsec = (long)(atoi(delay) % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
     model_opts mo = model_default_opts();
     mo.n_threads = s->o.n_threads;
     if ((rc = model_load(&s->m, s->o.model, &mo, err))) goto done;

@@ -11,6 +11,8 @@
  *     model loads), loads the model, then serves until SIGINT/SIGTERM, then
  *     stops accepting, cancels running generations and returns 0 — or a
  *     negative code with a message (port in use, model not found, ...).
+ *   - $KVPARK_TEST_LOAD_DELAY_MS (tests only) holds the loading state that
+ *     long before the model loads, so the 503 answers can be tested.
  *   - Every error a client can cause is answered in OpenAI's error shape with
  *     the right status; nothing a client sends can crash the server.
  */
