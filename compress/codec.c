@@ -32,6 +32,7 @@
  * count or another shape, is a mismatch, not damage).
  */
 #include "codec_impl.h"
+#include "codecfile.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -52,7 +53,7 @@ static const codec_ops *const codec_table[] = {
     &codec_ops_none, &codec_ops_fp16, &codec_ops_int8, &codec_ops_int4, &codec_ops_kivi2,
 };
 
-#define CODEC_NAMES "none, fp16, int8, int4, kivi2 (pca, learned: a codec file, issue 4)"
+#define CODEC_NAMES "none, fp16, int8, int4, kivi2, or a codec file path (pca, learned)"
 
 /* ---- little-endian helpers ---------------------------------------------- */
 
@@ -96,12 +97,12 @@ int codec_open(codec **out, const char *name, const codec_shape *shape, kp_err *
     for (size_t i = 0; i < KP_ARRAY_LEN(codec_table); i++)
         if (strcmp(name, codec_table[i]->name) == 0) ops = codec_table[i];
     if (!ops) {
-        if (strcmp(name, "pca") == 0 || strcmp(name, "learned") == 0 || strchr(name, '/') ||
-            strchr(name, '.'))
-            return kp_errf(err, KP_EUNSUP,
-                           "codec '%s': codec files (pca, learned) are not implemented yet "
-                           "(issue 4); use none, fp16, int8, int4 or kivi2",
-                           name);
+        if (strcmp(name, "pca") == 0 || strcmp(name, "learned") == 0)
+            return kp_errf(err, KP_EINVAL,
+                           "codec '%s' is fitted per model: give the path of its codec file "
+                           "(make one with: kvpark calibrate -m MODEL -f TEXT -o FILE --kind %s)",
+                           name, name);
+        if (strchr(name, '/') || strchr(name, '.')) return codecfile_open(out, name, shape, err);
         return kp_errf(err, KP_EINVAL, "codec: unknown codec '%s'; use one of: %s", name,
                        CODEC_NAMES);
     }

@@ -26,6 +26,8 @@
 #include "engine/sample.h"
 #include "engine/synth.h"
 #include "engine/tok.h"
+#include "compress/calib.h"
+#include "compress/quality.h"
 #include "server/bench_serve.h"
 #include "server/http.h"
 
@@ -421,6 +423,9 @@ static void ppl_on_chunk(void *ud, int chunk, int n_chunks, double nll, int n_sc
 }
 
 static int cmd_ppl(int argc, char **argv) {
+    /* with a codec: parked-and-resumed perplexity (compress/quality.c) */
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--codec") || !strncmp(argv[i], "--codec=", 8)) return quality_ppl_main(argc, argv);
     common_opts co = {.kv_type = KP_TYPE_F32, .n_ctx = 512};
     const char *file = NULL;
     long max_chunks = 0;
@@ -442,6 +447,7 @@ static int cmd_ppl(int argc, char **argv) {
         } else if (c == 'h') {
             puts("usage: kvpark ppl [-m MODEL] -f TEXTFILE [-c CTX] [-b BATCH] [--chunks N]\n"
                  "       [--kv-type f32|f16|bf16] [-t THREADS]\n"
+                 "       [--codec NAME|FILE [--park-every N] [--sink S] [--window W] [--chunk C]]\n"
                  "Perplexity as llama-perplexity computes it: non-overlapping windows of CTX\n"
                  "tokens (default 512), scoring the second half of each. Ends with 'ppl = X'.");
             return 0;
@@ -553,10 +559,12 @@ static int bench_once(model *m, int n_p, int n_g, int kv_type, double *pp_s, dou
 
 static int cmd_bench(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "serve")) return bench_serve_main(argc - 1, argv + 1);
+    if (argc >= 2 && !strcmp(argv[1], "codec")) return quality_bench_main(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "engine") != 0) {
         fprintf(stderr, "usage: kvpark bench engine [-m MODEL] [-p 128,512] [-n 128,512] [-r 5]\n"
                         "       [--threads-list 1,2] [--kv-type f16] [--csv FILE]\n"
-                        "       kvpark bench serve [-m MODEL] [--clients 1,8,32] ... (--help)\n");
+                        "       kvpark bench serve [-m MODEL] [--clients 1,8,32] ... (--help)\n"
+                        "       kvpark bench codec [-m MODEL] -f EVALTEXT [--calib TEXT] ... (--help)\n");
         return 2;
     }
     argc--;
@@ -812,8 +820,9 @@ static const char *main_help =
     "  serve      the OpenAI-compatible HTTP server\n"
     "  run        generate text from a prompt\n"
     "  tokenize   print the token ids of a text\n"
-    "  ppl        perplexity of a model on a text file\n"
-    "  bench      benchmarks: bench engine | bench serve\n"
+    "  ppl        perplexity of a model on a text file (--codec: parked and resumed)\n"
+    "  calibrate  fit the learned KV codec of a model on calibration text\n"
+    "  bench      benchmarks: bench engine | bench serve | bench codec\n"
     "  version    print the version\n";
 
 int main(int argc, char **argv) {
@@ -827,6 +836,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc - 1, argv + 1);
     if (!strcmp(cmd, "ppl")) return cmd_ppl(argc - 1, argv + 1);
     if (!strcmp(cmd, "bench")) return cmd_bench(argc - 1, argv + 1);
+    if (!strcmp(cmd, "calibrate")) return calib_main(argc - 1, argv + 1);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("kvpark %s\n", KVPARK_VERSION);
         return 0;

@@ -1,0 +1,285 @@
+/*
+ * codec_learned.c — the fitted KV codecs 'learned' and 'pca' (issue 4):
+ * a linear encoder per layer and per K/V, read from a codec file
+ * (codecfile.c) and fitted by calib.c.
+ *
+ * Why: a KV row of d = n_kv_heads * head_dim values lives near a low-
+ * dimensional subspace; coding its coordinates in that subspace with few
+ * bits (more bits where the model is sensitive) beats quantising every value.
+ *
+ * Per row x [d] of a chunk (rows pos0 .. pos0+n-1):
+ *   learned, keys: x = RoPE^-1(x, pos0 + i) first (keys are fitted before
+ *                  RoPE; decode re-applies RoPE at the same position)
+ *   z = E (x - mu)            E [r][d], mu [d]   (float32, sums in order k = 0..d-1)
+ *   x^ = mu + D z^            D [d][r]           (sums in order j = 0..r-1)
+ * 'pca' is the same machinery with keys taken as stored (post-RoPE) and an
+ * unweighted fit; calib.c gives each of its kept dims 8 bits (int8 latents).
+ *
+ * Payload (after the 16-byte chunk header of codec.c), for the coder of
+ * (layer, K/V) with r latent dims of bits b_j (1..8), B = sum b_j:
+ *   lo[r]   fp16   lo_j = fp16(min over the chunk's rows of z_j)
+ *   step[r] fp16   s_j  = fp16((max_j - lo_j) / (2^b_j - 1))
+ *   codes          ceil(n * B / 8) bytes: a bit stream, rows in order, in a
+ *                  row dims j = 0..r-1, code q_ij in b_j bits; LSB-first:
+ *                  bit k of q goes to stream bit t + k, stream bit t is bit
+ *                  (t & 7) of byte (t >> 3); unused bits of the last byte 0.
+ *   q_ij = floor(clamp((z_ij - lo_j) / s_j, 0, 2^b_j - 1) + 0.5)  (0 if s_j
+ *          is 0 or not finite, or z is NaN)
+ *   z^_ij = (float)q_ij * s_j + lo_j   (float32 multiply, then add: no FMA)
+ *   padding        zero bytes up to the payload size of the layer with the
+ *                  largest 4 r + ceil(n B / 8) for this K/V: the chunk
+ *                  header has no layer field, so codec.c expects one size per
+ *                  (n, K/V); the zeros vanish under the LZ4 applied on top.
+ *   payload = max over layers of (4 r + ceil(n B / 8)) bytes (independent of
+ *   kv_type).
+ * Per-chunk min/max ranges (rather than a calibrated +-k sigma clip) were
+ * chosen because they cannot clip and the chunk's 4 bytes per latent dim
+ * are small against n * b_j bits at C = 64 rows; the bit allocation in
+ * calib.c counts that overhead.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codecfile.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/kernels.h"
+#include "kernels/types.h"
+
+/* ---- allocation ------------------------------------------------------- */
+
+int codec_learned_alloc(codec **out, const codec_shape *shape, int kind, const int *ranks,
+                        kp_err *err) {
+    *out = NULL;
+    const int L = shape->n_layer, d = shape->n_kv_heads * shape->head_dim;
+    if (L < 1 || L > 4096 || shape->n_kv_heads < 1 || shape->head_dim < 1 || d > 65536)
+        return kp_errf(err, KP_EINVAL, "codec: bad shape n_layer=%d n_kv_heads=%d head_dim=%d", L,
+                       shape->n_kv_heads, shape->head_dim);
+    /* one block: struct | coders | per coder: mean, enc, dec (floats) | bits */
+    size_t floats = 0, bytes = 0;
+    for (int i = 0; i < 2 * L; i++) {
+        if (ranks[i] < 1 || ranks[i] > d)
+            return kp_errf(err, KP_EFORMAT, "codec: coder %d has rank %d (must be 1..%d)", i,
+                           ranks[i], d);
+        floats += (size_t)d + 2 * (size_t)ranks[i] * d;
+        bytes += (size_t)ranks[i];
+    }
+    size_t head = sizeof(codec_learned) + (size_t)2 * L * sizeof(lc_coder);
+    head = (head + 63) & ~(size_t)63;
+    size_t total = head + floats * sizeof(float) + bytes;
+    uint8_t *blk = calloc(1, total);
+    if (!blk) return kp_errf(err, KP_ENOMEM, "codec: out of memory (%zu bytes)", total);
+    codec_learned *cl = (codec_learned *)blk;
+    cl->base.ops = kind == CODEC_PCA ? &codec_ops_pca : &codec_ops_learned;
+    cl->base.shape = *shape;
+    cl->base.group = KP_MIN(32, shape->head_dim);
+    cl->base.n_groups = (shape->head_dim + cl->base.group - 1) / cl->base.group;
+    cl->kind = kind;
+    cl->d = d;
+    cl->coders = (lc_coder *)(blk + sizeof(codec_learned));
+    float *fp = (float *)(blk + head);
+    uint8_t *bp = blk + head + floats * sizeof(float);
+    for (int i = 0; i < 2 * L; i++) {
+        lc_coder *cd = &cl->coders[i];
+        cd->r = ranks[i];
+        cd->mean = fp, fp += d;
+        cd->enc = fp, fp += (size_t)cd->r * d;
+        cd->dec = fp, fp += (size_t)cd->r * d;
+        cd->bits = bp, bp += cd->r;
+    }
+    *out = &cl->base;
+    return 0;
+}
+
+int codec_learned_finish(codec *c, kp_err *err) {
+    codec_learned *cl = (codec_learned *)c;
+    for (int i = 0; i < 2 * c->shape.n_layer; i++) {
+        lc_coder *cd = &cl->coders[i];
+        cd->bits_sum = 0;
+        for (int j = 0; j < cd->r; j++) {
+            if (cd->bits[j] < 1 || cd->bits[j] > CODECFILE_MAX_BITS)
+                return kp_errf(err, KP_EFORMAT, "codec: layer %d %s latent %d has %d bits (must be 1..8)",
+                               i / 2, i % 2 ? "V" : "K", j, cd->bits[j]);
+            cd->bits_sum += cd->bits[j];
+        }
+    }
+    return 0;
+}
+
+/* ---- RoPE twin ------------------------------------------------------------ */
+
+void codec_rope_row(const codec_shape *s, float *x, int pos, int inverse) {
+    const int n_rot = KP_MIN(s->n_rot, s->head_dim);
+    if (n_rot <= 0) return;
+    const int half = n_rot / 2;
+    const float theta_scale = powf(s->rope_base, -2.0f / (float)n_rot);
+    float theta_base = (float)pos;
+    for (int i = 0; i < half; i++) {
+        float theta = s->rope_freq_scale * theta_base;
+        float cs = cosf(theta), sn = sinf(theta);
+        theta_base *= theta_scale;
+        if (inverse) sn = -sn;
+        int j0 = s->rope_mode == KP_ROPE_NEOX ? i : 2 * i;
+        int j1 = s->rope_mode == KP_ROPE_NEOX ? i + half : 2 * i + 1;
+        for (int h = 0; h < s->n_kv_heads; h++) {
+            float *xh = x + (size_t)h * s->head_dim;
+            float x0 = xh[j0], x1 = xh[j1];
+            xh[j0] = x0 * cs - x1 * sn;
+            xh[j1] = x0 * sn + x1 * cs;
+        }
+    }
+}
+
+/* ---- sizes -------------------------------------------------------------- */
+
+static size_t lc_payload(const lc_coder *cd, int n) {
+    return 4 * (size_t)cd->r + ((size_t)n * (size_t)cd->bits_sum + 7) / 8;
+}
+
+static size_t lc_payload_bytes(const codec *c, int n, int kv_type, int is_v) {
+    (void)kv_type;
+    const codec_learned *cl = (const codec_learned *)c;
+    size_t m = 0;
+    /* the size depends on the layer; the chunk header has no layer field, so
+     * codec.c asks without one: answer the largest over layers for this K/V */
+    for (int l = 0; l < c->shape.n_layer; l++) m = KP_MAX(m, lc_payload(&cl->coders[2 * l + is_v], n));
+    return m;
+}
+
+double codec_learned_bits_per_value(const codec *c, int n) {
+    const codec_learned *cl = (const codec_learned *)c;
+    double bits = 0;
+    for (int i = 0; i < 2 * c->shape.n_layer; i++) bits += 32.0 * cl->coders[i].r + (double)n * cl->coders[i].bits_sum;
+    return bits / ((double)n * cl->d * 2 * c->shape.n_layer);
+}
+
+/* ---- encode / decode -------------------------------------------------- */
+
+static void load_row(int t, const void *rows, size_t off, float *x, int d) {
+    if (t == KP_TYPE_F32)
+        memcpy(x, (const float *)rows + off, (size_t)d * sizeof(float));
+    else if (t == KP_TYPE_F16)
+        kp_f16_to_f32_row((const uint16_t *)rows + off, x, d);
+    else
+        kp_bf16_to_f32_row((const uint16_t *)rows + off, x, d);
+}
+
+static void store_row(int t, void *rows, size_t off, const float *x, int d) {
+    if (t == KP_TYPE_F32)
+        memcpy((float *)rows + off, x, (size_t)d * sizeof(float));
+    else if (t == KP_TYPE_F16)
+        kp_f32_to_f16_row(x, (uint16_t *)rows + off, d);
+    else
+        kp_f32_to_bf16_row(x, (uint16_t *)rows + off, d);
+}
+
+static int lc_encode(const codec *c, const codec_chunk *ch, const void *rows, uint8_t *payload,
+                     kp_err *err) {
+    const codec_learned *cl = (const codec_learned *)c;
+    if (ch->layer < 0 || ch->layer >= c->shape.n_layer)
+        return kp_errf(err, KP_EINVAL, "codec '%s' encode: layer %d outside 0..%d", c->ops->name,
+                       ch->layer, c->shape.n_layer - 1);
+    const lc_coder *cd = &cl->coders[2 * ch->layer + (ch->is_v != 0)];
+    const int d = cl->d, r = cd->r, n = ch->n;
+    const int derot = cl->kind == CODEC_LEARNED && !ch->is_v;
+    float *x = malloc(((size_t)d + (size_t)n * r) * sizeof(float));
+    if (!x) return kp_errf(err, KP_ENOMEM, "codec '%s' encode: out of memory", c->ops->name);
+    float *z = x + d; /* [n][r] */
+    for (int i = 0; i < n; i++) {
+        load_row(ch->kv_type, rows, (size_t)i * d, x, d);
+        if (derot) codec_rope_row(&c->shape, x, ch->pos0 + i, 1);
+        for (int k = 0; k < d; k++) x[k] -= cd->mean[k];
+        for (int j = 0; j < r; j++) {
+            const float *e = cd->enc + (size_t)j * d;
+            float s = 0;
+            for (int k = 0; k < d; k++) s += e[k] * x[k];
+            z[(size_t)i * r + j] = s;
+        }
+    }
+    uint8_t *lo16 = payload, *st16 = payload + 2 * (size_t)r, *codes = payload + 4 * (size_t)r;
+    float *tmp = malloc(2 * (size_t)r * sizeof(float));
+    if (!tmp) {
+        free(x);
+        return kp_errf(err, KP_ENOMEM, "codec '%s' encode: out of memory", c->ops->name);
+    }
+    float *lo = tmp, *st = tmp + r;
+    for (int j = 0; j < r; j++) {
+        float mn = INFINITY, mx = -INFINITY;
+        for (int i = 0; i < n; i++) {
+            float v = z[(size_t)i * r + j];
+            if (v < mn) mn = v;
+            if (v > mx) mx = v;
+        }
+        if (!isfinite(mn) || !isfinite(mx)) mn = mx = 0;
+        uint16_t l16 = kp_f32_to_fp16(mn);
+        float lf = kp_fp16_to_f32(l16);
+        if (!isfinite(lf)) l16 = kp_f32_to_fp16(0), lf = 0;
+        float qmax = (float)((1 << cd->bits[j]) - 1);
+        uint16_t s16 = kp_f32_to_fp16((mx - lf) / qmax);
+        float sf = kp_fp16_to_f32(s16);
+        if (!isfinite(sf) || sf < 0) s16 = 0, sf = 0;
+        lo[j] = lf, st[j] = sf;
+        lo16[2 * j] = (uint8_t)l16, lo16[2 * j + 1] = (uint8_t)(l16 >> 8);
+        st16[2 * j] = (uint8_t)s16, st16[2 * j + 1] = (uint8_t)(s16 >> 8);
+    }
+    /* zero the codes and the padding up to the largest layer's size */
+    memset(codes, 0, lc_payload_bytes(c, n, ch->kv_type, ch->is_v) - 4 * (size_t)r);
+    uint64_t t = 0;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < r; j++) {
+            const int b = cd->bits[j];
+            uint32_t q = 0;
+            if (st[j] > 0) {
+                float qmax = (float)((1 << b) - 1);
+                float v = (z[(size_t)i * r + j] - lo[j]) / st[j];
+                v = fminf(fmaxf(v, 0.0f), qmax); /* NaN -> 0 */
+                q = (uint32_t)floorf(v + 0.5f);
+            }
+            for (int k = 0; k < b; k++, t++)
+                if (q >> k & 1) codes[t >> 3] |= (uint8_t)(1u << (t & 7));
+        }
+    free(tmp);
+    free(x);
+    return 0;
+}
+
+static int lc_decode(const codec *c, const codec_chunk *ch, const uint8_t *payload, void *rows,
+                     kp_err *err) {
+    const codec_learned *cl = (const codec_learned *)c;
+    if (ch->layer < 0 || ch->layer >= c->shape.n_layer)
+        return kp_errf(err, KP_EINVAL, "codec '%s' decode: layer %d outside 0..%d", c->ops->name,
+                       ch->layer, c->shape.n_layer - 1);
+    const lc_coder *cd = &cl->coders[2 * ch->layer + (ch->is_v != 0)];
+    const int d = cl->d, r = cd->r, n = ch->n;
+    const int rerot = cl->kind == CODEC_LEARNED && !ch->is_v;
+    float *buf = malloc(((size_t)d + 3 * (size_t)r) * sizeof(float));
+    if (!buf) return kp_errf(err, KP_ENOMEM, "codec '%s' decode: out of memory", c->ops->name);
+    float *x = buf, *lo = buf + d, *st = lo + r, *z = st + r;
+    const uint8_t *codes = payload + 4 * (size_t)r;
+    for (int j = 0; j < r; j++) {
+        lo[j] = kp_fp16_to_f32((uint16_t)(payload[2 * j] | payload[2 * j + 1] << 8));
+        st[j] = kp_fp16_to_f32((uint16_t)(payload[2 * r + 2 * j] | payload[2 * r + 2 * j + 1] << 8));
+    }
+    uint64_t t = 0;
+    for (int i = 0; i < n; i++) {
+        for (int j = 0; j < r; j++) {
+            const int b = cd->bits[j];
+            uint32_t q = 0;
+            for (int k = 0; k < b; k++, t++) q |= (uint32_t)(codes[t >> 3] >> (t & 7) & 1) << k;
+            z[j] = (float)q * st[j] + lo[j];
+        }
+        for (int k = 0; k < d; k++) {
+            const float *dr = cd->dec + (size_t)k * r;
+            float s = 0;
+            for (int j = 0; j < r; j++) s += dr[j] * z[j];
+            x[k] = cd->mean[k] + s;
+        }
+        if (rerot) codec_rope_row(&c->shape, x, ch->pos0 + i, 0);
+        store_row(ch->kv_type, rows, (size_t)i * d, x, d);
+    }
+    free(buf);
+    return 0;
+}
+
+const codec_ops codec_ops_pca = {"pca", CODEC_PCA, lc_payload_bytes, lc_encode, lc_decode};
+const codec_ops codec_ops_learned = {"learned", CODEC_LEARNED, lc_payload_bytes, lc_encode, lc_decode};

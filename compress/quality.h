@@ -1,0 +1,68 @@
+/*
+ * quality.h — how a KV codec feels to a user: perplexity, top-1 agreement
+ * and KL divergence when the context's KV is parked (encoded, LZ4'd) and
+ * resumed (decoded) every N tokens, against the uncompressed run; and the
+ * achieved size, counting every stored byte (issue 4).
+ *
+ * Method: the text is cut into windows of n_ctx tokens as llama-perplexity
+ * does (eval.h). Each window is fed park_every tokens at a time; after each
+ * step the whole cache so far is parked and resumed: chunks of `chunk`
+ * tokens that lie entirely in [sink, n - window) go through the codec, the
+ * rest stays lossless. The logits of the second half of each window are
+ * compared with the uncompressed run's: PPL, top-1 agreement, mean
+ * KL(p_ref || p_codec). Size = fp16 bytes of the parked KV / stored bytes
+ * (chunk headers, scales, lossless sink and window tokens, after LZ4).
+ */
+#ifndef KP_QUALITY_H
+#define KP_QUALITY_H
+
+#include <stdint.h>
+
+#include "compress/codec.h"
+#include "engine/model.h"
+
+typedef struct quality_opts {
+    int n_ctx;        /* default 256 */
+    int park_every;   /* default 64 */
+    int chunk;        /* default 64 */
+    int sink;         /* default 4 */
+    int window;       /* default 64 */
+    int max_chunks;   /* windows evaluated at most (0 = all) */
+    int kv_type;      /* default F32 */
+} quality_opts;
+
+typedef struct quality_result {
+    double ppl, ppl_ref;      /* with the codec / uncompressed */
+    double agree;             /* top-1 agreement 0..1 */
+    double kl;                /* mean KL(p_ref || p_codec), nats */
+    double ratio;             /* fp16 bytes / stored bytes */
+    double bytes_per_token_layer;
+    double encode_gbps, decode_gbps; /* of reconstructed fp16 KV, one thread */
+    int64_t n_scored;
+    int n_windows;
+} quality_result;
+
+quality_opts quality_default_opts(void);
+int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_tokens,
+                 const quality_opts *o, quality_result *res, kp_err *err);
+/* The codec shape of a model (for codec_open). */
+codec_shape quality_codec_shape(model *m);
+
+/* CLI front ends (the lead wires them into server/main.c). Both print the
+ * usage with --help, return 0, 1 (runtime error, message on stderr) or 2
+ * (usage error). argv[0] is the subcommand name; getopt is reset first.
+ *
+ * `kvpark ppl -f FILE --codec NAME|FILE [-m MODEL] [-c CTX] [--chunks N]
+ *   [--park-every N] [--sink S] [--window W] [--chunk C] [--kv-type T] [-t N]`
+ * prints both perplexities and ends with the four lines
+ *   ppl = X / ratio = R / agree = A / kl = K
+ * (scripts read them). */
+int quality_ppl_main(int argc, char **argv);
+/* `kvpark bench codec -f EVALTEXT [--calib CALIBTEXT] [--bits 1,1.5,2,3,4]
+ *   [--csv FILE] [--plot FILE.png] + the options above`: every baseline codec
+ * and learned/pca codecs calibrated at each --bits target; a markdown table
+ * (bits/value, ratio vs fp16, delta ppl %, top-1 agreement, KL, encode and
+ * decode GB/s), a CSV, and a gnuplot PNG of delta ppl vs ratio. */
+int quality_bench_main(int argc, char **argv);
+
+#endif
