@@ -23,14 +23,30 @@
  *      both runs (PPL, PPL_ref), top-1 agreement of the two argmaxes, and
  *      KL(p_ref || p_codec), everything in double from log-softmax.
  *
- * Size accounting, per park, for every layer and K/V, chunk by chunk
- * (chunk c = rows [c*chunk, (c+1)*chunk) ∩ [0, n_pos)):
- *   - a chunk lying entirely inside [sink, n_pos - window) goes through the
- *     codec; any other chunk is stored lossless, as codec "none";
+ * Parking layout (quality_park_layout, quality.h; the session store uses the
+ * same one), for a cache of n rows, sink S, window W, chunk C:
+ *
+ *     rows  0 ... S-1 | S ... S+C-1 | S+C ... S+2C-1 | ... E-1 | E ... n-1
+ *           lossless  |  coded      |  coded         | coded   | lossless
+ *           (sink)    |  C rows     |  C rows        | <= C    | (window)
+ *
+ *   E = max(S, n - W). Coded chunks are aligned at S + k*C, so the sink does
+ *   not drag a whole chunk into lossless storage; the last coded chunk is
+ *   partial when n - W cuts it (codecs take any 1..65535 rows). When
+ *   n < S + W nothing is coded. Lossless runs longer than C are cut into
+ *   pieces of at most C rows (one header each), so buffers for C rows do.
+ *   Example: n 128, S 4, W 0, C 64 -> [0,4) lossless, [4,68) coded,
+ *   [68,128) coded (60 rows).
+ *
+ * Size accounting, per park, for every layer and K/V, span by span:
+ *   - coded spans go through the codec under test; lossless spans through
+ *     codec "none", i.e. the cache's own bits (4 bytes/value on F32, 2 on
+ *     F16/BF16: `kvpark bench codec` therefore defaults to an F16 cache, as
+ *     llama.cpp does);
  *   - stored bytes = 16-byte chunk header + min(LZ4(payload), payload): the
  *     header stays raw so a reader can check it before decompressing, and a
  *     payload LZ4 cannot shrink is stored as is.
- *   ratio = sum over parks of the fp16 size of all parked rows
+ *   ratio (vs fp16) = sum over parks of the fp16 size of all parked rows
  *           (n_pos * n_layer * 2 * n_kv_heads * head_dim * 2 bytes)
  *         / sum over parks of stored bytes.
  *   So on an F32 cache codec "none" has ratio ~0.5 (4-byte values, before
@@ -76,6 +92,29 @@ codec_shape quality_codec_shape(model *m) {
 
 /* ---- parking ------------------------------------------------------------ */
 
+/* Append the pieces of [a, b), at most `chunk` rows each, cut at base + k*chunk. */
+static int quality_add_spans(int a, int b, int base, int chunk, int coded, quality_span *spans,
+                             int max, int k) {
+    while (a < b) {
+        long long next = base + ((long long)(a - base) / chunk + 1) * chunk; /* boundary after a */
+        int end = next < b ? (int)next : b;
+        if (k < max) spans[k] = (quality_span){.start = a, .n = end - a, .coded = coded};
+        k++;
+        a = end;
+    }
+    return k;
+}
+
+int quality_park_layout(int n_pos, int sink, int window, int chunk, quality_span *spans, int max) {
+    if (n_pos < 0 || sink < 0 || window < 0 || chunk < 1 || chunk > 65535) return KP_EINVAL;
+    if (!spans || max < 0) max = 0;
+    int s = KP_MIN(sink, n_pos);
+    int e = n_pos - window > s ? n_pos - window : s; /* no overflow: both >= 0 */
+    int k = quality_add_spans(0, s, 0, chunk, 0, spans, max, 0);
+    k = quality_add_spans(s, e, s, chunk, 1, spans, max, k);
+    return quality_add_spans(e, n_pos, e, chunk, 0, spans, max, k);
+}
+
 /* Buffers and running totals of the parked run. */
 typedef struct quality_park {
     const codec *c;        /* the codec under test */
@@ -91,6 +130,8 @@ typedef struct quality_park {
     double token_layers;   /* n_pos * n_layer, all parks */
     double coded_fp16;     /* fp16 bytes that went through the codec */
     double enc_s, dec_s;   /* seconds in codec_encode / codec_decode */
+    quality_span *spans;   /* [max_spans]: the layout of one park */
+    int max_spans;
 } quality_park;
 
 /* Bytes one encoded chunk takes in storage: raw header + LZ4'd payload. */
@@ -101,38 +142,44 @@ static size_t quality_stored_bytes(quality_park *p, const uint8_t *enc, size_t l
     return QUALITY_HDR_BYTES + (size_t)(z > 0 && z < pay ? z : pay);
 }
 
-/* Park and resume the cache: every chunk of every layer's K and V is
- * encoded and counted; coded chunks are decoded back in place. */
+/* Park and resume the cache: every span (quality_park_layout) of every
+ * layer's K and V is encoded and counted; coded spans are decoded back in
+ * place. */
 static int quality_park_kv(quality_park *p, kv_cache *kv, kp_err *err) {
     const quality_opts *o = p->o;
     const kp_ops *ops = kp_backend_ops(kv->be);
     const int n = kv->n_pos;
     const size_t rb = kv->row_bytes;
     const double row_fp16 = (double)kv->n_kv_heads * kv->head_dim * 2;
+    int ns = quality_park_layout(n, o->sink, o->window, o->chunk, p->spans, p->max_spans);
+    if (ns < 0 || ns > p->max_spans)
+        return kp_errf(err, KP_EINVAL, "quality: no parking layout for %d rows (chunk %d)", n,
+                       o->chunk);
     int rc;
     for (int l = 0; l < kv->n_layer; l++) {
         for (int is_v = 0; is_v < 2; is_v++) {
             uint8_t *dev = is_v ? kv->v[l] : kv->k[l];
             if ((rc = ops->download(kv->be, p->host, dev, (size_t)n * rb)))
                 return kp_errf(err, rc, "quality: cannot read the KV cache of layer %d", l);
-            for (int a = 0; a < n; a += o->chunk) {
-                int b = KP_MIN(a + o->chunk, n);
-                bool coded = a >= o->sink && b <= n - o->window;
-                codec_chunk ch = {.layer = l, .is_v = is_v, .pos0 = a, .n = b - a,
+            for (int i = 0; i < ns; i++) {
+                const quality_span *sp = &p->spans[i];
+                codec_chunk ch = {.layer = l, .is_v = is_v, .pos0 = sp->start, .n = sp->n,
                                   .kv_type = kv->kv_type};
-                uint8_t *rows = p->host + (size_t)a * rb;
+                uint8_t *rows = p->host + (size_t)sp->start * rb;
                 size_t len = 0;
                 double t0 = kp_now();
-                rc = codec_encode(coded ? p->c : p->none, &ch, rows, p->enc, p->enc_cap, &len, err);
+                rc = codec_encode(sp->coded ? p->c : p->none, &ch, rows, p->enc, p->enc_cap, &len,
+                                  err);
                 if (rc) return rc;
-                if (coded) p->enc_s += kp_now() - t0;
+                if (sp->coded) p->enc_s += kp_now() - t0;
                 p->stored += (double)quality_stored_bytes(p, p->enc, len);
-                if (!coded) continue;
+                if (!sp->coded) continue;
                 t0 = kp_now();
                 if ((rc = codec_decode(p->c, &ch, p->enc, len, rows, err))) return rc;
                 p->dec_s += kp_now() - t0;
-                p->coded_fp16 += row_fp16 * (b - a);
-                if ((rc = ops->upload(kv->be, dev + (size_t)a * rb, rows, (size_t)(b - a) * rb)))
+                p->coded_fp16 += row_fp16 * sp->n;
+                if ((rc = ops->upload(kv->be, dev + (size_t)sp->start * rb, rows,
+                                      (size_t)sp->n * rb)))
                     return kp_errf(err, rc, "quality: cannot write the KV cache of layer %d", l);
             }
         }
@@ -202,7 +249,9 @@ int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_toke
     p.enc = malloc(p.enc_cap);
     p.lz = malloc((size_t)p.lz_cap);
     p.host = malloc((size_t)n_ctx * kv->row_bytes);
-    if (!p.enc || !p.lz || !p.host) {
+    p.max_spans = n_ctx / o.chunk + 3;
+    p.spans = malloc(sizeof *p.spans * (size_t)p.max_spans);
+    if (!p.enc || !p.lz || !p.host || !p.spans) {
         rc = kp_errf(err, KP_ENOMEM, "quality: out of memory for chunk buffers");
         goto done;
     }
@@ -259,6 +308,7 @@ done:
     free(p.enc);
     free(p.lz);
     free(p.host);
+    free(p.spans);
     free(win);
     free(lref);
     free(lcod);
@@ -378,9 +428,9 @@ int quality_ppl_main(int argc, char **argv) {
                  "       [--park-every N] [--sink S] [--window W] [--chunk C]\n"
                  "       [--kv-type f32|f16|bf16] [-t THREADS]\n"
                  "Perplexity with the KV cache parked and resumed through a codec every N tokens\n"
-                 "(default 64): chunks of C tokens (64) outside the first S (4) and the last W (64)\n"
-                 "tokens go through the codec, the rest stays lossless; compared with the\n"
-                 "uncompressed run. Codecs: none, fp16, int8, int4, kivi2, or a codec file.\n"
+                 "(default 64): the first S (4) and the last W (64) tokens stay lossless at the\n"
+                 "cache's type, the rest goes through the codec in chunks of C (64) aligned after\n"
+                 "the sink (the last one may be partial); compared with the uncompressed run. Codecs: none, fp16, int8, int4, kivi2, or a codec file.\n"
                  "Ends with 'ppl = X', 'ratio = R' (fp16 bytes / stored bytes after LZ4),\n"
                  "'agree = A' (top-1 agreement) and 'kl = K' (mean KL(p_ref || p), nats).");
             return 0;
@@ -583,8 +633,16 @@ static int quality_bench_learned(model *m, const char *calib, const char *bits_l
     return rc;
 }
 
+/* The bench's own defaults (quality.h): a realistic context, a short recent
+ * window, and llama.cpp's default F16 cache. */
+#define QUALITY_BENCH_CTX 512
+#define QUALITY_BENCH_WINDOW 32
+
 int quality_bench_main(int argc, char **argv) {
     quality_cli q = {.qo = quality_default_opts()};
+    q.qo.n_ctx = 0; /* 0: not given; min(512, the model's training context) */
+    q.qo.window = QUALITY_BENCH_WINDOW;
+    q.qo.kv_type = KP_TYPE_F16;
     const char *calib = NULL, *csv = NULL, *plot = NULL;
     char bits_list[256] = "1,1.5,2,3,4";
     static const struct option lo[] = {QUALITY_COMMON_LONGOPTS,
@@ -610,7 +668,11 @@ int quality_bench_main(int argc, char **argv) {
                  "Every baseline codec (none, fp16, int8, int4, kivi2) and the learned/pca codecs\n"
                  "calibrated on CALIBTEXT at each --bits target, evaluated as 'kvpark ppl --codec'\n"
                  "does: a markdown table of bits/value, ratio vs fp16, Δppl %, top-1 agreement,\n"
-                 "KL and encode/decode GB/s; --csv writes it, --plot draws Δppl vs ratio.");
+                 "KL and encode/decode GB/s; --csv writes it, --plot draws Δppl vs ratio.\n"
+                 "Defaults: -c min(512, training context), --park-every 64, --chunk 64, --sink 4,\n"
+                 "--window 32, --kv-type f16. Ratio = fp16 bytes of the parked KV / every stored\n"
+                 "byte (headers, scales, LZ4); sink and window rows are stored lossless at the\n"
+                 "cache's type. GB/s: fp16-equivalent bytes per second of one thread.");
             return 0;
         } else return quality_usage("bench codec", "unknown option");
     }
@@ -623,6 +685,10 @@ int quality_bench_main(int argc, char **argv) {
     int nrows = 0;
     int rc = quality_load_model(q.model, q.threads, &m, &err);
     if (rc) return quality_die(&err, rc);
+    if (q.qo.n_ctx == 0) {
+        int train = model_hp(m)->n_ctx_train;
+        q.qo.n_ctx = train > 0 && train < QUALITY_BENCH_CTX ? train : QUALITY_BENCH_CTX;
+    }
     if ((rc = quality_tokenize_file(m, q.file, &ids, &n, &err))) goto out;
     fprintf(stderr, "kvpark: %s: %zu tokens; model %s; ctx %d, park every %d, chunk %d, sink %d, "
             "window %d\n", q.file, n, model_desc(m), q.qo.n_ctx, q.qo.park_every, q.qo.chunk,
@@ -642,6 +708,13 @@ int quality_bench_main(int argc, char **argv) {
     if ((rc = quality_bench_learned(m, calib, bits_list, ids, n, &q.qo, rows, &nrows, 64, &err)))
         goto out;
 
+    const char *kvn = q.qo.kv_type == KP_TYPE_F32   ? "f32"
+                      : q.qo.kv_type == KP_TYPE_F16 ? "f16"
+                                                    : "bf16";
+    printf("KV codecs on %s, %s cache: ctx %d, parked every %d tokens, chunk %d, sink %d and "
+           "window %d lossless (at the cache's type); ratio = fp16 bytes / all stored bytes; "
+           "GB/s = fp16-equivalent, one thread.\n\n",
+           model_desc(m), kvn, q.qo.n_ctx, q.qo.park_every, q.qo.chunk, q.qo.sink, q.qo.window);
     quality_print_table(rows, nrows);
     fflush(stdout);
     if (csv && (rc = quality_write_csv(csv, rows, nrows, &err))) goto out;

@@ -6,9 +6,9 @@
  *
  * Method: the text is cut into windows of n_ctx tokens as llama-perplexity
  * does (eval.h). Each window is fed park_every tokens at a time; after each
- * step the whole cache so far is parked and resumed: chunks of `chunk`
- * tokens that lie entirely in [sink, n - window) go through the codec, the
- * rest stays lossless. The logits of the second half of each window are
+ * step the whole cache so far is parked and resumed, cut into spans by
+ * quality_park_layout(): the first `sink` rows and the last `window` rows
+ * lossless, the rows between coded in chunks of `chunk` rows. The logits of the second half of each window are
  * compared with the uncompressed run's: PPL, top-1 agreement, mean
  * KL(p_ref || p_codec). Size = fp16 bytes of the parked KV / stored bytes
  * (chunk headers, scales, lossless sink and window tokens, after LZ4).
@@ -42,6 +42,26 @@ typedef struct quality_result {
     int n_windows;
 } quality_result;
 
+/* One span of a parked cache: rows [start, start + n), coded (1) through the
+ * codec or stored lossless (0, codec "none", at the cache's element type). */
+typedef struct quality_span {
+    int start, n, coded;
+} quality_span;
+
+/* The parking layout of a cache of n_pos rows, shared with the session store:
+ *   [0, S)            lossless (S = min(sink, n_pos)), cut into pieces of at
+ *                     most `chunk` rows starting at 0 (one piece when sink <= chunk);
+ *   [S, E)            coded, E = max(S, n_pos - window): chunks aligned at
+ *                     S + k*chunk, the last one partial (< chunk rows) when E
+ *                     cuts it;
+ *   [E, n_pos)        lossless (the recent window), pieces of at most `chunk`
+ *                     rows starting at E.
+ * Spans come in row order, cover [0, n_pos) exactly, each with 1..chunk rows;
+ * there are at most n_pos / chunk + 3 of them. Writes the first min(total,
+ * max) spans (spans may be NULL when max is 0) and returns the total, or
+ * KP_EINVAL for n_pos < 0, sink < 0, window < 0 or chunk outside 1..65535. */
+int quality_park_layout(int n_pos, int sink, int window, int chunk, quality_span *spans, int max);
+
 quality_opts quality_default_opts(void);
 int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_tokens,
                  const quality_opts *o, quality_result *res, kp_err *err);
@@ -59,7 +79,10 @@ codec_shape quality_codec_shape(model *m);
  * (scripts read them). */
 int quality_ppl_main(int argc, char **argv);
 /* `kvpark bench codec -f EVALTEXT [--calib CALIBTEXT] [--bits 1,1.5,2,3,4]
- *   [--csv FILE] [--plot FILE.png] + the options above`: every baseline codec
+ *   [--csv FILE] [--plot FILE.png] + the options above`, with its own
+ * defaults: -c min(512, the model's training context), --window 32,
+ * --kv-type f16 (llama.cpp's default cache; lossless rows are stored at the
+ * cache's type, so the ratio vs fp16 of codec "none" is ~1): every baseline codec
  * and learned/pca codecs calibrated at each --bits target; a markdown table
  * (bits/value, ratio vs fp16, delta ppl %, top-1 agreement, KL, encode and
  * decode GB/s), a CSV, and a gnuplot PNG of delta ppl vs ratio. */
