@@ -359,11 +359,8 @@ static int quality_tokenize_file(model *m, const char *file, int32_t **ids, size
 
 static int quality_load_model(const char *cli, int threads, model **m, kp_err *err) {
     char path[1024];
-    int rc = model_find_default(cli, path, sizeof path, err);
+    int rc = model_resolve(cli, path, sizeof path, err);
     if (rc) return rc;
-    if (!strncmp(path, "synthetic:", 10))
-        return kp_errf(err, KP_EUNSUP,
-                       "quality: synthetic models are not supported here; pass a GGUF file with -m");
     model_opts mo = model_default_opts();
     mo.n_threads = threads;
     return model_load(m, path, &mo, err);

@@ -20,9 +20,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/stat.h>
 
 #include "gguf.h"
+#include "synth.h"
 #include "../kernels/cpu/quant.h"
 
 /* xxhash as a header-only library (XXH_INLINE_ALL): no link dependency. */
@@ -741,3 +743,37 @@ int model_find_default(const char *cli, char *buf, size_t cap, kp_err *err) {
                    "Hugging Face, tinyllamas/stories260K.gguf; kvpark never downloads anything "
                    "itself)");
 }
+
+/* "synthetic:NAME[:TYPE]" is written under $TMPDIR once (see synth.h) and
+ * that file is used from then on. */
+int model_resolve(const char *cli, char *path, size_t cap, kp_err *err) {
+    int rc = model_find_default(cli, path, cap, err);
+    if (rc) return rc;
+    if (strncmp(path, "synthetic:", 10) != 0) return 0;
+    char name[128];
+    snprintf(name, sizeof name, "%s", path + 10);
+    int type = KP_TYPE_F32;
+    char *colon = strchr(name, ':');
+    if (colon) {
+        *colon = 0;
+        const char *tn = colon + 1;
+        int found = -1;
+        for (int t = 0; t < KP_TYPE_COUNT; t++)
+            if (kp_type_name(t) && !strcasecmp(kp_type_name(t), tn)) found = t;
+        if (found < 0) return kp_errf(err, KP_EINVAL, "unknown tensor type '%s' in '%s'", tn, path);
+        type = found;
+    }
+    const char *tmp = getenv("TMPDIR");
+    char out[1024];
+    snprintf(out, sizeof out, "%s/kvpark-synthetic-%s-%s.gguf", tmp && *tmp ? tmp : "/tmp", name,
+             kp_type_name(type));
+    struct stat st;
+    if (stat(out, &st) != 0) {
+        fprintf(stderr, "kvpark: writing synthetic model %s (%s, ~%.1f GB) to %s\n", name,
+                kp_type_name(type), (double)synth_size(name, type) / 1e9, out);
+        if ((rc = synth_write(name, type, 1234, out, err))) return rc;
+    }
+    snprintf(path, cap, "%s", out);
+    return 0;
+}
+

@@ -110,5 +110,9 @@ float *model_wo_f32(const model *m, int layer);
  * Writes the chosen path into buf, or returns KP_ENOTFOUND with a message
  * saying how to get a GGUF model. */
 int model_find_default(const char *cli, char *buf, size_t cap, kp_err *err);
+/* model_find_default, then materialise "synthetic:NAME[:TYPE]" (a GGUF of a
+ * real shape with random weights, written to $TMPDIR on first use; TYPE
+ * defaults to f32): buf receives a loadable file path. */
+int model_resolve(const char *cli, char *buf, size_t cap, kp_err *err);
 
 #endif

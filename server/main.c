@@ -103,41 +103,9 @@ static int common_opt(int c, const char *arg, common_opts *co) {
     return 0;
 }
 
-/* "synthetic:NAME[:TYPE]" -> write the file under $TMPDIR once and use it. */
-static int resolve_model_path(const char *cli, char *path, size_t cap, kp_err *err) {
-    int rc = model_find_default(cli, path, cap, err);
-    if (rc) return rc;
-    if (strncmp(path, "synthetic:", 10) != 0) return 0;
-    char name[128];
-    snprintf(name, sizeof name, "%s", path + 10);
-    int type = KP_TYPE_F32;
-    char *colon = strchr(name, ':');
-    if (colon) {
-        *colon = 0;
-        const char *tn = colon + 1;
-        int found = -1;
-        for (int t = 0; t < KP_TYPE_COUNT; t++)
-            if (kp_type_name(t) && !strcasecmp(kp_type_name(t), tn)) found = t;
-        if (found < 0) return kp_errf(err, KP_EINVAL, "unknown tensor type '%s' in '%s'", tn, path);
-        type = found;
-    }
-    const char *tmp = getenv("TMPDIR");
-    char out[1024];
-    snprintf(out, sizeof out, "%s/kvpark-synthetic-%s-%s.gguf", tmp && *tmp ? tmp : "/tmp", name,
-             kp_type_name(type));
-    struct stat st;
-    if (stat(out, &st) != 0) {
-        fprintf(stderr, "kvpark: writing synthetic model %s (%s, ~%.1f GB) to %s\n", name,
-                kp_type_name(type), (double)synth_size(name, type) / 1e9, out);
-        if ((rc = synth_write(name, type, 1234, out, err))) return rc;
-    }
-    snprintf(path, cap, "%s", out);
-    return 0;
-}
-
 static int load_model(const common_opts *co, model **m, kp_err *err) {
     char path[1024];
-    int rc = resolve_model_path(co->model, path, sizeof path, err);
+    int rc = model_resolve(co->model, path, sizeof path, err);
     if (rc) return rc;
     model_opts mo = model_default_opts();
     mo.n_threads = co->threads;
@@ -377,7 +345,7 @@ static int cmd_tokenize(int argc, char **argv) {
     const char *text = argv[optind];
     kp_err err = {0};
     char path[1024];
-    int rc = resolve_model_path(co.model, path, sizeof path, &err);
+    int rc = model_resolve(co.model, path, sizeof path, &err);
     if (rc) return die(&err, rc);
     /* Only the vocabulary is needed: no weights, no backend. */
     gguf_file *gf = NULL;
@@ -801,7 +769,7 @@ static int cmd_serve(int argc, char **argv) {
     if (optind < argc) return usage_error("serve", "unexpected argument");
     kp_err err = {0};
     char path[1024];
-    int rc = resolve_model_path(co.model, path, sizeof path, &err);
+    int rc = model_resolve(co.model, path, sizeof path, &err);
     if (rc) return die(&err, rc);
     ho.model = path;
     ho.n_threads = co.threads;

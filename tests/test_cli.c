@@ -145,6 +145,22 @@ static void test_errors(void **state) {
     free(model);
 }
 
+/* synthetic:NAME[:TYPE] models are written once under $TMPDIR and run. */
+static void test_synthetic_model(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "TMPDIR='%s' %s run -m synthetic:stories260k-shape:q8_0 -p 'Once upon' -n 4 --temp 0 --ids "
+             "--ignore-eos 2>&1 && ls '%s'", dir, bin(), dir);
+    int st = run_cmd(cmd, out, sizeof out);
+    if (st != 0) fail_msg("status %d: %s", st, out);
+    assert_non_null(strstr(out, "kvpark-synthetic-stories260k-shape-q8_0.gguf"));
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    free(dir);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_greedy_ids_match_golden),
@@ -152,6 +168,7 @@ int main(void) {
         cmocka_unit_test(test_tokenize_matches_golden),
         cmocka_unit_test(test_ppl_output),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_synthetic_model),
     };
     tu_apply_filter();
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);
