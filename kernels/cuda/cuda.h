@@ -1,0 +1,44 @@
+/*
+ * cuda.h — what kernels/backend.c needs from the CUDA backend (issue 6).
+ *
+ * Plain C, no CUDA headers: backend.c is compiled by the C compiler and only
+ * sees these extern "C" entry points, which exist when the build defines
+ * KP_HAVE_CUDA (meson found nvcc and -Dcuda is not disabled).
+ *
+ * Contract
+ *   - kp_cuda_device_count() never crashes: without a driver (no libcuda.so)
+ *     or without a GPU the CUDA runtime returns an error code and this
+ *     returns 0; *why (may be NULL) then points to the runtime's message.
+ *   - kp_cuda_init(be, device, err) fills be->impl with the backend's state
+ *     (device, one stream, a cuBLAS handle bound to that stream, scratch
+ *     buffers) and be->ops with &kp_cuda_ops. KP_EUNSUP when there is no
+ *     such device, with a message saying to use the CPU backend.
+ *   - kp_cuda_release(be) frees everything kp_cuda_init made (safe on a
+ *     half-initialised backend).
+ *   - kp_cuda_ops follows kernels.h: ops are queued on the backend's stream
+ *     and ops->sync waits for them. Buffers and weights are device memory;
+ *     the small index arrays (get_rows ids, rope pos) may be host memory, as
+ *     the engine passes them, or device memory. An op that cannot run (a
+ *     CUDA error, an unsupported type) prints a message and aborts, as the
+ *     CPU backend does: ops return void.
+ */
+#ifndef KP_CUDA_H
+#define KP_CUDA_H
+
+#include "../kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+extern const kp_ops kp_cuda_ops;
+
+int kp_cuda_device_count(const char **why);
+int kp_cuda_init(kp_backend *be, int device, kp_err *err);
+void kp_cuda_release(kp_backend *be);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
