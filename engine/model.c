@@ -75,6 +75,9 @@ struct model {
     kp_wref output;     /* [n_vocab][dim] */
     const float *out_norm, *out_norm_b;
     layer_w *layers;    /* [n_layer] */
+    bool on_cpu;        /* weights used in place from the mapping */
+    void **dev;         /* [n_dev] backend copies of the weights (non-CPU backends) */
+    int n_dev, cap_dev;
     uint64_t fingerprint; /* 0 until model_fingerprint() computes it */
     model_probe_fn probe;
     void *probe_ud;
@@ -364,6 +367,63 @@ static int ensure_scratch(model *m, int n, kp_err *err) {
 /* ------------------------------------------------------------------ */
 /* load / free                                                         */
 
+/* Non-CPU backends: copy every weight to the backend once and point the
+ * model at the copies (quantised types stay quantised; the backend's matmul
+ * handles them). Host pointers are no longer used by the forward pass. */
+static int upload_one(model *m, const void **data, size_t bytes, kp_err *err) {
+    if (!*data) return 0;
+    if (m->n_dev == m->cap_dev) {
+        int nc = m->cap_dev ? m->cap_dev * 2 : 64;
+        void **p = realloc(m->dev, sizeof *p * (size_t)nc);
+        if (!p) return kp_errf(err, KP_ENOMEM, "model: out of memory");
+        m->dev = p;
+        m->cap_dev = nc;
+    }
+    void *d = m->ops->alloc(m->be, bytes);
+    if (!d) return kp_errf(err, KP_ENOMEM, "model: cannot allocate %zu bytes of weights on the %s backend",
+                           bytes, m->ops->name);
+    m->dev[m->n_dev++] = d;
+    int rc = m->ops->upload(m->be, d, *data, bytes);
+    if (rc) return kp_errf(err, rc, "model: uploading %zu bytes of weights failed", bytes);
+    *data = d;
+    return 0;
+}
+
+static int upload_matrix(model *m, kp_wref *w, kp_err *err) {
+    if (!w->data) return 0;
+    return upload_one(m, &w->data, kp_type_row_bytes(w->type, w->n_in) * (size_t)w->n_out, err);
+}
+
+static int upload_vector(model *m, const float **v, int64_t n, kp_err *err) {
+    return upload_one(m, (const void **)v, sizeof(float) * (size_t)n, err);
+}
+
+static int upload_weights(model *m, kp_err *err) {
+    const model_hparams *hp = &m->hp;
+    const int64_t dim = hp->dim, kvd = (int64_t)hp->n_kv_heads * hp->head_dim, ffn = hp->ffn;
+    int rc = 0;
+    bool tied = hp->tied_output;
+    if ((rc = upload_matrix(m, &m->tok_embd, err))) return rc;
+    if (tied) m->output = m->tok_embd;
+    else if ((rc = upload_matrix(m, &m->output, err))) return rc;
+    if ((rc = upload_matrix(m, &m->pos_embd, err))) return rc;
+    if ((rc = upload_vector(m, &m->out_norm, dim, err)) || (rc = upload_vector(m, &m->out_norm_b, dim, err)))
+        return rc;
+    for (int l = 0; l < hp->n_layer; l++) {
+        layer_w *L = &m->layers[l];
+        kp_wref *mats[] = {&L->wq, &L->wk, &L->wv, &L->wqkv, &L->wo, &L->w_gate, &L->w_up, &L->w_down};
+        for (size_t i = 0; i < KP_ARRAY_LEN(mats); i++)
+            if ((rc = upload_matrix(m, mats[i], err))) return rc;
+        struct { const float **p; int64_t n; } vecs[] = {
+            {&L->attn_norm, dim}, {&L->attn_norm_b, dim}, {&L->ffn_norm, dim}, {&L->ffn_norm_b, dim},
+            {&L->bq, dim}, {&L->bk, kvd}, {&L->bv, kvd}, {&L->bqkv, dim + 2 * kvd}, {&L->bo, dim},
+            {&L->b_up, ffn}, {&L->b_down, dim}};
+        for (size_t i = 0; i < KP_ARRAY_LEN(vecs); i++)
+            if ((rc = upload_vector(m, vecs[i].p, vecs[i].n, err))) return rc;
+    }
+    return 0;
+}
+
 model_opts model_default_opts(void) {
     model_opts o = {.backend = "cpu", .n_threads = 0, .n_batch = 512};
     return o;
@@ -389,12 +449,13 @@ int model_load(model **out, const char *path, const model_opts *opts, kp_err *er
         goto fail;
     }
     m->chat_template = gguf_get_str_dup(m->gf, "tokenizer.chat_template");
-    if (strcmp(o.backend, "cpu") != 0) {
-        rc = kp_errf(err, KP_EUNSUP, "model: backend '%s' is not available for models yet", o.backend);
+    if (!strcmp(o.backend, "auto")) o.backend = kp_cuda_available() ? "cuda" : "cpu";
+    /* for "cuda" the n_threads argument of kp_backend_new is the device index */
+    if ((rc = kp_backend_new(&m->be, o.backend, strcmp(o.backend, "cpu") ? 0 : o.n_threads, err)))
         goto fail;
-    }
-    if ((rc = kp_backend_new(&m->be, o.backend, o.n_threads, err))) goto fail;
     m->ops = kp_backend_ops(m->be);
+    m->on_cpu = strcmp(o.backend, "cpu") == 0;
+    if (!m->on_cpu && (rc = upload_weights(m, err))) goto fail;
     const model_hparams *hp = &m->hp;
     snprintf(m->desc, sizeof m->desc,
              "%s, %d layers, dim %d, %d heads (%d kv, head_dim %d), ffn %d, vocab %d, %s weights, "
@@ -412,8 +473,10 @@ void model_free(model *m) {
     if (!m) return;
     if (m->be) {
         free_scratch(m);
+        for (int i = 0; i < m->n_dev; i++) m->ops->free(m->be, m->dev[i]);
         kp_backend_free(m->be);
     }
+    free(m->dev);
     tok_free(m->vocab);
     gguf_close(m->gf);
     free(m->layers);
@@ -431,6 +494,7 @@ const char *model_chat_template(const model *m) { return m->chat_template; }
 const char *model_desc(const model *m) { return m->desc; }
 
 void model_set_probe(model *m, model_probe_fn fn, void *ud) {
+    if (!m->on_cpu) fn = NULL; /* activations live in device memory */
     free(m->probe_seq);
     m->probe_seq = fn ? calloc((size_t)m->n_batch, sizeof *m->probe_seq) : NULL;
     m->probe = m->probe_seq ? fn : NULL;
@@ -439,7 +503,12 @@ void model_set_probe(model *m, model_probe_fn fn, void *ud) {
 
 float *model_wo_f32(const model *m, int layer) {
     if (layer < 0 || layer >= m->hp.n_layer) return NULL;
-    const kp_wref *w = &m->layers[layer].wo;
+    char name[64];
+    snprintf(name, sizeof name, "blk.%d.attn_output.weight", layer);
+    const gguf_tensor *t = gguf_find_tensor(m->gf, name); /* host memory on every backend */
+    if (!t) return NULL;
+    const kp_wref wh = {.type = t->type, .n_in = t->ne[0], .n_out = t->ne[1], .data = t->data};
+    const kp_wref *w = &wh;
     float *out = malloc(sizeof(float) * (size_t)w->n_in * (size_t)w->n_out);
     if (!out) return NULL;
     size_t rb = kp_type_row_bytes(w->type, w->n_in);

@@ -51,7 +51,7 @@ typedef struct model_hparams {
 } model_hparams;
 
 typedef struct model_opts {
-    const char *backend; /* "cpu" (default) or "cuda" */
+    const char *backend; /* "cpu" (default), "cuda", or "auto" (cuda when a GPU is present) */
     int n_threads;       /* <= 0: all cores */
     int n_batch;         /* micro-batch size in tokens; default 512 */
 } model_opts;

@@ -1152,7 +1152,10 @@ static int setup_metrics(server *s, kp_err *err) {
                           err))
         return KP_EINVAL;
     return metrics_info(reg, "kvpark_build_info", "kvpark version and backend.", "version", KVPARK_VERSION,
-                        "backend", "cpu", err);
+                        "backend", s->o.device && !strcmp(s->o.device, "cuda") ? "cuda"
+                                   : (s->o.device && !strcmp(s->o.device, "cpu")) || !kp_cuda_available() ? "cpu"
+                                                                                                         : "cuda",
+                        err);
 }
 
 /* Re-index saved sessions: every blob in the store becomes a disk session. */
@@ -1235,6 +1238,7 @@ int http_serve(const http_opts *opts, kp_err *err) {
     }
     model_opts mo = model_default_opts();
     mo.n_threads = s->o.n_threads;
+    mo.backend = s->o.device ? s->o.device : "auto";
     if ((rc = model_load(&s->m, s->o.model, &mo, err))) goto done;
     s->vocab = model_vocab(s->m);
     s->n_ctx = s->o.n_ctx > 0 ? s->o.n_ctx : KP_MIN(model_hp(s->m)->n_ctx_train, 4096);

@@ -30,6 +30,7 @@ typedef struct http_opts {
     const char *host;         /* default 127.0.0.1 */
     int port;                 /* default 8080 */
     int n_threads;            /* CPU threads for the model (<= 0: all) */
+    const char *device;       /* cpu | cuda | auto (NULL = auto) */
     int n_parallel;           /* sequences decoded together (default 4) */
     int queue_max;            /* waiting requests before 429 (default 64) */
     int n_ctx;                /* context per sequence (default: model's, <= 4096) */

@@ -65,6 +65,7 @@ static int parse_float(const char *s, double lo, double hi, double *out) {
 /* Options shared by the subcommands that load a model. */
 typedef struct common_opts {
     const char *model;
+    const char *device; /* cpu | cuda | auto (NULL = auto) */
     int threads;
     int n_ctx;
     int kv_type;
@@ -76,7 +77,7 @@ enum {
     OPT_REPEAT_PENALTY, OPT_FREQ_PENALTY, OPT_PRES_PENALTY, OPT_IGNORE_EOS, OPT_CHUNKS, OPT_CSV,
     OPT_NO_PARSE_SPECIAL, OPT_REPEATS, OPT_THREADS_LIST, OPT_CHAT, OPT_CHAT_TEMPLATE, OPT_TYPE,
     OPT_HOST, OPT_PORT, OPT_PARALLEL, OPT_QUEUE, OPT_API_KEY, OPT_API_KEY_FILE, OPT_METRICS_KEY,
-    OPT_MAX_BODY, OPT_MAX_TOKENS, OPT_SESSION_DIR, OPT_TIMEOUT, OPT_QUIET,
+    OPT_MAX_BODY, OPT_MAX_TOKENS, OPT_SESSION_DIR, OPT_TIMEOUT, OPT_QUIET, OPT_DEVICE,
 };
 
 /* Handle an option common to model-loading commands; 1 if consumed, -1 on a bad value. */
@@ -99,6 +100,10 @@ static int common_opt(int c, const char *arg, common_opts *co) {
     case OPT_KV_TYPE:
         co->kv_type = kv_type_from_name(arg);
         return co->kv_type < 0 ? -1 : 1;
+    case OPT_DEVICE:
+        if (strcmp(arg, "cpu") && strcmp(arg, "cuda") && strcmp(arg, "auto")) return -1;
+        co->device = arg;
+        return 1;
     }
     return 0;
 }
@@ -109,6 +114,7 @@ static int load_model(const common_opts *co, model **m, kp_err *err) {
     if (rc) return rc;
     model_opts mo = model_default_opts();
     mo.n_threads = co->threads;
+    mo.backend = co->device ? co->device : "auto";
     if (co->n_batch > 0) mo.n_batch = co->n_batch;
     return model_load(m, path, &mo, err);
 }
@@ -136,7 +142,8 @@ static const char *run_help =
     "      --ids              print generated token ids (space-separated) instead of text\n"
     "  -c, --ctx N            context length (default: the model's, at most 4096)\n"
     "      --kv-type T        f32 | f16 | bf16 (default f32)\n"
-    "  -t, --threads N        CPU threads (default: all cores)\n";
+    "  -t, --threads N        CPU threads (default: all cores)\n"
+    "      --device D         cpu | cuda | auto (default auto: cuda when a GPU is present)\n";
 
 static int cmd_run(int argc, char **argv) {
     common_opts co = {.kv_type = KP_TYPE_F32};
@@ -156,6 +163,7 @@ static int cmd_run(int argc, char **argv) {
         {"presence-penalty", required_argument, 0, OPT_PRES_PENALTY},
         {"ids", no_argument, 0, OPT_IDS}, {"ignore-eos", no_argument, 0, OPT_IGNORE_EOS},
         {"kv-type", required_argument, 0, OPT_KV_TYPE}, {"chat", no_argument, 0, OPT_CHAT},
+        {"device", required_argument, 0, OPT_DEVICE},
         {"chat-template", required_argument, 0, OPT_CHAT_TEMPLATE},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c;
@@ -401,7 +409,8 @@ static int cmd_ppl(int argc, char **argv) {
         {"model", required_argument, 0, 'm'}, {"file", required_argument, 0, 'f'},
         {"ctx", required_argument, 0, 'c'}, {"batch", required_argument, 0, 'b'},
         {"threads", required_argument, 0, 't'}, {"kv-type", required_argument, 0, OPT_KV_TYPE},
-        {"chunks", required_argument, 0, OPT_CHUNKS}, {"help", no_argument, 0, 'h'},
+        {"chunks", required_argument, 0, OPT_CHUNKS}, {"device", required_argument, 0, OPT_DEVICE},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     optind = 1;
@@ -544,7 +553,8 @@ static int cmd_bench(int argc, char **argv) {
     static const struct option lo[] = {
         {"model", required_argument, 0, 'm'}, {"kv-type", required_argument, 0, OPT_KV_TYPE},
         {"csv", required_argument, 0, OPT_CSV}, {"repeats", required_argument, 0, 'r'},
-        {"threads-list", required_argument, 0, OPT_THREADS_LIST}, {"help", no_argument, 0, 'h'},
+        {"threads-list", required_argument, 0, OPT_THREADS_LIST}, {"device", required_argument, 0, OPT_DEVICE},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     optind = 1;
@@ -661,6 +671,7 @@ static const char *serve_help =
     "  -c, --ctx N              context per sequence (default: the model's, at most 4096)\n"
     "      --kv-type T          f32 | f16 | bf16 (default f32)\n"
     "  -t, --threads N          CPU threads (default: all cores)\n"
+    "      --device D           cpu | cuda | auto (default auto: cuda when a GPU is present)\n"
     "      --api-key KEY        require 'Authorization: Bearer KEY' (repeatable)\n"
     "      --api-key-file FILE  one key per line (blank lines and # comments ignored)\n"
     "      --metrics-key KEY    also protect /health and /metrics with this key\n"
@@ -717,6 +728,7 @@ static int cmd_serve(int argc, char **argv) {
         {"session-dir", required_argument, 0, OPT_SESSION_DIR},
         {"chat-template", required_argument, 0, OPT_CHAT_TEMPLATE},
         {"timeout", required_argument, 0, OPT_TIMEOUT}, {"quiet", no_argument, 0, OPT_QUIET},
+        {"device", required_argument, 0, OPT_DEVICE},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c;
     optind = 1;
@@ -773,6 +785,7 @@ static int cmd_serve(int argc, char **argv) {
     if (rc) return die(&err, rc);
     ho.model = path;
     ho.n_threads = co.threads;
+    ho.device = co.device;
     ho.n_ctx = co.n_ctx;
     ho.kv_type = co.kv_type;
     rc = http_serve(&ho, &err);

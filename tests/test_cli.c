@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 
 #include "engine/kp.h"
+#include "kernels/kernels.h"
 #include "testutil.h"
 
 /* Run a shell command, capture stdout (and stderr if merge), return exit status. */
@@ -124,6 +125,7 @@ static void test_errors(void **state) {
         {"ppl -f /nonexistent.txt", 1, "cannot open"},
         {"tokenize", 2, "TEXT"},
         {"run -m synthetic:no-such-model -p hi", 1, "no-such-model"},
+        {"run -p hi --device tpu", 2, "bad option value"},
     };
     for (size_t i = 0; i < KP_ARRAY_LEN(cases); i++) {
         snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin(), cases[i].args);
@@ -142,6 +144,24 @@ static void test_errors(void **state) {
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     assert_int_equal(system(cmd), 0);
     free(dir);
+    free(model);
+}
+
+/* --device cuda without a GPU: a clear message, status 1 (with a GPU: runs). */
+static void test_device_cuda(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    char *model = tu_shared_path("models/stories260K.gguf");
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'Once upon a time' -n 8 --temp 0 --device cuda 2>&1", bin(), model);
+    int st = run_cmd(cmd, out, sizeof out);
+    if (kp_cuda_available()) {
+        assert_int_equal(st, 0);
+        assert_non_null(strstr(out, ", there was a little girl"));
+    } else {
+        assert_int_equal(st, 1);
+        assert_non_null(strstr(out, "CUDA"));
+    }
     free(model);
 }
 
@@ -169,6 +189,7 @@ int main(void) {
         cmocka_unit_test(test_ppl_output),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_synthetic_model),
+        cmocka_unit_test(test_device_cuda),
     };
     tu_apply_filter();
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);
