@@ -9,7 +9,11 @@
  *
  * Per row x [d] of a chunk (rows pos0 .. pos0+n-1):
  *   learned, keys: x = RoPE^-1(x, pos0 + i) first (keys are fitted before
- *                  RoPE; decode re-applies RoPE at the same position)
+ *                  RoPE; decode re-applies RoPE at the same position). The
+ *                  angles come from lc_rope_table: cos/sin of pos0 * theta_p
+ *                  in double, stepped row to row by angle addition in double,
+ *                  rounded to float (a decoder on another device must do the
+ *                  same to match bit for bit).
  *   z = E (x - mu)            E [r][d], mu [d]   (float32, sums in order k = 0..d-1)
  *   x^ = mu + D z^            D [d][r]           (sums in order j = 0..r-1)
  * 'pca' is the same machinery with keys taken as stored (post-RoPE) and an
@@ -39,6 +43,9 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #include <string.h>
 
 #include "codecfile.h"
@@ -61,7 +68,8 @@ int codec_learned_alloc(codec **out, const codec_shape *shape, int kind, const i
         if (ranks[i] < 1 || ranks[i] > d)
             return kp_errf(err, KP_EFORMAT, "codec: coder %d has rank %d (must be 1..%d)", i,
                            ranks[i], d);
-        floats += (size_t)d + 2 * (size_t)ranks[i] * d;
+        const size_t rp = ((size_t)ranks[i] + LC_BLK - 1) / LC_BLK * LC_BLK, dp = ((size_t)d + LC_BLK - 1) / LC_BLK * LC_BLK;
+        floats += (size_t)d + 2 * (size_t)ranks[i] * d + (size_t)d * rp + (size_t)ranks[i] * dp;
         bytes += (size_t)ranks[i];
     }
     size_t head = sizeof(codec_learned) + (size_t)2 * L * sizeof(lc_coder);
@@ -85,6 +93,9 @@ int codec_learned_alloc(codec **out, const codec_shape *shape, int kind, const i
         cd->mean = fp, fp += d;
         cd->enc = fp, fp += (size_t)cd->r * d;
         cd->dec = fp, fp += (size_t)cd->r * d;
+        cd->rpad = (cd->r + LC_BLK - 1) / LC_BLK * LC_BLK, cd->dpad = (d + LC_BLK - 1) / LC_BLK * LC_BLK;
+        cd->enct = fp, fp += (size_t)d * cd->rpad;
+        cd->dect = fp, fp += (size_t)cd->r * cd->dpad;
         cd->bits = bp, bp += cd->r;
     }
     *out = &cl->base;
@@ -102,6 +113,12 @@ int codec_learned_finish(codec *c, kp_err *err) {
                                i / 2, i % 2 ? "V" : "K", j, cd->bits[j]);
             cd->bits_sum += cd->bits[j];
         }
+        const int d = cl->d, r = cd->r;
+        for (int j = 0; j < r; j++)
+            for (int k = 0; k < d; k++) {
+                cd->enct[(size_t)k * cd->rpad + j] = cd->enc[(size_t)j * d + k];
+                cd->dect[(size_t)j * cd->dpad + k] = cd->dec[(size_t)k * r + j];
+            }
     }
     return 0;
 }
@@ -155,6 +172,29 @@ double codec_learned_bits_per_value(const codec *c, int n) {
 
 /* ---- encode / decode -------------------------------------------------- */
 
+/* acc[0..LC_BLK) += w[0..LC_BLK) * s for every (w, s) pair, in order:
+ * out[t] = sum over i = 0..n-1 of w_i[t] * s_i, each a float multiply then
+ * a float add (no FMA) so the AVX2 and scalar paths give the same bits. */
+static inline void lc_axpy_block(float *out, const float *w, size_t stride, const float *s, int n) {
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        const __m256 v = _mm256_set1_ps(s[i]);
+        const float *wi = w + (size_t)i * stride;
+        a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_loadu_ps(wi), v));
+        a1 = _mm256_add_ps(a1, _mm256_mul_ps(_mm256_loadu_ps(wi + 8), v));
+    }
+    _mm256_storeu_ps(out, a0);
+    _mm256_storeu_ps(out + 8, a1);
+#else
+    float acc[LC_BLK] = {0};
+    for (int i = 0; i < n; i++)
+        for (int t = 0; t < LC_BLK; t++) acc[t] += w[(size_t)i * stride + t] * s[i];
+    memcpy(out, acc, sizeof acc);
+#endif
+}
+
+
 static void load_row(int t, const void *rows, size_t off, float *x, int d) {
     if (t == KP_TYPE_F32)
         memcpy(x, (const float *)rows + off, (size_t)d * sizeof(float));
@@ -173,6 +213,67 @@ static void store_row(int t, void *rows, size_t off, const float *x, int d) {
         kp_f32_to_bf16_row(x, (uint16_t *)rows + off, d);
 }
 
+/* The same for 4 rows at once (4 independent add chains per register: the
+ * loop is bound by add latency otherwise): out[q][t] = sum over i of
+ * w_i[t] * s[q * s_stride + i], q = 0..3, in order i = 0..n-1. */
+static inline void lc_axpy_block4(float *out, size_t out_stride, const float *w, size_t stride,
+                                  const float *s, size_t s_stride, int n) {
+#ifdef __AVX2__
+    __m256 a[4][2];
+    for (int q = 0; q < 4; q++) a[q][0] = a[q][1] = _mm256_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        const float *wi = w + (size_t)i * stride;
+        const __m256 w0 = _mm256_loadu_ps(wi), w1 = _mm256_loadu_ps(wi + 8);
+        for (int q = 0; q < 4; q++) {
+            const __m256 v = _mm256_set1_ps(s[q * s_stride + i]);
+            a[q][0] = _mm256_add_ps(a[q][0], _mm256_mul_ps(w0, v));
+            a[q][1] = _mm256_add_ps(a[q][1], _mm256_mul_ps(w1, v));
+        }
+    }
+    for (int q = 0; q < 4; q++) {
+        _mm256_storeu_ps(out + q * out_stride, a[q][0]);
+        _mm256_storeu_ps(out + q * out_stride + 8, a[q][1]);
+    }
+#else
+    for (int q = 0; q < 4; q++) lc_axpy_block(out + q * out_stride, w, stride, s + q * s_stride, n);
+#endif
+}
+
+/* RoPE cos/sin of every row and pair of a chunk: cs, sn [n][half], the
+ * angle of row i and pair p is (pos0 + i) * freq_scale * base^(-2p/n_rot),
+ * stepped row to row by the angle-addition formulas in double (cos/sin are
+ * called once per pair, not once per row), then rounded to float. */
+static void lc_rope_table(const codec_shape *s, int pos0, int n, float *cs, float *sn) {
+    const int n_rot = KP_MIN(s->n_rot, s->head_dim), half = n_rot / 2;
+    const double theta_scale = pow((double)s->rope_base, -2.0 / (double)n_rot);
+    for (int p = 0; p < half; p++) {
+        const double th = (double)s->rope_freq_scale * pow(theta_scale, p);
+        const double c1 = cos(th), s1 = sin(th);
+        double c = cos(th * pos0), sv = sin(th * pos0);
+        for (int i = 0; i < n; i++) {
+            cs[(size_t)i * half + p] = (float)c, sn[(size_t)i * half + p] = (float)sv;
+            const double cn = c * c1 - sv * s1;
+            sv = sv * c1 + c * s1, c = cn;
+        }
+    }
+}
+
+/* Rotate one row [n_kv_heads][head_dim] by the table's row (sn negated: undo). */
+static void lc_rope_apply(const codec_shape *s, float *x, const float *cs, const float *sn, int inverse) {
+    const int n_rot = KP_MIN(s->n_rot, s->head_dim), half = n_rot / 2;
+    const int neox = s->rope_mode == KP_ROPE_NEOX;
+    for (int h = 0; h < s->n_kv_heads; h++) {
+        float *xh = x + (size_t)h * s->head_dim;
+        for (int p = 0; p < half; p++) {
+            const int j0 = neox ? p : 2 * p, j1 = neox ? p + half : 2 * p + 1;
+            const float c = cs[p], sv = inverse ? -sn[p] : sn[p];
+            const float x0 = xh[j0], x1 = xh[j1];
+            xh[j0] = x0 * c - x1 * sv;
+            xh[j1] = x0 * sv + x1 * c;
+        }
+    }
+}
+
 static int lc_encode(const codec *c, const codec_chunk *ch, const void *rows, uint8_t *payload,
                      kp_err *err) {
     const codec_learned *cl = (const codec_learned *)c;
@@ -181,28 +282,28 @@ static int lc_encode(const codec *c, const codec_chunk *ch, const void *rows, ui
                        ch->layer, c->shape.n_layer - 1);
     const lc_coder *cd = &cl->coders[2 * ch->layer + (ch->is_v != 0)];
     const int d = cl->d, r = cd->r, n = ch->n;
-    const int derot = cl->kind == CODEC_LEARNED && !ch->is_v;
-    float *x = malloc(((size_t)d + (size_t)n * r) * sizeof(float));
+    const int half = KP_MIN(c->shape.n_rot, c->shape.head_dim) / 2;
+    const int derot = cl->kind == CODEC_LEARNED && !ch->is_v && half > 0;
+    /* scratch: x [d] | z [n][r] | lo, st, inv [r] | rope cs, sn [n][half] */
+    float *x = malloc(((size_t)d + (size_t)n * r + 3 * (size_t)r + 2 * (size_t)n * half) * sizeof(float));
     if (!x) return kp_errf(err, KP_ENOMEM, "codec '%s' encode: out of memory", c->ops->name);
-    float *z = x + d; /* [n][r] */
+    float *z = x + d, *lo = z + (size_t)n * r, *st = lo + r, *qm = st + r, *cs = qm + r,
+          *sn = cs + (size_t)n * half;
+    if (derot) lc_rope_table(&c->shape, ch->pos0, n, cs, sn);
     for (int i = 0; i < n; i++) {
         load_row(ch->kv_type, rows, (size_t)i * d, x, d);
-        if (derot) codec_rope_row(&c->shape, x, ch->pos0 + i, 1);
+        if (derot) lc_rope_apply(&c->shape, x, cs + (size_t)i * half, sn + (size_t)i * half, 1);
         for (int k = 0; k < d; k++) x[k] -= cd->mean[k];
-        for (int j = 0; j < r; j++) {
-            const float *e = cd->enc + (size_t)j * d;
-            float s = 0;
-            for (int k = 0; k < d; k++) s += e[k] * x[k];
-            z[(size_t)i * r + j] = s;
+        /* z_j = sum over k = 0..d-1 in order of E[j][k] x[k]; vectorised
+         * across j, LC_BLK latents at a time held in registers */
+        float *zi = z + (size_t)i * r;
+        for (int j0 = 0; j0 < r; j0 += LC_BLK) {
+            float acc[LC_BLK];
+            lc_axpy_block(acc, cd->enct + j0, (size_t)cd->rpad, x, d);
+            for (int jj = 0; jj < LC_BLK && j0 + jj < r; jj++) zi[j0 + jj] = acc[jj];
         }
     }
     uint8_t *lo16 = payload, *st16 = payload + 2 * (size_t)r, *codes = payload + 4 * (size_t)r;
-    float *tmp = malloc(2 * (size_t)r * sizeof(float));
-    if (!tmp) {
-        free(x);
-        return kp_errf(err, KP_ENOMEM, "codec '%s' encode: out of memory", c->ops->name);
-    }
-    float *lo = tmp, *st = tmp + r;
     for (int j = 0; j < r; j++) {
         float mn = INFINITY, mx = -INFINITY;
         for (int i = 0; i < n; i++) {
@@ -218,27 +319,36 @@ static int lc_encode(const codec *c, const codec_chunk *ch, const void *rows, ui
         uint16_t s16 = kp_f32_to_fp16((mx - lf) / qmax);
         float sf = kp_fp16_to_f32(s16);
         if (!isfinite(sf) || sf < 0) s16 = 0, sf = 0;
-        lo[j] = lf, st[j] = sf;
+        lo[j] = lf, st[j] = sf, qm[j] = qmax;
         lo16[2 * j] = (uint8_t)l16, lo16[2 * j + 1] = (uint8_t)(l16 >> 8);
         st16[2 * j] = (uint8_t)s16, st16[2 * j + 1] = (uint8_t)(s16 >> 8);
     }
-    /* zero the codes and the padding up to the largest layer's size */
-    memset(codes, 0, lc_payload_bytes(c, n, ch->kv_type, ch->is_v) - 4 * (size_t)r);
-    uint64_t t = 0;
-    for (int i = 0; i < n; i++)
+    /* zero the padding up to the largest layer's size */
+    const size_t ncode = ((size_t)n * cd->bits_sum + 7) / 8;
+    memset(codes + ncode, 0, lc_payload_bytes(c, n, ch->kv_type, ch->is_v) - 4 * (size_t)r - ncode);
+    /* bit writer: codes LSB-first into a 64-bit accumulator, whole bytes out */
+    uint64_t acc = 0;
+    int nacc = 0;
+    uint8_t *o = codes;
+    for (int i = 0; i < n; i++) {
+        const float *zi = z + (size_t)i * r;
         for (int j = 0; j < r; j++) {
-            const int b = cd->bits[j];
             uint32_t q = 0;
             if (st[j] > 0) {
-                float qmax = (float)((1 << b) - 1);
-                float v = (z[(size_t)i * r + j] - lo[j]) / st[j];
-                v = fminf(fmaxf(v, 0.0f), qmax); /* NaN -> 0 */
+                float v = (zi[j] - lo[j]) / st[j];
+                v = v > 0.0f ? v : 0.0f; /* NaN -> 0 */
+                v = v < qm[j] ? v : qm[j];
                 q = (uint32_t)floorf(v + 0.5f);
             }
-            for (int k = 0; k < b; k++, t++)
-                if (q >> k & 1) codes[t >> 3] |= (uint8_t)(1u << (t & 7));
+            acc |= (uint64_t)q << nacc;
+            nacc += cd->bits[j];
+            if (nacc >= 32) {
+                for (int k = 0; k < 4; k++) *o++ = (uint8_t)(acc >> (8 * k));
+                acc >>= 32, nacc -= 32;
+            }
         }
-    free(tmp);
+    }
+    while (nacc > 0) *o++ = (uint8_t)acc, acc >>= 8, nacc -= 8;
     free(x);
     return 0;
 }
@@ -251,31 +361,55 @@ static int lc_decode(const codec *c, const codec_chunk *ch, const uint8_t *paylo
                        ch->layer, c->shape.n_layer - 1);
     const lc_coder *cd = &cl->coders[2 * ch->layer + (ch->is_v != 0)];
     const int d = cl->d, r = cd->r, n = ch->n;
-    const int rerot = cl->kind == CODEC_LEARNED && !ch->is_v;
-    float *buf = malloc(((size_t)d + 3 * (size_t)r) * sizeof(float));
+    const int half = KP_MIN(c->shape.n_rot, c->shape.head_dim) / 2;
+    const int rerot = cl->kind == CODEC_LEARNED && !ch->is_v && half > 0;
+    const size_t ncode = ((size_t)n * cd->bits_sum + 7) / 8;
+    /* scratch: x [4][d] | lo, st [r] | z [n][r] | rope cs, sn [n][half] | codes + 8 zero bytes */
+    size_t nf = 4 * (size_t)d + 2 * (size_t)r + (size_t)n * r + 2 * (size_t)n * half;
+    float *buf = malloc(nf * sizeof(float) + ncode + 8);
     if (!buf) return kp_errf(err, KP_ENOMEM, "codec '%s' decode: out of memory", c->ops->name);
-    float *x = buf, *lo = buf + d, *st = lo + r, *z = st + r;
-    const uint8_t *codes = payload + 4 * (size_t)r;
+    float *x = buf, *lo = buf + 4 * (size_t)d, *st = lo + r, *z = st + r, *cs = z + (size_t)n * r,
+          *sn = cs + (size_t)n * half;
+    uint8_t *codes = (uint8_t *)(buf + nf);
+    memcpy(codes, payload + 4 * (size_t)r, ncode);
+    memset(codes + ncode, 0, 8); /* the 8-byte reads below may run past the stream */
     for (int j = 0; j < r; j++) {
         lo[j] = kp_fp16_to_f32((uint16_t)(payload[2 * j] | payload[2 * j + 1] << 8));
         st[j] = kp_fp16_to_f32((uint16_t)(payload[2 * r + 2 * j] | payload[2 * r + 2 * j + 1] << 8));
     }
-    uint64_t t = 0;
+    if (rerot) lc_rope_table(&c->shape, ch->pos0, n, cs, sn);
+    /* 1. unpack and dequantise every row: z [n][r] */
+    size_t t = 0;
     for (int i = 0; i < n; i++) {
+        float *zi = z + (size_t)i * r;
         for (int j = 0; j < r; j++) {
             const int b = cd->bits[j];
-            uint32_t q = 0;
-            for (int k = 0; k < b; k++, t++) q |= (uint32_t)(codes[t >> 3] >> (t & 7) & 1) << k;
-            z[j] = (float)q * st[j] + lo[j];
+            uint64_t w;
+            memcpy(&w, codes + (t >> 3), 8); /* little-endian host (codec.c) */
+            const uint32_t q = (uint32_t)(w >> (t & 7)) & ((1u << b) - 1);
+            t += (size_t)b;
+            zi[j] = (float)q * st[j] + lo[j];
         }
-        for (int k = 0; k < d; k++) {
-            const float *dr = cd->dec + (size_t)k * r;
-            float s = 0;
-            for (int j = 0; j < r; j++) s += dr[j] * z[j];
-            x[k] = cd->mean[k] + s;
+    }
+    /* 2. x = mu + D z row by row (sums over j = 0..r-1 in order), 4 rows
+     * and LC_BLK outputs at a time; then RoPE and the row type */
+    for (int i0 = 0; i0 < n; i0 += 4) {
+        const int nr = KP_MIN(4, n - i0);
+        for (int k0 = 0; k0 < d; k0 += LC_BLK) {
+            float acc[4][LC_BLK];
+            if (nr == 4)
+                lc_axpy_block4(&acc[0][0], LC_BLK, cd->dect + k0, (size_t)cd->dpad, z + (size_t)i0 * r, (size_t)r, r);
+            else
+                for (int q = 0; q < nr; q++) lc_axpy_block(acc[q], cd->dect + k0, (size_t)cd->dpad, z + (size_t)(i0 + q) * r, r);
+            for (int q = 0; q < nr; q++)
+                for (int kk = 0; kk < LC_BLK && k0 + kk < d; kk++)
+                    x[(size_t)q * d + k0 + kk] = cd->mean[k0 + kk] + acc[q][kk];
         }
-        if (rerot) codec_rope_row(&c->shape, x, ch->pos0 + i, 0);
-        store_row(ch->kv_type, rows, (size_t)i * d, x, d);
+        for (int q = 0; q < nr; q++) {
+            const int i = i0 + q;
+            if (rerot) lc_rope_apply(&c->shape, x + (size_t)q * d, cs + (size_t)i * half, sn + (size_t)i * half, 0);
+            store_row(ch->kv_type, rows, (size_t)i * d, x + (size_t)q * d, d);
+        }
     }
     free(buf);
     return 0;

@@ -29,6 +29,7 @@
 
 #define CODECFILE_VERSION 1
 #define CODECFILE_MAX_BITS 8
+#define LC_BLK 16 /* floats per register block of the encode/decode loops */
 
 /* One layer's K or V coder. Arrays point into the codec's single allocation. */
 typedef struct lc_coder {
@@ -38,6 +39,11 @@ typedef struct lc_coder {
     float *enc;      /* [r][d] */
     float *dec;      /* [d][r] */
     uint8_t *bits;   /* [r], 1..8 */
+    /* Kernel layouts, filled by codec_learned_finish (rows zero-padded to a
+     * multiple of LC_BLK floats so the loops run on whole register blocks): */
+    int rpad, dpad;  /* r and d rounded up to LC_BLK */
+    float *enct;     /* [d][rpad] E transposed */
+    float *dect;     /* [r][dpad] D transposed */
 } lc_coder;
 
 /* The codec object of 'pca' and 'learned'. `base` comes first so that a
@@ -60,7 +66,8 @@ extern const codec_ops codec_ops_learned;
  * codec_learned_finish(). Freed by codec_free(). */
 int codec_learned_alloc(codec **out, const codec_shape *shape, int kind, const int *ranks,
                         kp_err *err);
-/* Recompute bits_sum of every coder; KP_EINVAL if a bit count is outside 1..8. */
+/* Recompute bits_sum and the transposed enct/dect of every coder;
+ * KP_EFORMAT if a bit count is outside 1..8. */
 int codec_learned_finish(codec *c, kp_err *err);
 
 /* RoPE on one row [n_kv_heads][head_dim] at position pos, the exact twin of
