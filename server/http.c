@@ -823,6 +823,17 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
     const char *rest = url + strlen("/v1/sessions");
     if (*rest == 0 || !strcmp(rest, "/")) {
         if (!strcmp(method, "POST")) { /* create */
+            int n_sess = 0;
+            pthread_mutex_lock(&s->sess_mu);
+            for (session *y = s->sessions; y; y = y->next) n_sess++;
+            pthread_mutex_unlock(&s->sess_mu);
+            if (n_sess >= s->o.max_sessions) {
+                api_error_set(&e, 429, "rate_limit_error", "too_many_sessions", NULL,
+                              "the server holds %d sessions, its limit (--max-sessions %d): delete "
+                              "sessions you no longer need",
+                              n_sess, s->o.max_sessions);
+                return reply_error(c, &e);
+            }
             session *x = calloc(1, sizeof *x);
             if (!x || store_new_id(x->id) || sched_seq_new(&x->seq, s->m, s->o.kv_type, s->n_ctx, &err)) {
                 free(x);
@@ -1193,7 +1204,7 @@ static void load_saved_sessions(server *s) {
 http_opts http_default_opts(void) {
     http_opts o = {.host = "127.0.0.1", .port = 8080, .n_parallel = 4, .queue_max = 64,
                    .kv_type = KP_TYPE_F32, .max_body = 8u << 20, .timeout_s = 60,
-                   .session_dir = "sessions"};
+                   .session_dir = "sessions", .max_sessions = 1024};
     return o;
 }
 

@@ -39,6 +39,7 @@ typedef struct http_opts {
     size_t max_body;          /* bytes (default 8 MiB) */
     int timeout_s;            /* idle connection timeout (default 60) */
     const char *session_dir;  /* default ./sessions */
+    int max_sessions;         /* sessions held at most (default 1024; each keeps a KV cache) */
     const char *chat_template;/* NULL: from the model */
     const char *keys[HTTP_MAX_KEYS]; /* API keys (none: no auth) */
     int n_keys;

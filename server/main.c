@@ -77,7 +77,7 @@ enum {
     OPT_REPEAT_PENALTY, OPT_FREQ_PENALTY, OPT_PRES_PENALTY, OPT_IGNORE_EOS, OPT_CHUNKS, OPT_CSV,
     OPT_NO_PARSE_SPECIAL, OPT_REPEATS, OPT_THREADS_LIST, OPT_CHAT, OPT_CHAT_TEMPLATE, OPT_TYPE,
     OPT_HOST, OPT_PORT, OPT_PARALLEL, OPT_QUEUE, OPT_API_KEY, OPT_API_KEY_FILE, OPT_METRICS_KEY,
-    OPT_MAX_BODY, OPT_MAX_TOKENS, OPT_SESSION_DIR, OPT_TIMEOUT, OPT_QUIET, OPT_DEVICE,
+    OPT_MAX_BODY, OPT_MAX_TOKENS, OPT_SESSION_DIR, OPT_TIMEOUT, OPT_QUIET, OPT_DEVICE, OPT_MAX_SESSIONS,
 };
 
 /* Handle an option common to model-loading commands; 1 if consumed, -1 on a bad value. */
@@ -679,6 +679,7 @@ static const char *serve_help =
     "      --max-tokens N       default max_tokens when a request gives none\n"
     "                           (default: until end of text or the context is full)\n"
     "      --session-dir DIR    where saved sessions live (default ./sessions)\n"
+    "      --max-sessions N     sessions held at most (default 1024), then 429\n"
     "      --chat-template T    chatml | llama2 | llama3 | plain (default: from the model)\n"
     "      --timeout S          idle connection timeout in seconds (default 60)\n"
     "      --quiet              no per-request log lines\n";
@@ -726,6 +727,7 @@ static int cmd_serve(int argc, char **argv) {
         {"max-body", required_argument, 0, OPT_MAX_BODY},
         {"max-tokens", required_argument, 0, OPT_MAX_TOKENS},
         {"session-dir", required_argument, 0, OPT_SESSION_DIR},
+        {"max-sessions", required_argument, 0, OPT_MAX_SESSIONS},
         {"chat-template", required_argument, 0, OPT_CHAT_TEMPLATE},
         {"timeout", required_argument, 0, OPT_TIMEOUT}, {"quiet", no_argument, 0, OPT_QUIET},
         {"device", required_argument, 0, OPT_DEVICE},
@@ -768,6 +770,10 @@ static int cmd_serve(int argc, char **argv) {
             ho.max_tokens_default = (int)v;
             break;
         case OPT_SESSION_DIR: ho.session_dir = optarg; break;
+        case OPT_MAX_SESSIONS:
+            if (parse_long(optarg, 1, 1 << 24, &v)) return usage_error("serve", "bad --max-sessions");
+            ho.max_sessions = (int)v;
+            break;
         case OPT_CHAT_TEMPLATE: ho.chat_template = optarg; break;
         case OPT_TIMEOUT:
             if (parse_long(optarg, 1, 86400, &v)) return usage_error("serve", "bad --timeout");

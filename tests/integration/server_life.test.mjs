@@ -132,3 +132,23 @@ describe('while the model loads', { timeout: 60000 }, () => {
     }
   });
 });
+
+describe('session limit', { timeout: 60000 }, () => {
+  let server;
+  before(async () => { server = await startServer({ args: ['--max-sessions', '2'] }); });
+  after(async () => { if (server) await server.stop(); });
+
+  it('--max-sessions refuses more with 429 until one is deleted', async () => {
+    const a = await jfetch(server.baseURL + '/sessions', { body: {} });
+    const b = await jfetch(server.baseURL + '/sessions', { body: {} });
+    assert.equal(a.status, 200);
+    assert.equal(b.status, 200);
+    const c = await jfetch(server.baseURL + '/sessions', { body: {} });
+    assert.equal(c.status, 429);
+    assert.equal(c.json.error.code, 'too_many_sessions');
+    const d = await jfetch(server.baseURL + '/sessions/' + a.json.id, { method: 'DELETE' });
+    assert.equal(d.status, 200);
+    const e = await jfetch(server.baseURL + '/sessions', { body: {} });
+    assert.equal(e.status, 200);
+  });
+});
