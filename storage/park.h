@@ -1,0 +1,91 @@
+/*
+ * park.h — park a sequence's KV cache into the chunk store and bring it back
+ * (issue 5). The bridge between the live KV (engine/kv.h), the codec
+ * (compress/codec.h) and the content-addressed store (storage/cas.h).
+ *
+ * Layout (compress/quality.h quality_park_layout): rows [0, S) lossless, coded
+ * chunks of C rows aligned at S + kC covering [S, n - W), rows [n - W, n)
+ * lossless. Each span becomes ONE store object holding that token range for
+ * all layers, K then V: per (layer, K/V) an encoded chunk (codec "none" for
+ * lossless spans), each LZ4-compressed, with a small table of sizes — the
+ * object format is documented in park.c.
+ *
+ * Content address of a span's object: XXH3-128 of (model fingerprint, codec
+ * identity (name + codec file hash for learned/pca), kv_type, layout S/W/C,
+ * span start, and the token ids [0, span end)). Two sessions sharing a prefix
+ * (a system prompt) produce the same keys for the shared spans and the store
+ * keeps one copy; the window span depends on n, so it is rarely shared.
+ *
+ * A manifest (the session's small record) lists the spans and their keys plus
+ * the token ids; park_manifest_write/read give its checksummed, versioned
+ * byte form (the session store keeps it in a file or a remote tier).
+ *
+ * Contract
+ *   - park_save() encodes every span not already in the store (cas_has), puts
+ *     it (durable or not), cas_ref()s every span's key, and fills the manifest.
+ *     A failure leaves no extra references behind.
+ *   - park_restore() fetches the spans in order, verifies, LZ4-decodes and
+ *     codec-decodes them into kv rows, layer by layer, and sets kv->n_pos only
+ *     after everything succeeded; a missing or corrupt object returns an error
+ *     naming the span (and leaves n_pos as it was).
+ *   - park_release() unrefs a manifest's keys (the session was deleted).
+ *   - Thread-safe as far as cas is; the codec is immutable.
+ */
+#ifndef KP_PARK_H
+#define KP_PARK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "compress/codec.h"
+#include "engine/kv.h"
+#include "storage/cas.h"
+
+typedef struct park_layout {
+    int sink;    /* S, default 4 */
+    int window;  /* W, default 64 */
+    int chunk;   /* C, default 64 */
+} park_layout;
+
+typedef struct park_span {
+    int start, n;
+    bool coded;
+    cas_key key;
+    uint32_t bytes; /* stored object size */
+} park_span;
+
+typedef struct park_manifest {
+    uint64_t model_fingerprint;
+    char codec[64];          /* codec name or file name as given */
+    uint64_t codec_hash;     /* identity of the codec (file content hash; 0 for baselines) */
+    int kv_type;
+    park_layout layout;
+    int n_tokens;
+    int32_t *tokens;         /* [n_tokens] */
+    park_span *spans;        /* [n_spans] */
+    int n_spans;
+} park_manifest;
+
+typedef struct park_stats {
+    uint64_t bytes_new;      /* bytes put into the store by this call */
+    uint64_t bytes_total;    /* bytes of all the manifest's objects */
+    uint64_t fp16_bytes;     /* n_tokens * n_layer * 2 * n_kv * head_dim * 2 */
+    int spans_reused;        /* spans already in the store (shared prefix) */
+    double ms;
+} park_stats;
+
+park_layout park_default_layout(void);
+int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec_name,
+              uint64_t model_fingerprint, const park_layout *lay, const kv_cache *kv,
+              const int32_t *tokens, int n_tokens, bool durable, park_manifest *out,
+              park_stats *st, kp_err *err);
+int park_restore(cas *store, const codec *c, const park_manifest *m, kv_cache *kv,
+                 park_stats *st, kp_err *err);
+int park_release(cas *store, const park_manifest *m);
+void park_manifest_free(park_manifest *m);
+/* Versioned, checksummed byte form (malloc'd). */
+int park_manifest_write(const park_manifest *m, uint8_t **out, size_t *len, kp_err *err);
+int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *m, kp_err *err);
+
+#endif
