@@ -58,6 +58,7 @@ calib_opts calib_default_opts(void) {
                     .window = 64,
                     .kind = CODEC_LEARNED,
                     .k_weight = 4.0,
+                    .ranges = 1,
                     .progress = 0};
     return o;
 }
@@ -341,38 +342,54 @@ static cal_step heap_pop(cal_step *h, int *n) {
     return top;
 }
 
+/* Relative MSE of the fixed quantiser (ranges 1) of a unit Gaussian with b
+ * bits, b = 0..8 (b = 0: the latent is dropped): the optimal uniform
+ * quantiser's distortion (J. Max 1960), matching lc_gauss_step. */
+static const double cal_gauss_mse[CODECFILE_MAX_BITS + 1] = {
+    1.0, 0.3634, 0.1188, 0.03744, 0.01154, 0.003490, 0.001035, 0.0003011, 0.0000863,
+};
+
+/* Distortion of a latent of normalised variance l with b bits. ranges 0
+ * (per-chunk min/max): l 4^-b, a rough high-rate law; ranges 1: the table. */
+static double cal_dist(double l, int b, int ranges) {
+    if (ranges) return l * cal_gauss_mse[b];
+    return b ? l * pow(4.0, -b) : l;
+}
+
 /* lam: [n_coders][d] normalised eigenvalues (descending per coder).
- * bits: out [n_coders][d]. */
+ * bits: out [n_coders][d]. side: bits of side info per kept latent per
+ * chunk (32 for per-chunk fp16 min and step, 0 for fixed ranges). */
 static void cal_allocate(const double *lam, int n_coders, int d, int C, double target, int pca,
-                         uint8_t *bits) {
+                         int ranges, uint8_t *bits) {
     memset(bits, 0, (size_t)n_coders * d);
-    const double budget = target * C * (double)d * n_coders;
+    const double budget = target * C * (double)d * n_coders, side = ranges ? 0.0 : 32.0;
     double used = 0;
     cal_step *h = malloc((size_t)n_coders * d * sizeof *h);
     int nh = 0;
     /* every coder keeps its first latent (a coder of rank 0 has no file form) */
     for (int c = 0; c < n_coders; c++) {
         bits[(size_t)c * d] = pca ? 8 : 1;
-        used += 32 + (double)C * bits[(size_t)c * d];
+        used += side + (double)C * bits[(size_t)c * d];
     }
     for (int c = 0; c < n_coders; c++)
         for (int j = 0; j < d; j++) {
             int b = bits[(size_t)c * d + j];
             if (pca && b) continue;
             double l = fmax(lam[(size_t)c * d + j], 0);
-            double gain = pca ? l : l * 0.75 * pow(4.0, -b), cost = pca ? 8.0 * C + 32 : (b ? C : C + 32.0);
+            double gain = pca ? l : cal_dist(l, b, ranges) - cal_dist(l, b + 1, ranges);
+            double cost = pca ? 8.0 * C + side : (b ? C : C + side);
             heap_push(h, &nh, (cal_step){gain / cost, c * d + j});
         }
     while (nh > 0) {
         cal_step s = heap_pop(h, &nh);
         int b = bits[s.idx];
-        double cost = pca ? 8.0 * C + 32 : (b ? C : C + 32.0);
+        double cost = pca ? 8.0 * C + side : (b ? C : C + side);
         if (used + cost > budget) continue; /* too big: a cheaper step may still fit */
         used += cost;
         bits[s.idx] = (uint8_t)(pca ? 8 : b + 1);
         if (!pca && b + 1 < CODECFILE_MAX_BITS) {
             double l = fmax(lam[s.idx], 0);
-            heap_push(h, &nh, (cal_step){l * 0.75 * pow(4.0, -(b + 1)) / C, s.idx});
+            heap_push(h, &nh, (cal_step){(cal_dist(l, b + 1, ranges) - cal_dist(l, b + 2, ranges)) / C, s.idx});
         }
     }
     free(h);
@@ -569,14 +586,15 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
     double *M = malloc((size_t)d * d * sizeof(double)), *S = malloc((size_t)d * d * sizeof(double)),
            *Si = malloc((size_t)d * d * sizeof(double)), *C = malloc((size_t)d * d * sizeof(double)),
            *T = malloc((size_t)d * d * sizeof(double)), *ev = malloc((size_t)d * sizeof(double));
-    double *lam = malloc((size_t)NC * d * sizeof(double));
+    double *lam = malloc((size_t)NC * d * sizeof(double)), *evr = malloc((size_t)NC * d * sizeof(double));
+    const int ranges = o->kind == CODEC_LEARNED && o->ranges;
     double *U = malloc((size_t)NC * d * d * sizeof(double));   /* [coder][d][d] eigenvectors (columns) */
     double *Sall = malloc((size_t)NC * d * d * sizeof(double)), *Siall = malloc((size_t)NC * d * d * sizeof(double));
     uint8_t *bits = malloc((size_t)NC * d);
     int *ranks = malloc((size_t)NC * sizeof(int));
     codec *c = NULL;
     int rc = 0;
-    if (!M || !S || !Si || !C || !T || !ev || !lam || !U || !Sall || !Siall || !bits || !ranks) {
+    if (!M || !S || !Si || !C || !T || !ev || !lam || !evr || !U || !Sall || !Siall || !bits || !ranks) {
         rc = kp_errf(err, KP_ENOMEM, "calibrate: out of memory");
         goto done;
     }
@@ -619,12 +637,13 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
             double tot = 0;
             for (int j = 0; j < d; j++) tot += fmax(ev[j], 0);
             for (int j = 0; j < d; j++) lam[(size_t)ci * d + j] = tot > 0 ? fmax(ev[j], 0) / tot : 0;
+            for (int j = 0; j < d; j++) evr[(size_t)ci * d + j] = fmax(ev[j], 1e-12 * tot) + 1e-300;
         }
 
     if (o->kind == CODEC_LEARNED) /* keys' relative error costs k_weight times the values' */
         for (int ci = 0; ci < NC; ci += 2)
             for (int j = 0; j < d; j++) lam[(size_t)ci * d + j] *= o->k_weight;
-    cal_allocate(lam, NC, d, o->chunk, o->bits, o->kind == CODEC_PCA, bits);
+    cal_allocate(lam, NC, d, o->chunk, o->bits, o->kind == CODEC_PCA, ranges, bits);
     for (int ci = 0; ci < NC; ci++) {
         ranks[ci] = 0;
         for (int j = 0; j < d; j++) ranks[ci] += bits[(size_t)ci * d + j] > 0;
@@ -632,6 +651,7 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
     if ((rc = codec_learned_alloc(&c, &shape, o->kind, ranks, err))) goto done;
     codec_learned *cl = (codec_learned *)c;
     cl->chunk = o->chunk, cl->sink = o->sink, cl->window = o->window;
+    cl->ranges = ranges;
     cl->target_bits = (float)o->bits;
     for (int ci = 0; ci < NC; ci++) {
         lc_coder *cd = &cl->coders[ci];
@@ -641,14 +661,18 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
         for (int j = 0; j < d; j++) {
             if (!bits[(size_t)ci * d + j]) continue;
             cd->bits[r] = bits[(size_t)ci * d + j];
-            for (int k = 0; k < d; k++) { /* E row r = u_j^T S ; D column r = S^-1 u_j */
+            /* ranges 1: scale latent j to unit variance on the calibration
+             * rows (its variance is the eigenvalue), so the fixed quantiser
+             * of lc_fixed_range fits it */
+            const double sd = ranges ? sqrt(evr[(size_t)ci * d + j]) : 1.0;
+            for (int k = 0; k < d; k++) { /* E row r = u_j^T S / sd ; D column r = S^-1 u_j sd */
                 double e = 0, dd = 0;
                 for (int p = 0; p < d; p++) {
                     e += Uc[(size_t)p * d + j] * Sc[(size_t)p * d + k];
                     dd += Sic[(size_t)k * d + p] * Uc[(size_t)p * d + j];
                 }
-                cd->enc[(size_t)r * d + k] = (float)e;
-                cd->dec[(size_t)k * cd->r + r] = (float)dd;
+                cd->enc[(size_t)r * d + k] = (float)(e / sd);
+                cd->dec[(size_t)k * cd->r + r] = (float)(dd * sd);
             }
             r++;
         }
@@ -667,7 +691,7 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
     if (rep) *rep = r;
 done:
     codec_free(c);
-    free(M), free(S), free(Si), free(C), free(T), free(ev), free(lam), free(U), free(Sall), free(Siall);
+    free(M), free(S), free(Si), free(C), free(T), free(ev), free(lam), free(evr), free(U), free(Sall), free(Siall);
     free(bits), free(ranks);
     cal_stats_free(&st);
     return rc;
@@ -679,7 +703,7 @@ static void calib_usage(void) {
     fprintf(stderr,
             "usage: kvpark calibrate -m MODEL -f TEXT -o CODEC [--bits B | --ratio R] [--chunk C]\n"
             "                        [--sink S] [--window W] [--kind learned|pca] [-c CTX]\n"
-            "                        [--max-tokens N] [-t THREADS] [--k-weight W]\n"
+            "                        [--max-tokens N] [-t THREADS] [--k-weight W] [--ranges fixed|chunk]\n"
             "  fits the KV codec of MODEL on TEXT and writes the codec file CODEC\n"
             "  (use it with: kvpark ppl --codec CODEC, or codec = CODEC in the server config)\n");
 }
@@ -709,6 +733,15 @@ int calib_main(int argc, char **argv) {
         else if (!strcmp(a, "--ratio")) { NEEDV; o.bits = atof(v) > 0 ? 16.0 / atof(v) : -1; }
         else if (!strcmp(a, "--chunk")) { NEEDV; o.chunk = atoi(v); }
         else if (!strcmp(a, "--k-weight")) { NEEDV; o.k_weight = atof(v); }
+        else if (!strcmp(a, "--ranges")) {
+            NEEDV;
+            if (!strcmp(v, "fixed")) o.ranges = 1;
+            else if (!strcmp(v, "chunk")) o.ranges = 0;
+            else {
+                fprintf(stderr, "kvpark calibrate: --ranges must be fixed or chunk, not '%s'\n", v);
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--sink")) { NEEDV; o.sink = atoi(v); }
         else if (!strcmp(a, "--window")) { NEEDV; o.window = atoi(v); }
         else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) { NEEDV; o.n_ctx = atoi(v); }

@@ -36,6 +36,9 @@ typedef struct calib_opts {
     double k_weight;      /* learned: bit-allocation weight of the keys' relative error against
                              the values' (default 4: on stories260K, ppl --codec at 2 bits/value
                              had KL 0.056 / 0.036 / 0.040 for weights 1 / 4 / 8) */
+    int ranges;           /* learned: 1 (default) fixed quantiser ranges from calibration (latents
+                             scaled to unit variance, no side info in chunks); 0 per-chunk fp16
+                             min/step per latent (4 bytes per latent per chunk); pca: always 0 */
     int progress;         /* 1: progress bar on a tty / lines otherwise */
 } calib_opts;
 

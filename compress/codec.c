@@ -28,6 +28,8 @@
  *   unknown flag bits                                        -> KP_EFORMAT
  *   codec id, kv_type, n, is_v against the codec and ch      -> KP_EMISMATCH
  *   payload size against what this codec's shape expects    -> KP_EMISMATCH
+ *   (for pca/learned the size depends on ch->layer: the layer's coder has
+ *   its own rank and bits, and no padding is stored)
  * (a chunk that is intact but was made by another codec, for another row
  * count or another shape, is a mismatch, not damage).
  */
@@ -136,6 +138,16 @@ size_t codec_chunk_bytes(const codec *c, int n, int kv_type, int is_v) {
     return CODEC_HDR_BYTES + p;
 }
 
+size_t codec_chunk_bytes_at(const codec *c, int n, int kv_type, int is_v, int layer) {
+    if (!c || !c->layer_payload_bytes) return codec_chunk_bytes(c, n, kv_type, is_v);
+    if (n < 1 || n > CODEC_MAX_ROWS || codec_elem_size(kv_type) == 0 || layer < 0 ||
+        layer >= c->shape.n_layer)
+        return 0;
+    size_t p = c->layer_payload_bytes(c, n, kv_type, is_v != 0, layer);
+    if (p == 0 || p > UINT32_MAX) return 0;
+    return CODEC_HDR_BYTES + p;
+}
+
 size_t codec_max_bytes(const codec *c, int n) {
     size_t m = 0;
     static const int types[] = {KP_TYPE_F32, KP_TYPE_F16, KP_TYPE_BF16};
@@ -162,7 +174,10 @@ int codec_encode(const codec *c, const codec_chunk *ch, const void *rows, uint8_
     int rc = codec_check_chunk(c, ch, "encode", err);
     if (rc) return rc;
     if (!rows || !out) return kp_errf(err, KP_EINVAL, "codec '%s' encode: rows or out is NULL", c->ops->name);
-    size_t total = codec_chunk_bytes(c, ch->n, ch->kv_type, ch->is_v);
+    if (c->layer_payload_bytes && (ch->layer < 0 || ch->layer >= c->shape.n_layer))
+        return kp_errf(err, KP_EINVAL, "codec '%s' encode: layer %d outside 0..%d", c->ops->name,
+                       ch->layer, c->shape.n_layer - 1);
+    size_t total = codec_chunk_bytes_at(c, ch->n, ch->kv_type, ch->is_v, ch->layer);
     if (total == 0)
         return kp_errf(err, KP_ERANGE, "codec '%s' encode: a chunk of %d rows of %d x %d is too large",
                        c->ops->name, ch->n, c->shape.n_kv_heads, c->shape.head_dim);
@@ -226,7 +241,10 @@ int codec_decode(const codec *c, const codec_chunk *ch, const uint8_t *in, size_
     if (((flags & CODEC_FLAG_V) != 0) != (ch->is_v != 0))
         return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk holds %s, caller expects %s", nm,
                        (flags & CODEC_FLAG_V) ? "values" : "keys", ch->is_v ? "values" : "keys");
-    size_t expect = codec_chunk_bytes(c, ch->n, ch->kv_type, ch->is_v);
+    if (c->layer_payload_bytes && (ch->layer < 0 || ch->layer >= c->shape.n_layer))
+        return kp_errf(err, KP_EINVAL, "codec '%s' decode: layer %d outside 0..%d", nm, ch->layer,
+                       c->shape.n_layer - 1);
+    size_t expect = codec_chunk_bytes_at(c, ch->n, ch->kv_type, ch->is_v, ch->layer);
     if (expect != len)
         return kp_errf(err, KP_EMISMATCH,
                        "codec '%s' decode: chunk is %zu bytes, %d rows of %d heads x %d dims need %zu "

@@ -32,6 +32,13 @@ struct codec {
     codec_shape shape;
     int group;    /* values per group along head_dim: min(32, head_dim) */
     int n_groups; /* groups per head: ceil(head_dim / group) */
+    /* Optional (NULL for the baselines: their size does not depend on the
+     * layer): exact payload bytes of a chunk of n rows of `layer`
+     * (0..n_layer-1); codec.c sizes and checks every chunk with it, so no
+     * padding is stored. ops->payload_bytes then answers the largest over
+     * layers (codec_chunk_bytes, codec_max_bytes). Kept here rather than in
+     * codec_ops so the baselines' constant tables stay as they are. */
+    size_t (*layer_payload_bytes)(const codec *c, int n, int kv_type, int is_v, int layer);
 };
 
 /* The baseline codecs (codec_baseline.c). */

@@ -10,17 +10,31 @@
  * Per row x [d] of a chunk (rows pos0 .. pos0+n-1):
  *   learned, keys: x = RoPE^-1(x, pos0 + i) first (keys are fitted before
  *                  RoPE; decode re-applies RoPE at the same position). The
- *                  angles come from lc_rope_table: cos/sin of pos0 * theta_p
- *                  in double, stepped row to row by angle addition in double,
- *                  rounded to float (a decoder on another device must do the
- *                  same to match bit for bit).
+ *                  angles come from lc_rope_table: th_p = freq_scale *
+ *                  pow(base^(-2/n_rot), p) and cos/sin(th_p) in double (once,
+ *                  at open), cos/sin of pos0 * th_p in double, stepped row to
+ *                  row by angle addition in double, rounded to float (a
+ *                  decoder on another device must do the same to match bit
+ *                  for bit); each pair (x0, x1) -> (x0 c - x1 s, x0 s + x1 c).
  *   z = E (x - mu)            E [r][d], mu [d]   (float32, sums in order k = 0..d-1)
- *   x^ = mu + D z^            D [d][r]           (sums in order j = 0..r-1)
  * 'pca' is the same machinery with keys taken as stored (post-RoPE) and an
  * unweighted fit; calib.c gives each of its kept dims 8 bits (int8 latents).
  *
+ * Two kinds of quantiser ranges (codec file key kvpark.codec.ranges):
+ *   ranges 1 (learned's default): fixed, calibrated. calib.c scales E and D
+ *     so every latent has unit variance on the calibration rows; latent j
+ *     with b_j bits uses lo_j = -(2^b_j - 1)/2 * s_j, s_j = 1.3 * g(b_j),
+ *     g = the MSE-optimal uniform step for a unit Gaussian (lc_gauss_step;
+ *     1.3x because real latents have heavier tails: measured on
+ *     stories260K, KL at 2 bits 0.0089 / 0.0062 / 0.0060 for 1.0 / 1.2 /
+ *     1.4x). No side info is stored.
+ *   ranges 0 (pca; learned files of version 1): per chunk, lo_j and s_j
+ *     stored in the payload (below), from the chunk's min and max of z_j.
+ *
  * Payload (after the 16-byte chunk header of codec.c), for the coder of
- * (layer, K/V) with r latent dims of bits b_j (1..8), B = sum b_j:
+ * (layer, K/V) with r latent dims of bits b_j (1..8), B = sum b_j; its size
+ * is exact for that layer (codec.c checks it with ch->layer, no padding):
+ *   ranges 0 only:
  *   lo[r]   fp16   lo_j = fp16(min over the chunk's rows of z_j)
  *   step[r] fp16   s_j  = fp16((max_j - lo_j) / (2^b_j - 1))
  *   codes          ceil(n * B / 8) bytes: a bit stream, rows in order, in a
@@ -29,17 +43,17 @@
  *                  (t & 7) of byte (t >> 3); unused bits of the last byte 0.
  *   q_ij = floor(clamp((z_ij - lo_j) / s_j, 0, 2^b_j - 1) + 0.5)  (0 if s_j
  *          is 0 or not finite, or z is NaN)
- *   z^_ij = (float)q_ij * s_j + lo_j   (float32 multiply, then add: no FMA)
- *   padding        zero bytes up to the payload size of the layer with the
- *                  largest 4 r + ceil(n B / 8) for this K/V: the chunk
- *                  header has no layer field, so codec.c expects one size per
- *                  (n, K/V); the zeros vanish under the LZ4 applied on top.
- *   payload = max over layers of (4 r + ceil(n B / 8)) bytes (independent of
- *   kv_type).
- * Per-chunk min/max ranges (rather than a calibrated +-k sigma clip) were
- * chosen because they cannot clip and the chunk's 4 bytes per latent dim
- * are small against n * b_j bits at C = 64 rows; the bit allocation in
- * calib.c counts that overhead.
+ *   payload = (ranges 0: 4 r) + ceil(n B / 8) bytes (independent of kv_type).
+ * Decode (float32, each product then its sum: no FMA; sums over j = 0..r-1
+ * in order):
+ *   ranges 0: z^_ij = (float)q_ij * s_j + lo_j;  x^ = mu + D z^
+ *   ranges 1: x^ = m + D' q, the quantiser folded into the decoder at open:
+ *             D'[k][j] = D[k][j] * s_j, m_k = mu_k + sum_j D[k][j] * lo_j
+ *             (codec_learned_finish).
+ * Per-chunk ranges cost 32 bits per latent per chunk (~10% at 2 bits) and
+ * stretch the levels over the chunk's extremes; the fixed ones clip the
+ * rare outliers instead: at 2 bits/value on stories260K, Δppl +2.19% ->
+ * +0.56% in `kvpark bench codec`.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -52,6 +66,23 @@
 #include "kernels/cpu/quant.h"
 #include "kernels/kernels.h"
 #include "kernels/types.h"
+
+/* ---- fixed quantiser (ranges 1) ------------------------------------------ */
+
+/* Step of the MSE-optimal uniform quantiser with 2^b levels for a unit
+ * Gaussian (J. Max 1960; Jayant & Noll table 4.4), b = 1..8. */
+static const float lc_gauss_step[CODECFILE_MAX_BITS + 1] = {
+    0.0f, 1.5958f, 0.9957f, 0.5860f, 0.3352f, 0.1881f, 0.1041f, 0.0569f, 0.0308f,
+};
+
+/* The fixed quantiser of a unit-variance latent with b bits: levels
+ * lo + q * step, q = 0..2^b-1, symmetric about 0 (float32 arithmetic). */
+static void lc_fixed_range(int b, float *lo, float *step) {
+    *step = 1.3f * lc_gauss_step[b];
+    *lo = -0.5f * (float)((1 << b) - 1) * *step;
+}
+
+static size_t lc_layer_payload_bytes(const codec *c, int n, int kv_type, int is_v, int layer);
 
 /* ---- allocation ------------------------------------------------------- */
 
@@ -69,22 +100,37 @@ int codec_learned_alloc(codec **out, const codec_shape *shape, int kind, const i
             return kp_errf(err, KP_EFORMAT, "codec: coder %d has rank %d (must be 1..%d)", i,
                            ranks[i], d);
         const size_t rp = ((size_t)ranks[i] + LC_BLK - 1) / LC_BLK * LC_BLK, dp = ((size_t)d + LC_BLK - 1) / LC_BLK * LC_BLK;
-        floats += (size_t)d + 2 * (size_t)ranks[i] * d + (size_t)d * rp + (size_t)ranks[i] * dp;
+        floats += (size_t)d + 2 * (size_t)ranks[i] * d + (size_t)d * rp + (size_t)ranks[i] * dp + 2 * (size_t)ranks[i] + dp;
         bytes += (size_t)ranks[i];
     }
+    const int half = KP_MIN(shape->n_rot, shape->head_dim) / 2;
     size_t head = sizeof(codec_learned) + (size_t)2 * L * sizeof(lc_coder);
+    head = (head + 7) & ~(size_t)7;
+    const size_t th_off = head;
+    head += 3 * (size_t)KP_MAX(half, 0) * sizeof(double);
     head = (head + 63) & ~(size_t)63;
     size_t total = head + floats * sizeof(float) + bytes;
     uint8_t *blk = calloc(1, total);
     if (!blk) return kp_errf(err, KP_ENOMEM, "codec: out of memory (%zu bytes)", total);
     codec_learned *cl = (codec_learned *)blk;
     cl->base.ops = kind == CODEC_PCA ? &codec_ops_pca : &codec_ops_learned;
+    cl->base.layer_payload_bytes = lc_layer_payload_bytes;
     cl->base.shape = *shape;
     cl->base.group = KP_MIN(32, shape->head_dim);
     cl->base.n_groups = (shape->head_dim + cl->base.group - 1) / cl->base.group;
     cl->kind = kind;
     cl->d = d;
     cl->coders = (lc_coder *)(blk + sizeof(codec_learned));
+    /* RoPE angle of pair p per position, th_p = freq_scale * base^(-2p/n_rot),
+     * and its cos and sin (in double), for lc_rope_table */
+    cl->rope_th = (double *)(blk + th_off);
+    if (half > 0) {
+        const double theta_scale = pow((double)shape->rope_base, -2.0 / (double)KP_MIN(shape->n_rot, shape->head_dim));
+        for (int p = 0; p < half; p++) {
+            const double th = (double)shape->rope_freq_scale * pow(theta_scale, p);
+            cl->rope_th[p] = th, cl->rope_th[half + p] = cos(th), cl->rope_th[2 * half + p] = sin(th);
+        }
+    }
     float *fp = (float *)(blk + head);
     uint8_t *bp = blk + head + floats * sizeof(float);
     for (int i = 0; i < 2 * L; i++) {
@@ -96,6 +142,9 @@ int codec_learned_alloc(codec **out, const codec_shape *shape, int kind, const i
         cd->rpad = (cd->r + LC_BLK - 1) / LC_BLK * LC_BLK, cd->dpad = (d + LC_BLK - 1) / LC_BLK * LC_BLK;
         cd->enct = fp, fp += (size_t)d * cd->rpad;
         cd->dect = fp, fp += (size_t)cd->r * cd->dpad;
+        cd->qlo = fp, fp += cd->r;
+        cd->qstep = fp, fp += cd->r;
+        cd->dmean = fp, fp += cd->dpad;
         cd->bits = bp, bp += cd->r;
     }
     *out = &cl->base;
@@ -112,6 +161,7 @@ int codec_learned_finish(codec *c, kp_err *err) {
                 return kp_errf(err, KP_EFORMAT, "codec: layer %d %s latent %d has %d bits (must be 1..8)",
                                i / 2, i % 2 ? "V" : "K", j, cd->bits[j]);
             cd->bits_sum += cd->bits[j];
+            lc_fixed_range(cd->bits[j], &cd->qlo[j], &cd->qstep[j]);
         }
         const int d = cl->d, r = cd->r;
         for (int j = 0; j < r; j++)
@@ -119,6 +169,18 @@ int codec_learned_finish(codec *c, kp_err *err) {
                 cd->enct[(size_t)k * cd->rpad + j] = cd->enc[(size_t)j * d + k];
                 cd->dect[(size_t)j * cd->dpad + k] = cd->dec[(size_t)k * r + j];
             }
+        /* ranges 1: the quantiser folded into the decoder (no dequantise
+         * step per code): dect[j][k] = D[k][j] * step_j, dmean[k] = mu_k +
+         * sum over j = 0..r-1 in order of D[k][j] * lo_j (float multiply,
+         * then add). ranges 0: dmean = mu. */
+        for (int k = 0; k < d; k++) {
+            float m = cd->mean[k];
+            for (int j = 0; j < r && cl->ranges; j++) {
+                cd->dect[(size_t)j * cd->dpad + k] = cd->dec[(size_t)k * r + j] * cd->qstep[j];
+                m += cd->dec[(size_t)k * r + j] * cd->qlo[j];
+            }
+            cd->dmean[k] = m;
+        }
     }
     return 0;
 }
@@ -149,24 +211,32 @@ void codec_rope_row(const codec_shape *s, float *x, int pos, int inverse) {
 
 /* ---- sizes -------------------------------------------------------------- */
 
-static size_t lc_payload(const lc_coder *cd, int n) {
-    return 4 * (size_t)cd->r + ((size_t)n * (size_t)cd->bits_sum + 7) / 8;
+static size_t lc_payload(const codec_learned *cl, const lc_coder *cd, int n) {
+    return (cl->ranges ? 0 : 4 * (size_t)cd->r) + ((size_t)n * (size_t)cd->bits_sum + 7) / 8;
 }
 
-static size_t lc_payload_bytes(const codec *c, int n, int kv_type, int is_v) {
+static size_t lc_layer_payload_bytes(const codec *c, int n, int kv_type, int is_v, int layer) {
     (void)kv_type;
     const codec_learned *cl = (const codec_learned *)c;
+    return lc_payload(cl, &cl->coders[2 * layer + (is_v != 0)], n);
+}
+
+/* Without a layer (codec_chunk_bytes, codec_max_bytes): the largest. */
+static size_t lc_payload_bytes(const codec *c, int n, int kv_type, int is_v) {
     size_t m = 0;
-    /* the size depends on the layer; the chunk header has no layer field, so
-     * codec.c asks without one: answer the largest over layers for this K/V */
-    for (int l = 0; l < c->shape.n_layer; l++) m = KP_MAX(m, lc_payload(&cl->coders[2 * l + is_v], n));
+    for (int l = 0; l < c->shape.n_layer; l++) m = KP_MAX(m, lc_layer_payload_bytes(c, n, kv_type, is_v, l));
     return m;
+}
+
+size_t codec_learned_payload(const codec *c, int n, int is_v, int layer) {
+    return lc_layer_payload_bytes(c, n, 0, is_v, layer);
 }
 
 double codec_learned_bits_per_value(const codec *c, int n) {
     const codec_learned *cl = (const codec_learned *)c;
     double bits = 0;
-    for (int i = 0; i < 2 * c->shape.n_layer; i++) bits += 32.0 * cl->coders[i].r + (double)n * cl->coders[i].bits_sum;
+    for (int i = 0; i < 2 * c->shape.n_layer; i++)
+        bits += (cl->ranges ? 0 : 32.0 * cl->coders[i].r) + (double)n * cl->coders[i].bits_sum;
     return bits / ((double)n * cl->d * 2 * c->shape.n_layer);
 }
 
@@ -239,16 +309,32 @@ static inline void lc_axpy_block4(float *out, size_t out_stride, const float *w,
 #endif
 }
 
+/* The same for 8 rows with AVX-512 (one 16-float register per row; 8
+ * independent add chains): the same products and sums in the same order
+ * per output as lc_axpy_block, so every path gives the same bits. */
+#ifdef __AVX512F__
+static inline void lc_axpy_block8(float *out, size_t out_stride, const float *w, size_t stride,
+                                  const float *s, size_t s_stride, int n) {
+    __m512 a[8];
+    for (int q = 0; q < 8; q++) a[q] = _mm512_setzero_ps();
+    for (int i = 0; i < n; i++) {
+        const __m512 wv = _mm512_loadu_ps(w + (size_t)i * stride);
+        for (int q = 0; q < 8; q++)
+            a[q] = _mm512_add_ps(a[q], _mm512_mul_ps(wv, _mm512_set1_ps(s[q * s_stride + i])));
+    }
+    for (int q = 0; q < 8; q++) _mm512_storeu_ps(out + q * out_stride, a[q]);
+}
+#endif
+
 /* RoPE cos/sin of every row and pair of a chunk: cs, sn [n][half], the
  * angle of row i and pair p is (pos0 + i) * freq_scale * base^(-2p/n_rot),
  * stepped row to row by the angle-addition formulas in double (cos/sin are
  * called once per pair, not once per row), then rounded to float. */
-static void lc_rope_table(const codec_shape *s, int pos0, int n, float *cs, float *sn) {
-    const int n_rot = KP_MIN(s->n_rot, s->head_dim), half = n_rot / 2;
-    const double theta_scale = pow((double)s->rope_base, -2.0 / (double)n_rot);
+static void lc_rope_table(const codec_learned *cl, int pos0, int n, float *cs, float *sn) {
+    const codec_shape *s = &cl->base.shape;
+    const int half = KP_MIN(s->n_rot, s->head_dim) / 2;
     for (int p = 0; p < half; p++) {
-        const double th = (double)s->rope_freq_scale * pow(theta_scale, p);
-        const double c1 = cos(th), s1 = sin(th);
+        const double th = cl->rope_th[p], c1 = cl->rope_th[half + p], s1 = cl->rope_th[2 * half + p];
         double c = cos(th * pos0), sv = sin(th * pos0);
         for (int i = 0; i < n; i++) {
             cs[(size_t)i * half + p] = (float)c, sn[(size_t)i * half + p] = (float)sv;
@@ -262,9 +348,30 @@ static void lc_rope_table(const codec_shape *s, int pos0, int n, float *cs, floa
 static void lc_rope_apply(const codec_shape *s, float *x, const float *cs, const float *sn, int inverse) {
     const int n_rot = KP_MIN(s->n_rot, s->head_dim), half = n_rot / 2;
     const int neox = s->rope_mode == KP_ROPE_NEOX;
+    int p0 = 0;
+#ifdef __AVX2__
+    /* normal mode, 4 pairs (8 adjacent floats) at a time: x' = x C + swap(x) S
+     * with C = (c0 c0 c1 c1 ..), S = (-s0 s0 -s1 s1 ..) (signs flipped to
+     * undo): the same float products and sums as the scalar loop below */
+    if (!neox)
+        for (; p0 + 4 <= half; p0 += 4) {
+            const __m256i dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+            const __m256 C = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(cs + p0)), dup);
+            __m256 S = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sn + p0)), dup);
+            const __m256 sg = inverse ? _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1)
+                                      : _mm256_setr_ps(-1, 1, -1, 1, -1, 1, -1, 1);
+            S = _mm256_mul_ps(S, sg); /* exact: a sign flip */
+            for (int h = 0; h < s->n_kv_heads; h++) {
+                float *xp = x + (size_t)h * s->head_dim + 2 * p0;
+                const __m256 v = _mm256_loadu_ps(xp);
+                _mm256_storeu_ps(xp, _mm256_add_ps(_mm256_mul_ps(v, C),
+                                                   _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), S)));
+            }
+        }
+#endif
     for (int h = 0; h < s->n_kv_heads; h++) {
         float *xh = x + (size_t)h * s->head_dim;
-        for (int p = 0; p < half; p++) {
+        for (int p = p0; p < half; p++) {
             const int j0 = neox ? p : 2 * p, j1 = neox ? p + half : 2 * p + 1;
             const float c = cs[p], sv = inverse ? -sn[p] : sn[p];
             const float x0 = xh[j0], x1 = xh[j1];
@@ -289,7 +396,7 @@ static int lc_encode(const codec *c, const codec_chunk *ch, const void *rows, ui
     if (!x) return kp_errf(err, KP_ENOMEM, "codec '%s' encode: out of memory", c->ops->name);
     float *z = x + d, *lo = z + (size_t)n * r, *st = lo + r, *qm = st + r, *cs = qm + r,
           *sn = cs + (size_t)n * half;
-    if (derot) lc_rope_table(&c->shape, ch->pos0, n, cs, sn);
+    if (derot) lc_rope_table(cl, ch->pos0, n, cs, sn);
     for (int i = 0; i < n; i++) {
         load_row(ch->kv_type, rows, (size_t)i * d, x, d);
         if (derot) lc_rope_apply(&c->shape, x, cs + (size_t)i * half, sn + (size_t)i * half, 1);
@@ -303,8 +410,11 @@ static int lc_encode(const codec *c, const codec_chunk *ch, const void *rows, ui
             for (int jj = 0; jj < LC_BLK && j0 + jj < r; jj++) zi[j0 + jj] = acc[jj];
         }
     }
-    uint8_t *lo16 = payload, *st16 = payload + 2 * (size_t)r, *codes = payload + 4 * (size_t)r;
-    for (int j = 0; j < r; j++) {
+    uint8_t *codes = payload + (cl->ranges ? 0 : 4 * (size_t)r);
+    for (int j = 0; j < r && cl->ranges; j++)
+        lo[j] = cd->qlo[j], st[j] = cd->qstep[j], qm[j] = (float)((1 << cd->bits[j]) - 1);
+    for (int j = 0; j < r && !cl->ranges; j++) {
+        uint8_t *lo16 = payload, *st16 = payload + 2 * (size_t)r;
         float mn = INFINITY, mx = -INFINITY;
         for (int i = 0; i < n; i++) {
             float v = z[(size_t)i * r + j];
@@ -323,9 +433,6 @@ static int lc_encode(const codec *c, const codec_chunk *ch, const void *rows, ui
         lo16[2 * j] = (uint8_t)l16, lo16[2 * j + 1] = (uint8_t)(l16 >> 8);
         st16[2 * j] = (uint8_t)s16, st16[2 * j + 1] = (uint8_t)(s16 >> 8);
     }
-    /* zero the padding up to the largest layer's size */
-    const size_t ncode = ((size_t)n * cd->bits_sum + 7) / 8;
-    memset(codes + ncode, 0, lc_payload_bytes(c, n, ch->kv_type, ch->is_v) - 4 * (size_t)r - ncode);
     /* bit writer: codes LSB-first into a 64-bit accumulator, whole bytes out */
     uint64_t acc = 0;
     int nacc = 0;
@@ -364,46 +471,68 @@ static int lc_decode(const codec *c, const codec_chunk *ch, const uint8_t *paylo
     const int half = KP_MIN(c->shape.n_rot, c->shape.head_dim) / 2;
     const int rerot = cl->kind == CODEC_LEARNED && !ch->is_v && half > 0;
     const size_t ncode = ((size_t)n * cd->bits_sum + 7) / 8;
-    /* scratch: x [4][d] | lo, st [r] | z [n][r] | rope cs, sn [n][half] | codes + 8 zero bytes */
-    size_t nf = 4 * (size_t)d + 2 * (size_t)r + (size_t)n * r + 2 * (size_t)n * half;
+    /* scratch: x [8][d] | lo, st [r] | z [n][r] | rope cs, sn [n][half] | codes + 8 zero bytes */
+    size_t nf = 8 * (size_t)d + 2 * (size_t)r + (size_t)n * r + 2 * (size_t)n * half;
     float *buf = malloc(nf * sizeof(float) + ncode + 8);
     if (!buf) return kp_errf(err, KP_ENOMEM, "codec '%s' decode: out of memory", c->ops->name);
-    float *x = buf, *lo = buf + 4 * (size_t)d, *st = lo + r, *z = st + r, *cs = z + (size_t)n * r,
+    float *x = buf, *lo = buf + 8 * (size_t)d, *st = lo + r, *z = st + r, *cs = z + (size_t)n * r,
           *sn = cs + (size_t)n * half;
     uint8_t *codes = (uint8_t *)(buf + nf);
-    memcpy(codes, payload + 4 * (size_t)r, ncode);
+    memcpy(codes, payload + (cl->ranges ? 0 : 4 * (size_t)r), ncode);
     memset(codes + ncode, 0, 8); /* the 8-byte reads below may run past the stream */
     for (int j = 0; j < r; j++) {
+        if (cl->ranges) {
+            lo[j] = cd->qlo[j], st[j] = cd->qstep[j];
+            continue;
+        }
         lo[j] = kp_fp16_to_f32((uint16_t)(payload[2 * j] | payload[2 * j + 1] << 8));
         st[j] = kp_fp16_to_f32((uint16_t)(payload[2 * r + 2 * j] | payload[2 * r + 2 * j + 1] << 8));
     }
-    if (rerot) lc_rope_table(&c->shape, ch->pos0, n, cs, sn);
-    /* 1. unpack and dequantise every row: z [n][r] */
+    if (rerot) lc_rope_table(cl, ch->pos0, n, cs, sn);
+    /* 1. unpack and dequantise every row: z [n][r] (ranges 1: z = q, the
+     * quantiser is folded into dect and dmean) */
     size_t t = 0;
+    const uint8_t *bits = cd->bits;
     for (int i = 0; i < n; i++) {
         float *zi = z + (size_t)i * r;
+        if (cl->ranges) {
+            for (int j = 0; j < r; j++) {
+                const int b = bits[j];
+                uint64_t w;
+                memcpy(&w, codes + (t >> 3), 8); /* little-endian host (codec.c) */
+                zi[j] = (float)((uint32_t)(w >> (t & 7)) & ((1u << b) - 1));
+                t += (size_t)b;
+            }
+            continue;
+        }
         for (int j = 0; j < r; j++) {
-            const int b = cd->bits[j];
+            const int b = bits[j];
             uint64_t w;
-            memcpy(&w, codes + (t >> 3), 8); /* little-endian host (codec.c) */
+            memcpy(&w, codes + (t >> 3), 8);
             const uint32_t q = (uint32_t)(w >> (t & 7)) & ((1u << b) - 1);
             t += (size_t)b;
             zi[j] = (float)q * st[j] + lo[j];
         }
     }
-    /* 2. x = mu + D z row by row (sums over j = 0..r-1 in order), 4 rows
+    /* 2. x = dmean + dect^T z row by row (sums over j = 0..r-1 in order), 4 rows
      * and LC_BLK outputs at a time; then RoPE and the row type */
-    for (int i0 = 0; i0 < n; i0 += 4) {
-        const int nr = KP_MIN(4, n - i0);
+    for (int i0 = 0; i0 < n; i0 += 8) {
+        const int nr = KP_MIN(8, n - i0);
         for (int k0 = 0; k0 < d; k0 += LC_BLK) {
-            float acc[4][LC_BLK];
-            if (nr == 4)
-                lc_axpy_block4(&acc[0][0], LC_BLK, cd->dect + k0, (size_t)cd->dpad, z + (size_t)i0 * r, (size_t)r, r);
-            else
-                for (int q = 0; q < nr; q++) lc_axpy_block(acc[q], cd->dect + k0, (size_t)cd->dpad, z + (size_t)(i0 + q) * r, r);
+            float acc[8][LC_BLK];
+            int q0 = 0;
+#ifdef __AVX512F__
+            if (nr == 8) {
+                lc_axpy_block8(&acc[0][0], LC_BLK, cd->dect + k0, (size_t)cd->dpad, z + (size_t)i0 * r, (size_t)r, r);
+                q0 = 8;
+            }
+#endif
+            for (; q0 + 4 <= nr; q0 += 4)
+                lc_axpy_block4(&acc[q0][0], LC_BLK, cd->dect + k0, (size_t)cd->dpad, z + (size_t)(i0 + q0) * r, (size_t)r, r);
+            for (; q0 < nr; q0++) lc_axpy_block(acc[q0], cd->dect + k0, (size_t)cd->dpad, z + (size_t)(i0 + q0) * r, r);
             for (int q = 0; q < nr; q++)
                 for (int kk = 0; kk < LC_BLK && k0 + kk < d; kk++)
-                    x[(size_t)q * d + k0 + kk] = cd->mean[k0 + kk] + acc[q][kk];
+                    x[(size_t)q * d + k0 + kk] = cd->dmean[k0 + kk] + acc[q][kk];
         }
         for (int q = 0; q < nr; q++) {
             const int i = i0 + q;

@@ -82,6 +82,7 @@ int codecfile_write(const codec *c, const char *path, kp_err *err) {
     e |= gguf_set_u64(w, CF_SUM_KEY, 0);
     e |= gguf_set_u32(w, "kvpark.codec.version", CODECFILE_VERSION);
     e |= gguf_set_str(w, "kvpark.codec.kind", cl->kind == CODEC_PCA ? "pca" : "learned");
+    e |= gguf_set_u32(w, "kvpark.codec.ranges", (uint32_t)cl->ranges);
     e |= gguf_set_u64(w, "kvpark.codec.model_fingerprint", s->model_fingerprint);
     e |= gguf_set_u32(w, "kvpark.codec.n_layer", (uint32_t)s->n_layer);
     e |= gguf_set_u32(w, "kvpark.codec.n_kv_heads", (uint32_t)s->n_kv_heads);
@@ -258,10 +259,19 @@ int codecfile_open(codec **out, const char *path, const codec_shape *shape, kp_e
     int64_t nl, nh, hd, nrot, rmode, chunk, sink, window;
     double rbase, rfs, tb, ab;
     if ((rc = cf_u32(f, path, "kvpark.codec.version", &ver, err))) goto done;
-    if (ver != CODECFILE_VERSION) {
-        rc = kp_errf(err, KP_EUNSUP, "codec file %s: version %lld, this kvpark reads version %d", path,
+    if (ver != 1 && ver != CODECFILE_VERSION) {
+        rc = kp_errf(err, KP_EUNSUP, "codec file %s: version %lld, this kvpark reads versions 1..%d", path,
                      (long long)ver, CODECFILE_VERSION);
         goto done;
+    }
+    int64_t ranges = 0; /* version 1: per-chunk ranges, the only kind it had */
+    if (ver >= 2) {
+        if ((rc = cf_u32(f, path, "kvpark.codec.ranges", &ranges, err))) goto done;
+        if (ranges != 0 && ranges != 1) {
+            rc = kp_errf(err, KP_EFORMAT, "codec file %s: kvpark.codec.ranges is %lld (must be 0 or 1)",
+                         path, (long long)ranges);
+            goto done;
+        }
     }
     const char *kind;
     size_t kind_len;
@@ -329,6 +339,7 @@ int codecfile_open(codec **out, const char *path, const codec_shape *shape, kp_e
     if ((rc = codec_learned_alloc(&c, shape, kid, ranks, err))) goto done;
     codec_learned *cl = (codec_learned *)c;
     cl->chunk = (int)chunk, cl->sink = (int)sink, cl->window = (int)window;
+    cl->ranges = (int)ranges;
     cl->target_bits = (float)tb, cl->achieved_bits = (float)ab;
     for (int l = 0; l < L; l++)
         for (int t = 0; t < 2; t++) {

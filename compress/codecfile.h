@@ -9,7 +9,10 @@
  *                         WHOLE file with this key's 8 value bytes (file
  *                         offset 57) read as zero: any flipped byte anywhere
  *                         (header, padding, tensor data) is caught
- *   kvpark.codec.version u32 (1), kvpark.codec.kind str ("learned" | "pca"),
+ *   kvpark.codec.version u32 (2; version 1 files, which lack .ranges, are read
+ *   as ranges 0), kvpark.codec.ranges u32 (0: per-chunk min/step side info
+ *   in every chunk, 1: fixed calibrated ranges, see codec_learned.c),
+ *   kvpark.codec.kind str ("learned" | "pca"),
  *   kvpark.codec.model_fingerprint u64, kvpark.codec.{n_layer, n_kv_heads,
  *   head_dim, n_rot, rope_mode, chunk, sink, window} u32,
  *   kvpark.codec.{rope_base, rope_freq_scale, target_bits, achieved_bits} f32
@@ -19,6 +22,9 @@
  *     l.{l}.{t}.enc   F32 ne {d, r}   E, r rows of d:  z = E (x - mu)
  *     l.{l}.{t}.dec   F32 ne {r, d}   D, d rows of r:  x^ = mu + D z
  *     l.{l}.{t}.bits  F32 ne {r}      bits of latent j, integers 1..8
+ *   With ranges 1 the fit scales E and D so that every latent has unit
+ *   variance on the calibration data; the quantiser of latent j is then a
+ *   fixed function of b_j alone (codec_learned.c), so no tensor is added.
  */
 #ifndef KP_CODECFILE_H
 #define KP_CODECFILE_H
@@ -27,7 +33,7 @@
 
 #include "codec_impl.h"
 
-#define CODECFILE_VERSION 1
+#define CODECFILE_VERSION 2
 #define CODECFILE_MAX_BITS 8
 #define LC_BLK 16 /* floats per register block of the encode/decode loops */
 
@@ -39,6 +45,10 @@ typedef struct lc_coder {
     float *enc;      /* [r][d] */
     float *dec;      /* [d][r] */
     uint8_t *bits;   /* [r], 1..8 */
+    float *qlo, *qstep; /* [r] ranges 1: the fixed quantiser of each latent
+                           (lc_fixed_range of bits[j]); filled by finish */
+    float *dmean;    /* [dpad] decoder offset: mean, or with ranges 1 mean + D lo
+                        (and dect then holds D diag(step)); filled by finish */
     /* Kernel layouts, filled by codec_learned_finish (rows zero-padded to a
      * multiple of LC_BLK floats so the loops run on whole register blocks): */
     int rpad, dpad;  /* r and d rounded up to LC_BLK */
@@ -54,8 +64,10 @@ typedef struct codec_learned {
     int kind;        /* CODEC_LEARNED (pre-RoPE keys) or CODEC_PCA (keys as stored) */
     int d;           /* n_kv_heads * head_dim */
     int chunk, sink, window;
+    int ranges;      /* 0: per-chunk min/step in the payload, 1: fixed (calibrated) */
     float target_bits, achieved_bits;
     lc_coder *coders; /* [n_layer][2]: index 2*l + is_v */
+    double *rope_th;  /* [3][n_rot/2]: angle per position of each RoPE pair, its cos, its sin */
 } codec_learned;
 
 extern const codec_ops codec_ops_pca;
@@ -74,8 +86,16 @@ int codec_learned_finish(codec *c, kp_err *err);
  * the CPU backend's rope (kernels/cpu/ops.c); inverse = 1 undoes it. */
 void codec_rope_row(const codec_shape *s, float *x, int pos, int inverse);
 
+/* Exact payload bytes (after the chunk header) of a chunk of n rows of
+ * (layer, K/V) of a pca/learned codec. */
+size_t codec_learned_payload(const codec *c, int n, int is_v, int layer);
+/* codec_chunk_bytes for a known layer: exact for every codec (the
+ * baselines' size does not depend on the layer; pca/learned's does, and
+ * codec_chunk_bytes answers the largest over layers). 0 if out of range. */
+size_t codec_chunk_bytes_at(const codec *c, int n, int kv_type, int is_v, int layer);
+
 /* Average coded bits per value of a chunk of n rows: payload bits (latent
- * codes + per-dim fp16 min and step) / (n * d), averaged over layers and K/V. */
+ * codes, + per-dim fp16 min and step with ranges 0) / (n * d), averaged over layers and K/V. */
 double codec_learned_bits_per_value(const codec *c, int n);
 
 /* Write the codec file (temporary name, fsync, rename). */
