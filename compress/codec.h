@@ -78,6 +78,10 @@ int codec_open(codec **out, const char *name, const codec_shape *shape, kp_err *
 void codec_free(codec *c);
 const char *codec_name(const codec *c);
 int codec_id_of(const codec *c);
+/* codec_chunk_bytes for a known layer: exact for every codec (the
+ * baselines' size does not depend on the layer; pca/learned's does, and
+ * codec_chunk_bytes answers the largest over layers). 0 if out of range. */
+size_t codec_chunk_bytes_at(const codec *c, int n, int kv_type, int is_v, int layer);
 /* Upper bound of codec_encode's output for a chunk of n rows. */
 size_t codec_max_bytes(const codec *c, int n);
 /* Exact size of codec_encode's output for n rows of kv_type, keys (is_v 0)

@@ -89,10 +89,6 @@ void codec_rope_row(const codec_shape *s, float *x, int pos, int inverse);
 /* Exact payload bytes (after the chunk header) of a chunk of n rows of
  * (layer, K/V) of a pca/learned codec. */
 size_t codec_learned_payload(const codec *c, int n, int is_v, int layer);
-/* codec_chunk_bytes for a known layer: exact for every codec (the
- * baselines' size does not depend on the layer; pca/learned's does, and
- * codec_chunk_bytes answers the largest over layers). 0 if out of range. */
-size_t codec_chunk_bytes_at(const codec *c, int n, int kv_type, int is_v, int layer);
 
 /* Average coded bits per value of a chunk of n rows: payload bits (latent
  * codes, + per-dim fp16 min and step with ranges 0) / (n * d), averaged over layers and K/V. */

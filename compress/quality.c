@@ -560,9 +560,11 @@ static int quality_bench_one(model *m, const char *name_or_path, const char *lab
     row->target_bits = target;
     const model_hparams *hp = model_hp(m);
     double vals = (double)qo->chunk * hp->n_kv_heads * hp->head_dim;
-    row->coded_bits = 8.0 *
-                      (double)(codec_chunk_bytes(c, qo->chunk, qo->kv_type, 0) +
-                               codec_chunk_bytes(c, qo->chunk, qo->kv_type, 1)) / (2 * vals);
+    double coded = 0; /* exact bytes of a full chunk, averaged over layers and K/V */
+    for (int l = 0; l < hp->n_layer; l++)
+        coded += (double)(codec_chunk_bytes_at(c, qo->chunk, qo->kv_type, 0, l) +
+                          codec_chunk_bytes_at(c, qo->chunk, qo->kv_type, 1, l));
+    row->coded_bits = 8.0 * coded / (2.0 * hp->n_layer * vals);
     double t0 = kp_now();
     rc = quality_eval(m, c, ids, (int64_t)n, qo, &row->r, err);
     if (!rc)
