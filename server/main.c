@@ -29,6 +29,7 @@
 #include "compress/calib.h"
 #include "compress/quality.h"
 #include "server/bench_serve.h"
+#include "storage/bench_resume.h"
 #include "server/http.h"
 
 #define KVPARK_VERSION "0.1.0"
@@ -537,11 +538,13 @@ static int bench_once(model *m, int n_p, int n_g, int kv_type, double *pp_s, dou
 static int cmd_bench(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "serve")) return bench_serve_main(argc - 1, argv + 1);
     if (argc >= 2 && !strcmp(argv[1], "codec")) return quality_bench_main(argc - 1, argv + 1);
+    if (argc >= 2 && !strcmp(argv[1], "resume")) return bench_resume_main(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "engine") != 0) {
         fprintf(stderr, "usage: kvpark bench engine [-m MODEL] [-p 128,512] [-n 128,512] [-r 5]\n"
                         "       [--threads-list 1,2] [--kv-type f16] [--csv FILE]\n"
                         "       kvpark bench serve [-m MODEL] [--clients 1,8,32] ... (--help)\n"
-                        "       kvpark bench codec [-m MODEL] -f EVALTEXT [--calib TEXT] ... (--help)\n");
+                        "       kvpark bench codec [-m MODEL] -f EVALTEXT [--calib TEXT] ... (--help)\n"
+                        "       kvpark bench resume [-m MODEL] [--codec none,int8,FILE] ... (--help)\n");
         return 2;
     }
     argc--;
@@ -809,7 +812,7 @@ static const char *main_help =
     "  tokenize   print the token ids of a text\n"
     "  ppl        perplexity of a model on a text file (--codec: parked and resumed)\n"
     "  calibrate  fit the learned KV codec of a model on calibration text\n"
-    "  bench      benchmarks: bench engine | bench serve | bench codec\n"
+    "  bench      benchmarks: bench engine | serve | codec | resume\n"
     "  version    print the version\n";
 
 int main(int argc, char **argv) {
