@@ -383,10 +383,110 @@ static void test_calib_deterministic(void **state) {
     free(a), free(b);
 }
 
+/* ---- the fast unpacker against a plain one ------------------------------------ */
+
+/* The plain reading of the bit stream (codec_learned.c): code j of row i
+ * starts at stream bit t = i B + sum of bits before j, bit k of the code is
+ * bit ((t + k) & 7) of byte (t + k) >> 3. */
+static uint32_t ref_code(const uint8_t *codes, size_t t, int b) {
+    uint32_t q = 0;
+    for (int k = 0; k < b; k++) q |= (uint32_t)((codes[(t + k) >> 3] >> ((t + k) & 7)) & 1) << k;
+    return q;
+}
+
+/* Random shapes, ranks, bit widths (1..8 per dim), row counts and payloads,
+ * both range kinds: the decoded V rows (no RoPE, float32) equal, bit for
+ * bit, dmean + sum over j in order of dect[j] * z_j with z from the plain
+ * unpacker (the decoder's contract in codec_learned.c). */
+static void test_unpack_reference(void **state) {
+    (void)state;
+    uint64_t st = 99;
+    for (int cfg = 0; cfg < 24; cfg++) {
+        float u[4];
+        tu_rand_floats(u, 4, 1.0f, &st);
+        const int nkv = 1 + (int)(fabsf(u[0]) * 3.99f), hd = 2 * (1 + (int)(fabsf(u[1]) * 19.99f));
+        const int d = nkv * hd, ranges = cfg % 2;
+        codec_shape s = {2, nkv, hd, hd, 0, 10000.0f, 1.0f, 0};
+        int ranks[4];
+        for (int i = 0; i < 4; i++) {
+            float v;
+            tu_rand_floats(&v, 1, 1.0f, &st);
+            ranks[i] = 1 + (int)(fabsf(v) * (d - 1));
+        }
+        codec *c = NULL;
+        kp_err err = {0};
+        assert_int_equal(codec_learned_alloc(&c, &s, cfg % 4 < 2 ? CODEC_LEARNED : CODEC_PCA, ranks, &err), 0);
+        codec_learned *cl = (codec_learned *)c;
+        cl->ranges = ranges;
+        const int maxb = 1 + cfg % 8; /* narrow and wide mixes */
+        for (int i = 0; i < 4; i++) {
+            lc_coder *cd = &cl->coders[i];
+            tu_rand_floats(cd->mean, d, 1.0f, &st);
+            tu_rand_floats(cd->enc, (size_t)d * cd->r, 1.0f, &st);
+            tu_rand_floats(cd->dec, (size_t)d * cd->r, 1.0f, &st);
+            for (int j = 0; j < cd->r; j++) {
+                float v;
+                tu_rand_floats(&v, 1, 1.0f, &st);
+                cd->bits[j] = (uint8_t)(1 + (int)(fabsf(v) * (maxb - 0.01f)));
+            }
+        }
+        assert_int_equal(codec_learned_finish(c, &err), 0);
+        for (int rep = 0; rep < 4; rep++) {
+            float v[2];
+            tu_rand_floats(v, 2, 1.0f, &st);
+            const int n = rep == 0 ? 64 : 1 + (int)(fabsf(v[0]) * 99), layer = v[1] > 0;
+            const lc_coder *cd = &cl->coders[2 * layer + 1];
+            const size_t pl = codec_learned_payload(c, n, 1, layer);
+            uint8_t *pay = malloc(pl);
+            float *out = malloc((size_t)n * d * sizeof(float)), *ref = malloc((size_t)n * d * sizeof(float));
+            float *z = malloc((size_t)cd->r * sizeof(float));
+            for (size_t k = 0; k < pl; k++) {
+                st = st * 6364136223846793005ULL + 1442695040888963407ULL;
+                pay[k] = (uint8_t)(st >> 56);
+            }
+            if (!ranges) /* sane lo and step (fp16) ahead of the codes */
+                for (int j = 0; j < cd->r; j++) {
+                    float lh[2];
+                    tu_rand_floats(lh, 2, 1.0f, &st);
+                    const uint16_t a = kp_f32_to_fp16(lh[0]), b = kp_f32_to_fp16(0.1f + 0.05f * lh[1]);
+                    pay[2 * j] = (uint8_t)a, pay[2 * j + 1] = (uint8_t)(a >> 8);
+                    pay[2 * cd->r + 2 * j] = (uint8_t)b, pay[2 * cd->r + 2 * j + 1] = (uint8_t)(b >> 8);
+                }
+            codec_chunk ch = {.layer = layer, .is_v = 1, .pos0 = 7, .n = n, .kv_type = KP_TYPE_F32};
+            assert_int_equal(c->ops->decode(c, &ch, pay, out, &err), 0);
+            const uint8_t *codes = pay + (ranges ? 0 : 4 * (size_t)cd->r);
+            size_t t = 0;
+            for (int i = 0; i < n; i++) {
+                for (int j = 0; j < cd->r; j++) {
+                    const uint32_t q = ref_code(codes, t, cd->bits[j]);
+                    t += cd->bits[j];
+                    if (ranges)
+                        z[j] = (float)q;
+                    else {
+                        const float lo = kp_fp16_to_f32((uint16_t)(pay[2 * j] | pay[2 * j + 1] << 8));
+                        const float sp = kp_fp16_to_f32((uint16_t)(pay[2 * cd->r + 2 * j] | pay[2 * cd->r + 2 * j + 1] << 8));
+                        z[j] = (float)q * sp + lo;
+                    }
+                }
+                for (int k = 0; k < d; k++) {
+                    float acc = 0;
+                    for (int j = 0; j < cd->r; j++) acc += cd->dect[(size_t)j * cd->dpad + k] * z[j];
+                    ref[(size_t)i * d + k] = cd->dmean[k] + acc;
+                }
+            }
+            assert_int_equal(t, (size_t)n * cd->bits_sum);
+            assert_memory_equal(out, ref, (size_t)n * d * sizeof(float));
+            free(pay), free(out), free(ref), free(z);
+        }
+        codec_free(c);
+    }
+}
+
 int main(void) {
     tu_apply_filter();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_jacobi_known),
+        cmocka_unit_test(test_unpack_reference),
         cmocka_unit_test(test_quality),
         cmocka_unit_test(test_chunks),
         cmocka_unit_test(test_file_damage),
