@@ -9,6 +9,7 @@
  * chunk checksum, the second decompresses and uploads, so a corrupt file never
  * leaves half-written rows behind a reported failure of the checksum.
  */
+#include "fsutil.h"
 #include "blob.h"
 
 #include <errno.h>
@@ -54,58 +55,6 @@ static uint64_t now_unix_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static int pwrite_all(int fd, const void *buf, size_t n, uint64_t off) {
-    const uint8_t *p = buf;
-    while (n > 0) {
-        ssize_t w = pwrite(fd, p, n, (off_t)off);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-        off += (uint64_t)w;
-    }
-    return 0;
-}
-
-/* Returns bytes read (short only at end of file) or -1. */
-static ssize_t pread_all(int fd, void *buf, size_t n, uint64_t off) {
-    uint8_t *p = buf;
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(fd, p + got, n - got, (off_t)(off + got));
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        if (r == 0) break;
-        got += (size_t)r;
-    }
-    return (ssize_t)got;
-}
-
-/* fsync the directory holding path, so a rename in it is durable. */
-static int fsync_parent_dir(const char *path) {
-    char dir[4096];
-    const char *slash = strrchr(path, '/');
-    if (!slash) {
-        strcpy(dir, ".");
-    } else if (slash == path) {
-        strcpy(dir, "/");
-    } else {
-        size_t n = (size_t)(slash - path);
-        if (n >= sizeof dir) return -1;
-        memcpy(dir, path, n);
-        dir[n] = 0;
-    }
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
 }
 
 /* Rows in chunk c of a blob with n_tokens rows and chunk_tokens per chunk. */
@@ -219,7 +168,7 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
                     src = raw;
                     sn = rb;
                 }
-                if (pwrite_all(fd, src, sn, off)) {
+                if (fs_pwrite_all(fd, src, sn, off)) {
                     rc = kp_errf(err, KP_EIO, "blob: write to '%s' failed: %s", tmp, strerror(errno));
                     goto out;
                 }
@@ -237,7 +186,7 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
         }
     }
     put_u64(hdr + meta_bytes - 8, XXH64(hdr, meta_bytes - 8, 0));
-    if (pwrite_all(fd, hdr, meta_bytes, 0)) {
+    if (fs_pwrite_all(fd, hdr, meta_bytes, 0)) {
         rc = kp_errf(err, KP_EIO, "blob: write to '%s' failed: %s", tmp, strerror(errno));
         goto out;
     }
@@ -255,7 +204,7 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
         rc = kp_errf(err, KP_EIO, "blob: rename '%s' -> '%s' failed: %s", tmp, path, strerror(errno));
         goto out;
     }
-    if (fsync_parent_dir(path)) {
+    if (fs_fsync_parent_dir(path)) {
         /* The data is in place; only the directory entry may not be durable. */
         rc = kp_errf(err, KP_EIO, "blob: fsync of the directory of '%s' failed: %s", path,
                      strerror(errno));
@@ -314,7 +263,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
     if (fsize < BLOB_HEADER_BYTES)
         return kp_errf(err, KP_EFORMAT, "blob: '%s' is %llu bytes, shorter than the %d byte header "
                        "(truncated)", path, (unsigned long long)fsize, BLOB_HEADER_BYTES);
-    if (pread_all(fd, h, sizeof h, 0) != (ssize_t)sizeof h)
+    if (fs_pread_all(fd, h, sizeof h, 0) != (ssize_t)sizeof h)
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
     if (memcmp(h, BLOB_MAGIC, 8) != 0)
         return kp_errf(err, KP_EFORMAT, "blob: '%s' is not a session blob (bad magic)", path);
@@ -366,7 +315,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
         return kp_errf(err, KP_EFORMAT, "blob: '%s': %u tokens run past the end of the file "
                        "(truncated)", path, n_tokens);
     uint8_t xb[4];
-    if (pread_all(fd, xb, 4, xl_off) != 4)
+    if (fs_pread_all(fd, xb, 4, xl_off) != 4)
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
     uint32_t extra_len = get_u32(xb);
     uint64_t table_off = xl_off + 4 + (uint64_t)extra_len;
@@ -381,7 +330,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
         parsed_free(b);
         return kp_errf(err, KP_ENOMEM, "blob: out of memory reading '%s'", path);
     }
-    if (pread_all(fd, b->region, (size_t)meta_bytes, 0) != (ssize_t)meta_bytes) {
+    if (fs_pread_all(fd, b->region, (size_t)meta_bytes, 0) != (ssize_t)meta_bytes) {
         parsed_free(b);
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
     }
@@ -534,7 +483,7 @@ int blob_read_kv(const char *path, uint64_t expect_fingerprint, kv_cache *kv, kp
             const blob_chunk *c = &b.chunks[i];
             int ci = (int)(i % b.chunks_per), l = (int)(i / (2 * b.chunks_per));
             int kvsel = (int)((i / b.chunks_per) % 2);
-            if (pread_all(fd, sbuf, c->stored_bytes, c->offset) != (ssize_t)c->stored_bytes) {
+            if (fs_pread_all(fd, sbuf, c->stored_bytes, c->offset) != (ssize_t)c->stored_bytes) {
                 rc = kp_errf(err, KP_EIO, "blob: '%s': reading layer %d %s chunk %d failed", path,
                              l, kvsel ? "V" : "K", ci);
                 goto out;

@@ -31,6 +31,7 @@
  * Log messages are queued while the mutex is held and handed to the log
  * callback after it is released (the callback may call back into the store).
  */
+#include "fsutil.h"
 #include "cas.h"
 
 #include <dirent.h>
@@ -186,44 +187,6 @@ static void obj_path(const cas *c, cas_key k, bool tmp, char out[CAS_PATH_MAX]) 
              tmp ? CAS_TMP_EXT : "");
 }
 
-static int fsync_dir(const char *dir) {
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
-}
-
-static int write_all(int fd, const void *buf, size_t n) {
-    const uint8_t *p = buf;
-    while (n > 0) {
-        ssize_t w = write(fd, p, n);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-/* Bytes read (short only at end of file) or -1. */
-static ssize_t pread_all(int fd, void *buf, size_t n, uint64_t off) {
-    uint8_t *p = buf;
-    size_t got = 0;
-    while (got < n) {
-        ssize_t r = pread(fd, p + got, n - got, (off_t)(off + got));
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        if (r == 0) break;
-        got += (size_t)r;
-    }
-    return (ssize_t)got;
-}
-
 static void make_header(uint8_t h[CAS_HDR_BYTES], cas_key k, const void *data, uint64_t len) {
     memset(h, 0, CAS_HDR_BYTES);
     memcpy(h, CAS_MAGIC, 8);
@@ -273,7 +236,7 @@ static int write_object(const cas *c, cas_key k, const void *data, uint64_t len,
         return kp_errf(err, KP_EIO, "cas: cannot create '%s' for object %s: %s (the warm copy is "
                        "kept)", tmp, hex, strerror(errno));
     const char *what = NULL;
-    if (write_all(fd, h, sizeof h) || write_all(fd, data, (size_t)len)) what = "write";
+    if (fs_write_all(fd, h, sizeof h) || fs_write_all(fd, data, (size_t)len)) what = "write";
     else if (fsync(fd)) what = "fsync";
     int e = errno;
     if (close(fd) && !what) {
@@ -290,7 +253,7 @@ static int write_object(const cas *c, cas_key k, const void *data, uint64_t len,
                        "%s (the warm copy is kept)", hex, (unsigned long long)len, what, tmp,
                        strerror(e));
     }
-    if (fsync_dir(kdir) || (created && fsync_dir(odir)))
+    if (fs_fsync_dir(kdir) || (created && fs_fsync_dir(odir)))
         return kp_errf(err, KP_EIO, "cas: object %s written but fsync of its directory failed: %s",
                        hex, strerror(errno));
     return 0;
@@ -318,7 +281,7 @@ static int read_object(const cas *c, cas_key k, uint8_t **out, uint64_t *out_len
         rc = kp_errf(err, KP_EIO, "cas: cannot stat '%s': %s", path, strerror(errno));
         goto out;
     }
-    ssize_t got = pread_all(fd, h, sizeof h, 0);
+    ssize_t got = fs_pread_all(fd, h, sizeof h, 0);
     if (got < 0) {
         rc = kp_errf(err, KP_EIO, "cas: cannot read '%s': %s", path, strerror(errno));
         goto out;
@@ -342,7 +305,7 @@ static int read_object(const cas *c, cas_key k, uint8_t **out, uint64_t *out_len
                      (unsigned long long)len);
         goto out;
     }
-    got = pread_all(fd, buf, (size_t)len, CAS_HDR_BYTES);
+    got = fs_pread_all(fd, buf, (size_t)len, CAS_HDR_BYTES);
     if (got < 0) {
         rc = kp_errf(err, KP_EIO, "cas: cannot read '%s': %s", path, strerror(errno));
     } else if ((uint64_t)got != len) {
@@ -594,11 +557,6 @@ static bool is_lower_hex(const char *s, size_t n) {
     return true;
 }
 
-static bool has_suffix(const char *s, const char *suf) {
-    size_t n = strlen(s), m = strlen(suf);
-    return n >= m && !strcmp(s + n - m, suf);
-}
-
 typedef struct scan_ent {
     cas_key key;
     uint64_t len;
@@ -618,18 +576,18 @@ static int scan_file(cas *c, const char *kk, const char *name, scan_ent **ents, 
     snprintf(path, sizeof path, "%s/objects/%s/%s", c->dir, kk, name);
     struct stat sb;
     if (lstat(path, &sb) || !S_ISREG(sb.st_mode)) return 0;
-    if (has_suffix(name, CAS_TMP_EXT)) {
+    if (fs_has_suffix(name, CAS_TMP_EXT)) {
         if (unlink(path) == 0) c->st.tmp_removed++;
         return 0;
     }
-    if (!has_suffix(name, CAS_EXT)) return 0; /* not ours: leave it alone */
+    if (!fs_has_suffix(name, CAS_EXT)) return 0; /* not ours: leave it alone */
     const char *why = NULL;
     uint8_t h[CAS_HDR_BYTES];
     cas_key k = {0, 0};
     uint64_t len = 0;
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return 0; /* cannot read it: leave it, do not index */
-    ssize_t got = pread_all(fd, h, sizeof h, 0);
+    ssize_t got = fs_pread_all(fd, h, sizeof h, 0);
     close(fd);
     if (got < 0) return 0;
     if ((size_t)got < sizeof h) why = "shorter than its header";
@@ -703,23 +661,6 @@ static int reindex(cas *c, cas_logq *q, kp_err *err) {
 
 /* ---- open / close ------------------------------------------------------------ */
 
-static int mkdir_p(const char *dir) {
-    char *p = strdup(dir);
-    if (!p) return -1;
-    for (char *s = p + 1; *s; s++) {
-        if (*s != '/') continue;
-        *s = 0;
-        if (mkdir(p, 0755) && errno != EEXIST) {
-            free(p);
-            return -1;
-        }
-        *s = '/';
-    }
-    int rc = (mkdir(p, 0755) && errno != EEXIST) ? -1 : 0;
-    free(p);
-    return rc;
-}
-
 int cas_open(cas **out, const cas_opts *o, kp_err *err) {
     *out = NULL;
     cas_opts d = cas_default_opts();
@@ -750,7 +691,7 @@ int cas_open(cas **out, const cas_opts *o, kp_err *err) {
         for (size_t n = strlen(c->dir); n > 1 && c->dir[n - 1] == '/'; n--) c->dir[n - 1] = 0;
         char odir[CAS_PATH_MAX];
         snprintf(odir, sizeof odir, "%s/objects", c->dir);
-        if (mkdir_p(odir)) {
+        if (fs_mkdir_p(odir)) {
             int e = errno;
             cas_close(c);
             return kp_errf(err, KP_EIO, "cas: cannot create directory '%s': %s", odir, strerror(e));

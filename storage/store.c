@@ -8,6 +8,7 @@
  * The index is a plain array searched linearly: thousands of sessions cost
  * microseconds next to the file I/O of any call.
  */
+#include "fsutil.h"
 #include "store.h"
 
 #include <dirent.h>
@@ -260,28 +261,6 @@ static int put_entry(store *s, const char *id, int t, int n_tokens, uint64_t byt
     return 0;
 }
 
-static int mkdir_p(const char *dir) {
-    char *p = strdup(dir);
-    if (!p) return -1;
-    for (char *q = p + 1; *q; q++) {
-        if (*q != '/') continue;
-        *q = 0;
-        if (mkdir(p, 0755) && errno != EEXIST) {
-            free(p);
-            return -1;
-        }
-        *q = '/';
-    }
-    int rc = (mkdir(p, 0755) && errno != EEXIST) ? -1 : 0;
-    free(p);
-    return rc;
-}
-
-static int has_suffix(const char *s, const char *suf) {
-    size_t n = strlen(s), m = strlen(suf);
-    return n >= m && !strcmp(s + n - m, suf);
-}
-
 /* Scan the disk tier's directory: delete torn writes, index valid blobs of
  * this model, quarantine the rest. */
 static int store_reindex_disk(store *s, kp_err *err) {
@@ -294,11 +273,11 @@ static int store_reindex_disk(store *s, kp_err *err) {
         const char *name = de->d_name;
         struct stat sb;
         if (fstatat(dirfd(dh), name, &sb, AT_SYMLINK_NOFOLLOW) || !S_ISREG(sb.st_mode)) continue;
-        if (has_suffix(name, ".tmp")) {
+        if (fs_has_suffix(name, ".tmp")) {
             if (unlinkat(dirfd(dh), name, 0) == 0) s->stats.n_tmp_removed++;
             continue;
         }
-        if (!has_suffix(name, STORE_EXT)) continue;
+        if (!fs_has_suffix(name, STORE_EXT)) continue;
         char id[STORE_ID_MAX + 1];
         size_t n = strlen(name) - strlen(STORE_EXT);
         if (n == 0 || n > STORE_ID_MAX) continue; /* not a name we would have written */
@@ -330,7 +309,7 @@ static int store_reindex_disk(store *s, kp_err *err) {
 int store_open(store **out, const char *dir, uint64_t model_fingerprint, kp_err *err) {
     *out = NULL;
     if (!dir || !dir[0]) return kp_errf(err, KP_EINVAL, "store: empty directory name");
-    if (mkdir_p(dir))
+    if (fs_mkdir_p(dir))
         return kp_errf(err, KP_EIO, "store: cannot create directory '%s': %s", dir, strerror(errno));
     store *s = calloc(1, sizeof *s);
     if (!s) return kp_errf(err, KP_ENOMEM, "store: out of memory");
