@@ -82,6 +82,8 @@ struct model {
     model_probe_fn probe;
     void *probe_ud;
     int *probe_seq;       /* [n_batch] sequence index of each micro-batch row */
+    model_layer_gate_fn gate;
+    void *gate_ud;
 
     scratch s;
 };
@@ -501,6 +503,11 @@ void model_set_probe(model *m, model_probe_fn fn, void *ud) {
     m->probe_ud = ud;
 }
 
+void model_set_layer_gate(model *m, model_layer_gate_fn fn, void *ud) {
+    m->gate = fn;
+    m->gate_ud = ud;
+}
+
 float *model_wo_f32(const model *m, int layer) {
     if (layer < 0 || layer >= m->hp.n_layer) return NULL;
     char name[64];
@@ -560,7 +567,7 @@ typedef struct ubatch_seq {
     int pos0;        /* position of the first token */
 } ubatch_seq;
 
-static void forward_ubatch(model *m, const ubatch_seq *us, int n_us, int n) {
+static int forward_ubatch(model *m, const ubatch_seq *us, int n_us, int n) {
     const kp_ops *ops = m->ops;
     kp_backend *be = m->be;
     const model_hparams *hp = &m->hp;
@@ -577,6 +584,7 @@ static void forward_ubatch(model *m, const ubatch_seq *us, int n_us, int n) {
 
     for (int l = 0; l < hp->n_layer; l++) {
         const layer_w *L = &m->layers[l];
+        if (m->gate && m->gate(m->gate_ud, l)) return KP_ECANCELED;
         /* attention block */
         if (hp->arch == ARCH_GPT2) {
             ops->layernorm(be, s->h, s->x, L->attn_norm, L->attn_norm_b, n, dim, hp->norm_eps);
@@ -636,6 +644,7 @@ static void forward_ubatch(model *m, const ubatch_seq *us, int n_us, int n) {
         if (L->b_down) ops->add_bias(be, s->h, L->b_down, n, dim);
         ops->add(be, s->x, s->h, (int64_t)n * dim);
     }
+    return 0;
 }
 
 /* Final norm + logits for `n_rows` rows of s->x listed in rows[]; result in
@@ -716,7 +725,11 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err) {
             else break; /* batch full */
         }
         if (n == 0) break;
-        forward_ubatch(m, us, n_us, n);
+        if (forward_ubatch(m, us, n_us, n)) { /* a layer gate gave up: n_pos unchanged */
+            m->ops->sync(m->be);
+            free(done); free(us); free(rows); free(row_seq); free(row_dst);
+            return kp_errf(err, KP_ECANCELED, "model: forward pass abandoned by its layer gate");
+        }
 
         /* which rows need logits, and where they go: all of them at once */
         int n_rows = 0;

@@ -101,6 +101,14 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err);
 typedef void (*model_probe_fn)(void *ud, int layer, const float *q, const float *k, const float *v,
                                const int32_t *pos, const int *seq, int n);
 void model_set_probe(model *m, model_probe_fn fn, void *ud);
+/* A layer gate runs at the start of every layer of model_forward, before the
+ * layer reads its KV cache: a pipelined resume blocks there until that
+ * layer's restored rows are in the cache (storage/store.h,
+ * store_load_kv_layer), so the new tokens' prefill of layer 0 overlaps the
+ * decoding of deeper layers. Return non-zero to abandon the forward pass
+ * (model_forward then returns KP_ECANCELED). NULL removes it. */
+typedef int (*model_layer_gate_fn)(void *ud, int layer);
+void model_set_layer_gate(model *m, model_layer_gate_fn fn, void *ud);
 /* The output projection of layer l as f32 [dim][dim] (row o = output o; the
  * caller frees it) — what value errors are weighted by. */
 float *model_wo_f32(const model *m, int layer);

@@ -40,45 +40,30 @@
 #include "server/api.h"
 #include "server/metrics.h"
 #include "server/stop.h"
-#include "storage/store.h"
+#include "server/sessions.h"
 
 #define KVPARK_VERSION "0.1.0"
-#define SESSION_EXTRA_MAGIC 0x4B505853u /* "SXPK": the server's bytes in a blob */
 
 /* ------------------------------------------------------------------ */
 /* 1. state                                                            */
-
-typedef struct session {
-    char id[STORE_ID_MAX + 1];
-    uint64_t owner;        /* XXH64 of the creating API key; 0 = no auth */
-    sched_seq *seq;        /* resident KV, or NULL when only on disk */
-    int n_tokens;          /* tokens held (resident) or saved (disk) */
-    bool on_disk;
-    uint64_t disk_bytes;
-    double last_use;       /* unix seconds */
-    int users;             /* requests currently using it */
-    struct session *next;
-} session;
 
 typedef struct server {
     http_opts o;
     model *m;
     sched *sch;
-    store *st;
+    sess_table *sessions;
     const tok_vocab *vocab;
     enum chat_template tmpl;
     char model_id[256];
+    char codec_name[256];
     int n_ctx;
     int64_t created;
     atomic_bool ready;
     uint64_t key_hash[HTTP_MAX_KEYS];
 
-    pthread_mutex_t sess_mu;
-    session *sessions;
-
     metrics_registry *reg;
     metrics_family *m_requests, *m_ttft, *m_tpot, *m_duration, *m_prompt_tokens, *m_gen_tokens,
-        *m_cache_hits, *m_restore;
+        *m_cache_hits, *m_restore, *m_parks, *m_session_events;
 } server;
 
 /* ------------------------------------------------------------------ */
@@ -211,7 +196,7 @@ struct req_ctx {
     api_request req;
     gen_part *parts;        /* [n_parts] */
     int n_parts, n_done;
-    session *sess;
+    sess *sess;
     char id[64];
     int64_t created;
     pthread_mutex_t mu;
@@ -257,7 +242,7 @@ static void log_request(req_ctx *r) {
     double ttft;
     totals(r, &in, &cached, &out, &ttft);
     fprintf(stderr, "kvpark: %s %s %s status=%d session=%s in=%d cached=%d out=%d ttft=%.1fms total=%.1fms\n",
-            r->id[0] ? r->id : "-", r->method, r->url, r->status, r->sess ? r->sess->id : "-", in, cached,
+            r->id[0] ? r->id : "-", r->method, r->url, r->status, r->sess ? sess_id(r->sess) : "-", in, cached,
             out, ttft * 1e3, (kp_now() - r->t0) * 1e3);
 }
 
@@ -270,7 +255,7 @@ static void fill_result(gen_part *p, api_result *res, const char *text, size_t l
     res->id = r->id;
     res->created = r->created;
     res->model = r->req.model ? r->req.model : r->s->model_id;
-    res->session_id = r->sess ? r->sess->id : NULL;
+    res->session_id = r->sess ? sess_id(r->sess) : NULL;
     res->text = text;
     res->text_len = len;
     res->prompt_tokens = p->n_prompt;
@@ -491,12 +476,6 @@ static void on_done(sched_job *job) {
         } else {
             finish_response(r);
         }
-        if (r->sess) {
-            pthread_mutex_lock(&s->sess_mu);
-            r->sess->n_tokens = r->sess->seq ? r->sess->seq->n_tokens : r->sess->n_tokens;
-            r->sess->last_use = unix_now();
-            pthread_mutex_unlock(&s->sess_mu);
-        }
         r->finished = true;
     }
     pthread_cond_broadcast(&r->cv);
@@ -546,54 +525,6 @@ static ssize_t gen_reader(void *cls, uint64_t pos, char *buf, size_t max) {
             return MHD_CONTENT_READER_END_WITH_ERROR;
         }
     }
-}
-
-/* Find a session the caller may use (NULL if unknown or another key's). */
-static session *session_find(server *s, const char *id, uint64_t owner) {
-    for (session *x = s->sessions; x; x = x->next)
-        if (!strcmp(x->id, id)) return (x->owner == owner || s->o.n_keys == 0) ? x : NULL;
-    return NULL;
-}
-
-/* Make a session's KV resident (restore from disk). Caller holds sess_mu. */
-static int session_make_resident(server *s, session *x, double *ms, kp_err *err) {
-    if (x->seq) {
-        if (ms) *ms = 0;
-        return 0;
-    }
-    double t0 = kp_now();
-    blob_meta meta;
-    int32_t *tokens = NULL;
-    void *extra = NULL;
-    size_t extra_len = 0;
-    int rc = store_load_meta(s->st, x->id, &meta, &tokens, &extra, &extra_len, err);
-    if (rc) return rc;
-    free(extra);
-    sched_seq *q = NULL;
-    if ((rc = sched_seq_new(&q, s->m, s->o.kv_type, s->n_ctx, err))) {
-        free(tokens);
-        return rc;
-    }
-    if ((int)meta.n_tokens > q->cap) {
-        free(tokens);
-        sched_seq_free(q);
-        return kp_errf(err, KP_ERANGE, "session %s holds %d tokens, more than the server's context of %d",
-                       x->id, meta.n_tokens, s->n_ctx);
-    }
-    if ((rc = store_load_kv(s->st, x->id, q->kv, err))) {
-        free(tokens);
-        sched_seq_free(q);
-        return rc;
-    }
-    memcpy(q->tokens, tokens, sizeof *tokens * (size_t)meta.n_tokens);
-    q->n_tokens = (int)meta.n_tokens;
-    free(tokens);
-    x->seq = q;
-    x->n_tokens = q->n_tokens;
-    double dt = kp_now() - t0;
-    metrics_observe(s->m_restore, dt, "disk", NULL);
-    if (ms) *ms = dt * 1e3;
-    return 0;
 }
 
 /* Tokenise prompt i of the request into p->prompt; an api_error on failure. */
@@ -683,23 +614,19 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
     }
     if (sid && *sid) {
         kp_err err = {0};
-        pthread_mutex_lock(&s->sess_mu);
-        session *x = store_id_valid(sid) ? session_find(s, sid, r->owner) : NULL;
-        if (!x) {
-            pthread_mutex_unlock(&s->sess_mu);
+        char from[STORE_TIER_MAX];
+        double ms = 0;
+        rc = sess_acquire(s->sessions, sid, r->owner, s->o.n_keys > 0, &r->sess, from, &ms, &err);
+        if (rc == KP_ENOTFOUND) {
             api_error_unknown_session(&e, sid);
             return reply_error(c, &e);
         }
-        rc = session_make_resident(s, x, NULL, &err);
         if (rc) {
-            pthread_mutex_unlock(&s->sess_mu);
             api_error_set(&e, 409, "invalid_request_error", "session_unavailable", "session_id",
-                          "session %s cannot be restored: %s", x->id, err.msg);
+                          "session %s cannot be restored: %s", sid, err.msg);
             return reply_error(c, &e);
         }
-        x->users++;
-        r->sess = x;
-        pthread_mutex_unlock(&s->sess_mu);
+        if (strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
     }
 
     uint64_t rnd[2] = {0, 0};
@@ -718,7 +645,7 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
         if ((rc = stop_init(&p->stop, (const char *const *)r->req.stop, r->req.n_stop, &err))) break;
         sched_job *j = &p->job;
         memset(j, 0, sizeof *j);
-        j->seq = r->sess ? r->sess->seq : NULL;
+        j->seq = r->sess ? sess_seq(r->sess) : NULL;
         j->prompt = p->prompt;
         j->n_prompt = p->n_prompt;
         j->max_tokens = KP_MIN(max_tokens, s->n_ctx - p->n_prompt);
@@ -745,9 +672,7 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
         while (r->n_done < submitted) pthread_cond_wait(&r->cv, &r->mu);
         pthread_mutex_unlock(&r->mu);
         if (r->sess) {
-            pthread_mutex_lock(&s->sess_mu);
-            r->sess->users--;
-            pthread_mutex_unlock(&s->sess_mu);
+            sess_release(s->sessions, r->sess, submitted > 0);
             r->sess = NULL;
         }
         if (rc == KP_EBUSY) {
@@ -766,7 +691,7 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
     if (!resp) return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", r->stream ? "text/event-stream" : "application/json");
     if (r->stream) MHD_add_response_header(resp, "Cache-Control", "no-cache");
-    if (r->sess) MHD_add_response_header(resp, "X-Session-Id", r->sess->id);
+    if (r->sess) MHD_add_response_header(resp, "X-Session-Id", sess_id(r->sess));
     enum MHD_Result ok = MHD_queue_response(c, 200, resp);
     MHD_destroy_response(resp);
     return ok;
@@ -775,13 +700,9 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
 /* ------------------------------------------------------------------ */
 /* 4. sessions API                                                     */
 
-static const char *session_tier(const session *x) { return x->seq ? "hot" : "disk"; }
-
-static json_t *session_json(server *s, const session *x) {
-    size_t bytes = x->seq ? kv_bytes_used(x->seq->kv) : (size_t)x->disk_bytes;
-    (void)s;
+static json_t *session_json(const sess_info *x) {
     return json_pack("{s:s, s:s, s:i, s:s, s:I, s:b, s:I}", "id", x->id, "object", "session", "tokens",
-                     x->n_tokens, "tier", session_tier(x), "bytes", (json_int_t)bytes, "saved", x->on_disk,
+                     x->n_tokens, "tier", x->tier, "bytes", (json_int_t)x->bytes, "saved", x->saved,
                      "last_used", (json_int_t)x->last_use);
 }
 
@@ -796,65 +717,54 @@ static enum MHD_Result reply_jansson(struct MHD_Connection *c, int status, json_
     return reply_json(c, status, txt, sid);
 }
 
-typedef struct save_call {
-    server *s;
-    session *x;
-    blob_stats st;
-    int rc;
-    kp_err err;
-} save_call;
-
-/* Runs on the scheduler thread, between steps: the KV is consistent. */
-static void do_save(void *ud) {
-    save_call *sc = ud;
-    uint8_t extra[12];
-    uint32_t magic = SESSION_EXTRA_MAGIC;
-    memcpy(extra, &magic, 4);
-    memcpy(extra + 4, &sc->x->owner, 8);
-    store_item it = {.tokens = sc->x->seq->tokens, .n_tokens = sc->x->seq->n_tokens, .extra = extra,
-                     .extra_len = sizeof extra, .kv = sc->x->seq->kv, .codec = "none"};
-    sc->rc = store_save(sc->s->st, sc->x->id, &it, &sc->st, &sc->err);
+/* A session call's error as an HTTP answer. */
+static enum MHD_Result reply_sess_error(struct MHD_Connection *c, int rc, const char *id, const char *what,
+                                        const kp_err *err) {
+    api_error e;
+    if (rc == KP_ENOTFOUND) api_error_unknown_session(&e, id);
+    else if (rc == KP_EBUSY)
+        api_error_set(&e, 409, "invalid_request_error", "session_busy", NULL, "%s", err->msg);
+    else if (rc == KP_EINVAL)
+        api_error_set(&e, 400, "invalid_request_error", "invalid_value", NULL, "%s", err->msg);
+    else if (rc == KP_EFORMAT || rc == KP_ERANGE)
+        api_error_set(&e, 409, "invalid_request_error", "session_unavailable", NULL, "session %s cannot be %s: %s",
+                      id, what, err->msg);
+    else
+        api_error_set(&e, 500, "server_error", "session_failed", NULL, "session %s cannot be %s: %s", id, what,
+                      err->msg[0] ? err->msg : "the server is shutting down");
+    return reply_error(c, &e);
 }
 
 static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_ctx *r, const char *url,
                                        const char *method) {
     api_error e;
     kp_err err = {0};
+    bool check = s->o.n_keys > 0;
     const char *rest = url + strlen("/v1/sessions");
     if (*rest == 0 || !strcmp(rest, "/")) {
         if (!strcmp(method, "POST")) { /* create */
-            int n_sess = 0;
-            pthread_mutex_lock(&s->sess_mu);
-            for (session *y = s->sessions; y; y = y->next) n_sess++;
-            pthread_mutex_unlock(&s->sess_mu);
-            if (n_sess >= s->o.max_sessions) {
-                api_error_set(&e, 429, "rate_limit_error", "too_many_sessions", NULL,
-                              "the server holds %d sessions, its limit (--max-sessions %d): delete "
-                              "sessions you no longer need",
-                              n_sess, s->o.max_sessions);
+            sess_info info;
+            int rc = sess_create(s->sessions, r->owner, &info, &err);
+            if (rc == KP_EBUSY) {
+                api_error_set(&e, 429, "rate_limit_error", "too_many_sessions", NULL, "%s", err.msg);
                 return reply_error(c, &e);
             }
-            session *x = calloc(1, sizeof *x);
-            if (!x || store_new_id(x->id) || sched_seq_new(&x->seq, s->m, s->o.kv_type, s->n_ctx, &err)) {
-                free(x);
+            if (rc) {
                 api_error_server(&e, err.msg[0] ? err.msg : "cannot create a session");
                 return reply_error(c, &e);
             }
-            x->owner = r->owner;
-            x->last_use = unix_now();
-            pthread_mutex_lock(&s->sess_mu);
-            x->next = s->sessions;
-            s->sessions = x;
-            json_t *j = session_json(s, x);
-            pthread_mutex_unlock(&s->sess_mu);
-            return reply_jansson(c, 200, j, x->id);
+            return reply_jansson(c, 200, session_json(&info), info.id);
         }
         if (!strcmp(method, "GET")) { /* list */
+            sess_info *v = NULL;
+            size_t n = 0;
+            if (sess_list(s->sessions, r->owner, check, &v, &n)) {
+                api_error_server(&e, "out of memory");
+                return reply_error(c, &e);
+            }
             json_t *arr = json_array();
-            pthread_mutex_lock(&s->sess_mu);
-            for (session *x = s->sessions; x; x = x->next)
-                if (x->owner == r->owner || s->o.n_keys == 0) json_array_append_new(arr, session_json(s, x));
-            pthread_mutex_unlock(&s->sess_mu);
+            for (size_t i = 0; i < n; i++) json_array_append_new(arr, session_json(&v[i]));
+            free(v);
             return reply_jansson(c, 200, json_pack("{s:s, s:o}", "object", "list", "data", arr), NULL);
         }
         api_error_unknown_route(&e, method, url);
@@ -870,82 +780,41 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
         return reply_error(c, &e);
     }
     memcpy(id, p, idlen);
-    pthread_mutex_lock(&s->sess_mu);
-    session *x = store_id_valid(id) ? session_find(s, id, r->owner) : NULL;
-    if (!x) {
-        pthread_mutex_unlock(&s->sess_mu);
+    sess_info info;
+    if (!store_id_valid(id) || sess_get(s->sessions, id, r->owner, check, &info)) {
         api_error_unknown_session(&e, id);
         return reply_error(c, &e);
     }
-    if (!*action && !strcmp(method, "GET")) {
-        json_t *j = session_json(s, x);
-        pthread_mutex_unlock(&s->sess_mu);
-        return reply_jansson(c, 200, j, id);
-    }
+    if (!*action && !strcmp(method, "GET")) return reply_jansson(c, 200, session_json(&info), id);
     if (!*action && !strcmp(method, "DELETE")) {
-        if (x->users > 0) {
-            pthread_mutex_unlock(&s->sess_mu);
-            api_error_set(&e, 409, "invalid_request_error", "session_busy", NULL,
-                          "session %s is in use by a running request; retry when it finishes", id);
-            return reply_error(c, &e);
-        }
-        for (session **pp = &s->sessions; *pp; pp = &(*pp)->next)
-            if (*pp == x) {
-                *pp = x->next;
-                break;
-            }
-        pthread_mutex_unlock(&s->sess_mu);
-        if (x->on_disk || store_has(s->st, id)) store_delete(s->st, id, NULL);
-        sched_seq_free(x->seq);
-        free(x);
+        int rc = sess_delete(s->sessions, id, r->owner, check, &err);
+        if (rc) return reply_sess_error(c, rc, id, "deleted", &err);
         return reply_jansson(c, 200, json_pack("{s:s, s:s, s:b}", "id", id, "object", "session.deleted", "deleted", 1), NULL);
     }
     if (!strcmp(action, "restore") && !strcmp(method, "POST")) {
         double ms = 0;
-        const char *from = session_tier(x);
-        int rc = session_make_resident(s, x, &ms, &err);
-        pthread_mutex_unlock(&s->sess_mu);
-        if (rc) {
-            api_error_set(&e, 409, "invalid_request_error", "session_unavailable", NULL,
-                          "session %s cannot be restored: %s", id, err.msg);
-            return reply_error(c, &e);
-        }
+        char from[STORE_TIER_MAX];
+        sess *x = NULL;
+        int rc = sess_acquire(s->sessions, id, r->owner, check, &x, from, &ms, &err);
+        if (rc) return reply_sess_error(c, rc, id, "restored", &err);
+        int n_tokens = sess_seq(x)->n_tokens;
+        sess_release(s->sessions, x, false);
+        if (strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
         return reply_jansson(c, 200, json_pack("{s:s, s:s, s:s, s:i, s:f}", "id", id, "object", "session.restore",
-                                               "from_tier", from, "tokens", x->n_tokens, "ms", ms), id);
+                                               "from_tier", from, "tokens", n_tokens, "ms", ms), id);
     }
     if (!strcmp(action, "save") && !strcmp(method, "POST")) {
-        double ms = 0;
-        int rc = session_make_resident(s, x, &ms, &err);
-        if (rc) {
-            pthread_mutex_unlock(&s->sess_mu);
-            api_error_set(&e, 409, "invalid_request_error", "session_unavailable", NULL,
-                          "session %s cannot be loaded: %s", id, err.msg);
-            return reply_error(c, &e);
-        }
-        x->users++;
-        pthread_mutex_unlock(&s->sess_mu);
-        save_call sc = {.s = s, .x = x};
-        rc = sched_call(s->sch, do_save, &sc);
-        pthread_mutex_lock(&s->sess_mu);
-        x->users--;
-        if (!rc && !sc.rc) {
-            x->on_disk = true;
-            x->disk_bytes = sc.st.bytes_written;
-        }
-        pthread_mutex_unlock(&s->sess_mu);
-        if (rc || sc.rc) {
-            api_error_set(&e, 500, "server_error", "save_failed", NULL, "saving session %s failed: %s", id,
-                          sc.err.msg[0] ? sc.err.msg : "the server is shutting down");
-            return reply_error(c, &e);
-        }
-        double ratio = sc.st.bytes_written ? (double)sc.st.raw_fp16_bytes / (double)sc.st.bytes_written : 0;
+        store_save_stats st = {0};
+        int rc = sess_save(s->sessions, id, r->owner, check, &st, &info, &err);
+        if (rc) return reply_sess_error(c, rc, id, "saved", &err);
+        double ratio = st.bytes_total ? (double)st.fp16_bytes / (double)st.bytes_total : 0;
         return reply_jansson(c, 200,
-                             json_pack("{s:s, s:s, s:i, s:I, s:f, s:f, s:s}", "id", id, "object", "session.save",
-                                       "tokens", x->n_tokens, "bytes", (json_int_t)sc.st.bytes_written,
-                                       "ratio_vs_fp16", ratio, "ms", sc.st.ms, "codec", "none"),
+                             json_pack("{s:s, s:s, s:i, s:I, s:I, s:f, s:f, s:s, s:s}", "id", id, "object",
+                                       "session.save", "tokens", info.n_tokens, "bytes", (json_int_t)info.bytes,
+                                       "bytes_new", (json_int_t)st.bytes_new, "ratio_vs_fp16", ratio, "ms", st.ms,
+                                       "codec", s->codec_name, "tier", info.tier),
                              id);
     }
-    pthread_mutex_unlock(&s->sess_mu);
     api_error_unknown_route(&e, method, url);
     return reply_error(c, &e);
 }
@@ -1063,11 +932,7 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum 
         }
         pthread_mutex_unlock(&r->mu);
         if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && r->status == 200) r->status = 499;
-        if (r->sess) {
-            pthread_mutex_lock(&s->sess_mu);
-            r->sess->users--;
-            pthread_mutex_unlock(&s->sess_mu);
-        }
+        if (r->sess) sess_release(s->sessions, r->sess, true);
         metrics_observe(s->m_duration, kp_now() - r->t0, NULL, NULL);
     }
     char st[8];
@@ -1110,25 +975,44 @@ static void collect_waiting(metrics_family *f, void *ctx) {
 
 static void collect_sessions(metrics_family *f, void *ctx) {
     server *s = ctx;
-    int hot = 0, disk = 0;
-    pthread_mutex_lock(&s->sess_mu);
-    for (session *x = s->sessions; x; x = x->next) x->seq ? hot++ : disk++;
-    pthread_mutex_unlock(&s->sess_mu);
-    metrics_set(f, hot, "hot", NULL);
-    metrics_set(f, disk, "disk", NULL);
+    sess_counts n;
+    if (!s->sessions) return;
+    sess_get_counts(s->sessions, &n);
+    metrics_set(f, n.n_empty, "empty", NULL);
+    metrics_set(f, n.n_hot, "hot", NULL);
+    metrics_set(f, n.n_warm, "warm", NULL);
+    metrics_set(f, n.n_cold, "cold", NULL);
 }
 
 static void collect_kv_bytes(metrics_family *f, void *ctx) {
     server *s = ctx;
-    double hot = 0, disk = 0;
-    pthread_mutex_lock(&s->sess_mu);
-    for (session *x = s->sessions; x; x = x->next) {
-        if (x->seq) hot += (double)kv_bytes_used(x->seq->kv);
-        if (x->on_disk) disk += (double)x->disk_bytes;
-    }
-    pthread_mutex_unlock(&s->sess_mu);
-    metrics_set(f, hot, "hot", NULL);
-    metrics_set(f, disk, "disk", NULL);
+    sess_counts n;
+    if (!s->sessions) return;
+    sess_get_counts(s->sessions, &n);
+    metrics_set(f, (double)n.hot_bytes, "hot", NULL);
+    metrics_set(f, (double)n.warm_bytes, "warm", NULL);
+    metrics_set(f, (double)n.cold_bytes, "cold", NULL);
+}
+
+/* The store's cumulative counts since start (gauges computed at scrape time:
+ * they only grow while the server runs). */
+static void collect_store(metrics_family *f, void *ctx) {
+    server *s = ctx;
+    sess_counts n;
+    if (!s->sessions) return;
+    sess_get_counts(s->sessions, &n);
+    metrics_set(f, (double)n.store.dropped, "dropped", NULL);
+    metrics_set(f, (double)n.store.quarantined, "quarantined", NULL);
+    metrics_set(f, (double)n.store.io_errors, "io_error", NULL);
+    metrics_set(f, (double)n.store.foreign, "foreign", NULL);
+    metrics_set(f, (double)n.store.tmp_removed, "torn_write_removed", NULL);
+}
+
+/* sessions.c reports parks, restores, saves, drops and errors here. */
+static void on_sess_event(void *ud, const char *kind, const char *tier, double secs) {
+    server *s = ud;
+    (void)secs;
+    metrics_inc(s->m_session_events, kind, tier && *tier ? tier : "none");
 }
 
 static int setup_metrics(server *s, kp_err *err) {
@@ -1151,8 +1035,12 @@ static int setup_metrics(server *s, kp_err *err) {
     s->m_restore = metrics_histogram(reg, "kvpark_session_restore_seconds",
                                      "Time to make a parked session resident, by source tier.", NULL, 0, "tier",
                                      NULL, err);
+    s->m_session_events = metrics_counter(reg, "kvpark_session_events_total",
+                                          "Session moves between tiers: park (to tier), restore (from tier), "
+                                          "save, drop (cold tier full), error.",
+                                          "event", "tier", err);
     if (!s->m_requests || !s->m_ttft || !s->m_tpot || !s->m_duration || !s->m_prompt_tokens ||
-        !s->m_gen_tokens || !s->m_cache_hits || !s->m_restore)
+        !s->m_gen_tokens || !s->m_cache_hits || !s->m_restore || !s->m_session_events)
         return KP_EINVAL;
     if (!metrics_gauge_fn(reg, "kvpark_requests_running", "Requests generating now.", NULL, NULL,
                           collect_running, s, err) ||
@@ -1160,7 +1048,10 @@ static int setup_metrics(server *s, kp_err *err) {
                           err) ||
         !metrics_gauge_fn(reg, "kvpark_sessions", "Sessions by tier.", "tier", NULL, collect_sessions, s, err) ||
         !metrics_gauge_fn(reg, "kvpark_kv_bytes", "KV bytes held, by tier.", "tier", NULL, collect_kv_bytes, s,
-                          err))
+                          err) ||
+        !metrics_gauge_fn(reg, "kvpark_store_events", "Session store events since start: sessions dropped "
+                          "(cold tier full), files quarantined, write errors, foreign records, torn writes removed.",
+                          "event", NULL, collect_store, s, err))
         return KP_EINVAL;
     return metrics_info(reg, "kvpark_build_info", "kvpark version and backend.", "version", KVPARK_VERSION,
                         "backend", s->o.device && !strcmp(s->o.device, "cuda") ? "cuda"
@@ -1169,42 +1060,10 @@ static int setup_metrics(server *s, kp_err *err) {
                         err);
 }
 
-/* Re-index saved sessions: every blob in the store becomes a disk session. */
-static void load_saved_sessions(server *s) {
-    store_entry *ents = NULL;
-    size_t n = 0;
-    if (store_list(s->st, &ents, &n)) return;
-    for (size_t i = 0; i < n; i++) {
-        blob_meta meta;
-        int32_t *tokens = NULL;
-        void *extra = NULL;
-        size_t extra_len = 0;
-        if (store_load_meta(s->st, ents[i].id, &meta, &tokens, &extra, &extra_len, NULL)) continue;
-        session *x = calloc(1, sizeof *x);
-        if (x) {
-            snprintf(x->id, sizeof x->id, "%s", ents[i].id);
-            uint32_t magic = 0;
-            if (extra_len >= 12) {
-                memcpy(&magic, extra, 4);
-                if (magic == SESSION_EXTRA_MAGIC) memcpy(&x->owner, (char *)extra + 4, 8);
-            }
-            x->n_tokens = (int)meta.n_tokens;
-            x->on_disk = true;
-            x->disk_bytes = ents[i].bytes;
-            x->last_use = (double)ents[i].mtime_unix_ms / 1e3;
-            x->next = s->sessions;
-            s->sessions = x;
-        }
-        free(tokens);
-        free(extra);
-    }
-    free(ents);
-}
-
 http_opts http_default_opts(void) {
     http_opts o = {.host = "127.0.0.1", .port = 8080, .n_parallel = 4, .queue_max = 64,
                    .kv_type = KP_TYPE_F32, .max_body = 8u << 20, .timeout_s = 60,
-                   .session_dir = "sessions", .max_sessions = 1024};
+                   .session_dir = "sessions", .max_sessions = 1024, .hot_budget = 2ull << 30};
     return o;
 }
 
@@ -1213,7 +1072,6 @@ int http_serve(const http_opts *opts, kp_err *err) {
     if (!s) return kp_errf(err, KP_ENOMEM, "out of memory");
     s->o = *opts;
     s->created = (int64_t)unix_now();
-    pthread_mutex_init(&s->sess_mu, NULL);
     for (int i = 0; i < s->o.n_keys; i++) s->key_hash[i] = key_hash_of(s->o.keys[i]);
     int rc = setup_metrics(s, err);
     struct MHD_Daemon *d = NULL;
@@ -1266,14 +1124,19 @@ int http_serve(const http_opts *opts, kp_err *err) {
     }
     const char *base = strrchr(s->o.model, '/');
     snprintf(s->model_id, sizeof s->model_id, "%s", base ? base + 1 : s->o.model);
-    if ((rc = store_open(&s->st, s->o.session_dir, model_fingerprint(s->m), err))) goto done;
-    load_saved_sessions(s);
     sched_opts so = sched_default_opts();
     so.n_parallel = s->o.n_parallel;
     so.queue_max = s->o.queue_max;
     so.n_ctx = s->n_ctx;
     so.kv_type = s->o.kv_type;
     if ((rc = sched_new(&s->sch, s->m, &so, err))) goto done;
+    sess_opts sso = {.m = s->m, .sch = s->sch, .kv_type = s->o.kv_type, .n_ctx = s->n_ctx,
+                     .dir = s->o.session_dir, .codec = s->o.codec, .hot_sessions = s->o.hot_sessions,
+                     .hot_budget = s->o.hot_budget, .warm_budget = s->o.warm_budget,
+                     .cold_budget = s->o.cold_budget, .idle_park_s = s->o.idle_park_s,
+                     .max_sessions = s->o.max_sessions, .quiet = s->o.quiet, .on_event = on_sess_event, .ud = s};
+    if ((rc = sess_open(&s->sessions, &sso, err))) goto done;
+    snprintf(s->codec_name, sizeof s->codec_name, "%s", s->o.codec ? s->o.codec : "none");
     atomic_store(&s->ready, true);
     fprintf(stderr, "kvpark: model %s; template %s; context %d; %d parallel; sessions in %s\n",
             model_desc(s->m), chat_template_name(s->tmpl), s->n_ctx, s->o.n_parallel, s->o.session_dir);
@@ -1287,16 +1150,9 @@ done:
     if (s->sch) sched_stop(s->sch); /* cancels generations: readers finish */
     if (d) MHD_stop_daemon(d);       /* joins every connection thread */
     sched_free(s->sch);
-    for (session *x = s->sessions; x;) {
-        session *nx = x->next;
-        sched_seq_free(x->seq);
-        free(x);
-        x = nx;
-    }
-    store_close(s->st);
+    sess_close(s->sessions); /* hot sessions are parked to disk: a restart loses nothing */
     model_free(s->m);
     metrics_free(s->reg);
-    pthread_mutex_destroy(&s->sess_mu);
     free(s);
     return rc;
 }

@@ -3,8 +3,9 @@
  *
  * libmicrohttpd serves each connection on its own thread; JSON goes through
  * server/api.c; generation runs on the engine's scheduler (continuous
- * batching); sessions are kept in memory (hot) and saved through the session
- * store (storage/store.h) in --session-dir; /metrics speaks Prometheus.
+ * batching); sessions move between hot (live KV), warm (RAM) and cold (disk)
+ * tiers through server/sessions.h and the session store (storage/store.h);
+ * /metrics speaks Prometheus.
  *
  * Contract
  *   - http_serve() starts listening at once (GET /health answers 503 while the
@@ -20,6 +21,7 @@
 #define KP_HTTP_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "engine/kp.h"
 
@@ -38,8 +40,14 @@ typedef struct http_opts {
     int max_tokens_default;   /* when a request gives none (default: until EOS/context) */
     size_t max_body;          /* bytes (default 8 MiB) */
     int timeout_s;            /* idle connection timeout (default 60) */
-    const char *session_dir;  /* default ./sessions */
-    int max_sessions;         /* sessions held at most (default 1024; each keeps a KV cache) */
+    const char *session_dir;  /* cold tier directory, --cold-dir (alias --session-dir); default ./sessions */
+    const char *codec;        /* codec for parked sessions: none, int8, ... or a codec file (NULL: none) */
+    int max_sessions;         /* sessions held in all tiers at most (default 1024) */
+    int hot_sessions;         /* hot sessions at most (0: no count limit) */
+    uint64_t hot_budget;      /* bytes of hot KV (default 2 GiB; 0: no byte limit) */
+    uint64_t warm_budget;     /* bytes of parked sessions in RAM (0: default 1 GiB) */
+    uint64_t cold_budget;     /* bytes on disk (0: unlimited) */
+    double idle_park_s;       /* park sessions idle this long (0: never) */
     const char *chat_template;/* NULL: from the model */
     const char *keys[HTTP_MAX_KEYS]; /* API keys (none: no auth) */
     int n_keys;

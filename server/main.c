@@ -54,6 +54,28 @@ static int parse_long(const char *s, long lo, long hi, long *out) {
     return 0;
 }
 
+/* A byte size: a number with an optional K, M, G or T suffix (powers of
+ * 1024; "KiB"/"KB" spellings and a trailing "B" accepted). */
+static int parse_size(const char *s, uint64_t *out) {
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || !isfinite(v) || v < 0) return -1;
+    double mul = 1;
+    switch (*end) {
+    case 'k': case 'K': mul = 1024.0; end++; break;
+    case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
+    case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
+    case 't': case 'T': mul = 1024.0 * 1024 * 1024 * 1024; end++; break;
+    default: break;
+    }
+    if (mul > 1 && *end == 'i') end++;
+    if (*end == 'B' || *end == 'b') end++;
+    if (*end || v * mul > 1.8e19) return -1;
+    *out = (uint64_t)(v * mul);
+    return 0;
+}
+
 static int parse_float(const char *s, double lo, double hi, double *out) {
     char *end;
     errno = 0;
@@ -79,6 +101,7 @@ enum {
     OPT_NO_PARSE_SPECIAL, OPT_REPEATS, OPT_THREADS_LIST, OPT_CHAT, OPT_CHAT_TEMPLATE, OPT_TYPE,
     OPT_HOST, OPT_PORT, OPT_PARALLEL, OPT_QUEUE, OPT_API_KEY, OPT_API_KEY_FILE, OPT_METRICS_KEY,
     OPT_MAX_BODY, OPT_MAX_TOKENS, OPT_SESSION_DIR, OPT_TIMEOUT, OPT_QUIET, OPT_DEVICE, OPT_MAX_SESSIONS,
+    OPT_CODEC, OPT_HOT_SESSIONS, OPT_HOT_BUDGET, OPT_WARM_BUDGET, OPT_COLD_BUDGET, OPT_IDLE_PARK,
 };
 
 /* Handle an option common to model-loading commands; 1 if consumed, -1 on a bad value. */
@@ -681,8 +704,22 @@ static const char *serve_help =
     "      --max-body BYTES     largest request body (default 8388608)\n"
     "      --max-tokens N       default max_tokens when a request gives none\n"
     "                           (default: until end of text or the context is full)\n"
-    "      --session-dir DIR    where saved sessions live (default ./sessions)\n"
-    "      --max-sessions N     sessions held at most (default 1024), then 429\n"
+    "Sessions and their tiers (hot: live KV; warm: compressed in RAM; cold: on disk):\n"
+    "      --cold-dir DIR       where parked and saved sessions live (default ./sessions;\n"
+    "                           --session-dir is the same option)\n"
+    "      --codec C            codec for parked sessions: none (lossless, default), fp16,\n"
+    "                           int8, int4, kivi2, or a codec file from 'kvpark calibrate'\n"
+    "      --hot-sessions N     hot sessions at most, then the least recently used idle\n"
+    "                           ones are parked (default 0: no count limit)\n"
+    "      --hot-budget SIZE    bytes of hot KV at most (default 2G; 0: no limit)\n"
+    "      --warm-budget SIZE   bytes of parked sessions kept in RAM (default 1G); the\n"
+    "                           least recently used go down to disk\n"
+    "      --cold-budget SIZE   bytes on disk (default 0: unlimited); over it the least\n"
+    "                           recently used sessions are dropped (logged, counted)\n"
+    "      --idle-park S        park sessions idle for S seconds (default 0: only on\n"
+    "                           budget pressure); fractions allowed\n"
+    "      --max-sessions N     sessions held in all tiers at most (default 1024), then 429\n"
+    "  SIZE: bytes, or a number with K, M, G or T (powers of 1024), e.g. 512M\n"
     "      --chat-template T    chatml | llama2 | llama3 | plain (default: from the model)\n"
     "      --timeout S          idle connection timeout in seconds (default 60)\n"
     "      --quiet              no per-request log lines\n";
@@ -730,7 +767,14 @@ static int cmd_serve(int argc, char **argv) {
         {"max-body", required_argument, 0, OPT_MAX_BODY},
         {"max-tokens", required_argument, 0, OPT_MAX_TOKENS},
         {"session-dir", required_argument, 0, OPT_SESSION_DIR},
+        {"cold-dir", required_argument, 0, OPT_SESSION_DIR},
         {"max-sessions", required_argument, 0, OPT_MAX_SESSIONS},
+        {"codec", required_argument, 0, OPT_CODEC},
+        {"hot-sessions", required_argument, 0, OPT_HOT_SESSIONS},
+        {"hot-budget", required_argument, 0, OPT_HOT_BUDGET},
+        {"warm-budget", required_argument, 0, OPT_WARM_BUDGET},
+        {"cold-budget", required_argument, 0, OPT_COLD_BUDGET},
+        {"idle-park", required_argument, 0, OPT_IDLE_PARK},
         {"chat-template", required_argument, 0, OPT_CHAT_TEMPLATE},
         {"timeout", required_argument, 0, OPT_TIMEOUT}, {"quiet", no_argument, 0, OPT_QUIET},
         {"device", required_argument, 0, OPT_DEVICE},
@@ -778,6 +822,26 @@ static int cmd_serve(int argc, char **argv) {
             ho.max_sessions = (int)v;
             break;
         case OPT_CHAT_TEMPLATE: ho.chat_template = optarg; break;
+        case OPT_CODEC: ho.codec = optarg; break;
+        case OPT_HOT_SESSIONS:
+            if (parse_long(optarg, 0, 1 << 24, &v)) return usage_error("serve", "bad --hot-sessions");
+            ho.hot_sessions = (int)v;
+            break;
+        case OPT_HOT_BUDGET:
+            if (parse_size(optarg, &ho.hot_budget)) return usage_error("serve", "bad --hot-budget (e.g. 4G)");
+            break;
+        case OPT_WARM_BUDGET:
+            if (parse_size(optarg, &ho.warm_budget)) return usage_error("serve", "bad --warm-budget (e.g. 1G)");
+            break;
+        case OPT_COLD_BUDGET:
+            if (parse_size(optarg, &ho.cold_budget)) return usage_error("serve", "bad --cold-budget (e.g. 100G)");
+            break;
+        case OPT_IDLE_PARK: {
+            double d;
+            if (parse_float(optarg, 0, 1e9, &d)) return usage_error("serve", "bad --idle-park (seconds)");
+            ho.idle_park_s = d;
+            break;
+        }
         case OPT_TIMEOUT:
             if (parse_long(optarg, 1, 86400, &v)) return usage_error("serve", "bad --timeout");
             ho.timeout_s = (int)v;

@@ -40,7 +40,6 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #include "compress/codec.h"
 #include "compress/quality.h"
@@ -168,26 +167,6 @@ static int br_make_tokens(model *m, const char *file, int n, int32_t **out, kp_e
     }
     *out = ids;
     return 0;
-}
-
-/* Identity of a codec for the manifest: XXH3-64 of the codec file's bytes,
- * 0 for the built-in codecs (a name, not a file). */
-static uint64_t br_codec_hash(const char *name) {
-    struct stat sb;
-    if (stat(name, &sb) || !S_ISREG(sb.st_mode)) return 0;
-    FILE *f = fopen(name, "rb");
-    if (!f) return 0;
-    XXH3_state_t *h = XXH3_createState();
-    uint64_t r = 0;
-    if (h && XXH3_64bits_reset(h) == XXH_OK) {
-        char buf[65536];
-        size_t got;
-        while ((got = fread(buf, 1, sizeof buf, f)) > 0) XXH3_64bits_update(h, buf, got);
-        r = XXH3_64bits_digest(h);
-    }
-    XXH3_freeState(h);
-    fclose(f);
-    return r;
 }
 
 static void br_object_path(const char *dir, cas_key k, char *out, size_t cap) {
@@ -727,7 +706,7 @@ int bench_resume_main(int argc, char **argv) {
     codec_shape shape = quality_codec_shape(m);
     for (int c = 0; c < o.n_codecs; c++) {
         if ((rc = codec_open(&codecs[c], o.codecs[c], &shape, &err))) goto out;
-        hashes[c] = br_codec_hash(o.codecs[c]);
+        hashes[c] = park_codec_hash(o.codecs[c]);
     }
     if (!o.n_ctx) {
         int max = hp->n_ctx_train < 2048 ? hp->n_ctx_train : 2048;

@@ -630,7 +630,7 @@ static int reindex(cas *c, cas_logq *q, kp_err *err) {
         const char *kk = de->d_name;
         if (strlen(kk) != 2 || !is_lower_hex(kk, 2)) continue;
         char sub[CAS_PATH_MAX + 8];
-        snprintf(sub, sizeof sub, "%s/%s", odir, kk);
+        snprintf(sub, sizeof sub, "%s/%.2s", odir, kk);
         DIR *sh = opendir(sub);
         if (!sh) continue;
         struct dirent *fe;
@@ -891,6 +891,60 @@ uint64_t cas_refcount(cas *c, cas_key k) {
     uint64_t r = o ? o->refs : 0;
     pthread_mutex_unlock(&c->mu);
     return r;
+}
+
+int cas_where(cas *c, cas_key k) {
+    pthread_mutex_lock(&c->mu);
+    cas_obj *o = find(c, k);
+    int w = 0;
+    if (o) w = (o->data ? CAS_IN_WARM : 0) | (o->in_cold ? CAS_IN_COLD : 0);
+    pthread_mutex_unlock(&c->mu);
+    return w;
+}
+
+int cas_persist(cas *c, cas_key k, kp_err *err) {
+    if (!c) return kp_errf(err, KP_EINVAL, "cas: persist: NULL store");
+    if (!c->dir) return kp_errf(err, KP_EINVAL, "cas: persist without a cold tier (no directory)");
+    char hex[33];
+    cas_key_hex(k, hex);
+    cas_logq q = {0};
+    int rc = 0;
+    pthread_mutex_lock(&c->mu);
+    cas_obj *o = find(c, k);
+    if (!o) {
+        pthread_mutex_unlock(&c->mu);
+        return kp_errf(err, KP_ENOTFOUND, "cas: no object %s to persist", hex);
+    }
+    o->pins++; /* keeps the record, its warm copy and its file where they are */
+    while (o->writing) pthread_cond_wait(&c->cv, &c->mu);
+    if (!o->in_cold) {
+        if (!o->data) {
+            /* neither tier: it was dropped while we waited (cannot happen
+             * while pinned, but do not write garbage if it ever does) */
+            rc = kp_errf(err, KP_ENOTFOUND, "cas: object %s vanished before it was persisted", hex);
+        } else {
+            o->writing = true;
+            pthread_mutex_unlock(&c->mu);
+            kp_err e = {0};
+            rc = write_object(c, k, o->data, o->len, &e); /* pinned: data stays */
+            pthread_mutex_lock(&c->mu);
+            o->writing = false;
+            pthread_cond_broadcast(&c->cv);
+            if (rc == 0) {
+                cold_attach(c, o);
+            } else {
+                logq_add(c, &q, "%s", e.msg);
+                if (err) *err = e;
+            }
+        }
+    }
+    touch(c, o);
+    o->pins--;
+    if (rc == 0) cold_enforce(c, &q, o);
+    maybe_free(c, o);
+    pthread_mutex_unlock(&c->mu);
+    logq_flush(c, &q);
+    return rc;
 }
 
 size_t cas_collect(cas *c) {

@@ -87,6 +87,16 @@ bool cas_has(cas *c, cas_key k);
 int cas_ref(cas *c, cas_key k);
 int cas_unref(cas *c, cas_key k);
 uint64_t cas_refcount(cas *c, cas_key k);
+/* Which tiers hold the object now: CAS_IN_WARM | CAS_IN_COLD, 0 if unknown. */
+#define CAS_IN_WARM 1
+#define CAS_IN_COLD 2
+int cas_where(cas *c, cas_key k);
+/* Make an object durable: write its warm copy down to the cold tier (file
+ * fsynced, renamed, directory fsynced) unless it is there already; the warm
+ * copy stays. 0 when the object is in cold on return; KP_ENOTFOUND if the
+ * store does not hold it, KP_EINVAL without a cold tier, KP_EIO on a write
+ * failure (the warm copy is kept; logged). */
+int cas_persist(cas *c, cas_key k, kp_err *err);
 size_t cas_collect(cas *c);
 void cas_get_stats(cas *c, cas_stats *st);
 

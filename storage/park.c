@@ -77,10 +77,13 @@
  * Phase 1 fetches every span's object and verifies it completely (header,
  * sizes, checksums of the header and of every payload, and the codec chunk
  * header inside each payload: codec, rows, K/V, element type) — nothing is
- * written to the cache yet. Phase 2 LZ4-decodes and codec-decodes each
- * (layer, K/V) payload into a temporary row buffer and uploads it with the
- * backend's upload (a device cache works like a host one). n_pos is set to
- * n_tokens only when everything succeeded. Phase 1 holds the compressed
+ * written to the cache yet (park_restore_begin). Phase 2 (park_restore_layer,
+ * one layer at a time, in order) LZ4-decodes and codec-decodes that layer's
+ * K and V payload of every span into a temporary row buffer and uploads it
+ * with the backend's upload (a device cache works like a host one), so a
+ * caller can use layer l while deeper layers still decode. n_pos is set to
+ * n_tokens by park_restore_end only when every layer succeeded;
+ * park_restore is begin + every layer + end. Phase 1 holds the compressed
  * session in RAM (its stored size), which is what makes "a corrupt object
  * harms nothing" true; a failure in phase 2 (a device upload error) may have
  * overwritten rows, but n_pos is left as it was.
@@ -93,6 +96,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <xxhash.h>
 
 #include "compress/quality.h"
@@ -511,11 +515,43 @@ fail:
 
 /* ---- restore ---------------------------------------------------------------- */
 
-int park_restore(cas *store, const codec *c, const park_manifest *m, kv_cache *kv,
-                 park_stats *st, kp_err *err) {
+/* A restore in progress: every object fetched and verified (phase 1), then
+ * decoded one layer at a time (phase 2). */
+struct park_restorer {
+    cas *store;
+    const codec *c;        /* the session's codec (the caller's, kept open) */
+    codec *none;           /* lossless spans */
+    kv_cache *kv;
+    int n_tokens;
+    int ns;
+    park_span *spans;      /* [ns] copy of the manifest's spans */
+    uint8_t **objs;        /* [ns] verified objects */
+    size_t *offs;          /* [ns][2 * n_layer] payload offsets */
+    park_bufs b;
+    int next_layer;        /* layers [0, next_layer) are decoded */
+    bool failed;           /* a layer failed: n_pos must stay */
+    uint64_t bytes_total;
+    double t0;
+};
+
+static void park_restorer_free(park_restorer *r) {
+    if (!r) return;
+    if (r->objs)
+        for (int i = 0; i < r->ns; i++) free(r->objs[i]);
+    free(r->objs);
+    free(r->offs);
+    free(r->spans);
+    park_bufs_free(&r->b);
+    codec_free(r->none);
+    free(r);
+}
+
+int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_cache *kv,
+                       park_restorer **out, kp_err *err) {
     double t0 = kp_now();
-    if (!store || !c || !m || !kv) return kp_errf(err, KP_EINVAL, "park: restore: NULL argument");
-    if (st) memset(st, 0, sizeof *st);
+    if (out) *out = NULL;
+    if (!store || !c || !m || !kv || !out)
+        return kp_errf(err, KP_EINVAL, "park: restore: NULL argument");
     if (m->kv_type != kv->kv_type)
         return kp_errf(err, KP_EMISMATCH, "park: session was parked from a kv_type %d cache, "
                        "cannot restore into kv_type %d", m->kv_type, kv->kv_type);
@@ -540,26 +576,35 @@ int park_restore(cas *store, const codec *c, const park_manifest *m, kv_cache *k
             free(qs);
             return kp_errf(err, KP_EFORMAT, "park: manifest span %d does not follow its layout", i);
         }
+    free(qs);
+
+    const size_t E = 2u * (size_t)kv->n_layer;
+    park_restorer *r = calloc(1, sizeof *r);
+    if (!r) return kp_errf(err, KP_ENOMEM, "park: out of memory");
+    r->store = store;
+    r->c = c;
+    r->kv = kv;
+    r->n_tokens = m->n_tokens;
+    r->ns = ns;
+    r->t0 = t0;
+    r->spans = malloc((size_t)(ns ? ns : 1) * sizeof *r->spans);
+    r->objs = calloc((size_t)(ns ? ns : 1), sizeof *r->objs);
+    r->offs = calloc((size_t)(ns ? ns : 1) * E, sizeof *r->offs);
+    park_keyer kr = {0};
+    if (!r->spans || !r->objs || !r->offs) {
+        rc = kp_errf(err, KP_ENOMEM, "park: out of memory (%d spans)", ns);
+        goto fail;
+    }
+    if (ns) memcpy(r->spans, m->spans, (size_t)ns * sizeof *r->spans);
 
     /* The keys must be what this codec, these tokens and this cache shape
      * give: that proves the session was parked with this codec. */
-    park_keyer kr = {0};
     codec_shape shape = {.n_layer = kv->n_layer, .n_kv_heads = kv->n_kv_heads,
                          .head_dim = kv->head_dim, .model_fingerprint = m->model_fingerprint};
-    codec *none = NULL;
-    park_bufs b = {0};
-    uint8_t **objs = calloc((size_t)(ns ? ns : 1), sizeof *objs);
-    size_t *lens = calloc((size_t)(ns ? ns : 1), sizeof *lens);
-    const size_t E = 2u * (size_t)kv->n_layer;
-    size_t *offs = calloc((size_t)(ns ? ns : 1) * E, sizeof *offs);
-    if (!objs || !lens || !offs) {
-        rc = kp_errf(err, KP_ENOMEM, "park: out of memory (%d spans)", ns);
-        goto out;
-    }
     if ((rc = park_keyer_init(&kr, m->model_fingerprint, codec_name(c), m->codec_hash,
                               codec_id_of(c), kv->kv_type, kv->n_layer, kv->n_kv_heads,
                               kv->head_dim, &m->layout, m->tokens, m->n_tokens, err)))
-        goto out;
+        goto fail;
     for (int i = 0; i < ns; i++) {
         const park_span *sp = &m->spans[i];
         cas_key k = park_key(&kr, sp->start, sp->n, sp->coded);
@@ -567,96 +612,152 @@ int park_restore(cas *store, const codec *c, const park_manifest *m, kv_cache *k
             rc = kp_errf(err, KP_EMISMATCH, "park: span %d (tokens %d..%d) was not parked with "
                          "codec '%s' for this KV shape (session codec '%s')", i, sp->start,
                          sp->start + sp->n - 1, codec_name(c), m->codec);
-            goto out;
+            goto fail;
         }
     }
-    if ((rc = codec_open(&none, "none", &shape, err))) goto out;
+    free(kr.buf);
+    kr.buf = NULL;
+    if ((rc = codec_open(&r->none, "none", &shape, err))) goto fail;
     int max_rows = 1;
     for (int i = 0; i < ns; i++) max_rows = KP_MAX(max_rows, m->spans[i].n);
-    if ((rc = park_bufs_init(&b, c, none, kv, max_rows, false, err))) goto out;
+    if ((rc = park_bufs_init(&r->b, c, r->none, kv, max_rows, false, err))) goto fail;
 
     /* Phase 1: fetch and verify everything. */
     for (int i = 0; i < ns; i++) {
         const park_span *sp = &m->spans[i];
         void *data = NULL;
+        size_t len = 0;
         kp_err e2 = {0};
-        rc = cas_get(store, sp->key, &data, &lens[i], &e2);
+        rc = cas_get(store, sp->key, &data, &len, &e2);
         if (rc) {
             char hex[33];
             cas_key_hex(sp->key, hex);
             rc = kp_errf(err, rc, "park: span %d (tokens %d..%d, object %s) cannot be read: %s",
                          i, sp->start, sp->start + sp->n - 1, hex, e2.msg);
-            goto out;
+            goto fail;
         }
-        objs[i] = data;
-        if (st) st->bytes_total += lens[i];
-        if ((rc = park_obj_check(objs[i], lens[i], kv, sp->start, sp->n, sp->coded,
-                                 sp->coded ? c : none,
-                                 offs + (size_t)i * E, i, err)))
-            goto out;
+        r->objs[i] = data;
+        r->bytes_total += len;
+        if ((rc = park_obj_check(r->objs[i], len, kv, sp->start, sp->n, sp->coded,
+                                 sp->coded ? c : r->none, r->offs + (size_t)i * E, i, err)))
+            goto fail;
     }
+    *out = r;
+    return 0;
+fail:
+    free(kr.buf);
+    park_restorer_free(r);
+    return rc;
+}
 
-    /* Phase 2: decode and upload, layer by layer within each span. */
+int park_restore_layer(park_restorer *r, int l, kp_err *err) {
+    if (!r) return kp_errf(err, KP_EINVAL, "park: restore layer: NULL handle");
+    kv_cache *kv = r->kv;
+    if (r->failed)
+        return kp_errf(err, KP_EINVAL, "park: restore layer %d: an earlier layer failed", l);
+    if (l != r->next_layer || l >= kv->n_layer)
+        return kp_errf(err, KP_EINVAL, "park: restore layer %d out of order (expected %d of %d)",
+                       l, r->next_layer, kv->n_layer);
+    const size_t E = 2u * (size_t)kv->n_layer;
     const kp_ops *ops = kp_backend_ops(kv->be);
-    for (int i = 0; i < ns; i++) {
-        const park_span *sp = &m->spans[i];
-        const codec *cc = sp->coded ? c : none;
-        for (size_t e = 0; e < E; e++) {
-            const uint8_t *t = objs[i] + PARK_OBJ_HDR + e * PARK_OBJ_ENTRY;
+    int rc = 0;
+    for (int i = 0; i < r->ns; i++) {
+        const park_span *sp = &r->spans[i];
+        const codec *cc = sp->coded ? r->c : r->none;
+        for (int is_v = 0; is_v < 2; is_v++) {
+            size_t e = 2u * (size_t)l + (size_t)is_v;
+            const uint8_t *t = r->objs[i] + PARK_OBJ_HDR + e * PARK_OBJ_ENTRY;
             uint32_t stored = get_u32(t), enc = get_u32(t + 4), fl = get_u32(t + 8);
-            const uint8_t *src = objs[i] + offs[(size_t)i * E + e];
-            if (enc > b.enc_cap) {
+            const uint8_t *src = r->objs[i] + r->offs[(size_t)i * E + e];
+            if (enc > r->b.enc_cap) {
                 rc = kp_errf(err, KP_EFORMAT, "park: span %d (tokens %d..%d): chunk of %u bytes "
                              "exceeds the codec's bound", i, sp->start, sp->start + sp->n - 1, enc);
-                goto out;
+                goto fail;
             }
             if (fl & 1) {
-                int got = LZ4_decompress_safe((const char *)src, (char *)b.enc, (int)stored,
+                int got = LZ4_decompress_safe((const char *)src, (char *)r->b.enc, (int)stored,
                                               (int)enc);
                 if (got != (int)enc) {
                     rc = kp_errf(err, KP_EFORMAT, "park: span %d (tokens %d..%d): bad LZ4 data",
                                  i, sp->start, sp->start + sp->n - 1);
-                    goto out;
+                    goto fail;
                 }
             } else {
-                memcpy(b.enc, src, enc);
+                memcpy(r->b.enc, src, enc);
             }
-            int l = (int)(e / 2), is_v = (int)(e % 2);
             codec_chunk ch = {.layer = l, .is_v = is_v, .pos0 = sp->start, .n = sp->n,
                               .kv_type = kv->kv_type};
             kp_err e2 = {0};
-            if ((rc = codec_decode(cc, &ch, b.enc, enc, b.rows, &e2))) {
+            if ((rc = codec_decode(cc, &ch, r->b.enc, enc, r->b.rows, &e2))) {
                 rc = kp_errf(err, rc, "park: span %d (tokens %d..%d): %s", i, sp->start,
                              sp->start + sp->n - 1, e2.msg);
-                goto out;
+                goto fail;
             }
             uint8_t *dev = is_v ? kv->v[l] : kv->k[l];
-            if ((rc = ops->upload(kv->be, dev + (size_t)sp->start * kv->row_bytes, b.rows,
+            if ((rc = ops->upload(kv->be, dev + (size_t)sp->start * kv->row_bytes, r->b.rows,
                                   (size_t)sp->n * kv->row_bytes))) {
                 rc = kp_errf(err, rc, "park: span %d (tokens %d..%d): cannot write layer %d of "
                              "the KV cache", i, sp->start, sp->start + sp->n - 1, l);
-                goto out;
+                goto fail;
             }
         }
     }
-    kv->n_pos = m->n_tokens;
-    if (st) {
-        st->fp16_bytes = (uint64_t)m->n_tokens * (uint64_t)kv->n_layer * 2u *
-                         (uint64_t)kv->n_kv_heads * (uint64_t)kv->head_dim * 2u;
-        st->ms = (kp_now() - t0) * 1e3;
-    }
-    rc = 0;
-out:
-    if (objs)
-        for (int i = 0; i < ns; i++) free(objs[i]);
-    free(objs);
-    free(lens);
-    free(offs);
-    park_bufs_free(&b);
-    codec_free(none);
-    free(kr.buf);
-    free(qs);
+    r->next_layer++;
+    return 0;
+fail:
+    r->failed = true;
     return rc;
+}
+
+int park_restore_end(park_restorer *r, park_stats *st) {
+    if (st) memset(st, 0, sizeof *st);
+    if (!r) return KP_EINVAL;
+    kv_cache *kv = r->kv;
+    int rc = KP_ECANCELED;
+    if (!r->failed && r->next_layer == kv->n_layer) {
+        kv->n_pos = r->n_tokens;
+        rc = 0;
+    }
+    if (st) {
+        st->bytes_total = r->bytes_total;
+        st->fp16_bytes = (uint64_t)r->n_tokens * (uint64_t)kv->n_layer * 2u *
+                         (uint64_t)kv->n_kv_heads * (uint64_t)kv->head_dim * 2u;
+        st->ms = (kp_now() - r->t0) * 1e3;
+    }
+    park_restorer_free(r);
+    return rc;
+}
+
+int park_restore(cas *store, const codec *c, const park_manifest *m, kv_cache *kv,
+                 park_stats *st, kp_err *err) {
+    if (st) memset(st, 0, sizeof *st);
+    park_restorer *r = NULL;
+    int rc = park_restore_begin(store, c, m, kv, &r, err);
+    if (rc) return rc;
+    for (int l = 0; l < kv->n_layer && rc == 0; l++) rc = park_restore_layer(r, l, err);
+    int end = park_restore_end(r, rc ? NULL : st);
+    return rc ? rc : end;
+}
+
+/* ---- codec identity ------------------------------------------------------------- */
+
+uint64_t park_codec_hash(const char *name) {
+    if (!name) return 0;
+    struct stat sb;
+    if (stat(name, &sb) || !S_ISREG(sb.st_mode)) return 0;
+    FILE *f = fopen(name, "rb");
+    if (!f) return 0;
+    XXH3_state_t *h = XXH3_createState();
+    uint64_t r = 0;
+    if (h && XXH3_64bits_reset(h) == XXH_OK) {
+        char buf[65536];
+        size_t got;
+        while ((got = fread(buf, 1, sizeof buf, f)) > 0) XXH3_64bits_update(h, buf, got);
+        if (!ferror(f)) r = XXH3_64bits_digest(h);
+    }
+    XXH3_freeState(h);
+    fclose(f);
+    return r;
 }
 
 int park_release(cas *store, const park_manifest *m) {

@@ -28,6 +28,8 @@
  *     codec-decodes them into kv rows, layer by layer, and sets kv->n_pos only
  *     after everything succeeded; a missing or corrupt object returns an error
  *     naming the span (and leaves n_pos as it was).
+ *   - park_restore_begin/_layer/_end: the same restore split so a caller can
+ *     use layer l while deeper layers decode (pipelined resume).
  *   - park_release() unrefs a manifest's keys (the session was deleted).
  *   - Thread-safe as far as cas is; the codec is immutable.
  */
@@ -82,7 +84,26 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
               park_stats *st, kp_err *err);
 int park_restore(cas *store, const codec *c, const park_manifest *m, kv_cache *kv,
                  park_stats *st, kp_err *err);
+
+/* Layer-by-layer restore (what park_restore does in one call). begin()
+ * fetches every span's object and verifies it completely (all I/O and
+ * checksums happen here; m may be freed afterwards, c must stay open until
+ * end()). layer(l) decodes layer l of every span into kv; call it for
+ * l = 0, 1, ..., n_layer - 1 in order, from one thread. end() sets kv->n_pos
+ * to the session's n_tokens and returns 0 if every layer was decoded, else
+ * leaves n_pos alone and returns KP_ECANCELED (abandoned or failed midway:
+ * some rows may have been overwritten); it always frees the handle. */
+typedef struct park_restorer park_restorer;
+int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_cache *kv,
+                       park_restorer **out, kp_err *err);
+int park_restore_layer(park_restorer *r, int layer, kp_err *err);
+int park_restore_end(park_restorer *r, park_stats *st);
+
 int park_release(cas *store, const park_manifest *m);
+/* Identity of a codec for park_save's codec_hash: XXH3-64 of the codec
+ * file's bytes when name is a readable regular file, 0 for the built-in
+ * codecs (a name, not a file) and when the file cannot be read. */
+uint64_t park_codec_hash(const char *name);
 void park_manifest_free(park_manifest *m);
 /* Versioned, checksummed byte form (malloc'd). */
 int park_manifest_write(const park_manifest *m, uint8_t **out, size_t *len, kp_err *err);

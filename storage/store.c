@@ -1,12 +1,82 @@
 /*
- * store.c — the session store (see store.h): an index of sessions by id over
- * a list of tiers. Today the only tier is "disk" (a directory of ID.kvps
- * blobs); a tier is a small table of functions so that a host-RAM or remote
- * tier, and the policy moving sessions between tiers, can be added here
- * without changing the API the server codes against.
+ * store.c — the tiered session store (contract in store.h).
  *
- * The index is a plain array searched linearly: thousands of sessions cost
- * microseconds next to the file I/O of any call.
+ * Why this shape: the heavy part of a session (its KV) already has a home
+ * that deduplicates shared prefixes and knows about RAM and disk tiers: the
+ * content-addressed chunk store (cas.h) fed by park.h. What is left for the
+ * store is the small per-session record (manifest + the server's extra
+ * bytes), an index by id, durability of that record, the cold budget at
+ * session granularity, recovery at open, and per-id serialisation.
+ *
+ * ---- Session record DIR/sessions/ID.kvpm, little-endian -------------------
+ *    0  magic "KVPKSREC"                     8 bytes
+ *    8  version (1)                          u32
+ *   12  header bytes H (64)                  u32
+ *   16  manifest bytes M                     u32
+ *   20  extra bytes X                        u32 (<= STORE_EXTRA_MAX, 1 MiB)
+ *   24  n_tokens                             u32 (must equal the manifest's)
+ *   28  flags (0)                            u32
+ *   32  mtime: unix ms of the save           i64
+ *   40  XXH64 of the extra bytes             u64 (seed 0)
+ *   48  reserved (0)                         u64
+ *   56  XXH64 of bytes [0, 56)               u64 (seed 0)
+ *   64  manifest                             M bytes: park_manifest_write's
+ *                                            form (own magic, version, XXH64)
+ *   64 + M  extra bytes                      X bytes
+ * total = 64 + M + X exactly. The reader checks the length against the
+ * header, the header checksum, the version, every reserved field, the
+ * manifest (park_manifest_read: checksum, ranges, layout), that both agree on
+ * n_tokens, and the extra checksum. Anything wrong: the file is moved to
+ * DIR/quarantine/ (counted, logged), never deleted.
+ * Written as ID.kvpm.tmp, fsynced, renamed over ID.kvpm, directory fsynced:
+ * the rename is the commit point of a durable save.
+ *
+ * ---- Index and locking ------------------------------------------------------
+ * The index is an array of pointers to store_sess (searched linearly:
+ * thousands of sessions cost microseconds next to any file I/O). One mutex
+ * (mu) guards the index, every entry's fields and the counters; it is never
+ * held during file I/O, encoding or decoding, nor during any cas call (the
+ * cas has its own lock; list/stat copy the keys out and ask the cas after).
+ * Per-id serialisation: a call that works on an id marks its entry `busy`
+ * (a first save inserts a placeholder entry, has_data = false, that no
+ * reader sees); a second call on the same id waits on the condition variable
+ * until busy is clear, then looks the id up again. Calls on different ids run
+ * in parallel. The busy holder is the only writer of its entry's version
+ * fields; it changes them under mu so readers (list, stat, load_meta) see a
+ * consistent version.
+ * A restore pins its entry (pins > 0) from begin() to end(): the cold-budget
+ * evictor skips pinned entries. A pinned entry removed from the index
+ * (deleted meanwhile) is marked dead and freed by the last unpin.
+ *
+ * ---- Versions and durability ------------------------------------------------
+ * Every entry holds references (cas_ref) on the objects of its current
+ * manifest `man`. A durable save writes the objects to the cold tier
+ * (park_save durable + cas_persist for reused ones), then the record; only
+ * then are the previous version's references released (and unreferenced
+ * objects collected). A non-durable save keeps the record in RAM; if the
+ * previous version was durable its manifest is kept as `old` (references
+ * held, record file left in place) so that a crash before store_flush brings
+ * back the last durable version rather than nothing. Flush writes the
+ * record and releases `old`.
+ *
+ * ---- Cold budget --------------------------------------------------------------
+ * The cas is opened with cold_budget 0 (it never drops referenced objects);
+ * the store enforces opts.cold_budget (cas cold_bytes: object bytes on disk)
+ * at session granularity after every save and flush and at open: while over
+ * budget, the least recently used session that is not pinned, not busy and
+ * not the one just saved is dropped (record unlinked, references released,
+ * objects collected), counted, logged and reported via on_drop. One evictor
+ * runs at a time. A session that alone needs more than the budget is refused
+ * at save time (KP_ERANGE: kp.h has no "no space" code) and the previous
+ * version stays. Between saves the cold tier can run over budget for a
+ * while: loads promote objects to warm and the warm budget spills others
+ * down. Objects of foreign records (another model / KV type / codec file)
+ * stay referenced while the store is open, so collection keeps them for the
+ * server that can use them; they count in cold bytes and are never dropped.
+ * Victims are chosen by session LRU alone (dropping a session whose objects
+ * are shared or still warm may free fewer cold bytes than it holds).
+ *
+ * Log messages and on_drop are never called with mu held.
  */
 #include "fsutil.h"
 #include "store.h"
@@ -15,6 +85,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,88 +94,82 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
-#define STORE_EXT ".kvps"
-#define STORE_QUARANTINE "quarantine"
+#include "blob.h"
+#include "kernels/kernels.h"
+#include "kernels/types.h"
 
-/* ---- the tier interface --------------------------------------------------- */
+#define STORE_REC_MAGIC "KVPKSREC"
+#define STORE_REC_VERSION 1u
+#define STORE_REC_HDR 64u
+#define STORE_REC_EXT ".kvpm"
+#define STORE_TMP_EXT ".tmp"
+#define STORE_LEGACY_EXT ".kvps"
+#define STORE_EXTRA_MAX (1u << 20)
+/* Largest record a reader accepts: header + manifest of 2^24 tokens + extra. */
+#define STORE_REC_MAX ((uint64_t)STORE_REC_HDR + 136u + 36ull * ((1u << 24) + 3u) + STORE_EXTRA_MAX)
+#define STORE_DIR_MAX 3800 /* so every path fits in STORE_PATH_MAX */
+#define STORE_PATH_MAX 4096
+#define STORE_DEFAULT_WARM (1ull << 30)
 
-typedef struct store_tier_ops {
-    const char *name;
-    int (*save)(void *ctx, const char *id, const blob_meta *meta, const store_item *item,
-                blob_stats *st, kp_err *err);
-    int (*load_meta)(void *ctx, const char *id, blob_meta *meta, int32_t **tokens, void **extra,
-                     size_t *extra_len, kp_err *err);
-    int (*load_kv)(void *ctx, const char *id, uint64_t fingerprint, kv_cache *kv, kp_err *err);
-    int (*remove)(void *ctx, const char *id, kp_err *err);
-    /* Move a corrupt item out of the way (kept for inspection). */
-    void (*quarantine)(void *ctx, const char *id);
-    /* Bytes and mtime of an item, after a save. */
-    int (*stat)(void *ctx, const char *id, uint64_t *bytes, int64_t *mtime_ms);
-} store_tier_ops;
+static const char *const store_builtin_codecs[] = {"none", "fp16", "int8", "int4", "kivi2"};
+#define STORE_N_BUILTIN ((int)KP_ARRAY_LEN(store_builtin_codecs))
 
-/* ---- the disk tier: DIR/ID.kvps ------------------------------------------ */
+typedef struct store_sess {
+    char id[STORE_ID_MAX + 1];
+    bool has_data;        /* false: a placeholder held by a first save */
+    bool busy;            /* a call works on this id (others wait on cv) */
+    bool dead;            /* removed from the index while pinned */
+    int pins;             /* restores in flight (begin .. end) */
+    park_manifest man;    /* current version; its references are held */
+    const codec *cc;      /* decodes man (the store's codec or a built-in) */
+    uint8_t *extra;       /* [extra_len], malloc'd (1 byte when empty) */
+    size_t extra_len;
+    bool durable;         /* man's record is on disk and its objects are cold */
+    bool has_old;         /* !durable and the previous durable version is kept: */
+    park_manifest old;    /*   its record file is still DIR/sessions/ID.kvpm */
+    uint64_t obj_bytes;   /* bytes of man's objects */
+    uint64_t rec_bytes;   /* bytes of man's record */
+    int64_t mtime_ms;     /* last save */
+    uint64_t lru;         /* tick of last use (larger = more recent) */
+} store_sess;
 
-typedef struct disk_tier {
-    char *dir;
-} disk_tier;
+struct store {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;     /* an entry stopped being busy / the evictor finished */
+    store_opts o;          /* o.dir and o.codec point at our copies */
+    char *dir, *sess_dir, *q_dir;
+    cas *cas;
+    codec *codec;          /* for new saves */
+    uint64_t codec_hash;   /* 0 for built-ins */
+    char codec_label[64];  /* what manifests name: built-in name or file basename */
+    codec *builtin[STORE_N_BUILTIN]; /* opened on demand (mu held) */
+    store_sess **v;        /* [n] the index */
+    size_t n, cap;
+    uint64_t tick;
+    bool evicting;         /* an enforce_cold is running */
+    atomic_ullong qseq;    /* quarantine name sequence */
+    store_stats st;        /* store's own counters (cas's added by get_stats) */
+};
 
-/* DIR/ID.kvps into buf; id is already validated (<= 64 chars). */
-static void disk_path(const disk_tier *d, const char *id, char *buf, size_t cap) {
-    snprintf(buf, cap, "%s/%s%s", d->dir, id, STORE_EXT);
+/* ---- small helpers ------------------------------------------------------------ */
+
+static void put_u32(uint8_t *p, uint32_t v) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
-
-static size_t disk_path_cap(const disk_tier *d) {
-    return strlen(d->dir) + STORE_ID_MAX + sizeof STORE_EXT + sizeof STORE_QUARANTINE + 40;
+static void put_u64(uint8_t *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
 }
-
-static int disk_save(void *ctx, const char *id, const blob_meta *meta, const store_item *item,
-                     blob_stats *st, kp_err *err) {
-    disk_tier *d = ctx;
-    size_t cap = disk_path_cap(d);
-    char *p = malloc(cap);
-    if (!p) return kp_errf(err, KP_ENOMEM, "store: out of memory");
-    disk_path(d, id, p, cap);
-    int rc = blob_write(p, meta, item->tokens, item->extra, item->extra_len, item->kv, st, err);
-    free(p);
-    return rc;
+static uint32_t get_u32(const uint8_t *p) {
+    uint32_t v = 0;
+    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
 }
-
-static int disk_load_meta(void *ctx, const char *id, blob_meta *meta, int32_t **tokens,
-                          void **extra, size_t *extra_len, kp_err *err) {
-    disk_tier *d = ctx;
-    size_t cap = disk_path_cap(d);
-    char *p = malloc(cap);
-    if (!p) return kp_errf(err, KP_ENOMEM, "store: out of memory");
-    disk_path(d, id, p, cap);
-    int rc = blob_read_meta(p, meta, tokens, extra, extra_len, err);
-    free(p);
-    return rc;
-}
-
-static int disk_load_kv(void *ctx, const char *id, uint64_t fingerprint, kv_cache *kv,
-                        kp_err *err) {
-    disk_tier *d = ctx;
-    size_t cap = disk_path_cap(d);
-    char *p = malloc(cap);
-    if (!p) return kp_errf(err, KP_ENOMEM, "store: out of memory");
-    disk_path(d, id, p, cap);
-    int rc = blob_read_kv(p, fingerprint, kv, err);
-    free(p);
-    return rc;
-}
-
-static int disk_remove(void *ctx, const char *id, kp_err *err) {
-    disk_tier *d = ctx;
-    size_t cap = disk_path_cap(d);
-    char *p = malloc(cap);
-    if (!p) return kp_errf(err, KP_ENOMEM, "store: out of memory");
-    disk_path(d, id, p, cap);
-    int rc = 0;
-    if (unlink(p) && errno != ENOENT)
-        rc = kp_errf(err, KP_EIO, "store: cannot delete '%s': %s", p, strerror(errno));
-    free(p);
-    return rc;
+static uint64_t get_u64(const uint8_t *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
 }
 
 static int64_t now_unix_ms(void) {
@@ -112,74 +178,22 @@ static int64_t now_unix_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Move DIR/NAME to DIR/quarantine/NAME.<unix ms> (never overwrites evidence). */
-static int disk_quarantine_name(const disk_tier *d, const char *name) {
-    size_t cap = strlen(d->dir) + strlen(name) + sizeof STORE_QUARANTINE + 48;
-    char *from = malloc(cap), *to = malloc(cap);
-    int rc = -1;
-    if (from && to) {
-        snprintf(to, cap, "%s/%s", d->dir, STORE_QUARANTINE);
-        if (mkdir(to, 0755) == 0 || errno == EEXIST) {
-            snprintf(from, cap, "%s/%s", d->dir, name);
-            snprintf(to, cap, "%s/%s/%s.%lld", d->dir, STORE_QUARANTINE, name,
-                     (long long)now_unix_ms());
-            rc = rename(from, to);
-        }
-    }
-    free(from);
-    free(to);
-    return rc;
+/* A log line (call with mu NOT held). */
+static void store_logf(const store *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void store_logf(const store *s, const char *fmt, ...) {
+    if (!s->o.log) return;
+    char buf[KP_ERR_MAX + 256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    s->o.log(s->o.ud, buf);
 }
 
-static void disk_quarantine(void *ctx, const char *id) {
-    char name[STORE_ID_MAX + sizeof STORE_EXT];
-    snprintf(name, sizeof name, "%s%s", id, STORE_EXT);
-    disk_quarantine_name(ctx, name);
+static void store_cas_log(void *ud, const char *msg) {
+    const store *s = ud;
+    if (s->o.log) s->o.log(s->o.ud, msg);
 }
-
-static int disk_stat(void *ctx, const char *id, uint64_t *bytes, int64_t *mtime_ms) {
-    disk_tier *d = ctx;
-    size_t cap = disk_path_cap(d);
-    char *p = malloc(cap);
-    if (!p) return KP_ENOMEM;
-    disk_path(d, id, p, cap);
-    struct stat sb;
-    int rc = stat(p, &sb);
-    free(p);
-    if (rc) return KP_EIO;
-    *bytes = (uint64_t)sb.st_size;
-    *mtime_ms = (int64_t)sb.st_mtim.tv_sec * 1000 + sb.st_mtim.tv_nsec / 1000000;
-    return 0;
-}
-
-static const store_tier_ops disk_ops = {
-    .name = "disk",
-    .save = disk_save,
-    .load_meta = disk_load_meta,
-    .load_kv = disk_load_kv,
-    .remove = disk_remove,
-    .quarantine = disk_quarantine,
-    .stat = disk_stat,
-};
-
-/* ---- the store -------------------------------------------------------------- */
-
-typedef struct store_tier {
-    const store_tier_ops *ops;
-    void *ctx;
-} store_tier;
-
-struct store {
-    pthread_mutex_t mu;
-    uint64_t fingerprint;
-    disk_tier disk;
-    store_tier tiers[1];  /* [0] = disk; more tiers go here */
-    int n_tiers;
-    store_entry *entries; /* [n_entries], unordered */
-    int *entry_tier;      /* [n_entries] index into tiers */
-    size_t n_entries, cap_entries;
-    store_stats stats;    /* n_quarantined, n_tmp_removed, n_foreign */
-};
 
 int store_id_valid(const char *id) {
     if (!id) return 0;
@@ -221,127 +235,18 @@ int store_new_id(char out[23]) {
     return 0;
 }
 
-static long find_entry(const store *s, const char *id) {
-    for (size_t i = 0; i < s->n_entries; i++)
-        if (!strcmp(s->entries[i].id, id)) return (long)i;
-    return -1;
+store_opts store_default_opts(void) {
+    store_opts o;
+    memset(&o, 0, sizeof o);
+    o.kv_type = KP_TYPE_F32;
+    o.layout = park_default_layout();
+    o.warm_budget = STORE_DEFAULT_WARM;
+    return o;
 }
 
-static void drop_entry(store *s, long i) {
-    s->n_entries--;
-    s->entries[i] = s->entries[s->n_entries];
-    s->entry_tier[i] = s->entry_tier[s->n_entries];
-}
+const char *store_codec_name(const store *s) { return s->codec_label; }
 
-/* Insert or update the entry for id on tier t. */
-static int put_entry(store *s, const char *id, int t, int n_tokens, uint64_t bytes,
-                     int64_t mtime_ms) {
-    long i = find_entry(s, id);
-    if (i < 0) {
-        if (s->n_entries == s->cap_entries) {
-            size_t nc = s->cap_entries ? 2 * s->cap_entries : 16;
-            store_entry *e = realloc(s->entries, nc * sizeof *e);
-            if (!e) return KP_ENOMEM;
-            s->entries = e;
-            int *et = realloc(s->entry_tier, nc * sizeof *et);
-            if (!et) return KP_ENOMEM;
-            s->entry_tier = et;
-            s->cap_entries = nc;
-        }
-        i = (long)s->n_entries++;
-    }
-    store_entry *e = &s->entries[i];
-    memset(e, 0, sizeof *e);
-    snprintf(e->id, sizeof e->id, "%s", id);
-    e->n_tokens = n_tokens;
-    e->bytes = bytes;
-    e->mtime_unix_ms = mtime_ms;
-    snprintf(e->tier, sizeof e->tier, "%s", s->tiers[t].ops->name);
-    s->entry_tier[i] = t;
-    return 0;
-}
-
-/* Scan the disk tier's directory: delete torn writes, index valid blobs of
- * this model, quarantine the rest. */
-static int store_reindex_disk(store *s, kp_err *err) {
-    disk_tier *d = &s->disk;
-    DIR *dh = opendir(d->dir);
-    if (!dh) return kp_errf(err, KP_EIO, "store: cannot open '%s': %s", d->dir, strerror(errno));
-    struct dirent *de;
-    int rc = 0;
-    while ((de = readdir(dh)) != NULL) {
-        const char *name = de->d_name;
-        struct stat sb;
-        if (fstatat(dirfd(dh), name, &sb, AT_SYMLINK_NOFOLLOW) || !S_ISREG(sb.st_mode)) continue;
-        if (fs_has_suffix(name, ".tmp")) {
-            if (unlinkat(dirfd(dh), name, 0) == 0) s->stats.n_tmp_removed++;
-            continue;
-        }
-        if (!fs_has_suffix(name, STORE_EXT)) continue;
-        char id[STORE_ID_MAX + 1];
-        size_t n = strlen(name) - strlen(STORE_EXT);
-        if (n == 0 || n > STORE_ID_MAX) continue; /* not a name we would have written */
-        memcpy(id, name, n);
-        id[n] = 0;
-        if (!store_id_valid(id)) continue;
-        blob_meta m;
-        kp_err e2;
-        int r = disk_load_meta(d, id, &m, NULL, NULL, NULL, &e2);
-        if (r == KP_EFORMAT || r == KP_EUNSUP) {
-            if (disk_quarantine_name(d, name) == 0) s->stats.n_quarantined++;
-            continue;
-        }
-        if (r) continue; /* I/O trouble: leave it, do not index */
-        if (m.model_fingerprint != s->fingerprint) {
-            s->stats.n_foreign++;
-            continue;
-        }
-        int64_t mt = (int64_t)sb.st_mtim.tv_sec * 1000 + sb.st_mtim.tv_nsec / 1000000;
-        if (put_entry(s, id, 0, m.n_tokens, (uint64_t)sb.st_size, mt)) {
-            rc = kp_errf(err, KP_ENOMEM, "store: out of memory indexing '%s'", d->dir);
-            break;
-        }
-    }
-    closedir(dh);
-    return rc;
-}
-
-int store_open(store **out, const char *dir, uint64_t model_fingerprint, kp_err *err) {
-    *out = NULL;
-    if (!dir || !dir[0]) return kp_errf(err, KP_EINVAL, "store: empty directory name");
-    if (fs_mkdir_p(dir))
-        return kp_errf(err, KP_EIO, "store: cannot create directory '%s': %s", dir, strerror(errno));
-    store *s = calloc(1, sizeof *s);
-    if (!s) return kp_errf(err, KP_ENOMEM, "store: out of memory");
-    s->disk.dir = strdup(dir);
-    if (!s->disk.dir) {
-        free(s);
-        return kp_errf(err, KP_ENOMEM, "store: out of memory");
-    }
-    /* strip trailing slashes (keep "/" itself) */
-    for (size_t n = strlen(s->disk.dir); n > 1 && s->disk.dir[n - 1] == '/'; n--)
-        s->disk.dir[n - 1] = 0;
-    pthread_mutex_init(&s->mu, NULL);
-    s->fingerprint = model_fingerprint;
-    s->tiers[0] = (store_tier){&disk_ops, &s->disk};
-    s->n_tiers = 1;
-    int rc = store_reindex_disk(s, err);
-    if (rc) {
-        store_close(s);
-        return rc;
-    }
-    *out = s;
-    return 0;
-}
-
-void store_close(store *s) {
-    if (!s) return;
-    pthread_mutex_destroy(&s->mu);
-    free(s->entries);
-    free(s->entry_tier);
-    free(s->disk.dir);
-    free(s);
-}
+cas *store_cas(store *s) { return s ? s->cas : NULL; }
 
 #define CHECK_ID(id)                                                                          \
     do {                                                                                      \
@@ -350,112 +255,817 @@ void store_close(store *s) {
                            "A-Z a-z 0-9 _ -)", (id) ? (id) : "(null)", STORE_ID_MAX);          \
     } while (0)
 
-int store_save(store *s, const char *id, const store_item *item, blob_stats *st, kp_err *err) {
-    CHECK_ID(id);
-    if (!item || !item->kv) return kp_errf(err, KP_EINVAL, "store: save: no item or KV cache");
-    blob_meta m;
-    memset(&m, 0, sizeof m);
-    m.model_fingerprint = s->fingerprint;
-    if (item->codec) {
-        if (strlen(item->codec) >= BLOB_CODEC_MAX)
-            return kp_errf(err, KP_EINVAL, "store: codec name '%.40s' is too long", item->codec);
-        snprintf(m.codec, sizeof m.codec, "%s", item->codec);
-    }
-    m.chunk_tokens = item->chunk_tokens;
-    m.n_tokens = item->n_tokens;
-    pthread_mutex_lock(&s->mu);
-    const int t = 0; /* new sessions go to the disk tier */
-    const store_tier *tier = &s->tiers[t];
-    int rc = tier->ops->save(tier->ctx, id, &m, item, st, err);
-    if (rc == 0) {
-        uint64_t bytes = 0;
-        int64_t mt = 0;
-        if (tier->ops->stat(tier->ctx, id, &bytes, &mt)) mt = now_unix_ms();
-        if (put_entry(s, id, t, item->n_tokens, bytes, mt))
-            rc = kp_errf(err, KP_ENOMEM, "store: out of memory adding session '%s'", id);
-    }
-    pthread_mutex_unlock(&s->mu);
-    return rc;
+/* ---- paths and files ---------------------------------------------------------- */
+
+static void rec_path(const store *s, const char *id, bool tmp, char out[STORE_PATH_MAX]) {
+    snprintf(out, STORE_PATH_MAX, "%s/%s%s%s", s->sess_dir, id, STORE_REC_EXT,
+             tmp ? STORE_TMP_EXT : "");
 }
 
-/* After a load failed with rc: a corrupt item is quarantined and forgotten. */
-static void after_load_failure(store *s, long i, int rc) {
-    if (rc != KP_EFORMAT && rc != KP_EUNSUP && rc != KP_ENOTFOUND) return;
-    const store_tier *tier = &s->tiers[s->entry_tier[i]];
-    if (rc != KP_ENOTFOUND) {
-        tier->ops->quarantine(tier->ctx, s->entries[i].id);
-        s->stats.n_quarantined++;
-    }
-    drop_entry(s, i);
+/* Move path (whose file name is name) to DIR/quarantine/NAME.<ms>.<seq>,
+ * never over earlier evidence. 0 on success, -1 with errno. */
+static int store_quarantine_file(store *s, const char *path, const char *name) {
+    char to[STORE_PATH_MAX + 300];
+    if (mkdir(s->q_dir, 0755) && errno != EEXIST) return -1;
+    struct stat sb;
+    do {
+        snprintf(to, sizeof to, "%s/%.200s.%lld.%llu", s->q_dir, name, (long long)now_unix_ms(),
+                 (unsigned long long)atomic_fetch_add(&s->qseq, 1));
+    } while (lstat(to, &sb) == 0);
+    return rename(path, to);
 }
 
-int store_load_meta(store *s, const char *id, blob_meta *meta, int32_t **tokens, void **extra,
-                    size_t *extra_len, kp_err *err) {
-    CHECK_ID(id);
-    pthread_mutex_lock(&s->mu);
-    int rc;
-    long i = find_entry(s, id);
-    if (i < 0) {
-        rc = kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
-    } else {
-        const store_tier *tier = &s->tiers[s->entry_tier[i]];
-        blob_meta m;
-        rc = tier->ops->load_meta(tier->ctx, id, &m, tokens, extra, extra_len, err);
-        if (rc == 0 && m.model_fingerprint != s->fingerprint) {
-            if (tokens) { free(*tokens); *tokens = NULL; }
-            if (extra) { free(*extra); *extra = NULL; }
-            if (extra_len) *extra_len = 0;
-            rc = kp_errf(err, KP_EMISMATCH, "store: session '%s' belongs to model %016llx, not "
-                         "%016llx", id, (unsigned long long)m.model_fingerprint,
-                         (unsigned long long)s->fingerprint);
-        } else if (rc == 0 && meta) {
-            *meta = m;
+/* Quarantine DIR/sessions/ID.kvpm; counts it. mu NOT held. */
+static void store_quarantine_record(store *s, const char *id, const char *why) {
+    char path[STORE_PATH_MAX], name[STORE_ID_MAX + 16];
+    rec_path(s, id, false, path);
+    snprintf(name, sizeof name, "%s%s", id, STORE_REC_EXT);
+    if (store_quarantine_file(s, path, name) == 0) {
+        pthread_mutex_lock(&s->mu);
+        s->st.quarantined++;
+        pthread_mutex_unlock(&s->mu);
+        store_logf(s, "store: session '%s': record moved to %s: %s", id, s->q_dir, why);
+    } else if (errno != ENOENT) {
+        store_logf(s, "store: session '%s': cannot move its record '%s' to quarantine (%s): %s",
+                   id, path, strerror(errno), why);
+    }
+}
+
+/* Read a whole file (at most max bytes) into a malloc'd buffer. */
+static int read_all(const char *path, uint64_t max, uint8_t **out, size_t *len, kp_err *err) {
+    *out = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return kp_errf(err, errno == ENOENT ? KP_ENOTFOUND : KP_EIO,
+                               "store: cannot open '%s': %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb)) {
+        int e = errno;
+        close(fd);
+        return kp_errf(err, KP_EIO, "store: cannot stat '%s': %s", path, strerror(e));
+    }
+    if ((uint64_t)sb.st_size > max) {
+        close(fd);
+        return kp_errf(err, KP_EFORMAT, "store: '%s' is %lld bytes, more than a record can be",
+                       path, (long long)sb.st_size);
+    }
+    size_t n = (size_t)sb.st_size;
+    uint8_t *buf = malloc(n ? n : 1);
+    if (!buf) {
+        close(fd);
+        return kp_errf(err, KP_ENOMEM, "store: out of memory reading '%s'", path);
+    }
+    ssize_t got = fs_pread_all(fd, buf, n, 0);
+    int e = errno;
+    close(fd);
+    if (got < 0 || (size_t)got != n) {
+        free(buf);
+        return kp_errf(err, KP_EIO, "store: cannot read '%s': %s", path,
+                       got < 0 ? strerror(e) : "file shrank while reading");
+    }
+    *out = buf;
+    *len = n;
+    return 0;
+}
+
+/* ---- records ---------------------------------------------------------------------- */
+
+/* The record bytes of a version (malloc'd). */
+static int rec_build(const park_manifest *m, const uint8_t *extra, size_t extra_len, int64_t mtime,
+                     uint8_t **out, size_t *len, kp_err *err) {
+    uint8_t *mb = NULL;
+    size_t ml = 0;
+    int rc = park_manifest_write(m, &mb, &ml, err);
+    if (rc) return rc;
+    size_t n = STORE_REC_HDR + ml + extra_len;
+    uint8_t *b = calloc(1, n);
+    if (!b) {
+        free(mb);
+        return kp_errf(err, KP_ENOMEM, "store: out of memory (%zu byte record)", n);
+    }
+    memcpy(b, STORE_REC_MAGIC, 8);
+    put_u32(b + 8, STORE_REC_VERSION);
+    put_u32(b + 12, STORE_REC_HDR);
+    put_u32(b + 16, (uint32_t)ml);
+    put_u32(b + 20, (uint32_t)extra_len);
+    put_u32(b + 24, (uint32_t)m->n_tokens);
+    put_u64(b + 32, (uint64_t)mtime);
+    put_u64(b + 40, XXH64(extra_len ? extra : b, extra_len, 0));
+    put_u64(b + 56, XXH64(b, 56, 0));
+    memcpy(b + STORE_REC_HDR, mb, ml);
+    if (extra_len) memcpy(b + STORE_REC_HDR + ml, extra, extra_len);
+    free(mb);
+    *out = b;
+    *len = n;
+    return 0;
+}
+
+static size_t rec_size(const park_manifest *m, size_t extra_len) {
+    return STORE_REC_HDR + 136 + 4 * (size_t)m->n_tokens + 32 * (size_t)m->n_spans + extra_len;
+}
+
+/* Parse and check record bytes. KP_EFORMAT (or KP_EUNSUP for a version)
+ * with the reason; on success *m, *extra (malloc'd, >= 1 byte), *mtime. */
+static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **extra,
+                     size_t *extra_len, int64_t *mtime, kp_err *err) {
+    memset(m, 0, sizeof *m);
+    *extra = NULL;
+    *extra_len = 0;
+    if (len < STORE_REC_HDR)
+        return kp_errf(err, KP_EFORMAT, "record of %zu bytes is shorter than its header", len);
+    if (memcmp(b, STORE_REC_MAGIC, 8) != 0) return kp_errf(err, KP_EFORMAT, "bad record magic");
+    if (XXH64(b, 56, 0) != get_u64(b + 56))
+        return kp_errf(err, KP_EFORMAT, "record header checksum mismatch");
+    if (get_u32(b + 8) != STORE_REC_VERSION)
+        return kp_errf(err, KP_EUNSUP, "record version %u is not supported (want %u)",
+                       get_u32(b + 8), STORE_REC_VERSION);
+    if (get_u32(b + 12) != STORE_REC_HDR || get_u32(b + 28) != 0 || get_u64(b + 48) != 0)
+        return kp_errf(err, KP_EFORMAT, "record header has unknown fields");
+    uint32_t ml = get_u32(b + 16), xl = get_u32(b + 20), nt = get_u32(b + 24);
+    if (xl > STORE_EXTRA_MAX)
+        return kp_errf(err, KP_EFORMAT, "record claims %u extra bytes (max %u)", xl,
+                       STORE_EXTRA_MAX);
+    if ((uint64_t)STORE_REC_HDR + ml + xl != (uint64_t)len)
+        return kp_errf(err, KP_EFORMAT, "record is %zu bytes, its header says %llu (truncated or "
+                       "padded)", len, (unsigned long long)STORE_REC_HDR + ml + xl);
+    const uint8_t *x = b + STORE_REC_HDR + ml;
+    if (XXH64(xl ? x : b, xl, 0) != get_u64(b + 40))
+        return kp_errf(err, KP_EFORMAT, "extra bytes checksum mismatch");
+    kp_err e2 = {0};
+    int rc = park_manifest_read(b + STORE_REC_HDR, ml, m, &e2);
+    if (rc) return kp_errf(err, rc == KP_ENOMEM ? rc : KP_EFORMAT, "%s", e2.msg);
+    if ((uint32_t)m->n_tokens != nt || m->n_tokens < 1) {
+        park_manifest_free(m);
+        return kp_errf(err, KP_EFORMAT, "record says %u tokens, its manifest %d", nt, m->n_tokens);
+    }
+    uint8_t *xc = malloc(xl ? xl : 1);
+    if (!xc) {
+        park_manifest_free(m);
+        return kp_errf(err, KP_ENOMEM, "out of memory (%u extra bytes)", xl);
+    }
+    if (xl) memcpy(xc, x, xl);
+    *extra = xc;
+    *extra_len = xl;
+    *mtime = (int64_t)get_u64(b + 32);
+    return 0;
+}
+
+/* Write the record of id durably (tmp, fsync, rename, fsync dir). */
+static int rec_write(store *s, const char *id, const uint8_t *buf, size_t len, kp_err *err) {
+    char path[STORE_PATH_MAX], tmp[STORE_PATH_MAX];
+    rec_path(s, id, false, path);
+    rec_path(s, id, true, tmp);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return kp_errf(err, KP_EIO, "store: session '%s': cannot create '%s': %s", id, tmp,
+                       strerror(errno));
+    const char *what = NULL;
+    if (fs_write_all(fd, buf, len)) what = "write";
+    else if (fsync(fd)) what = "fsync";
+    int e = errno;
+    if (close(fd) && !what) {
+        what = "close";
+        e = errno;
+    }
+    if (!what && rename(tmp, path)) {
+        what = "rename";
+        e = errno;
+    }
+    if (what) {
+        unlink(tmp);
+        return kp_errf(err, KP_EIO, "store: session '%s': %s of '%s' failed: %s", id, what, tmp,
+                       strerror(e));
+    }
+    /* The rename is the commit point: a failing directory fsync cannot undo
+     * it, so it is logged rather than reported as a failed save. */
+    if (fs_fsync_dir(s->sess_dir))
+        store_logf(s, "store: session '%s': record renamed into place but fsync of '%s' failed: "
+                   "%s", id, s->sess_dir, strerror(errno));
+    return 0;
+}
+
+/* Unlink id's record (ENOENT is fine). 0 or -1 with errno. */
+static int rec_unlink(store *s, const char *id) {
+    char path[STORE_PATH_MAX];
+    rec_path(s, id, false, path);
+    if (unlink(path) && errno != ENOENT) return -1;
+    fs_fsync_dir(s->sess_dir);
+    return 0;
+}
+
+/* ---- codecs ----------------------------------------------------------------------- */
+
+/* The codec that decodes manifests like m, or NULL (foreign). mu held or
+ * at open. */
+static const codec *codec_for(store *s, const park_manifest *m) {
+    if (m->codec_hash) return m->codec_hash == s->codec_hash ? s->codec : NULL;
+    if (s->codec_hash == 0 && strcmp(m->codec, s->codec_label) == 0) return s->codec;
+    for (int i = 0; i < STORE_N_BUILTIN; i++) {
+        if (strcmp(m->codec, store_builtin_codecs[i]) != 0) continue;
+        if (!s->builtin[i] && codec_open(&s->builtin[i], store_builtin_codecs[i], &s->o.shape, NULL))
+            return NULL;
+        return s->builtin[i];
+    }
+    return NULL;
+}
+
+/* ---- the index (mu held) ------------------------------------------------------------ */
+
+static store_sess *find(const store *s, const char *id) {
+    for (size_t i = 0; i < s->n; i++)
+        if (strcmp(s->v[i]->id, id) == 0) return s->v[i];
+    return NULL;
+}
+
+static int index_add(store *s, store_sess *e) {
+    if (s->n == s->cap) {
+        size_t nc = s->cap ? 2 * s->cap : 16;
+        store_sess **nv = realloc(s->v, nc * sizeof *nv);
+        if (!nv) return KP_ENOMEM;
+        s->v = nv;
+        s->cap = nc;
+    }
+    s->v[s->n++] = e;
+    return 0;
+}
+
+static void sess_free(store_sess *e) {
+    if (!e) return;
+    park_manifest_free(&e->man);
+    park_manifest_free(&e->old);
+    free(e->extra);
+    free(e);
+}
+
+/* Take e out of the index; free it unless a restore still pins it. */
+static void index_remove(store *s, store_sess *e) {
+    for (size_t i = 0; i < s->n; i++)
+        if (s->v[i] == e) {
+            s->v[i] = s->v[--s->n];
+            break;
         }
-        if (rc) after_load_failure(s, i, rc);
+    if (e->pins) e->dead = true;
+    else sess_free(e);
+}
+
+/* Wait until no call works on id, then mark it busy. Returns its entry, or
+ * (create) a new placeholder, or NULL (absent; with create: out of memory). */
+static store_sess *sess_acquire(store *s, const char *id, bool create) {
+    for (;;) {
+        store_sess *e = find(s, id);
+        if (!e) {
+            if (!create) return NULL;
+            e = calloc(1, sizeof *e);
+            if (!e || index_add(s, e)) {
+                free(e);
+                return NULL;
+            }
+            snprintf(e->id, sizeof e->id, "%s", id);
+            e->busy = true;
+            return e;
+        }
+        if (!e->busy) {
+            e->busy = true;
+            return e;
+        }
+        pthread_cond_wait(&s->cv, &s->mu);
     }
+}
+
+/* The busy holder is done with e. A placeholder that never got data goes. */
+static void sess_release(store *s, store_sess *e) {
+    e->busy = false;
+    if (!e->has_data) index_remove(s, e);
+    pthread_cond_broadcast(&s->cv);
+}
+
+/* Release a manifest's references and free it (mu NOT held). */
+static void release_manifest(store *s, park_manifest *m) {
+    if (m->n_spans) park_release(s->cas, m);
+    park_manifest_free(m);
+}
+
+/* Take a busy entry out of the index, handing its versions to the caller
+ * (who releases them with mu NOT held: readers never see a half-released
+ * manifest). mu held. */
+static void sess_forget(store *s, store_sess *e, park_manifest *man, park_manifest *old) {
+    *man = e->man;
+    *old = e->old;
+    memset(&e->man, 0, sizeof e->man);
+    memset(&e->old, 0, sizeof e->old);
+    e->has_data = false;
+    e->has_old = false;
+    e->busy = false;
+    index_remove(s, e);
+    pthread_cond_broadcast(&s->cv);
+}
+
+/* ---- cold budget --------------------------------------------------------------------- */
+
+/* Drop whole sessions, least recently used first, until the cold tier is
+ * within budget; never keep_id, a pinned or a busy session. mu NOT held. */
+static void enforce_cold(store *s, const char *keep_id) {
+    if (!s->o.cold_budget) return;
+    pthread_mutex_lock(&s->mu);
+    while (s->evicting) pthread_cond_wait(&s->cv, &s->mu);
+    s->evicting = true;
     pthread_mutex_unlock(&s->mu);
+    bool stuck_logged = false;
+    for (;;) {
+        cas_stats cs;
+        cas_get_stats(s->cas, &cs);
+        if (cs.cold_bytes <= s->o.cold_budget) break;
+        pthread_mutex_lock(&s->mu);
+        store_sess *v = NULL;
+        for (size_t i = 0; i < s->n; i++) {
+            store_sess *e = s->v[i];
+            if (!e->has_data || e->busy || e->pins || (keep_id && !strcmp(e->id, keep_id)))
+                continue;
+            if (!v || e->lru < v->lru) v = e;
+        }
+        if (!v) {
+            pthread_mutex_unlock(&s->mu);
+            if (!stuck_logged)
+                store_logf(s, "store: cold tier holds %llu bytes, over its budget of %llu, but "
+                           "no session can be dropped now (the others are in use, or the bytes "
+                           "belong to the session just saved or to foreign sessions)",
+                           (unsigned long long)cs.cold_bytes,
+                           (unsigned long long)s->o.cold_budget);
+            break;
+        }
+        v->busy = true;
+        char id[STORE_ID_MAX + 1];
+        snprintf(id, sizeof id, "%s", v->id);
+        uint64_t bytes = v->obj_bytes + v->rec_bytes;
+        bool on_disk = v->durable || v->has_old;
+        pthread_mutex_unlock(&s->mu);
+
+        if (on_disk && rec_unlink(s, id))
+            store_logf(s, "store: dropping session '%s': cannot remove its record: %s", id,
+                       strerror(errno));
+        park_manifest m1, m2;
+        pthread_mutex_lock(&s->mu);
+        s->st.dropped++;
+        sess_forget(s, v, &m1, &m2);
+        pthread_mutex_unlock(&s->mu);
+        release_manifest(s, &m1);
+        release_manifest(s, &m2);
+        cas_collect(s->cas);
+        store_logf(s, "store: dropped session '%s' (%llu bytes, least recently used): the cold "
+                   "tier held %llu bytes, over its budget of %llu bytes (--cold-budget)", id,
+                   (unsigned long long)bytes, (unsigned long long)cs.cold_bytes,
+                   (unsigned long long)s->o.cold_budget);
+        if (s->o.on_drop) s->o.on_drop(s->o.ud, id);
+        stuck_logged = true;
+    }
+    pthread_mutex_lock(&s->mu);
+    s->evicting = false;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- save / flush ---------------------------------------------------------------------- */
+
+/* Every object of m into the cold tier. */
+static int persist_all(store *s, const char *id, const park_manifest *m, kp_err *err) {
+    for (int i = 0; i < m->n_spans; i++) {
+        kp_err e2 = {0};
+        int rc = cas_persist(s->cas, m->spans[i].key, &e2);
+        if (rc)
+            return kp_errf(err, rc == KP_ENOTFOUND ? KP_EFORMAT : rc,
+                           "store: session '%s': span %d (tokens %d..%d) cannot be made durable: "
+                           "%s", id, i, m->spans[i].start,
+                           m->spans[i].start + m->spans[i].n - 1, e2.msg);
+    }
+    return 0;
+}
+
+/* The save proper; e is busy (ours). */
+static int save_work(store *s, store_sess *e, const store_item *it, bool durable,
+                     store_save_stats *st, kp_err *err) {
+    double t0 = kp_now();
+    const char *id = e->id;
+    park_manifest nm;
+    park_stats ps;
+    int rc = park_save(s->cas, s->codec, s->codec_hash, s->codec_label,
+                       s->o.shape.model_fingerprint, &s->o.layout, it->kv, it->tokens,
+                       it->n_tokens, durable, &nm, &ps, err);
+    if (rc) {
+        cas_collect(s->cas); /* objects put before the failure */
+        return rc;
+    }
+    uint8_t *extra = malloc(it->extra_len ? it->extra_len : 1);
+    uint8_t *rec = NULL;
+    size_t rec_len = rec_size(&nm, it->extra_len);
+    if (!extra) {
+        rc = kp_errf(err, KP_ENOMEM, "store: out of memory (%zu extra bytes)", it->extra_len);
+        goto fail;
+    }
+    if (it->extra_len) memcpy(extra, it->extra, it->extra_len);
+    if (s->o.cold_budget && ps.bytes_total > s->o.cold_budget) {
+        rc = kp_errf(err, KP_ERANGE, "store: session '%s' needs %llu bytes of objects, more than "
+                     "the whole cold budget of %llu bytes (raise --cold-budget or use a smaller "
+                     "codec); its previous version is kept", id,
+                     (unsigned long long)ps.bytes_total, (unsigned long long)s->o.cold_budget);
+        goto fail;
+    }
+    int64_t mtime = now_unix_ms();
+    if (durable) {
+        if ((rc = persist_all(s, id, &nm, err))) goto fail;
+        if ((rc = rec_build(&nm, extra, it->extra_len, mtime, &rec, &rec_len, err))) goto fail;
+        if ((rc = rec_write(s, id, rec, rec_len, err))) goto fail;
+        free(rec);
+        rec = NULL;
+    }
+
+    /* Commit: swap the new version in; release what it replaces. */
+    park_manifest rel1 = {0}, rel2 = {0};
+    pthread_mutex_lock(&s->mu);
+    if (durable) {
+        if (e->has_data) rel1 = e->man;
+        if (e->has_old) rel2 = e->old;
+        memset(&e->old, 0, sizeof e->old);
+        e->has_old = false;
+    } else if (e->has_data && e->durable) {
+        e->old = e->man; /* the record on disk: kept until flush */
+        e->has_old = true;
+    } else if (e->has_data) {
+        rel1 = e->man;
+    }
+    e->man = nm;
+    e->cc = s->codec;
+    free(e->extra);
+    e->extra = extra;
+    e->extra_len = it->extra_len;
+    e->durable = durable;
+    e->obj_bytes = ps.bytes_total;
+    e->rec_bytes = rec_len;
+    e->mtime_ms = mtime;
+    e->lru = ++s->tick;
+    e->has_data = true;
+    s->st.saves++;
+    pthread_mutex_unlock(&s->mu);
+    if (rel1.n_spans || rel2.n_spans) {
+        release_manifest(s, &rel1);
+        release_manifest(s, &rel2);
+        cas_collect(s->cas);
+    }
+    if (st) {
+        st->bytes_new = ps.bytes_new;
+        st->bytes_total = ps.bytes_total;
+        st->fp16_bytes = ps.fp16_bytes;
+        st->spans_reused = ps.spans_reused;
+        st->ms = (kp_now() - t0) * 1e3;
+    }
+    return 0;
+
+fail:
+    free(rec);
+    free(extra);
+    release_manifest(s, &nm);
+    cas_collect(s->cas);
     return rc;
+}
+
+static int check_kv_shape(const store *s, const kv_cache *kv, const char *what, kp_err *err) {
+    const codec_shape *sh = &s->o.shape;
+    if (kv->n_layer != sh->n_layer || kv->n_kv_heads != sh->n_kv_heads ||
+        kv->head_dim != sh->head_dim)
+        return kp_errf(err, KP_EMISMATCH, "store: %s: KV cache of %d layers x %d heads x %d dims, "
+                       "the store holds %d x %d x %d", what, kv->n_layer, kv->n_kv_heads,
+                       kv->head_dim, sh->n_layer, sh->n_kv_heads, sh->head_dim);
+    return 0;
+}
+
+static int save_impl(store *s, const char *id, const store_item *it, bool durable,
+                     store_save_stats *st, kp_err *err) {
+    if (st) memset(st, 0, sizeof *st);
+    CHECK_ID(id);
+    if (!it || !it->kv || !it->tokens)
+        return kp_errf(err, KP_EINVAL, "store: save '%s': no item, tokens or KV cache", id);
+    if (it->n_tokens < 1 || it->n_tokens != it->kv->n_pos)
+        return kp_errf(err, KP_EINVAL, "store: save '%s': %d tokens but the KV cache holds %d "
+                       "rows (need tokens = rows >= 1)", id, it->n_tokens, it->kv->n_pos);
+    if (it->extra_len > STORE_EXTRA_MAX || (it->extra_len && !it->extra))
+        return kp_errf(err, KP_EINVAL, "store: save '%s': %zu extra bytes (max %u)", id,
+                       it->extra_len, STORE_EXTRA_MAX);
+    for (int i = 0; i < it->n_tokens; i++)
+        if (it->tokens[i] < 0)
+            return kp_errf(err, KP_EINVAL, "store: save '%s': token %d has a negative id %d", id,
+                           i, (int)it->tokens[i]);
+    int rc = check_kv_shape(s, it->kv, "save", err);
+    if (rc) return rc;
+    if (it->kv->kv_type != s->o.kv_type)
+        return kp_errf(err, KP_EMISMATCH, "store: save '%s': KV cache of type %d, the store "
+                       "holds type %d", id, it->kv->kv_type, s->o.kv_type);
+
+    pthread_mutex_lock(&s->mu);
+    store_sess *e = sess_acquire(s, id, true);
+    pthread_mutex_unlock(&s->mu);
+    if (!e) return kp_errf(err, KP_ENOMEM, "store: out of memory adding session '%s'", id);
+
+    rc = save_work(s, e, it, durable, st, err);
+
+    pthread_mutex_lock(&s->mu);
+    if (rc == KP_EIO) s->st.io_errors++;
+    sess_release(s, e);
+    pthread_mutex_unlock(&s->mu);
+    if (rc == KP_EIO) store_logf(s, "store: save of session '%s' failed (previous version kept): %s",
+                                 id, err ? err->msg : "I/O error");
+    if (rc == 0) enforce_cold(s, id);
+    return rc;
+}
+
+int store_save(store *s, const char *id, const store_item *item, bool durable, store_save_stats *st,
+               kp_err *err) {
+    if (!s) return kp_errf(err, KP_EINVAL, "store: save: NULL store");
+    return save_impl(s, id, item, durable, st, err);
+}
+
+/* Make e's current version durable; e is busy (ours). */
+static int flush_work(store *s, store_sess *e, kp_err *err) {
+    if (e->durable) return 0;
+    int rc = persist_all(s, e->id, &e->man, err);
+    if (rc) return rc;
+    uint8_t *rec = NULL;
+    size_t len = 0;
+    if ((rc = rec_build(&e->man, e->extra, e->extra_len, e->mtime_ms, &rec, &len, err))) return rc;
+    rc = rec_write(s, e->id, rec, len, err);
+    free(rec);
+    if (rc) return rc;
+    park_manifest rel = {0};
+    pthread_mutex_lock(&s->mu);
+    if (e->has_old) rel = e->old;
+    memset(&e->old, 0, sizeof e->old);
+    e->has_old = false;
+    e->durable = true;
+    e->rec_bytes = len;
+    pthread_mutex_unlock(&s->mu);
+    if (rel.n_spans) {
+        release_manifest(s, &rel);
+        cas_collect(s->cas);
+    }
+    return 0;
+}
+
+int store_flush(store *s, const char *id, kp_err *err) {
+    CHECK_ID(id);
+    pthread_mutex_lock(&s->mu);
+    store_sess *e = sess_acquire(s, id, false);
+    pthread_mutex_unlock(&s->mu);
+    if (!e) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
+    int rc = flush_work(s, e, err);
+    pthread_mutex_lock(&s->mu);
+    if (rc == KP_EIO) s->st.io_errors++;
+    sess_release(s, e);
+    pthread_mutex_unlock(&s->mu);
+    if (rc == 0) enforce_cold(s, id);
+    return rc;
+}
+
+/* ---- load ------------------------------------------------------------------------------ */
+
+int store_load_meta(store *s, const char *id, int *n_tokens, int32_t **tokens, void **extra,
+                    size_t *extra_len, kp_err *err) {
+    if (tokens) *tokens = NULL;
+    if (extra) *extra = NULL;
+    if (extra_len) *extra_len = 0;
+    if (n_tokens) *n_tokens = 0;
+    CHECK_ID(id);
+    pthread_mutex_lock(&s->mu);
+    store_sess *e = find(s, id);
+    if (!e || !e->has_data) {
+        pthread_mutex_unlock(&s->mu);
+        return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
+    }
+    /* Small copies (tokens, <= 1 MiB extra) under the lock: a concurrent save
+     * swaps versions under it, so this is one consistent version. */
+    int n = e->man.n_tokens;
+    int32_t *t = tokens ? malloc((size_t)n * sizeof *t) : NULL;
+    void *x = extra ? malloc(e->extra_len ? e->extra_len : 1) : NULL;
+    if ((tokens && !t) || (extra && !x)) {
+        pthread_mutex_unlock(&s->mu);
+        free(t);
+        free(x);
+        return kp_errf(err, KP_ENOMEM, "store: out of memory loading session '%s'", id);
+    }
+    if (t) memcpy(t, e->man.tokens, (size_t)n * sizeof *t);
+    if (x && e->extra_len) memcpy(x, e->extra, e->extra_len);
+    if (extra_len) *extra_len = e->extra_len;
+    e->lru = ++s->tick;
+    pthread_mutex_unlock(&s->mu);
+    if (n_tokens) *n_tokens = n;
+    if (tokens) *tokens = t;
+    if (extra) *extra = x;
+    return 0;
+}
+
+struct store_restore {
+    store *s;
+    store_sess *e;        /* pinned */
+    park_restorer *pr;
+};
+
+/* A restore found e damaged (an object missing or corrupt): quarantine its
+ * record, release its references, forget it. e is busy and pinned (ours). */
+static void forget_damaged(store *s, store_sess *e, const char *why) {
+    char id[STORE_ID_MAX + 1];
+    snprintf(id, sizeof id, "%s", e->id);
+    if (e->durable || e->has_old) store_quarantine_record(s, id, why);
+    park_manifest m1, m2;
+    pthread_mutex_lock(&s->mu);
+    e->pins--;
+    sess_forget(s, e, &m1, &m2);
+    pthread_mutex_unlock(&s->mu);
+    release_manifest(s, &m1);
+    release_manifest(s, &m2);
+    cas_collect(s->cas);
+    store_logf(s, "store: session '%s' is damaged and was forgotten: %s", id, why);
+    if (s->o.on_drop) s->o.on_drop(s->o.ud, id);
+}
+
+int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **out, kp_err *err) {
+    if (out) *out = NULL;
+    CHECK_ID(id);
+    if (!kv || !out) return kp_errf(err, KP_EINVAL, "store: load '%s': no KV cache", id);
+    int rc = check_kv_shape(s, kv, "load", err);
+    if (rc) return rc;
+    store_restore *r = calloc(1, sizeof *r);
+    if (!r) return kp_errf(err, KP_ENOMEM, "store: out of memory");
+    pthread_mutex_lock(&s->mu);
+    store_sess *e = sess_acquire(s, id, false);
+    if (!e) {
+        pthread_mutex_unlock(&s->mu);
+        free(r);
+        return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
+    }
+    e->pins++;
+    e->lru = ++s->tick;
+    pthread_mutex_unlock(&s->mu);
+
+    kp_err e2 = {0};
+    rc = park_restore_begin(s->cas, e->cc, &e->man, kv, &r->pr, &e2);
+    if (rc == KP_EFORMAT || rc == KP_ENOTFOUND) {
+        char why[KP_ERR_MAX];
+        snprintf(why, sizeof why, "%s", e2.msg);
+        forget_damaged(s, e, why);
+        free(r);
+        return kp_errf(err, KP_EFORMAT, "store: session '%s' is damaged (its record was moved to "
+                       "quarantine and the session forgotten): %s", id, why);
+    }
+    pthread_mutex_lock(&s->mu);
+    e->busy = false;
+    if (rc) e->pins--;
+    pthread_cond_broadcast(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (rc) {
+        free(r);
+        return kp_errf(err, rc, "store: session '%s': %s", id, e2.msg);
+    }
+    r->s = s;
+    r->e = e;
+    *out = r;
+    return 0;
+}
+
+int store_load_kv_layer(store_restore *r, int layer, kp_err *err) {
+    if (!r) return kp_errf(err, KP_EINVAL, "store: load layer: NULL handle");
+    kp_err e2 = {0};
+    int rc = park_restore_layer(r->pr, layer, &e2);
+    if (rc) return kp_errf(err, rc, "store: session '%s': %s", r->e->id, e2.msg);
+    return 0;
+}
+
+void store_load_kv_end(store_restore *r) {
+    if (!r) return;
+    int rc = park_restore_end(r->pr, NULL);
+    store *s = r->s;
+    pthread_mutex_lock(&s->mu);
+    if (rc == 0) s->st.loads++;
+    if (--r->e->pins == 0 && r->e->dead) sess_free(r->e);
+    pthread_mutex_unlock(&s->mu);
+    free(r);
 }
 
 int store_load_kv(store *s, const char *id, kv_cache *kv, kp_err *err) {
-    CHECK_ID(id);
-    if (!kv) return kp_errf(err, KP_EINVAL, "store: load_kv: no KV cache");
-    pthread_mutex_lock(&s->mu);
-    int rc;
-    long i = find_entry(s, id);
-    if (i < 0) {
-        rc = kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
-    } else {
-        const store_tier *tier = &s->tiers[s->entry_tier[i]];
-        rc = tier->ops->load_kv(tier->ctx, id, s->fingerprint, kv, err);
-        if (rc) after_load_failure(s, i, rc);
-    }
-    pthread_mutex_unlock(&s->mu);
+    store_restore *r = NULL;
+    int rc = store_load_kv_begin(s, id, kv, &r, err);
+    if (rc) return rc;
+    for (int l = 0; l < kv->n_layer && rc == 0; l++) rc = store_load_kv_layer(r, l, err);
+    store_load_kv_end(r);
     return rc;
 }
+
+/* ---- delete, has, stat, list, stats ------------------------------------------------------ */
 
 int store_delete(store *s, const char *id, kp_err *err) {
     CHECK_ID(id);
     pthread_mutex_lock(&s->mu);
-    int rc;
-    long i = find_entry(s, id);
-    if (i < 0) {
-        rc = kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
-    } else {
-        const store_tier *tier = &s->tiers[s->entry_tier[i]];
-        rc = tier->ops->remove(tier->ctx, id, err);
-        if (rc == 0) drop_entry(s, i);
-    }
+    store_sess *e = sess_acquire(s, id, false);
     pthread_mutex_unlock(&s->mu);
-    return rc;
+    if (!e) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
+    if ((e->durable || e->has_old) && rec_unlink(s, id)) {
+        int en = errno;
+        pthread_mutex_lock(&s->mu);
+        sess_release(s, e);
+        pthread_mutex_unlock(&s->mu);
+        return kp_errf(err, KP_EIO, "store: cannot delete session '%s': removing its record "
+                       "failed: %s", id, strerror(en));
+    }
+    park_manifest m1, m2;
+    pthread_mutex_lock(&s->mu);
+    sess_forget(s, e, &m1, &m2);
+    pthread_mutex_unlock(&s->mu);
+    release_manifest(s, &m1);
+    release_manifest(s, &m2);
+    cas_collect(s->cas);
+    return 0;
 }
 
 int store_has(store *s, const char *id) {
-    if (!store_id_valid(id)) return 0;
+    if (!s || !store_id_valid(id)) return 0;
     pthread_mutex_lock(&s->mu);
-    int has = find_entry(s, id) >= 0;
+    store_sess *e = find(s, id);
+    int has = e && e->has_data;
     pthread_mutex_unlock(&s->mu);
     return has;
+}
+
+/* An entry's public view plus its keys, copied under mu; the tier is
+ * filled afterwards (cas_where, no store lock). */
+typedef struct snap {
+    store_entry ent;
+    cas_key *keys;
+    int n_keys;
+} snap;
+
+static int snap_take(const store_sess *e, snap *sn) {
+    memset(sn, 0, sizeof *sn);
+    snprintf(sn->ent.id, sizeof sn->ent.id, "%s", e->id);
+    sn->ent.n_tokens = e->man.n_tokens;
+    sn->ent.bytes = e->obj_bytes + e->rec_bytes;
+    sn->ent.mtime_unix_ms = e->mtime_ms;
+    sn->ent.durable = e->durable;
+    sn->n_keys = e->man.n_spans;
+    sn->keys = malloc((size_t)(sn->n_keys ? sn->n_keys : 1) * sizeof *sn->keys);
+    if (!sn->keys) return KP_ENOMEM;
+    for (int i = 0; i < sn->n_keys; i++) sn->keys[i] = e->man.spans[i].key;
+    return 0;
+}
+
+/* "warm" if every object is in RAM, else "cold". */
+static void snap_tier(store *s, snap *sn) {
+    bool warm = sn->n_keys > 0;
+    for (int i = 0; i < sn->n_keys && warm; i++)
+        if (!(cas_where(s->cas, sn->keys[i]) & CAS_IN_WARM)) warm = false;
+    snprintf(sn->ent.tier, sizeof sn->ent.tier, "%s", warm ? "warm" : "cold");
+    free(sn->keys);
+    sn->keys = NULL;
+}
+
+int store_stat(store *s, const char *id, store_entry *out) {
+    if (!s || !store_id_valid(id) || !out) return KP_EINVAL;
+    pthread_mutex_lock(&s->mu);
+    store_sess *e = find(s, id);
+    if (!e || !e->has_data) {
+        pthread_mutex_unlock(&s->mu);
+        return KP_ENOTFOUND;
+    }
+    snap sn;
+    int rc = snap_take(e, &sn);
+    pthread_mutex_unlock(&s->mu);
+    if (rc) {
+        free(sn.keys);
+        return rc;
+    }
+    snap_tier(s, &sn);
+    *out = sn.ent;
+    return 0;
+}
+
+/* Snapshots of every entry (malloc'd array). */
+static int snap_all(store *s, snap **out, size_t *n_out) {
+    *out = NULL;
+    *n_out = 0;
+    pthread_mutex_lock(&s->mu);
+    snap *v = calloc(s->n ? s->n : 1, sizeof *v);
+    size_t k = 0;
+    int rc = v ? 0 : KP_ENOMEM;
+    for (size_t i = 0; i < s->n && !rc; i++) {
+        if (!s->v[i]->has_data) continue;
+        rc = snap_take(s->v[i], &v[k]);
+        k++;
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (rc) {
+        for (size_t i = 0; v && i < k; i++) free(v[i].keys);
+        free(v);
+        return rc;
+    }
+    for (size_t i = 0; i < k; i++) snap_tier(s, &v[i]);
+    *out = v;
+    *n_out = k;
+    return 0;
 }
 
 static int entry_cmp(const void *a, const void *b) {
@@ -465,23 +1075,453 @@ static int entry_cmp(const void *a, const void *b) {
 int store_list(store *s, store_entry **entries, size_t *n) {
     *entries = NULL;
     *n = 0;
-    pthread_mutex_lock(&s->mu);
-    size_t cnt = s->n_entries;
-    store_entry *e = malloc((cnt ? cnt : 1) * sizeof *e);
-    if (e && cnt) memcpy(e, s->entries, cnt * sizeof *e);
-    pthread_mutex_unlock(&s->mu);
-    if (!e) return KP_ENOMEM;
-    qsort(e, cnt, sizeof *e, entry_cmp);
+    snap *v = NULL;
+    size_t k = 0;
+    int rc = snap_all(s, &v, &k);
+    if (rc) return rc;
+    store_entry *e = malloc((k ? k : 1) * sizeof *e);
+    if (!e) {
+        free(v);
+        return KP_ENOMEM;
+    }
+    for (size_t i = 0; i < k; i++) e[i] = v[i].ent;
+    free(v);
+    qsort(e, k, sizeof *e, entry_cmp);
     *entries = e;
-    *n = cnt;
+    *n = k;
     return 0;
 }
 
 void store_get_stats(store *s, store_stats *st) {
+    memset(st, 0, sizeof *st);
+    snap *v = NULL;
+    size_t k = 0;
+    if (snap_all(s, &v, &k) == 0) {
+        for (size_t i = 0; i < k; i++) {
+            if (!strcmp(v[i].ent.tier, "warm")) st->n_warm++;
+            else st->n_cold++;
+        }
+        free(v);
+    }
+    cas_stats cs;
+    cas_get_stats(s->cas, &cs);
     pthread_mutex_lock(&s->mu);
-    *st = s->stats;
-    st->n_entries = s->n_entries;
-    st->bytes = 0;
-    for (size_t i = 0; i < s->n_entries; i++) st->bytes += s->entries[i].bytes;
+    store_stats own = s->st;
+    size_t n = 0;
+    for (size_t i = 0; i < s->n; i++) n += s->v[i]->has_data;
     pthread_mutex_unlock(&s->mu);
+    st->n_entries = n;
+    st->warm_bytes = cs.warm_bytes;
+    st->cold_bytes = cs.cold_bytes;
+    st->saves = own.saves;
+    st->loads = own.loads;
+    st->dropped = own.dropped;
+    st->quarantined = own.quarantined + cs.quarantined;
+    st->tmp_removed = own.tmp_removed + cs.tmp_removed;
+    st->foreign = own.foreign;
+    st->imported = own.imported;
+    st->io_errors = own.io_errors;
+}
+
+/* ---- open: re-index records ------------------------------------------------------------- */
+
+typedef struct open_ctx {
+    uint64_t foreign_model, foreign_codec, foreign_type; /* what to tell the operator */
+} open_ctx;
+
+/* One DIR/sessions/ID.kvpm at open. */
+static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc, kp_err *err) {
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    kp_err e2 = {0};
+    int rc = read_all(path, STORE_REC_MAX, &buf, &len, &e2);
+    if (rc == KP_ENOMEM) return kp_errf(err, rc, "%s", e2.msg);
+    if (rc == KP_EFORMAT) {
+        store_quarantine_record(s, id, e2.msg);
+        return 0;
+    }
+    if (rc) {
+        store_logf(s, "store: session '%s' not indexed: %s", id, e2.msg);
+        return 0;
+    }
+    park_manifest m;
+    uint8_t *extra = NULL;
+    size_t extra_len = 0;
+    int64_t mtime = 0;
+    rc = rec_parse(buf, len, &m, &extra, &extra_len, &mtime, &e2);
+    free(buf);
+    if (rc == KP_ENOMEM) return kp_errf(err, rc, "store: %s", e2.msg);
+    if (rc) {
+        store_quarantine_record(s, id, e2.msg);
+        return 0;
+    }
+    const codec *cc = NULL;
+    if (m.model_fingerprint != s->o.shape.model_fingerprint) oc->foreign_model++;
+    else if (m.kv_type != s->o.kv_type) oc->foreign_type++;
+    else if (!(cc = codec_for(s, &m))) oc->foreign_codec++;
+    if (!cc) {
+        /* Left in place, and so are its objects: they are referenced (for as
+         * long as the store is open) so that the collect below keeps them
+         * for the server that can use this session. */
+        s->st.foreign++;
+        for (int i = 0; i < m.n_spans; i++) cas_ref(s->cas, m.spans[i].key);
+        park_manifest_free(&m);
+        free(extra);
+        return 0;
+    }
+    uint64_t obj_bytes = 0;
+    for (int i = 0; i < m.n_spans; i++) {
+        if (cas_has(s->cas, m.spans[i].key)) {
+            obj_bytes += m.spans[i].bytes;
+            continue;
+        }
+        char hex[33], why[160];
+        cas_key_hex(m.spans[i].key, hex);
+        snprintf(why, sizeof why, "its object %s (span %d, tokens %d..%d) is missing", hex, i,
+                 m.spans[i].start, m.spans[i].start + m.spans[i].n - 1);
+        store_quarantine_record(s, id, why);
+        park_manifest_free(&m);
+        free(extra);
+        return 0;
+    }
+    store_sess *e = calloc(1, sizeof *e);
+    if (!e || index_add(s, e)) {
+        free(e);
+        park_manifest_free(&m);
+        free(extra);
+        return kp_errf(err, KP_ENOMEM, "store: out of memory indexing '%s'", s->sess_dir);
+    }
+    for (int i = 0; i < m.n_spans; i++) cas_ref(s->cas, m.spans[i].key);
+    snprintf(e->id, sizeof e->id, "%s", id);
+    e->has_data = true;
+    e->man = m;
+    e->cc = cc;
+    e->extra = extra;
+    e->extra_len = extra_len;
+    e->durable = true;
+    e->obj_bytes = obj_bytes;
+    e->rec_bytes = len;
+    e->mtime_ms = mtime;
+    return 0;
+}
+
+/* The id of a file name ID + ext, or false. */
+static bool id_of(const char *name, const char *ext, char id[STORE_ID_MAX + 1]) {
+    if (!fs_has_suffix(name, ext)) return false;
+    size_t n = strlen(name) - strlen(ext);
+    if (n == 0 || n > STORE_ID_MAX) return false;
+    memcpy(id, name, n);
+    id[n] = 0;
+    return store_id_valid(id);
+}
+
+static int lru_cmp(const void *a, const void *b) {
+    const store_sess *x = *(store_sess *const *)a, *y = *(store_sess *const *)b;
+    return (x->mtime_ms > y->mtime_ms) - (x->mtime_ms < y->mtime_ms);
+}
+
+static int reindex_sessions(store *s, open_ctx *oc, kp_err *err) {
+    DIR *dh = opendir(s->sess_dir);
+    if (!dh) return kp_errf(err, KP_EIO, "store: cannot open '%s': %s", s->sess_dir, strerror(errno));
+    int rc = 0;
+    struct dirent *de;
+    while (!rc && (de = readdir(dh)) != NULL) {
+        const char *name = de->d_name;
+        struct stat sb;
+        if (fstatat(dirfd(dh), name, &sb, AT_SYMLINK_NOFOLLOW) || !S_ISREG(sb.st_mode)) continue;
+        if (fs_has_suffix(name, STORE_TMP_EXT)) {
+            if (unlinkat(dirfd(dh), name, 0) == 0) {
+                s->st.tmp_removed++;
+                store_logf(s, "store: removed torn write '%s/%s'", s->sess_dir, name);
+            }
+            continue;
+        }
+        char id[STORE_ID_MAX + 1], path[STORE_PATH_MAX];
+        if (!id_of(name, STORE_REC_EXT, id)) continue; /* not ours: leave it alone */
+        snprintf(path, sizeof path, "%s/%s", s->sess_dir, name);
+        rc = reindex_one(s, id, path, oc, err);
+    }
+    closedir(dh);
+    if (rc) return rc;
+    /* least recently saved first, so LRU ticks follow the save times */
+    if (s->n) qsort(s->v, s->n, sizeof *s->v, lru_cmp);
+    for (size_t i = 0; i < s->n; i++) s->v[i]->lru = ++s->tick;
+    return 0;
+}
+
+/* ---- open: import legacy v1 blobs -------------------------------------------------------- */
+
+static float elem_get(int t, const uint8_t *p, size_t i) {
+    if (t == KP_TYPE_F32) {
+        float f;
+        memcpy(&f, p + 4 * i, 4);
+        return f;
+    }
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return t == KP_TYPE_F16 ? kp_fp16_to_f32(h) : kp_bf16_to_f32(h);
+}
+
+static void elem_put(int t, uint8_t *p, size_t i, float f) {
+    if (t == KP_TYPE_F32) {
+        memcpy(p + 4 * i, &f, 4);
+        return;
+    }
+    uint16_t h = t == KP_TYPE_F16 ? kp_f32_to_fp16(f) : kp_f32_to_bf16(f);
+    memcpy(p + 2 * i, &h, 2);
+}
+
+/* Rows [0, a->n_pos) of a into b (another element type), through f32. */
+static int kv_convert(const kv_cache *a, kv_cache *b, kp_err *err) {
+    const kp_ops *ops = kp_backend_ops(a->be);
+    size_t n = (size_t)a->n_pos * (size_t)a->n_kv_heads * (size_t)a->head_dim;
+    uint8_t *x = malloc((size_t)a->n_pos * a->row_bytes + 1);
+    uint8_t *y = malloc((size_t)a->n_pos * b->row_bytes + 1);
+    int rc = 0;
+    if (!x || !y) rc = kp_errf(err, KP_ENOMEM, "store: out of memory converting a legacy blob");
+    for (int l = 0; l < a->n_layer && !rc; l++)
+        for (int v = 0; v < 2 && !rc; v++) {
+            const void *src = v ? a->v[l] : a->k[l];
+            if ((rc = ops->download(a->be, x, src, (size_t)a->n_pos * a->row_bytes))) break;
+            for (size_t i = 0; i < n; i++) elem_put(b->kv_type, y, i, elem_get(a->kv_type, x, i));
+            rc = ops->upload(b->be, v ? b->v[l] : b->k[l], y, (size_t)a->n_pos * b->row_bytes);
+        }
+    if (!rc) b->n_pos = a->n_pos;
+    free(x);
+    free(y);
+    return rc;
+}
+
+/* Import DIR/ID.kvps (a v1 blob) as a durable session, then remove it. */
+static void import_one(store *s, const char *id, const char *path, kp_backend **be, open_ctx *oc) {
+    blob_meta bm;
+    int32_t *tokens = NULL;
+    void *extra = NULL;
+    size_t extra_len = 0;
+    kp_err e2 = {0};
+    kv_cache *kv = NULL, *kv2 = NULL;
+    int rc = blob_read_meta(path, &bm, &tokens, &extra, &extra_len, &e2);
+    if (rc == KP_EFORMAT || rc == KP_EUNSUP) {
+        char name[STORE_ID_MAX + 16];
+        snprintf(name, sizeof name, "%s%s", id, STORE_LEGACY_EXT);
+        if (store_quarantine_file(s, path, name) == 0) {
+            s->st.quarantined++;
+            store_logf(s, "store: legacy blob '%s' moved to %s: %s", path, s->q_dir, e2.msg);
+        }
+        return;
+    }
+    if (rc) {
+        store_logf(s, "store: legacy blob '%s' not imported: %s", path, e2.msg);
+        return;
+    }
+    const codec_shape *sh = &s->o.shape;
+    if (bm.model_fingerprint != sh->model_fingerprint || bm.n_layer != sh->n_layer ||
+        bm.n_kv_heads != sh->n_kv_heads || bm.head_dim != sh->head_dim) {
+        s->st.foreign++;
+        oc->foreign_model++;
+        goto out;
+    }
+    if (bm.n_tokens < 1 || extra_len > STORE_EXTRA_MAX) {
+        s->st.foreign++;
+        store_logf(s, "store: legacy blob '%s' cannot be imported (%d tokens, %zu extra bytes; a "
+                   "session needs >= 1 token and <= %u extra bytes); left in place", path,
+                   bm.n_tokens, extra_len, STORE_EXTRA_MAX);
+        goto out;
+    }
+    if (find(s, id)) {
+        /* imported before, and the crash came before the unlink */
+        if (unlink(path) == 0) fs_fsync_dir(s->dir);
+        store_logf(s, "store: legacy blob '%s' was already imported; removed", path);
+        goto out;
+    }
+    if (!*be && (rc = kp_backend_new(be, "cpu", 1, &e2))) goto fail;
+    if ((rc = kv_new(&kv, *be, bm.kv_type, bm.n_layer, bm.n_tokens, bm.n_kv_heads, bm.head_dim,
+                     &e2)))
+        goto fail;
+    rc = blob_read_kv(path, sh->model_fingerprint, kv, &e2);
+    if (rc == KP_EFORMAT) {
+        char name[STORE_ID_MAX + 16];
+        snprintf(name, sizeof name, "%s%s", id, STORE_LEGACY_EXT);
+        if (store_quarantine_file(s, path, name) == 0) {
+            s->st.quarantined++;
+            store_logf(s, "store: legacy blob '%s' moved to %s: %s", path, s->q_dir, e2.msg);
+        }
+        goto out;
+    }
+    if (rc) goto fail;
+    const kv_cache *src = kv;
+    if (bm.kv_type != s->o.kv_type) {
+        if ((rc = kv_new(&kv2, *be, s->o.kv_type, bm.n_layer, bm.n_tokens, bm.n_kv_heads,
+                         bm.head_dim, &e2)))
+            goto fail;
+        if ((rc = kv_convert(kv, kv2, &e2))) goto fail;
+        src = kv2;
+    }
+    store_item it = {.tokens = tokens, .n_tokens = bm.n_tokens, .extra = extra,
+                     .extra_len = extra_len, .kv = src};
+    if ((rc = save_impl(s, id, &it, true, NULL, &e2))) goto fail;
+    s->st.saves--; /* an import, not a save */
+    s->st.imported++;
+    if (unlink(path) == 0) fs_fsync_dir(s->dir);
+    else store_logf(s, "store: legacy blob '%s' imported but could not be removed: %s", path,
+                    strerror(errno));
+    store_logf(s, "store: imported legacy session '%s' (%d tokens) from '%s'", id, bm.n_tokens,
+               path);
+    goto out;
+fail:
+    store_logf(s, "store: legacy blob '%s' not imported (left in place): %s", path, e2.msg);
+out:
+    kv_free(kv);
+    kv_free(kv2);
+    free(tokens);
+    free(extra);
+}
+
+static void import_legacy(store *s, open_ctx *oc) {
+    DIR *dh = opendir(s->dir);
+    if (!dh) return;
+    /* names first: importing writes into DIR while we read it */
+    char (*ids)[STORE_ID_MAX + 1] = NULL;
+    size_t n = 0, cap = 0;
+    struct dirent *de;
+    while ((de = readdir(dh)) != NULL) {
+        char id[STORE_ID_MAX + 1];
+        struct stat sb;
+        if (fstatat(dirfd(dh), de->d_name, &sb, AT_SYMLINK_NOFOLLOW) || !S_ISREG(sb.st_mode))
+            continue;
+        if (fs_has_suffix(de->d_name, STORE_LEGACY_EXT STORE_TMP_EXT)) {
+            if (unlinkat(dirfd(dh), de->d_name, 0) == 0) s->st.tmp_removed++;
+            continue;
+        }
+        if (!id_of(de->d_name, STORE_LEGACY_EXT, id)) continue;
+        if (n == cap) {
+            size_t nc = cap ? 2 * cap : 16;
+            void *p = realloc(ids, nc * sizeof *ids);
+            if (!p) break;
+            ids = p;
+            cap = nc;
+        }
+        memcpy(ids[n++], id, sizeof id);
+    }
+    closedir(dh);
+    kp_backend *be = NULL;
+    for (size_t i = 0; i < n; i++) {
+        char path[STORE_PATH_MAX];
+        snprintf(path, sizeof path, "%s/%s%s", s->dir, ids[i], STORE_LEGACY_EXT);
+        import_one(s, ids[i], path, &be, oc);
+    }
+    if (be) kp_backend_free(be);
+    free(ids);
+}
+
+/* ---- open / close ------------------------------------------------------------------------ */
+
+int store_open(store **out, const store_opts *o, kp_err *err) {
+    *out = NULL;
+    if (!o || !o->dir || !o->dir[0])
+        return kp_errf(err, KP_EINVAL, "store: no directory given (--session-dir)");
+    if (strlen(o->dir) > STORE_DIR_MAX)
+        return kp_errf(err, KP_EINVAL, "store: directory name longer than %d bytes", STORE_DIR_MAX);
+    const codec_shape *sh = &o->shape;
+    if (sh->n_layer < 1 || sh->n_kv_heads < 1 || sh->head_dim < 1)
+        return kp_errf(err, KP_EINVAL, "store: bad KV shape %d layers x %d heads x %d dims",
+                       sh->n_layer, sh->n_kv_heads, sh->head_dim);
+    if (o->kv_type != KP_TYPE_F32 && o->kv_type != KP_TYPE_F16 && o->kv_type != KP_TYPE_BF16)
+        return kp_errf(err, KP_EINVAL, "store: kv_type %d is not f32/f16/bf16", o->kv_type);
+    store *s = calloc(1, sizeof *s);
+    if (!s) return kp_errf(err, KP_ENOMEM, "store: out of memory");
+    pthread_mutex_init(&s->mu, NULL);
+    pthread_cond_init(&s->cv, NULL);
+    s->o = *o;
+    if (s->o.layout.chunk <= 0) s->o.layout = park_default_layout();
+    if (!s->o.warm_budget) s->o.warm_budget = STORE_DEFAULT_WARM;
+    size_t dl = strlen(o->dir);
+    s->dir = strdup(o->dir);
+    s->sess_dir = malloc(dl + 16);
+    s->q_dir = malloc(dl + 16);
+    int rc = 0;
+    if (!s->dir || !s->sess_dir || !s->q_dir) {
+        rc = kp_errf(err, KP_ENOMEM, "store: out of memory");
+        goto fail;
+    }
+    for (size_t n = strlen(s->dir); n > 1 && s->dir[n - 1] == '/'; n--) s->dir[n - 1] = 0;
+    s->o.dir = s->dir;
+    snprintf(s->sess_dir, dl + 16, "%s/sessions", s->dir);
+    snprintf(s->q_dir, dl + 16, "%s/quarantine", s->dir);
+    if (fs_mkdir_p(s->sess_dir) || (mkdir(s->q_dir, 0755) && errno != EEXIST)) {
+        rc = kp_errf(err, KP_EIO, "store: cannot create directories under '%s': %s", s->dir,
+                     strerror(errno));
+        goto fail;
+    }
+
+    /* the codec of new saves */
+    const char *cname = o->codec && o->codec[0] ? o->codec : "none";
+    if ((rc = codec_open(&s->codec, cname, &s->o.shape, err))) goto fail;
+    s->codec_hash = park_codec_hash(cname);
+    bool builtin = false;
+    for (int i = 0; i < STORE_N_BUILTIN; i++)
+        if (!strcmp(cname, store_builtin_codecs[i])) builtin = true;
+    if (builtin) {
+        s->codec_hash = 0; /* a file of that name in the cwd is not the codec */
+        snprintf(s->codec_label, sizeof s->codec_label, "%s", cname);
+    } else {
+        if (!s->codec_hash) {
+            rc = kp_errf(err, KP_EIO, "store: cannot read codec file '%s' to identify it", cname);
+            goto fail;
+        }
+        const char *base = strrchr(cname, '/');
+        snprintf(s->codec_label, sizeof s->codec_label, "%s", base ? base + 1 : cname);
+    }
+    s->o.codec = s->codec_label;
+
+    cas_opts co = cas_default_opts();
+    co.dir = s->dir;
+    co.warm_budget = s->o.warm_budget;
+    co.cold_budget = 0; /* the store enforces its budget per session */
+    co.log = store_cas_log;
+    co.log_ud = s;
+    if ((rc = cas_open(&s->cas, &co, err))) goto fail;
+
+    open_ctx oc = {0};
+    if ((rc = reindex_sessions(s, &oc, err))) goto fail;
+    size_t freed = cas_collect(s->cas);
+    if (freed) store_logf(s, "store: collected %zu objects no session uses", freed);
+    import_legacy(s, &oc);
+    if (oc.foreign_model || oc.foreign_codec || oc.foreign_type)
+        store_logf(s, "store: left alone in '%s': %llu sessions of another model, %llu of "
+                   "another KV type, %llu made with a codec this server was not given (start a "
+                   "server with that model / --kv-type / --codec file to use them, or delete "
+                   "them)", s->dir, (unsigned long long)oc.foreign_model,
+                   (unsigned long long)oc.foreign_type, (unsigned long long)oc.foreign_codec);
+    enforce_cold(s, NULL);
+    *out = s;
+    return 0;
+fail:
+    store_close(s);
+    return rc;
+}
+
+void store_close(store *s) {
+    if (!s) return;
+    /* make every warm-only session durable */
+    for (size_t i = 0; s->cas && i < s->n; i++) {
+        store_sess *e = s->v[i];
+        if (!e->has_data || e->durable) continue;
+        kp_err e2 = {0};
+        if (flush_work(s, e, &e2))
+            store_logf(s, "store: closing: session '%s' could not be made durable and is lost: %s",
+                       e->id, e2.msg);
+    }
+    for (size_t i = 0; i < s->n; i++) sess_free(s->v[i]);
+    free(s->v);
+    for (int i = 0; i < STORE_N_BUILTIN; i++)
+        if (s->builtin[i] != s->codec) codec_free(s->builtin[i]);
+    codec_free(s->codec);
+    cas_close(s->cas);
+    free(s->dir);
+    free(s->sess_dir);
+    free(s->q_dir);
+    pthread_cond_destroy(&s->cv);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
 }

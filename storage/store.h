@@ -1,93 +1,181 @@
 /*
- * store.h — the session store: where parked conversations (token ids, extra
- * bytes such as sampler state, KV cache) are saved, listed, restored and
- * deleted by id. The server's HTTP threads and the scheduler both call it.
+ * store.h — the tiered session store: where parked conversations live when
+ * they are not hot (issue 5). The server keeps hot sessions (a live KV cache
+ * in the scheduler); everything below hot is this module.
  *
- * Today there is one tier, "disk": a directory of session blobs
- * (storage/blob.h), one file per session, named ID.kvps. The store is
- * written against a small tier interface (store_tier_ops in store.c: save,
- * load_meta, load_kv, remove, scan) so host-RAM and remote tiers, budgets and
- * spill/restore policy can be added without changing this API; entries
- * already carry the name of the tier that holds them.
+ *   warm   host RAM, compressed    (the cas RAM tier, --warm-budget)
+ *   cold   disk, compressed        (DIR, --cold-dir / --session-dir, --cold-budget)
+ *
+ * A session in the store = a manifest (storage/park.h: token ids, codec,
+ * layout, the content keys of its spans) + the server's opaque extra bytes,
+ * and the span objects in the content-addressed chunk store (storage/cas.h)
+ * under DIR/objects. Sessions sharing a prefix share those objects (stored
+ * once, reference counted).
+ *
+ * Files, all little-endian, all written tmp + fsync + rename + fsync(dir):
+ *   DIR/sessions/ID.kvpm    session record, format documented in store.c:
+ *                           header (magic, version, lengths, XXH64), the
+ *                           park manifest bytes (own checksum), extra bytes
+ *                           (own XXH64).
+ *   DIR/objects/KK/KEY.kvo  span objects (cas.h)
+ *   DIR/quarantine/         corrupt files moved aside, never deleted
+ *   DIR/ID.kvps             legacy v1 session blobs (storage/blob.h): imported
+ *                           at open (parked with the store's codec, the blob
+ *                           removed only after the import is durable).
  *
  * Contract
- *   - store_open creates DIR if needed and re-indexes it: every ID.kvps
- *     whose header validates and whose model fingerprint matches becomes an
- *     entry; files that fail validation are moved to DIR/quarantine/ (kept for
- *     inspection, counted in store_stats); blobs of other models are left in
- *     place and counted as foreign; leftover *.tmp files (torn writes) are
- *     deleted.
- *   - Ids are 1..64 characters of [A-Za-z0-9_-], checked before any file is
- *     touched (KP_EINVAL otherwise): no path traversal. store_new_id makes a
- *     22-character URL-safe base64 id of 128 random bits (getrandom).
- *   - store_save is durable when it returns 0 (blob_write: tmp, fsync,
- *     rename, fsync dir) and replaces an existing entry of the same id.
- *   - store_load_kv restores into kv (same rules as blob_read_kv: kv->n_pos
- *     changes only on success). A blob found corrupt at load time is moved to
- *     quarantine and its entry dropped.
- *   - All calls are thread-safe (one mutex per store; I/O happens under it,
- *     so calls on one store are serialised).
+ *   - store_open() creates DIR (and its subdirectories) if needed, opens the
+ *     chunk store, and re-indexes: every ID.kvpm whose header, checksums and
+ *     model fingerprint validate, and whose codec the store can open (its own
+ *     codec, or a built-in codec named by the manifest: none, fp16, int8, int4,
+ *     kivi2) becomes a cold session and re-references its objects; a session
+ *     whose objects are not all present is quarantined (counted, logged);
+ *     corrupt files are quarantined; records of another model or of a codec
+ *     file the store was not given are left in place and counted as foreign
+ *     (logged once with what to do); leftover *.tmp files are removed; then
+ *     unreferenced objects are collected.
+ *   - Ids: 1..64 characters of [A-Za-z0-9_-], checked before any file is
+ *     touched (KP_EINVAL otherwise). store_new_id: 22 chars, 128 random bits.
+ *   - store_save(durable = true): the span objects are in the cold tier and
+ *     the record is fsynced and renamed into place when it returns 0: the save
+ *     may be acknowledged. store_save(durable = false): the objects go to the
+ *     warm tier (and are spilled down when warm is over budget) and the record
+ *     is kept in RAM; store_flush() or store_close() makes it durable.
+ *     Either way a save replaces the id's previous version atomically (the old
+ *     version's references are released only after the new one is in place)
+ *     and a failure (disk full, KP_EIO) leaves the previous version intact.
+ *   - Budgets: the warm tier holds at most warm_budget bytes of objects (LRU
+ *     objects are written down to cold). The cold tier holds at most
+ *     cold_budget bytes (0 = unlimited): over it, whole sessions are dropped,
+ *     least recently used first, never a session that is pinned (being read)
+ *     and never the one just saved; every drop is counted
+ *     (store_stats.dropped) and reported through opts.log and opts.on_drop.
+ *   - store_load_kv() restores the session's KV rows into kv (kv->n_pos is
+ *     changed only on success; kv must have the store's shape and room). A
+ *     missing or corrupt object fails with KP_EFORMAT and a message naming
+ *     the session; the session's record is moved to quarantine and the
+ *     session forgotten (other sessions are untouched, except those that
+ *     shared the corrupt object, which fail the same way when loaded).
+ *   - store_load_kv_begin/_layer/_end: the same restore, layer by layer, so a
+ *     caller can start using layer l while deeper layers are still decoding
+ *     (pipelined resume). See the functions.
+ *   - store_delete() removes the record and releases its objects.
+ *   - All calls are thread-safe. The index mutex is never held during file
+ *     I/O, encoding or decoding: a slow disk does not block other sessions'
+ *     calls. Concurrent calls on the SAME id are serialised by the store.
  */
 #ifndef KP_STORE_H
 #define KP_STORE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
+#include "../compress/codec.h"
 #include "../engine/kp.h"
 #include "../engine/kv.h"
-#include "blob.h"
+#include "park.h"
 
 #define STORE_ID_MAX 64
 #define STORE_TIER_MAX 16
 
 typedef struct store store;
 
+typedef struct store_opts {
+    const char *dir;            /* cold tier directory (required) */
+    codec_shape shape;          /* the model's KV shape + fingerprint (codec_shape) */
+    int kv_type;                /* element type of the caches saved (KP_TYPE_F32/F16/BF16) */
+    const char *codec;          /* codec for new saves: a built-in name or a codec file (NULL: "none") */
+    park_layout layout;         /* lossless sink/window, chunk rows (park_default_layout()) */
+    uint64_t warm_budget;       /* bytes (default 1 GiB) */
+    uint64_t cold_budget;       /* bytes (0 = unlimited) */
+    void (*log)(void *ud, const char *msg);         /* events worth a log line */
+    void (*on_drop)(void *ud, const char *id);      /* a session was dropped (budget / corrupt) */
+    void *ud;
+} store_opts;
+
 /* What a session is made of, for store_save. */
 typedef struct store_item {
-    const int32_t *tokens; /* [n_tokens]; n_tokens must equal kv->n_pos */
+    const int32_t *tokens; /* [n_tokens]; n_tokens must equal kv->n_pos, >= 1 */
     int n_tokens;
     const void *extra;     /* opaque (sampler state, server data), may be NULL */
-    size_t extra_len;
+    size_t extra_len;      /* <= 1 MiB */
     const kv_cache *kv;    /* rows 0 .. n_tokens-1 are saved */
-    const char *codec;     /* NULL or "none" (only one today) */
-    int chunk_tokens;      /* 0 = BLOB_CHUNK_TOKENS_DEFAULT */
 } store_item;
 
 typedef struct store_entry {
     char id[STORE_ID_MAX + 1];
     int n_tokens;
-    uint64_t bytes;                 /* on the tier (file size) */
+    uint64_t bytes;                 /* bytes of its objects + record */
     int64_t mtime_unix_ms;          /* last save */
-    char tier[STORE_TIER_MAX];      /* "disk" */
+    char tier[STORE_TIER_MAX];      /* "warm" (every object in RAM) or "cold" */
+    bool durable;                   /* record and objects are on disk */
 } store_entry;
+
+typedef struct store_save_stats {
+    uint64_t bytes_new;      /* object bytes this save added */
+    uint64_t bytes_total;    /* object bytes the session uses */
+    uint64_t fp16_bytes;     /* what the KV would take as fp16 */
+    int spans_reused;        /* spans already stored (shared prefix / previous save) */
+    double ms;
+} store_save_stats;
 
 typedef struct store_stats {
     size_t n_entries;
-    uint64_t bytes;                 /* sum of entry bytes */
-    size_t n_quarantined;           /* files moved to quarantine since open */
-    size_t n_tmp_removed;           /* torn writes deleted at open */
-    size_t n_foreign;               /* valid blobs of another model, left alone */
+    size_t n_warm, n_cold;          /* by tier as in store_entry.tier */
+    uint64_t warm_bytes, cold_bytes;/* object bytes per tier (cas_stats) */
+    uint64_t saves, loads;
+    uint64_t dropped;               /* sessions dropped: cold tier over budget */
+    uint64_t quarantined;           /* records + objects moved to quarantine since open */
+    uint64_t tmp_removed;           /* torn writes removed at open */
+    uint64_t foreign;               /* records of another model / codec, left alone */
+    uint64_t imported;              /* legacy v1 blobs imported at open */
+    uint64_t io_errors;             /* failed writes (disk full, ...) */
 } store_stats;
 
-int store_open(store **out, const char *dir, uint64_t model_fingerprint, kp_err *err);
+store_opts store_default_opts(void);
+int store_open(store **out, const store_opts *o, kp_err *err);
+/* Makes every warm-only session durable (errors logged), then frees. */
 void store_close(store *s);
 
 /* 1 if id is well formed (1..64 chars of [A-Za-z0-9_-]). */
 int store_id_valid(const char *id);
 /* A fresh random id: 22 chars of URL-safe base64 + NUL. 0 or KP_EIO. */
 int store_new_id(char out[23]);
+/* The codec new saves use ("none", "int8", or the codec file's name). */
+const char *store_codec_name(const store *s);
 
-int store_save(store *s, const char *id, const store_item *item, blob_stats *st, kp_err *err);
-/* tokens / extra are malloc'd (caller frees); any of them may be NULL. */
-int store_load_meta(store *s, const char *id, blob_meta *meta, int32_t **tokens, void **extra,
+int store_save(store *s, const char *id, const store_item *item, bool durable, store_save_stats *st,
+               kp_err *err);
+/* Make a warm-only session durable (no-op if it already is). */
+int store_flush(store *s, const char *id, kp_err *err);
+/* tokens / extra are malloc'd (caller frees); any out pointer may be NULL. */
+int store_load_meta(store *s, const char *id, int *n_tokens, int32_t **tokens, void **extra,
                     size_t *extra_len, kp_err *err);
 int store_load_kv(store *s, const char *id, kv_cache *kv, kp_err *err);
+
+/* Pipelined restore. begin() fetches and verifies every object of the
+ * session (all I/O and checksums happen here: after it returns 0 only
+ * decoding remains, which cannot fail on verified data); layer(l) decodes
+ * layer l's rows into kv (call for l = 0, 1, ..., n_layer-1, in order, from
+ * one thread); end() sets kv->n_pos (if every layer was decoded) and frees
+ * the handle. A handle abandoned midway (end() before the last layer)
+ * leaves kv->n_pos unchanged. */
+typedef struct store_restore store_restore;
+int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **out, kp_err *err);
+int store_load_kv_layer(store_restore *r, int layer, kp_err *err);
+void store_load_kv_end(store_restore *r);
+
 /* KP_ENOTFOUND if there is no such session. */
 int store_delete(store *s, const char *id, kp_err *err);
 int store_has(store *s, const char *id);
+/* One entry (KP_ENOTFOUND if none). */
+int store_stat(store *s, const char *id, store_entry *e);
 /* Snapshot of the entries, sorted by id; *entries is malloc'd (free it). */
 int store_list(store *s, store_entry **entries, size_t *n);
 void store_get_stats(store *s, store_stats *st);
+/* The chunk store under the session store (owned by s; for tests and
+ * metrics: cas_refcount, cas_get_stats). */
+cas *store_cas(store *s);
 
 #endif

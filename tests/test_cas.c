@@ -5,7 +5,9 @@
  * referenced, counted and logged), reference counts and collection, one copy
  * per key, corruption (a flipped payload byte found at get, every header byte
  * and every truncation found at open, a file under another key's name), torn
- * .tmp files removed at open, disk full (a 64 KiB tmpfs) and four threads
+ * .tmp files removed at open, disk full (a 64 KiB tmpfs), cas_where and
+ * cas_persist (warm-only object written down, survives a restart; a failing
+ * write keeps the warm copy and leaves no file), and four threads
  * hammering overlapping keys. Everything runs in a fresh temporary directory.
  */
 #include "testutil.h"
@@ -18,7 +20,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <xxhash.h>
@@ -611,6 +615,78 @@ static void test_disk_full(void **state) {
     free(dir);
 }
 
+/* ---- where, persist ---------------------------------------------------------- */
+
+static void test_where_and_persist(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    cas *c = open_cas(dir, 1 << 20, 0, NULL, NULL);
+    assert_int_equal(cas_where(c, key_n(1)), 0);
+    put_ok(c, 1, 3000, false);
+    put_ok(c, 2, 3000, true);
+    assert_int_equal(cas_where(c, key_n(1)), CAS_IN_WARM);
+    assert_int_equal(cas_where(c, key_n(2)), CAS_IN_WARM | CAS_IN_COLD);
+    char p[1200];
+    obj_path(dir, key_n(1), p, sizeof p);
+    assert_int_equal(file_size(p), -1);
+    kp_err err = {0};
+    assert_int_equal(cas_persist(c, key_n(1), &err), 0);
+    assert_int_equal(file_size(p), 3000 + 56);
+    assert_int_equal(cas_where(c, key_n(1)), CAS_IN_WARM | CAS_IN_COLD);
+    assert_int_equal(cas_persist(c, key_n(1), &err), 0); /* no-op */
+    assert_int_equal(cas_persist(c, key_n(2), &err), 0);
+    assert_int_equal(cas_persist(c, key_n(3), &err), KP_ENOTFOUND);
+    cas_stats st;
+    cas_get_stats(c, &st);
+    assert_int_equal(st.cold_objects, 2);
+    assert_int_equal(st.cold_bytes, 6000);
+    cas_ref(c, key_n(1));
+    cas_close(c);
+    /* the persisted copy survives a restart */
+    c = open_cas(dir, 1 << 20, 0, NULL, NULL);
+    assert_int_equal(cas_where(c, key_n(1)), CAS_IN_COLD);
+    get_ok(c, 1, 3000);
+    assert_int_equal(cas_where(c, key_n(1)), CAS_IN_WARM | CAS_IN_COLD); /* promoted */
+    cas_close(c);
+
+    /* a failing write (RLIMIT_FSIZE: EFBIG, as a full disk) keeps the warm copy */
+    logrec lr;
+    memset(&lr, 0, sizeof lr);
+    c = open_cas(dir, 1 << 20, 0, log_cb, &lr);
+    lr.c = c;
+    put_ok(c, 4, 3000, false);
+    struct rlimit old, lim;
+    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
+    void (*oh)(int) = signal(SIGXFSZ, SIG_IGN);
+    lim = old;
+    lim.rlim_cur = 1000;
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    int rc = cas_persist(c, key_n(4), &err);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, oh);
+    assert_int_equal(rc, KP_EIO);
+    assert_non_null(strstr(err.msg, "File too large"));
+    assert_int_equal(lr.n, 1);
+    assert_int_equal(cas_where(c, key_n(4)), CAS_IN_WARM);
+    obj_path(dir, key_n(4), p, sizeof p);
+    assert_int_equal(file_size(p), -1);
+    char t[1300];
+    snprintf(t, sizeof t, "%s.tmp", p);
+    assert_int_equal(file_size(t), -1);
+    get_ok(c, 4, 3000);
+    assert_int_equal(cas_persist(c, key_n(4), &err), 0);
+    assert_int_equal(cas_where(c, key_n(4)), CAS_IN_WARM | CAS_IN_COLD);
+    cas_close(c);
+
+    /* without a cold tier */
+    c = open_cas(NULL, 0, 0, NULL, NULL);
+    put_ok(c, 1, 10, false);
+    assert_int_equal(cas_persist(c, key_n(1), &err), KP_EINVAL);
+    cas_close(c);
+    rm_rf(dir);
+    free(dir);
+}
+
 /* ---- concurrency ------------------------------------------------------------- */
 
 #define CT_THREADS 4
@@ -731,6 +807,7 @@ int main(void) {
         cmocka_unit_test(test_bad_files_at_open),
         cmocka_unit_test(test_tmp_and_names),
         cmocka_unit_test(test_disk_full),
+        cmocka_unit_test(test_where_and_persist),
         cmocka_unit_test(test_concurrency),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

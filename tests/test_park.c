@@ -16,7 +16,11 @@
  *     truncations of an object in the warm tier, garbage under a key: restore
  *     fails naming the span and leaves n_pos alone; a save meeting a garbage
  *     object leaves no references behind;
- *   - manifest bytes: round trip, every flipped byte and every truncation refused.
+ *   - manifest bytes: round trip, every flipped byte and every truncation refused;
+ *   - layer-by-layer restore (begin/layer/end): same rows as park_restore,
+ *     layers in order only, begin holds everything it needs (manifest and
+ *     objects may go), abandoned handles keep n_pos, a missing object fails
+ *     begin; park_codec_hash of files (0 for built-in names).
  */
 #include "testutil.h"
 
@@ -614,6 +618,102 @@ static void test_manifest_bytes(void **state) {
     kv_free(a);
 }
 
+/* ---- layer-by-layer restore, codec hash -------------------------------------- */
+
+static void test_restore_by_layer(void **state) {
+    fx *f = *state;
+    park_layout lay = {4, 16, 16};
+    kv_cache *src = new_kv(f, KP_TYPE_F16);
+    fill_kv(src, 0, 150, 71);
+    int32_t *tok = make_tokens(150, 71);
+    cas *st = open_cas(NULL);
+    park_manifest m;
+    save_ok(st, f->int8, FP_A, &lay, src, tok, 150, false, &m, NULL);
+    kv_cache *a = new_kv(f, KP_TYPE_F16), *b = new_kv(f, KP_TYPE_F16);
+    restore_ok(st, f->int8, &m, a);
+
+    /* begin fetches everything: the manifest may go, the objects too */
+    park_manifest m2;
+    uint8_t *mb = NULL;
+    size_t ml = 0;
+    kp_err err = {0};
+    assert_int_equal(park_manifest_write(&m, &mb, &ml, &err), 0);
+    assert_int_equal(park_manifest_read(mb, ml, &m2, &err), 0);
+    park_restorer *r = NULL;
+    b->n_pos = 5;
+    assert_int_equal(park_restore_begin(st, f->int8, &m2, b, &r, &err), 0);
+    park_manifest_free(&m2);
+    park_release(st, &m);
+    assert_true(cas_collect(st) > 0);
+    assert_int_equal(park_restore_layer(r, 1, &err), KP_EINVAL); /* order */
+    for (int l = 0; l < NL; l++) {
+        assert_int_equal(park_restore_layer(r, l, &err), 0);
+        assert_memory_equal(a->k[l], b->k[l], 150 * a->row_bytes);
+        assert_memory_equal(a->v[l], b->v[l], 150 * a->row_bytes);
+        assert_int_equal(b->n_pos, 5);
+    }
+    assert_int_equal(park_restore_layer(r, NL, &err), KP_EINVAL);
+    park_stats ps;
+    assert_int_equal(park_restore_end(r, &ps), 0);
+    assert_int_equal(b->n_pos, 150);
+    assert_true(ps.bytes_total > 0);
+    assert_int_equal(ps.fp16_bytes, 150ull * NL * 2 * NKV * HD * 2);
+
+    /* abandoned: n_pos stays, the handle is freed */
+    save_ok(st, f->int8, FP_A, &lay, src, tok, 150, false, &m2, NULL);
+    kv_cache *c = new_kv(f, KP_TYPE_F16);
+    c->n_pos = 9;
+    assert_int_equal(park_restore_begin(st, f->int8, &m2, c, &r, &err), 0);
+    assert_int_equal(park_restore_layer(r, 0, &err), 0);
+    assert_int_equal(park_restore_end(r, NULL), KP_ECANCELED);
+    assert_int_equal(c->n_pos, 9);
+    assert_int_equal(park_restore_begin(st, f->int8, &m2, c, &r, &err), 0);
+    assert_int_equal(park_restore_end(r, NULL), KP_ECANCELED);
+    assert_int_equal(c->n_pos, 9);
+    /* a missing object fails begin, naming the span; nothing written */
+    park_release(st, &m2);
+    cas_collect(st);
+    r = (park_restorer *)1;
+    assert_int_equal(park_restore_begin(st, f->int8, &m2, c, &r, &err), KP_ENOTFOUND);
+    assert_null(r);
+    assert_non_null(strstr(err.msg, "span 0"));
+    assert_int_equal(c->n_pos, 9);
+    park_manifest_free(&m2);
+    park_manifest_free(&m);
+    free(mb);
+    kv_free(a);
+    kv_free(b);
+    kv_free(c);
+    kv_free(src);
+    free(tok);
+    cas_close(st);
+}
+
+static void test_codec_hash(void **state) {
+    (void)state;
+    assert_int_equal(park_codec_hash("int8"), 0);
+    assert_int_equal(park_codec_hash(NULL), 0);
+    char *dir = tu_tmpdir();
+    char p[1024], q[1024];
+    snprintf(p, sizeof p, "%s/a.kvc", dir);
+    snprintf(q, sizeof q, "%s/b.kvc", dir);
+    assert_int_equal(park_codec_hash(p), 0); /* missing */
+    FILE *fa = fopen(p, "wb"), *fb = fopen(q, "wb");
+    /* larger than one read buffer, differing in the last byte */
+    for (int i = 0; i < 100000; i++) {
+        fputc(i & 0xff, fa);
+        fputc(i == 99999 ? 1 : (i & 0xff), fb);
+    }
+    fclose(fa);
+    fclose(fb);
+    uint64_t ha = park_codec_hash(p), hb = park_codec_hash(q);
+    assert_true(ha != 0 && hb != 0 && ha != hb);
+    assert_true(park_codec_hash(p) == ha);
+    assert_int_equal(park_codec_hash(dir), 0); /* a directory is not a codec file */
+    rm_rf(dir);
+    free(dir);
+}
+
 int main(void) {
     tu_apply_filter();
     const struct CMUnitTest tests[] = {
@@ -624,6 +724,8 @@ int main(void) {
         cmocka_unit_test(test_durable_reopen_and_cold_corruption),
         cmocka_unit_test(test_warm_corruption_every_byte),
         cmocka_unit_test(test_manifest_bytes),
+        cmocka_unit_test(test_restore_by_layer),
+        cmocka_unit_test(test_codec_hash),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

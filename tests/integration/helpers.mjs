@@ -105,7 +105,7 @@ async function startOn(port, model, args, readyTimeoutMs, healthKey) {
   if (!fs.existsSync(BIN)) throw new Error(`kvpark binary not found at ${BIN} (set KVPARK_BIN or build it)`);
   /* never let a test write ./sessions into the checkout: default to a temp dir */
   let ownDir = null;
-  if (!args.includes('--session-dir')) {
+  if (!args.includes('--session-dir') && !args.includes('--cold-dir')) {
     ownDir = tmpDir('sess');
     args = [...args, '--session-dir', ownDir];
   }

@@ -1,0 +1,829 @@
+/*
+ * sessions.c — the server's session table and tier policy (see sessions.h).
+ *
+ * Why a module of its own: http.c speaks HTTP, the store (storage/store.h)
+ * moves bytes between RAM and disk; deciding WHEN a session moves (budgets,
+ * idleness, explicit saves, shutdown) and making sure no two threads move
+ * the same session at once is a small state machine that deserves one place.
+ *
+ * Each session has a state guarded by the table mutex:
+ *
+ *   IDLE        nobody is moving it (it may be hot and in use: users > 0)
+ *   RESTORING   a thread is bringing it back from the store
+ *   PARKING     a thread is writing it to the store (then drops the KV)
+ *   SAVING      a thread is writing it to the store durably (keeps the KV)
+ *
+ * Any thread that wants to move or use a session waits until it is IDLE,
+ * then sets the state, drops the mutex, does the slow work (store calls:
+ * file I/O, encode, decode), re-takes the mutex and sets IDLE again with a
+ * broadcast. So a second request for a session being restored simply waits
+ * for the first restore, and a request never sees a half-parked KV.
+ *
+ * Lifetime: `refs` counts threads holding a pointer to the session (waiters,
+ * users, the parker). A deleted or dropped session is unlinked at once
+ * (`gone`) and freed by whoever drops the last reference.
+ *
+ * Background parking: one libuv loop thread owns an async handle (woken by
+ * any thread when the hot tier may be over budget) and a timer (the idle
+ * scan); it picks victims under the mutex and hands each to libuv's thread
+ * pool (uv_queue_work), where the encode + store happen.
+ */
+#include "sessions.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <uv.h>
+
+#include "compress/quality.h"
+#include "kernels/kernels.h"
+
+#define SESS_EXTRA_MAGIC 0x4B505853u /* "SXPK": the server's bytes in a stored session */
+#define SESS_EXTRA_BYTES 12          /* magic u32 + owner u64 */
+#define SESS_PARK_RETRY_S 10         /* a session that failed to park waits this long */
+
+enum sess_state { SS_IDLE = 0, SS_RESTORING, SS_PARKING, SS_SAVING };
+
+struct sess {
+    char id[STORE_ID_MAX + 1];
+    uint64_t owner;
+    sched_seq *seq;     /* hot KV, or NULL */
+    int n_tokens;       /* tokens held (hot) or stored */
+    bool stored;        /* the store holds a version of it */
+    bool saved;         /* that version was saved explicitly: keep it durable */
+    bool dirty;         /* the hot KV is newer than the stored version */
+    int state;          /* enum sess_state */
+    int users;          /* requests using the hot KV */
+    int refs;           /* threads holding this pointer */
+    bool gone;          /* unlinked from the table */
+    double last_use;    /* unix seconds */
+    double retry_park;  /* after a failed park: not before this time (unix seconds) */
+    struct sess *next;
+};
+
+struct sess_table {
+    sess_opts o;
+    store *st;
+    bool host_kv;           /* the backend's KV is host memory (parking possible) */
+    size_t seq_bytes;       /* KV bytes of one hot session */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    sess *list;
+    int n;
+
+    /* background parking */
+    uv_loop_t loop;
+    uv_async_t wake;
+    uv_timer_t timer;
+    uv_thread_t thr;
+    bool uv_running;
+    atomic_bool stopping;
+};
+
+typedef struct park_req {
+    uv_work_t w;
+    sess_table *t;
+    sess *x;
+    int rc;
+    double secs;
+    kp_err err;
+    char tier[STORE_TIER_MAX];
+} park_req;
+
+static double unix_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void sess_log(sess_table *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sess_log(sess_table *t, const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "kvpark: %s\n", buf);
+}
+
+static void event(sess_table *t, const char *kind, const char *tier, double secs) {
+    if (t->o.on_event) t->o.on_event(t->o.ud, kind, tier, secs);
+}
+
+static void kick(sess_table *t) {
+    if (t->uv_running && !atomic_load(&t->stopping)) uv_async_send(&t->wake);
+}
+
+/* ---- the table (t->mu held) ------------------------------------------------ */
+
+static sess *find_locked(sess_table *t, const char *id, uint64_t owner, bool owner_check) {
+    if (!store_id_valid(id)) return NULL;
+    for (sess *x = t->list; x; x = x->next)
+        if (!strcmp(x->id, id)) return (!owner_check || x->owner == owner) ? x : NULL;
+    return NULL;
+}
+
+static void unlink_locked(sess_table *t, sess *x) {
+    for (sess **pp = &t->list; *pp; pp = &(*pp)->next)
+        if (*pp == x) {
+            *pp = x->next;
+            t->n--;
+            break;
+        }
+    x->gone = true;
+}
+
+/* Drop a reference; free a gone session nobody holds. Returns the KV to
+ * free outside the lock (or NULL). */
+static sched_seq *unref_locked(sess *x, sess **to_free) {
+    x->refs--;
+    *to_free = NULL;
+    if (x->gone && x->refs == 0) {
+        sched_seq *q = x->seq;
+        x->seq = NULL;
+        *to_free = x;
+        return q;
+    }
+    return NULL;
+}
+
+static void unref(sess_table *t, sess *x) {
+    sess *f;
+    sched_seq *q = unref_locked(x, &f);
+    pthread_mutex_unlock(&t->mu);
+    sched_seq_free(q);
+    free(f);
+    pthread_mutex_lock(&t->mu);
+}
+
+/* Wait until nobody moves x (t->mu held, caller holds a ref). false if it
+ * went away meanwhile. */
+static bool wait_idle_locked(sess_table *t, sess *x) {
+    while (x->state != SS_IDLE && !x->gone) pthread_cond_wait(&t->cv, &t->mu);
+    return !x->gone;
+}
+
+static void tier_of(const sess *x, const store_entry *e, char out[STORE_TIER_MAX]) {
+    if (x->seq) snprintf(out, STORE_TIER_MAX, "hot");
+    else if (x->stored && e) snprintf(out, STORE_TIER_MAX, "%s", e->tier);
+    else if (x->stored) snprintf(out, STORE_TIER_MAX, "cold");
+    else snprintf(out, STORE_TIER_MAX, "empty");
+}
+
+static void info_locked(sess_table *t, const sess *x, const store_entry *e, sess_info *info) {
+    memset(info, 0, sizeof *info);
+    snprintf(info->id, sizeof info->id, "%s", x->id);
+    info->owner = x->owner;
+    info->n_tokens = x->seq ? x->seq->n_tokens : x->n_tokens;
+    tier_of(x, e, info->tier);
+    info->bytes = x->seq ? kv_bytes_used(x->seq->kv) : (e ? e->bytes : 0);
+    info->saved = x->saved;
+    info->last_use = x->last_use;
+    (void)t;
+}
+
+/* ---- store plumbing ------------------------------------------------------- */
+
+static void make_extra(const sess *x, uint8_t extra[SESS_EXTRA_BYTES]) {
+    uint32_t magic = SESS_EXTRA_MAGIC;
+    memcpy(extra, &magic, 4);
+    memcpy(extra + 4, &x->owner, 8);
+}
+
+/* Write x's hot KV to the store. The caller made x PARKING or SAVING (so no
+ * request starts on it) and, unless on the scheduler thread, made sure no
+ * job runs on it. */
+static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st, kp_err *err) {
+    if (!t->host_kv)
+        return kp_errf(err, KP_EUNSUP,
+                       "session %s: parking a KV cache held on the GPU is not supported yet; use --device cpu",
+                       x->id);
+    uint8_t extra[SESS_EXTRA_BYTES];
+    make_extra(x, extra);
+    store_item it = {.tokens = x->seq->tokens, .n_tokens = x->seq->n_tokens, .extra = extra,
+                     .extra_len = sizeof extra, .kv = x->seq->kv};
+    return store_save(t->st, x->id, &it, durable, st, err);
+}
+
+static void store_log(void *ud, const char *msg) {
+    (void)ud;
+    fprintf(stderr, "kvpark: store: %s\n", msg);
+}
+
+/* The store dropped a session (cold tier full) or forgot a corrupt one. */
+static void store_dropped(void *ud, const char *id) {
+    sess_table *t = ud;
+    pthread_mutex_lock(&t->mu);
+    sess *x = find_locked(t, id, 0, false);
+    if (x) {
+        x->stored = false;
+        x->saved = false;
+        if (!x->seq && x->state == SS_IDLE && x->users == 0) {
+            unlink_locked(t, x);
+            x->refs++;
+            unref(t, x);
+        } else if (x->seq) {
+            x->dirty = true;
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    event(t, "drop", "cold", 0);
+}
+
+/* ---- parking -------------------------------------------------------------- */
+
+/* Park x (state already PARKING, a ref held, users == 0). Runs without the
+ * mutex. On success the KV is freed by park_finish. */
+static int park_one(sess_table *t, sess *x, char tier[STORE_TIER_MAX], kp_err *err) {
+    if (x->seq->n_tokens == 0) {
+        snprintf(tier, STORE_TIER_MAX, "empty");
+        return 0;
+    }
+    if (x->stored && !x->dirty) { /* the store already holds exactly this */
+        snprintf(tier, STORE_TIER_MAX, x->saved ? "cold" : "warm");
+        return 0;
+    }
+    snprintf(tier, STORE_TIER_MAX, x->saved ? "cold" : "warm");
+    return store_hot(t, x, x->saved, NULL, err);
+}
+
+static void park_finish(sess_table *t, sess *x, int rc, const kp_err *err) {
+    sched_seq *drop = NULL;
+    pthread_mutex_lock(&t->mu);
+    if (!rc) {
+        if (x->seq->n_tokens > 0) {
+            x->stored = true;
+            x->n_tokens = x->seq->n_tokens;
+        } else {
+            x->n_tokens = 0;
+        }
+        x->dirty = false;
+        drop = x->seq;
+        x->seq = NULL;
+    } else {
+        sess_log(t, "parking session %s failed, it stays hot (next try in %d s or after its next use): %s",
+                 x->id, SESS_PARK_RETRY_S, err->msg);
+        x->retry_park = unix_now() + SESS_PARK_RETRY_S;
+    }
+    x->state = SS_IDLE;
+    pthread_cond_broadcast(&t->cv);
+    sess *f;
+    sched_seq *q = unref_locked(x, &f);
+    pthread_mutex_unlock(&t->mu);
+    sched_seq_free(drop);
+    sched_seq_free(q);
+    free(f);
+}
+
+static void park_work(uv_work_t *w) {
+    park_req *p = w->data;
+    double t0 = kp_now();
+    p->rc = park_one(p->t, p->x, p->tier, &p->err);
+    p->secs = kp_now() - t0;
+}
+
+static void park_after(uv_work_t *w, int status) {
+    park_req *p = w->data;
+    (void)status;
+    park_finish(p->t, p->x, p->rc, &p->err);
+    event(p->t, p->rc ? "error" : "park", p->tier, p->secs);
+    free(p);
+}
+
+static int by_last_use(const void *a, const void *b) {
+    const sess *x = *(sess *const *)a, *y = *(sess *const *)b;
+    return (x->last_use > y->last_use) - (x->last_use < y->last_use);
+}
+
+/* Pick what to park now and queue it (loop thread). */
+static void schedule_parks(sess_table *t) {
+    if (atomic_load(&t->stopping) || !t->host_kv) return;
+    pthread_mutex_lock(&t->mu);
+    int n_hot = 0;
+    sess **cand = malloc(sizeof *cand * (size_t)(t->n > 0 ? t->n : 1));
+    int n_cand = 0;
+    for (sess *x = t->list; x; x = x->next) {
+        if (!x->seq || x->state == SS_PARKING) continue;
+        n_hot++;
+        if (cand && x->state == SS_IDLE && x->users == 0 && x->retry_park <= unix_now()) cand[n_cand++] = x;
+    }
+    if (cand) qsort(cand, (size_t)n_cand, sizeof *cand, by_last_use);
+    double now = unix_now();
+    int over_count = t->o.hot_sessions > 0 ? n_hot - t->o.hot_sessions : 0;
+    int64_t over_bytes = t->o.hot_budget > 0 ? (int64_t)((uint64_t)n_hot * t->seq_bytes) - (int64_t)t->o.hot_budget : 0;
+    park_req *queue[64];
+    int nq = 0;
+    for (int i = 0; i < n_cand && nq < 64; i++) {
+        sess *x = cand[i];
+        bool idle = t->o.idle_park_s > 0 && now - x->last_use >= t->o.idle_park_s;
+        bool budget = over_count > 0 || over_bytes > 0;
+        if (!idle && !budget) continue;
+        park_req *p = calloc(1, sizeof *p);
+        if (!p) break;
+        p->t = t;
+        p->x = x;
+        p->w.data = p;
+        x->state = SS_PARKING;
+        x->refs++;
+        queue[nq++] = p;
+        over_count--;
+        over_bytes -= (int64_t)t->seq_bytes;
+    }
+    pthread_mutex_unlock(&t->mu);
+    free(cand);
+    for (int i = 0; i < nq; i++)
+        if (uv_queue_work(&t->loop, &queue[i]->w, park_work, park_after)) { /* cannot happen on a live loop */
+            park_finish(t, queue[i]->x, KP_EIO, &(kp_err){.msg = "cannot queue the work"});
+            free(queue[i]);
+        }
+}
+
+static void on_wake(uv_async_t *a) {
+    sess_table *t = a->data;
+    if (atomic_load(&t->stopping)) {
+        uv_timer_stop(&t->timer);
+        uv_close((uv_handle_t *)&t->timer, NULL);
+        uv_close((uv_handle_t *)&t->wake, NULL);
+        return;
+    }
+    schedule_parks(t);
+}
+
+static void on_timer(uv_timer_t *tm) { schedule_parks(tm->data); }
+
+static void loop_main(void *arg) {
+    sess_table *t = arg;
+    uv_run(&t->loop, UV_RUN_DEFAULT);
+}
+
+/* ---- open / close --------------------------------------------------------- */
+
+static int load_index(sess_table *t) {
+    store_entry *ents = NULL;
+    size_t n = 0;
+    if (store_list(t->st, &ents, &n)) return 0;
+    for (size_t i = 0; i < n; i++) {
+        void *extra = NULL;
+        size_t extra_len = 0;
+        int n_tokens = 0;
+        if (store_load_meta(t->st, ents[i].id, &n_tokens, NULL, &extra, &extra_len, NULL)) continue;
+        sess *x = calloc(1, sizeof *x);
+        if (x) {
+            snprintf(x->id, sizeof x->id, "%s", ents[i].id);
+            uint32_t magic = 0;
+            if (extra && extra_len >= SESS_EXTRA_BYTES) {
+                memcpy(&magic, extra, 4);
+                if (magic == SESS_EXTRA_MAGIC) memcpy(&x->owner, (char *)extra + 4, 8);
+            }
+            x->n_tokens = n_tokens;
+            x->stored = true;
+            x->saved = ents[i].durable;
+            x->last_use = (double)ents[i].mtime_unix_ms / 1e3;
+            x->next = t->list;
+            t->list = x;
+            t->n++;
+        }
+        free(extra);
+    }
+    free(ents);
+    return (int)n;
+}
+
+int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
+    *out = NULL;
+    sess_table *t = calloc(1, sizeof *t);
+    if (!t) return kp_errf(err, KP_ENOMEM, "out of memory");
+    t->o = *o;
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->cv, NULL);
+    atomic_init(&t->stopping, false);
+    const kp_ops *ops = kp_backend_ops(model_backend(o->m));
+    t->host_kv = ops && !strcmp(ops->name, "cpu");
+    const model_hparams *hp = model_hp(o->m);
+    size_t elem = o->kv_type == KP_TYPE_F32 ? 4 : 2;
+    t->seq_bytes = (size_t)hp->n_layer * 2 * (size_t)o->n_ctx * (size_t)hp->n_kv_heads * (size_t)hp->head_dim * elem;
+
+    store_opts so = store_default_opts();
+    so.dir = o->dir;
+    so.shape = quality_codec_shape(o->m);
+    so.kv_type = o->kv_type;
+    so.codec = o->codec;
+    if (o->warm_budget) so.warm_budget = o->warm_budget;
+    so.cold_budget = o->cold_budget;
+    so.log = store_log;
+    so.on_drop = store_dropped;
+    so.ud = t;
+    int rc = store_open(&t->st, &so, err);
+    if (rc) {
+        free(t);
+        return rc;
+    }
+    int n = load_index(t);
+    store_stats ss;
+    store_get_stats(t->st, &ss);
+    fprintf(stderr,
+            "kvpark: sessions: %d parked in %s (codec %s); %llu quarantined, %llu foreign, %llu imported\n", n,
+            o->dir, store_codec_name(t->st), (unsigned long long)ss.quarantined, (unsigned long long)ss.foreign,
+            (unsigned long long)ss.imported);
+    if (!t->host_kv)
+        fprintf(stderr, "kvpark: sessions: the KV cache is on the GPU: automatic parking is off "
+                        "(saving and restoring need --device cpu for now)\n");
+
+    if (uv_loop_init(&t->loop) || uv_async_init(&t->loop, &t->wake, on_wake) || uv_timer_init(&t->loop, &t->timer)) {
+        store_close(t->st);
+        free(t);
+        return kp_errf(err, KP_EIO, "cannot start the session parking loop (libuv)");
+    }
+    t->wake.data = t;
+    t->timer.data = t;
+    if (o->idle_park_s > 0) {
+        double every = o->idle_park_s / 4;
+        if (every > 1.0) every = 1.0;
+        if (every < 0.02) every = 0.02;
+        uv_timer_start(&t->timer, on_timer, (uint64_t)(every * 1e3), (uint64_t)(every * 1e3));
+    }
+    if (uv_thread_create(&t->thr, loop_main, t)) {
+        uv_close((uv_handle_t *)&t->wake, NULL);
+        uv_close((uv_handle_t *)&t->timer, NULL);
+        uv_run(&t->loop, UV_RUN_DEFAULT);
+        uv_loop_close(&t->loop);
+        store_close(t->st);
+        free(t);
+        return kp_errf(err, KP_EIO, "cannot start the session parking thread");
+    }
+    t->uv_running = true;
+    *out = t;
+    return 0;
+}
+
+void sess_close(sess_table *t) {
+    if (!t) return;
+    if (t->uv_running) {
+        atomic_store(&t->stopping, true);
+        uv_async_send(&t->wake);
+        uv_thread_join(&t->thr); /* returns once queued parks are done and the handles closed */
+        uv_loop_close(&t->loop);
+        t->uv_running = false;
+    }
+    /* Shutdown: every hot session with something new goes to disk. */
+    int parked = 0, failed = 0;
+    for (sess *x = t->list; x; x = x->next) {
+        if (!x->seq || x->seq->n_tokens == 0 || (x->stored && !x->dirty)) continue;
+        kp_err err = {0};
+        if (store_hot(t, x, true, NULL, &err)) {
+            failed++;
+            fprintf(stderr, "kvpark: sessions: cannot save session %s at shutdown: %s\n", x->id, err.msg);
+        } else {
+            parked++;
+        }
+    }
+    if (parked || failed)
+        fprintf(stderr, "kvpark: sessions: %d hot sessions saved at shutdown, %d failed\n", parked, failed);
+    store_close(t->st); /* flushes warm-only sessions */
+    for (sess *x = t->list; x;) {
+        sess *nx = x->next;
+        sched_seq_free(x->seq);
+        free(x);
+        x = nx;
+    }
+    pthread_mutex_destroy(&t->mu);
+    pthread_cond_destroy(&t->cv);
+    free(t);
+}
+
+/* ---- the API -------------------------------------------------------------- */
+
+int sess_create(sess_table *t, uint64_t owner, sess_info *info, kp_err *err) {
+    sess *x = calloc(1, sizeof *x);
+    if (!x) return kp_errf(err, KP_ENOMEM, "out of memory");
+    if (store_new_id(x->id)) {
+        free(x);
+        return kp_errf(err, KP_EIO, "cannot draw a random session id");
+    }
+    x->owner = owner;
+    x->last_use = unix_now();
+    pthread_mutex_lock(&t->mu);
+    if (t->n >= t->o.max_sessions) {
+        int n = t->n;
+        pthread_mutex_unlock(&t->mu);
+        free(x);
+        return kp_errf(err, KP_EBUSY,
+                       "the server holds %d sessions, its limit (--max-sessions %d): delete sessions you no "
+                       "longer need",
+                       n, t->o.max_sessions);
+    }
+    x->next = t->list;
+    t->list = x;
+    t->n++;
+    if (info) info_locked(t, x, NULL, info);
+    pthread_mutex_unlock(&t->mu);
+    return 0;
+}
+
+sched_seq *sess_seq(sess *x) { return x->seq; }
+const char *sess_id(const sess *x) { return x->id; }
+
+int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess **out,
+                 char from[STORE_TIER_MAX], double *ms, kp_err *err) {
+    *out = NULL;
+    if (ms) *ms = 0;
+    pthread_mutex_lock(&t->mu);
+    sess *x = find_locked(t, id, owner, owner_check);
+    if (!x) {
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
+    }
+    x->refs++;
+    if (!wait_idle_locked(t, x)) {
+        unref(t, x);
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "session %s was deleted", id);
+    }
+    if (x->seq) { /* hot */
+        x->users++;
+        x->last_use = unix_now();
+        pthread_mutex_unlock(&t->mu);
+        if (from) snprintf(from, STORE_TIER_MAX, "hot");
+        *out = x;
+        return 0;
+    }
+    bool stored = x->stored;
+    x->state = SS_RESTORING;
+    pthread_mutex_unlock(&t->mu);
+
+    /* slow part, no lock held */
+    double t0 = kp_now();
+    char tier[STORE_TIER_MAX] = "empty";
+    sched_seq *q = NULL;
+    int32_t *tokens = NULL;
+    int n_tokens = 0;
+    int rc = sched_seq_new(&q, t->o.m, t->o.kv_type, t->o.n_ctx, err);
+    if (!rc && stored) {
+        store_entry e;
+        if (!store_stat(t->st, id, &e)) snprintf(tier, sizeof tier, "%s", e.tier);
+        rc = store_load_meta(t->st, id, &n_tokens, &tokens, NULL, NULL, err);
+        if (!rc && n_tokens > q->cap)
+            rc = kp_errf(err, KP_ERANGE, "session %s holds %d tokens, more than the server's context of %d (-c)",
+                         id, n_tokens, t->o.n_ctx);
+        if (!rc) rc = store_load_kv(t->st, id, q->kv, err);
+        if (!rc) {
+            memcpy(q->tokens, tokens, sizeof *tokens * (size_t)n_tokens);
+            q->n_tokens = n_tokens;
+        }
+    }
+    free(tokens);
+    double secs = kp_now() - t0;
+
+    pthread_mutex_lock(&t->mu);
+    x->state = SS_IDLE;
+    pthread_cond_broadcast(&t->cv);
+    if (rc) {
+        sched_seq *drop = q;
+        if (rc == KP_EFORMAT || rc == KP_ENOTFOUND) { /* the store has forgotten it */
+            x->stored = false;
+            if (!x->gone) unlink_locked(t, x);
+        }
+        unref(t, x);
+        pthread_mutex_unlock(&t->mu);
+        sched_seq_free(drop);
+        event(t, "error", tier, secs);
+        return rc;
+    }
+    x->seq = q;
+    x->dirty = false;
+    x->users++;
+    x->last_use = unix_now();
+    pthread_mutex_unlock(&t->mu);
+    if (ms) *ms = secs * 1e3;
+    if (from) snprintf(from, STORE_TIER_MAX, "%s", tier);
+    if (stored) event(t, "restore", tier, secs);
+    kick(t); /* the hot tier grew */
+    *out = x;
+    return 0;
+}
+
+void sess_release(sess_table *t, sess *x, bool used) {
+    pthread_mutex_lock(&t->mu);
+    x->users--;
+    x->last_use = unix_now();
+    x->retry_park = 0;
+    if (used && x->seq) {
+        x->dirty = true;
+        x->n_tokens = x->seq->n_tokens;
+    }
+    unref(t, x);
+    pthread_mutex_unlock(&t->mu);
+    kick(t);
+}
+
+typedef struct save_call {
+    sess_table *t;
+    sess *x;
+    store_save_stats *st;
+    int rc;
+    kp_err *err;
+} save_call;
+
+static void save_on_sched(void *ud) {
+    save_call *c = ud;
+    c->rc = store_hot(c->t, c->x, true, c->st, c->err);
+}
+
+int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
+              sess_info *info, kp_err *err) {
+    store_save_stats local = {0};
+    if (!st) st = &local;
+    memset(st, 0, sizeof *st);
+    pthread_mutex_lock(&t->mu);
+    sess *x = find_locked(t, id, owner, owner_check);
+    if (!x) {
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
+    }
+    x->refs++;
+    if (!wait_idle_locked(t, x)) {
+        unref(t, x);
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "session %s was deleted", id);
+    }
+    int rc = 0;
+    if (x->seq && x->seq->n_tokens == 0) {
+        rc = kp_errf(err, KP_EINVAL, "session %s is empty: send a request on it before saving it", id);
+    } else if (x->seq && (x->dirty || !x->stored || !x->saved)) {
+        bool busy = x->users > 0;
+        x->state = SS_SAVING;
+        pthread_mutex_unlock(&t->mu);
+        if (busy) { /* a request is generating on it: save between two scheduler steps */
+            save_call c = {.t = t, .x = x, .st = st, .err = err};
+            rc = sched_call(t->o.sch, save_on_sched, &c);
+            if (rc) rc = kp_errf(err, rc, "the server is shutting down");
+            else rc = c.rc;
+        } else {
+            rc = store_hot(t, x, true, st, err);
+        }
+        pthread_mutex_lock(&t->mu);
+        x->state = SS_IDLE;
+        pthread_cond_broadcast(&t->cv);
+        if (!rc) {
+            x->stored = x->saved = true;
+            x->dirty = false;
+            x->n_tokens = x->seq->n_tokens;
+        }
+    } else if (x->stored && !x->saved) { /* warm only: write it down */
+        x->state = SS_SAVING;
+        pthread_mutex_unlock(&t->mu);
+        rc = store_flush(t->st, id, err);
+        pthread_mutex_lock(&t->mu);
+        x->state = SS_IDLE;
+        pthread_cond_broadcast(&t->cv);
+        if (!rc) x->saved = true;
+    } else if (!x->stored) {
+        rc = kp_errf(err, KP_EINVAL, "session %s is empty: send a request on it before saving it", id);
+    }
+    store_entry e;
+    bool have_e = false;
+    if (!rc && info) {
+        pthread_mutex_unlock(&t->mu);
+        have_e = store_stat(t->st, id, &e) == 0;
+        pthread_mutex_lock(&t->mu);
+        info_locked(t, x, have_e ? &e : NULL, info);
+    }
+    if (!rc && st->bytes_total == 0 && have_e) st->bytes_total = e.bytes;
+    unref(t, x);
+    pthread_mutex_unlock(&t->mu);
+    if (!rc) event(t, "save", "cold", st->ms / 1e3);
+    return rc;
+}
+
+int sess_delete(sess_table *t, const char *id, uint64_t owner, bool owner_check, kp_err *err) {
+    pthread_mutex_lock(&t->mu);
+    sess *x = find_locked(t, id, owner, owner_check);
+    if (!x) {
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
+    }
+    x->refs++;
+    if (!wait_idle_locked(t, x)) {
+        unref(t, x);
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
+    }
+    if (x->users > 0) {
+        unref(t, x);
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_EBUSY, "session %s is in use by a running request; retry when it finishes", id);
+    }
+    bool stored = x->stored;
+    unlink_locked(t, x);
+    x->stored = false;
+    pthread_mutex_unlock(&t->mu);
+    int rc = stored ? store_delete(t->st, id, err) : 0;
+    if (rc == KP_ENOTFOUND) rc = 0; /* dropped by the store meanwhile: gone either way */
+    pthread_mutex_lock(&t->mu);
+    unref(t, x);
+    pthread_mutex_unlock(&t->mu);
+    return rc;
+}
+
+int sess_get(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess_info *info) {
+    store_entry e;
+    bool have_e = store_stat(t->st, id, &e) == 0;
+    pthread_mutex_lock(&t->mu);
+    sess *x = find_locked(t, id, owner, owner_check);
+    if (x) info_locked(t, x, have_e ? &e : NULL, info);
+    pthread_mutex_unlock(&t->mu);
+    return x ? 0 : KP_ENOTFOUND;
+}
+
+static int by_id(const void *a, const void *b) {
+    return strcmp(((const sess_info *)a)->id, ((const sess_info *)b)->id);
+}
+
+static const store_entry *entry_of(const store_entry *ents, size_t n, const char *id) {
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        int c = strcmp(ents[mid].id, id);
+        if (!c) return &ents[mid];
+        if (c < 0) lo = mid + 1;
+        else hi = mid;
+    }
+    return NULL;
+}
+
+int sess_list(sess_table *t, uint64_t owner, bool owner_check, sess_info **out, size_t *n_out) {
+    *out = NULL;
+    *n_out = 0;
+    store_entry *ents = NULL;
+    size_t n_ents = 0;
+    if (store_list(t->st, &ents, &n_ents)) n_ents = 0;
+    pthread_mutex_lock(&t->mu);
+    sess_info *v = malloc(sizeof *v * (size_t)(t->n > 0 ? t->n : 1));
+    size_t k = 0;
+    if (v)
+        for (sess *x = t->list; x; x = x->next)
+            if (!owner_check || x->owner == owner) info_locked(t, x, entry_of(ents, n_ents, x->id), &v[k++]);
+    pthread_mutex_unlock(&t->mu);
+    free(ents);
+    if (!v) return KP_ENOMEM;
+    qsort(v, k, sizeof *v, by_id);
+    *out = v;
+    *n_out = k;
+    return 0;
+}
+
+void sess_get_counts(sess_table *t, sess_counts *c) {
+    memset(c, 0, sizeof *c);
+    store_entry *ents = NULL;
+    size_t n_ents = 0;
+    if (store_list(t->st, &ents, &n_ents)) n_ents = 0;
+    store_get_stats(t->st, &c->store);
+    pthread_mutex_lock(&t->mu);
+    for (sess *x = t->list; x; x = x->next) {
+        if (x->seq) {
+            c->n_hot++;
+            c->hot_bytes += kv_bytes_reserved(x->seq->kv);
+            continue;
+        }
+        const store_entry *e = x->stored ? entry_of(ents, n_ents, x->id) : NULL;
+        if (!x->stored) c->n_empty++;
+        else if (e && !strcmp(e->tier, "warm")) c->n_warm++;
+        else c->n_cold++;
+    }
+    pthread_mutex_unlock(&t->mu);
+    c->warm_bytes = c->store.warm_bytes;
+    c->cold_bytes = c->store.cold_bytes;
+    free(ents);
+}
+
+int sess_park_all(sess_table *t, kp_err *err) {
+    int failed = 0;
+    for (;;) {
+        pthread_mutex_lock(&t->mu);
+        sess *x = t->list;
+        while (x && !(x->seq && x->state == SS_IDLE && x->users == 0)) x = x->next;
+        if (!x) {
+            pthread_mutex_unlock(&t->mu);
+            break;
+        }
+        x->state = SS_PARKING;
+        x->refs++;
+        pthread_mutex_unlock(&t->mu);
+        char tier[STORE_TIER_MAX];
+        kp_err e = {0};
+        double t0 = kp_now();
+        int rc = park_one(t, x, tier, &e);
+        park_finish(t, x, rc, &e);
+        event(t, rc ? "error" : "park", tier, kp_now() - t0);
+        if (rc) {
+            failed++;
+            if (err) *err = e;
+            break; /* it stays hot: do not loop on it forever */
+        }
+    }
+    return failed ? KP_EIO : 0;
+}

@@ -1,0 +1,124 @@
+/*
+ * sessions.h — the server's session table and its tier policy (issue 5).
+ *
+ * A session is a conversation named by an unguessable id and owned by one API
+ * key. It lives in one tier at a time:
+ *
+ *   empty  created, no tokens yet (holds nothing)
+ *   hot    a live KV cache the scheduler can decode from (a sched_seq)
+ *   warm   parked, compressed, in host RAM      \  the session store
+ *   cold   parked, compressed, on disk          /  (storage/store.h)
+ *
+ * Policy (all of it here, so http.c only asks for sessions):
+ *   - A request names a session: sess_acquire() makes it hot — at once if it
+ *     already is, else by restoring it from the store on the caller's thread —
+ *     and pins it (users++) until sess_release(). Two requests for the same
+ *     parked session restore it once: the second waits for the first.
+ *   - Budgets: at most `hot_sessions` hot sessions (0 = no count limit) and
+ *     `hot_budget` bytes of hot KV (0 = no byte limit). When a restore or a
+ *     new session goes over, the least recently used idle hot sessions are
+ *     parked. Sessions idle for `idle_park_s` seconds (0 = never) are parked.
+ *     Parking runs on libuv's thread pool, driven by a libuv loop thread (an
+ *     async handle to wake it, a timer for the idle scan): it never holds up
+ *     the scheduler or other sessions. A pinned session is never parked.
+ *   - A parked session that was saved explicitly is parked durably (it stays
+ *     acknowledged); an unsaved one goes to the warm tier and reaches disk
+ *     when the warm budget pushes it down or at shutdown.
+ *   - sess_save() makes a session durable (an explicit save: acknowledged
+ *     only when on disk). sess_close() (shutdown) parks every hot session
+ *     durably, so a clean restart loses nothing; after kill -9 every session
+ *     whose save was acknowledged is still there.
+ *   - The store's cold budget may drop whole sessions (LRU, counted, logged):
+ *     a dropped session that is not hot disappears from the table.
+ *   - A session whose stored data is found corrupt when restoring fails with
+ *     KP_EFORMAT and a message naming it; it is removed (its files are in
+ *     quarantine); no other session is affected.
+ *
+ * Thread-safety: every call may come from any thread. The table's mutex is
+ * never held while calling into the store (file I/O, encode, decode).
+ */
+#ifndef KP_SESSIONS_H
+#define KP_SESSIONS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/kp.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "storage/store.h"
+
+typedef struct sess_table sess_table;
+typedef struct sess sess;
+
+/* Something worth counting happened (metrics). kind: "park", "restore",
+ * "drop", "error"; tier: the tier involved ("hot", "warm", "cold", "");
+ * seconds: how long it took (0 if not timed). Called with no lock held. */
+typedef void (*sess_event_fn)(void *ud, const char *kind, const char *tier, double seconds);
+
+typedef struct sess_opts {
+    model *m;
+    sched *sch;              /* for saves that must run between scheduler steps */
+    int kv_type;
+    int n_ctx;               /* context of a hot session */
+    const char *dir;         /* cold tier directory */
+    const char *codec;       /* codec for parking (NULL: none) */
+    int hot_sessions;        /* 0: no count limit */
+    uint64_t hot_budget;     /* bytes, 0: no byte limit */
+    uint64_t warm_budget;    /* bytes (0: the store's default) */
+    uint64_t cold_budget;    /* bytes, 0: unlimited */
+    double idle_park_s;      /* 0: never park for idleness */
+    int max_sessions;        /* sessions in all tiers at most */
+    bool quiet;              /* fewer log lines */
+    sess_event_fn on_event;
+    void *ud;
+} sess_opts;
+
+typedef struct sess_info {
+    char id[STORE_ID_MAX + 1];
+    uint64_t owner;
+    int n_tokens;
+    char tier[STORE_TIER_MAX]; /* empty | hot | warm | cold */
+    uint64_t bytes;            /* hot: KV bytes in use; parked: stored bytes */
+    bool saved;                /* an acknowledged durable copy exists */
+    double last_use;           /* unix seconds */
+} sess_info;
+
+typedef struct sess_counts {
+    int n_empty, n_hot, n_warm, n_cold;
+    uint64_t hot_bytes, warm_bytes, cold_bytes;
+    store_stats store;
+} sess_counts;
+
+int sess_open(sess_table **out, const sess_opts *o, kp_err *err);
+/* Stops background work, parks every hot session durably, closes the store. */
+void sess_close(sess_table *t);
+
+/* A new empty session. KP_EBUSY (with a message) when max_sessions are held. */
+int sess_create(sess_table *t, uint64_t owner, sess_info *info, kp_err *err);
+
+/* Make the session hot and pin it. KP_ENOTFOUND: no such session for this
+ * owner (owner_check false: any owner). KP_EFORMAT / KP_ERANGE: it cannot be
+ * restored (message names it; a corrupt one is gone). *from: the tier it came
+ * from; *ms: restore time. */
+int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess **out,
+                 char from[STORE_TIER_MAX], double *ms, kp_err *err);
+sched_seq *sess_seq(sess *x);
+const char *sess_id(const sess *x);
+/* Unpin; `used` = a generation ran on it (its KV changed). */
+void sess_release(sess_table *t, sess *x, bool used);
+
+/* Explicit save (durable when it returns 0). st may be NULL. */
+int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
+              sess_info *info, kp_err *err);
+/* KP_ENOTFOUND, KP_EBUSY (in use by a request). */
+int sess_delete(sess_table *t, const char *id, uint64_t owner, bool owner_check, kp_err *err);
+int sess_get(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess_info *info);
+/* Sessions of owner (all if !owner_check), sorted by id; *out malloc'd. */
+int sess_list(sess_table *t, uint64_t owner, bool owner_check, sess_info **out, size_t *n);
+void sess_get_counts(sess_table *t, sess_counts *c);
+/* Park now every idle hot session (tests, and `kvpark` admin use): waits. */
+int sess_park_all(sess_table *t, kp_err *err);
+
+#endif

@@ -1,0 +1,202 @@
+/*
+ * tiers.test.mjs — sessions moving between the tiers on their own: the hot
+ * tier's count limit (--hot-sessions) parks the least recently used idle
+ * sessions, --idle-park parks idle ones, a tiny --warm-budget pushes parked
+ * sessions down to disk, a tiny --cold-budget drops the oldest (counted,
+ * never silently), and through all of it every conversation continues
+ * exactly as on a server that never parked anything (greedy decoding).
+ * Also: a clean SIGTERM parks unsaved hot sessions to disk, so a restart
+ * loses nothing.
+ *
+ * Why: parking is only worth having if the user cannot tell it happened.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { after, before, describe, it } from 'node:test';
+import { jfetch, sleep, startServer, tmpDir } from './helpers.mjs';
+
+const PROMPTS = [
+  'Once upon a time', 'Lily wanted to', 'The cat sat on', 'Tom had a big', 'One day a bird',
+];
+const turn = (history, user) => [...history, { role: 'user', content: user }];
+const ask = async (srv, sid, messages, max = 16) => {
+  const r = await jfetch(srv.baseURL + '/chat/completions', {
+    body: { model: 'm', temperature: 0, max_tokens: max, messages, ...(sid ? { session_id: sid } : {}) },
+  });
+  assert.equal(r.status, 200, r.text);
+  return r.json;
+};
+const newSession = async (srv) => {
+  const r = await jfetch(srv.url + '/v1/sessions', { body: {} });
+  assert.equal(r.status, 200, r.text);
+  return r.json.id;
+};
+const listTiers = async (srv) => {
+  const r = await jfetch(srv.url + '/v1/sessions', { method: 'GET' });
+  assert.equal(r.status, 200, r.text);
+  return Object.fromEntries(r.json.data.map((s) => [s.id, s]));
+};
+const metricValue = (text, name, labels) => {
+  for (const line of text.split('\n')) {
+    if (!line.startsWith(name)) continue;
+    const m = line.match(/^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$/);
+    if (!m || m[1] !== name) continue;
+    if (labels && !Object.entries(labels).every(([k, v]) => (m[2] || '').includes(`${k}="${v}"`))) continue;
+    return Number(m[3]);
+  }
+  return 0;
+};
+const waitFor = async (what, fn, ms = 10000) => {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() - t0 > ms) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(50);
+  }
+};
+
+/* Two turns in each of PROMPTS.length sessions on `srv`, the second turn only
+ * after every session had its first (so parking happens in between); returns
+ * the second turns' texts and cached-token counts. */
+async function twoTurns(srv, between = async () => {}) {
+  const sids = [];
+  const hist = [];
+  for (const p of PROMPTS) {
+    const sid = await newSession(srv);
+    const m1 = turn([], p);
+    const r1 = await ask(srv, sid, m1);
+    sids.push(sid);
+    hist.push([...m1, { role: 'assistant', content: r1.choices[0].message.content }]);
+  }
+  await between(sids);
+  const out = [];
+  for (let i = 0; i < PROMPTS.length; i++) {
+    const r2 = await ask(srv, sids[i], turn(hist[i], 'What happened next?'));
+    out.push({ text: r2.choices[0].message.content, cached: r2.usage.prompt_tokens_details?.cached_tokens ?? 0 });
+  }
+  return { sids, out };
+}
+
+describe('tiers', { timeout: 240000 }, () => {
+  let ref;
+  let refOut;
+  before(async () => {
+    ref = await startServer({ args: ['-c', '256'] });
+    ({ out: refOut } = await twoTurns(ref));
+  });
+  after(async () => { await ref?.stop(); });
+
+  it('--hot-sessions 2: the others are parked (warm) and come back identical', async () => {
+    const srv = await startServer({ args: ['-c', '256', '--hot-sessions', '2'] });
+    try {
+      const { out } = await twoTurns(srv, async (sids) => {
+        const tiers = await waitFor('at most 2 hot sessions', async () => {
+          const t = await listTiers(srv);
+          const hot = sids.filter((s) => t[s].tier === 'hot').length;
+          return hot <= 2 ? t : null;
+        });
+        const parked = sids.filter((s) => tiers[s].tier === 'warm');
+        assert.ok(parked.length >= 3, `expected >= 3 warm sessions: ${JSON.stringify(tiers)}`);
+        for (const s of parked) assert.ok(tiers[s].bytes > 0 && tiers[s].tokens > 0, JSON.stringify(tiers[s]));
+      });
+      assert.deepEqual(out.map((o) => o.text), refOut.map((o) => o.text));
+      for (let i = 0; i < out.length; i++) {
+        assert.equal(out[i].cached, refOut[i].cached, `session ${i}: restored KV reused like a hot one`);
+        assert.ok(out[i].cached > 0);
+      }
+      const m = await jfetch(srv.url + '/metrics', { method: 'GET' });
+      assert.ok(metricValue(m.text, 'kvpark_session_events_total', { event: 'park', tier: 'warm' }) >= 3, m.text);
+      assert.ok(metricValue(m.text, 'kvpark_session_events_total', { event: 'restore', tier: 'warm' }) >= 3, m.text);
+      assert.ok(metricValue(m.text, 'kvpark_session_restore_seconds_count', { tier: 'warm' }) >= 3, m.text);
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  it('--idle-park: idle sessions are parked after the delay, not before', async () => {
+    const srv = await startServer({ args: ['-c', '256', '--idle-park', '0.4'] });
+    try {
+      const sid = await newSession(srv);
+      await ask(srv, sid, turn([], PROMPTS[0]));
+      const t0 = await listTiers(srv);
+      assert.equal(t0[sid].tier, 'hot', 'parked before it was idle');
+      await waitFor('the idle session to be parked', async () => (await listTiers(srv))[sid].tier === 'warm', 5000);
+    } finally {
+      await srv.stop();
+    }
+  });
+
+  it('a tiny --warm-budget pushes parked sessions down to disk; they come back identical', async () => {
+    const dir = tmpDir('cold');
+    const srv = await startServer({ args: ['-c', '256', '--hot-sessions', '1', '--warm-budget', '1', '--cold-dir', dir] });
+    try {
+      const { out } = await twoTurns(srv, async (sids) => {
+        await waitFor('parked sessions on disk', async () => {
+          const t = await listTiers(srv);
+          return sids.filter((s) => t[s].tier === 'cold').length >= PROMPTS.length - 1;
+        });
+        assert.ok(fs.readdirSync(dir, { recursive: true }).some((f) => String(f).endsWith('.kvo')), 'no object files');
+      });
+      assert.deepEqual(out.map((o) => o.text), refOut.map((o) => o.text));
+    } finally {
+      await srv.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a tiny --cold-budget drops the oldest sessions: counted, logged, 404 afterwards', async () => {
+    const dir = tmpDir('drop');
+    const srv = await startServer({
+      args: ['-c', '256', '--hot-sessions', '1', '--warm-budget', '1', '--cold-budget', '160K', '--cold-dir', dir],
+    });
+    try {
+      const sids = [];
+      for (const p of PROMPTS) {
+        const sid = await newSession(srv);
+        await ask(srv, sid, turn([], p), 48);
+        sids.push(sid);
+      }
+      const m = await waitFor('a dropped session in the metrics', async () => {
+        const r = await jfetch(srv.url + '/metrics', { method: 'GET' });
+        return metricValue(r.text, 'kvpark_store_events', { event: 'dropped' }) >= 1 ? r.text : null;
+      });
+      const dropped = metricValue(m, 'kvpark_store_events', { event: 'dropped' });
+      assert.match(srv.log(), /dropped/i, 'a drop must be logged');
+      const t = await listTiers(srv);
+      const gone = sids.filter((s) => !t[s]);
+      assert.ok(gone.length >= 1 && gone.length <= dropped, `gone ${gone.length}, dropped ${dropped}`);
+      assert.ok(!gone.includes(sids[sids.length - 1]), 'the most recent session was dropped');
+      const r = await jfetch(srv.baseURL + '/chat/completions', {
+        body: { model: 'm', max_tokens: 4, session_id: gone[0], messages: [{ role: 'user', content: 'hi' }] },
+      });
+      assert.equal(r.status, 404, r.text);
+    } finally {
+      await srv.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('SIGTERM parks unsaved hot sessions to disk: after a restart they continue identically', async () => {
+    const dir = tmpDir('term');
+    let srv = await startServer({ args: ['-c', '256', '--cold-dir', dir] });
+    try {
+      const sid = await newSession(srv);
+      const m1 = turn([], PROMPTS[0]);
+      const r1 = await ask(srv, sid, m1);
+      const hist = [...m1, { role: 'assistant', content: r1.choices[0].message.content }];
+      const ex = await srv.stop();
+      assert.ok(!ex.killed, 'SIGTERM did not stop the server in time');
+      srv = await startServer({ args: ['-c', '256', '--cold-dir', dir] });
+      const t = await listTiers(srv);
+      assert.ok(t[sid], `session lost over a clean restart: ${JSON.stringify(t)}`);
+      assert.equal(t[sid].tier, 'cold');
+      const r2 = await ask(srv, sid, turn(hist, 'What happened next?'));
+      assert.equal(r2.choices[0].message.content, refOut[0].text);
+      assert.equal(r2.usage.prompt_tokens_details?.cached_tokens, refOut[0].cached);
+    } finally {
+      await srv.stop();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
