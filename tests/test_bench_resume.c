@@ -15,12 +15,13 @@
 #include "testutil.h"
 
 #define MODEL_REL "models/stories260K.gguf"
-#define N_COLS 20
+#define N_COLS 22
 
 static const char *csv_header =
     "model,ctx,codec,bytes_total,bytes_per_token,prefill_ms,hot_ms,warm_ms,cold_ms,"
     "speedup_hot,speedup_warm,speedup_cold,restore_warm_ms,restore_cold_ms,"
-    "disk_read_mbps,cold_resident_pages,prefill_token,hot_token,warm_token,cold_token";
+    "disk_read_mbps,cold_resident_pages,prefill_token,hot_token,warm_token,cold_token,"
+    "warm_pipelined_ms,pipelined_token";
 
 /* Split a CSV line (no quoting) into at most max fields, in place. */
 static int split(char *line, char **f, int max) {
@@ -65,8 +66,10 @@ static void test_csv_and_tokens(void **state) {
         assert_true(atof(f[12]) > 0 && atof(f[12]) <= atof(f[7])); /* restore within warm TTFT */
         assert_true(atof(f[13]) > 0 && atof(f[13]) <= atof(f[8]));
         assert_true(atof(f[14]) > 0);                               /* disk bandwidth measured */
-        int hot = atoi(f[17]), warm = atoi(f[18]), cold_tok = atoi(f[19]);
+        int hot = atoi(f[17]), warm = atoi(f[18]), cold_tok = atoi(f[19]), pipe = atoi(f[21]);
         assert_true(hot >= 0 && hot < 512);
+        assert_true(atof(f[20]) > 0);       /* pipelined warm TTFT measured */
+        assert_int_equal(pipe, warm);       /* pipelining changes the timing, never the result */
         if (!strcmp(f[2], "none")) { /* lossless: same next token as the hot session */
             assert_int_equal(warm, hot);
             assert_int_equal(cold_tok, hot);
