@@ -71,6 +71,7 @@
 #include <string.h>
 
 #include "codecfile.h"
+#include "codec_learned_impl.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/kernels.h"
 #include "kernels/types.h"
@@ -662,3 +663,45 @@ static int lc_decode(const codec *c, const codec_chunk *ch, const uint8_t *paylo
 
 const codec_ops codec_ops_pca = {"pca", CODEC_PCA, lc_payload_bytes, lc_encode, lc_decode};
 const codec_ops codec_ops_learned = {"learned", CODEC_LEARNED, lc_payload_bytes, lc_encode, lc_decode};
+
+/* ---- a plain view for other decoders (codec_learned_impl.h) ------------- */
+
+int codec_is_learned(const codec *c) {
+    return c && (c->ops == &codec_ops_pca || c->ops == &codec_ops_learned);
+}
+
+int codec_learned_get_view(const codec *c, int layer, int is_v, codec_learned_view *v, kp_err *err) {
+    if (!codec_is_learned(c) || !v)
+        return kp_errf(err, KP_EINVAL, "codec '%s' is not a pca/learned codec (or no view given)",
+                       codec_name(c));
+    if (layer < 0 || layer >= c->shape.n_layer)
+        return kp_errf(err, KP_EINVAL, "codec '%s': layer %d outside 0..%d", codec_name(c), layer,
+                       c->shape.n_layer - 1);
+    const codec_learned *cl = (const codec_learned *)c;
+    const lc_coder *cd = &cl->coders[2 * layer + (is_v != 0)];
+    const int half = KP_MIN(c->shape.n_rot, c->shape.head_dim) / 2;
+    *v = (codec_learned_view){
+        .kind = cl->kind,
+        .ranges = cl->ranges,
+        .d = cl->d,
+        .r = cd->r,
+        .bits_sum = cd->bits_sum,
+        .rope = cl->kind == CODEC_LEARNED && !is_v && half > 0,
+        .rope_half = KP_MAX(half, 0),
+        .rope_neox = c->shape.rope_mode == KP_ROPE_NEOX,
+        .bits = cd->bits,
+        .mean = cd->mean,
+        .enc = cd->enc,
+        .enct = cd->enct,
+        .rpad = cd->rpad,
+        .dect = cd->dect,
+        .dpad = cd->dpad,
+        .dmean = cd->dmean,
+        .qlo = cd->qlo,
+        .qstep = cd->qstep,
+        .rope_th = half > 0 ? cl->rope_th : NULL,
+        .rope_cos = half > 0 ? cl->rope_th + half : NULL,
+        .rope_sin = half > 0 ? cl->rope_th + 2 * half : NULL,
+    };
+    return 0;
+}
