@@ -68,7 +68,8 @@ struct sess {
 struct sess_table {
     sess_opts o;
     store *st;
-    bool host_kv;           /* the backend's KV is host memory (parking possible) */
+    bool host_kv;           /* the backend's KV is host memory: the store reads it in place */
+    kp_backend *host_be;    /* else: a CPU backend for host copies of the KV (staging) */
     size_t seq_bytes;       /* KV bytes of one hot session */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -194,19 +195,58 @@ static void make_extra(const sess *x, uint8_t extra[SESS_EXTRA_BYTES]) {
     memcpy(extra + 4, &x->owner, 8);
 }
 
+/* A host-memory KV of n rows shaped like `like` (staging for a KV that lives
+ * in device memory: the store reads and writes host memory). */
+static int staging_new(sess_table *t, const kv_cache *like, int n, kv_cache **out, kp_err *err) {
+    return kv_new(out, t->host_be, like->kv_type, like->n_layer, n > 0 ? n : 1, like->n_kv_heads, like->head_dim,
+                  err);
+}
+
+/* Copy rows [0, n) of every layer between a device KV and a host one. */
+static int staging_copy(kv_cache *dev, kv_cache *host, int n, bool to_host, kp_err *err) {
+    const kp_ops *ops = kp_backend_ops(dev->be);
+    size_t bytes = (size_t)n * dev->row_bytes;
+    for (int l = 0; l < dev->n_layer; l++) {
+        int rc = to_host ? ops->download(dev->be, host->k[l], dev->k[l], bytes) |
+                               ops->download(dev->be, host->v[l], dev->v[l], bytes)
+                         : ops->upload(dev->be, dev->k[l], host->k[l], bytes) |
+                               ops->upload(dev->be, dev->v[l], host->v[l], bytes);
+        if (rc) return kp_errf(err, KP_EIO, "copying the KV cache %s the device failed", to_host ? "from" : "to");
+    }
+    return 0;
+}
+
 /* Write x's hot KV to the store. The caller made x PARKING or SAVING (so no
  * request starts on it) and, unless on the scheduler thread, made sure no
- * job runs on it. */
+ * job runs on it. A KV in device memory is staged through host memory. */
 static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st, kp_err *err) {
-    if (!t->host_kv)
-        return kp_errf(err, KP_EUNSUP,
-                       "session %s: parking a KV cache held on the GPU is not supported yet; use --device cpu",
-                       x->id);
     uint8_t extra[SESS_EXTRA_BYTES];
     make_extra(x, extra);
     store_item it = {.tokens = x->seq->tokens, .n_tokens = x->seq->n_tokens, .extra = extra,
                      .extra_len = sizeof extra, .kv = x->seq->kv};
-    return store_save(t->st, x->id, &it, durable, st, err);
+    if (t->host_kv) return store_save(t->st, x->id, &it, durable, st, err);
+    kv_cache *h = NULL;
+    int rc = staging_new(t, x->seq->kv, it.n_tokens, &h, err);
+    if (!rc) rc = staging_copy(x->seq->kv, h, it.n_tokens, true, err);
+    if (!rc) {
+        h->n_pos = it.n_tokens;
+        it.kv = h;
+        rc = store_save(t->st, x->id, &it, durable, st, err);
+    }
+    kv_free(h);
+    return rc;
+}
+
+/* Restore the stored KV of id into kv (n_tokens rows), staging if needed. */
+static int load_hot(sess_table *t, const char *id, kv_cache *kv, int n_tokens, kp_err *err) {
+    if (t->host_kv) return store_load_kv(t->st, id, kv, err);
+    kv_cache *h = NULL;
+    int rc = staging_new(t, kv, n_tokens, &h, err);
+    if (!rc) rc = store_load_kv(t->st, id, h, err);
+    if (!rc) rc = staging_copy(kv, h, n_tokens, false, err);
+    if (!rc) kv->n_pos = n_tokens;
+    kv_free(h);
+    return rc;
 }
 
 static void store_log(void *ud, const char *msg) {
@@ -301,7 +341,7 @@ static int by_last_use(const void *a, const void *b) {
 
 /* Pick what to park now and queue it (loop thread). */
 static void schedule_parks(sess_table *t) {
-    if (atomic_load(&t->stopping) || !t->host_kv) return;
+    if (atomic_load(&t->stopping)) return;
     pthread_mutex_lock(&t->mu);
     int n_hot = 0;
     sess **cand = malloc(sizeof *cand * (size_t)(t->n > 0 ? t->n : 1));
@@ -403,6 +443,17 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
     atomic_init(&t->stopping, false);
     const kp_ops *ops = kp_backend_ops(model_backend(o->m));
     t->host_kv = ops && !strcmp(ops->name, "cpu");
+    /* Tests only: stage the KV through host copies even on the CPU backend, so
+     * the path a GPU takes is exercised where there is no GPU. */
+    const char *stage = getenv("KVPARK_TEST_STAGE_KV");
+    if (stage && *stage == '1') t->host_kv = false;
+    if (!t->host_kv) {
+        int rc = kp_backend_new(&t->host_be, "cpu", 1, err);
+        if (rc) {
+            free(t);
+            return rc;
+        }
+    }
     const model_hparams *hp = model_hp(o->m);
     size_t elem = o->kv_type == KP_TYPE_F32 ? 4 : 2;
     t->seq_bytes = (size_t)hp->n_layer * 2 * (size_t)o->n_ctx * (size_t)hp->n_kv_heads * (size_t)hp->head_dim * elem;
@@ -419,6 +470,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
     so.ud = t;
     int rc = store_open(&t->st, &so, err);
     if (rc) {
+        kp_backend_free(t->host_be);
         free(t);
         return rc;
     }
@@ -430,11 +482,12 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
             o->dir, store_codec_name(t->st), (unsigned long long)ss.quarantined, (unsigned long long)ss.foreign,
             (unsigned long long)ss.imported);
     if (!t->host_kv)
-        fprintf(stderr, "kvpark: sessions: the KV cache is on the GPU: automatic parking is off "
-                        "(saving and restoring need --device cpu for now)\n");
+        fprintf(stderr, "kvpark: sessions: the KV cache is in device memory: parked sessions are staged "
+                        "through host memory\n");
 
     if (uv_loop_init(&t->loop) || uv_async_init(&t->loop, &t->wake, on_wake) || uv_timer_init(&t->loop, &t->timer)) {
         store_close(t->st);
+        kp_backend_free(t->host_be);
         free(t);
         return kp_errf(err, KP_EIO, "cannot start the session parking loop (libuv)");
     }
@@ -452,6 +505,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
         uv_run(&t->loop, UV_RUN_DEFAULT);
         uv_loop_close(&t->loop);
         store_close(t->st);
+        kp_backend_free(t->host_be);
         free(t);
         return kp_errf(err, KP_EIO, "cannot start the session parking thread");
     }
@@ -490,6 +544,7 @@ void sess_close(sess_table *t) {
         free(x);
         x = nx;
     }
+    kp_backend_free(t->host_be);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->cv);
     free(t);
@@ -569,7 +624,7 @@ int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check
         if (!rc && n_tokens > q->cap)
             rc = kp_errf(err, KP_ERANGE, "session %s holds %d tokens, more than the server's context of %d (-c)",
                          id, n_tokens, t->o.n_ctx);
-        if (!rc) rc = store_load_kv(t->st, id, q->kv, err);
+        if (!rc) rc = load_hot(t, id, q->kv, n_tokens, err);
         if (!rc) {
             memcpy(q->tokens, tokens, sizeof *tokens * (size_t)n_tokens);
             q->n_tokens = n_tokens;
