@@ -137,6 +137,32 @@ describe('tiers', { timeout: 240000 }, () => {
     }
   });
 
+  it('three requests at once on a parked session restore it once', async () => {
+    const srv = await startServer({ args: ['-c', '256', '--hot-sessions', '1'] });
+    try {
+      const sid = await newSession(srv);
+      const m1 = turn([], PROMPTS[1]);
+      const r1 = await ask(srv, sid, m1);
+      const other = await newSession(srv); /* pushes sid out of the single hot slot */
+      await ask(srv, other, turn([], PROMPTS[2]));
+      await waitFor('the first session parked', async () => (await listTiers(srv))[sid].tier === 'warm');
+      const restores = async () => metricValue((await jfetch(srv.url + '/metrics', { method: 'GET' })).text,
+        'kvpark_session_events_total', { event: 'restore', tier: 'warm' });
+      const before = await restores();
+      const hist = [...m1, { role: 'assistant', content: r1.choices[0].message.content }];
+      const res = await Promise.all([0, 1, 2].map(() => jfetch(srv.baseURL + '/chat/completions', {
+        body: { model: 'm', temperature: 0, max_tokens: 16, session_id: sid, messages: turn(hist, 'What happened next?') },
+      })));
+      for (const r of res) {
+        assert.equal(r.status, 200, r.text);
+        assert.equal(r.json.choices[0].message.content, refOut[1].text);
+      }
+      assert.equal(await restores(), before + 1, 'restored more than once');
+    } finally {
+      await srv.stop();
+    }
+  });
+
   it('--idle-park: idle sessions are parked after the delay, not before', async () => {
     const srv = await startServer({ args: ['-c', '256', '--idle-park', '0.4'] });
     try {
