@@ -196,7 +196,8 @@ struct req_ctx {
     api_request req;
     gen_part *parts;        /* [n_parts] */
     int n_parts, n_done;
-    sess *sess;
+    sess *sess;             /* pinned until the response is complete (then NULL) */
+    char sess_id[STORE_ID_MAX + 1]; /* its id, for the log after it was released */
     char id[64];
     int64_t created;
     pthread_mutex_t mu;
@@ -242,7 +243,7 @@ static void log_request(req_ctx *r) {
     double ttft;
     totals(r, &in, &cached, &out, &ttft);
     fprintf(stderr, "kvpark: %s %s %s status=%d session=%s in=%d cached=%d out=%d ttft=%.1fms total=%.1fms\n",
-            r->id[0] ? r->id : "-", r->method, r->url, r->status, r->sess ? sess_id(r->sess) : "-", in, cached,
+            r->id[0] ? r->id : "-", r->method, r->url, r->status, r->sess_id[0] ? r->sess_id : "-", in, cached,
             out, ttft * 1e3, (kp_now() - r->t0) * 1e3);
 }
 
@@ -255,7 +256,7 @@ static void fill_result(gen_part *p, api_result *res, const char *text, size_t l
     res->id = r->id;
     res->created = r->created;
     res->model = r->req.model ? r->req.model : r->s->model_id;
-    res->session_id = r->sess ? sess_id(r->sess) : NULL;
+    res->session_id = r->sess_id[0] ? r->sess_id : NULL;
     res->text = text;
     res->text_len = len;
     res->prompt_tokens = p->n_prompt;
@@ -507,7 +508,13 @@ static ssize_t gen_reader(void *cls, uint64_t pos, char *buf, size_t max) {
             return (ssize_t)n;
         }
         if (r->finished) {
+            /* Every byte is handed over: unpin the session now, before the
+             * client can see the end of the response, so that its next
+             * request (a DELETE, a save) does not find it "in use". */
+            sess *x = r->sess;
+            r->sess = NULL;
             pthread_mutex_unlock(&r->mu);
+            if (x) sess_release(r->s->sessions, x, true);
             return r->status >= 500 && r->stream ? MHD_CONTENT_READER_END_WITH_ERROR
                                                  : MHD_CONTENT_READER_END_OF_STREAM;
         }
@@ -626,6 +633,7 @@ static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req
                           "session %s cannot be restored: %s", sid, err.msg);
             return reply_error(c, &e);
         }
+        snprintf(r->sess_id, sizeof r->sess_id, "%s", sess_id(r->sess));
         if (strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
     }
 

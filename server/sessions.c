@@ -708,7 +708,9 @@ int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, s
     int rc = 0;
     if (x->seq && x->seq->n_tokens == 0) {
         rc = kp_errf(err, KP_EINVAL, "session %s is empty: send a request on it before saving it", id);
-    } else if (x->seq && (x->dirty || !x->stored || !x->saved)) {
+    } else if (x->seq && (x->dirty || x->users > 0 || !x->stored || !x->saved)) {
+        /* users > 0: a request holds the KV and may have changed it; `dirty`
+         * is only set when it lets go, so the stored copy cannot be trusted */
         bool busy = x->users > 0;
         x->state = SS_SAVING;
         pthread_mutex_unlock(&t->mu);

@@ -101,7 +101,34 @@ export async function startServer({ args = [], model = MODEL, readyTimeoutMs = 3
   throw lastErr;
 }
 
-async function startOn(port, model, args, readyTimeoutMs, healthKey) {
+/*
+ * startServer, but run through a wrapper command: the server is started as
+ * `wrap[0] ...wrap.slice(1) BIN serve ...` (e.g. ['bash', '-c', 'ulimit -f 8; exec "$0" "$@"']
+ * to start it under a file-size limit). Same options and result as startServer.
+ */
+export async function startServerWrapped(wrap, { args = [], model = MODEL, readyTimeoutMs = 30000, healthKey } = {}) {
+  let lastErr;
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const port = await freePort();
+    try {
+      return await startOn(port, model, args, readyTimeoutMs, healthKey, wrap);
+    } catch (e) {
+      lastErr = e;
+      if (!/address already in use|EADDRINUSE|bind/i.test(String(e.message))) throw e;
+    }
+  }
+  throw lastErr;
+}
+
+/* kill -9 a server from startServer and wait until it is gone; resolves its exit info. */
+export async function killServer(srv) {
+  if (srv.exited()) return srv.exited();
+  const gone = new Promise((resolve) => srv.proc.once('exit', (code, signal) => resolve({ code, signal })));
+  try { srv.proc.kill('SIGKILL'); } catch { /* gone */ }
+  return Promise.race([gone, sleepUnref(10000).then(() => srv.exited())]);
+}
+
+async function startOn(port, model, args, readyTimeoutMs, healthKey, wrap = null) {
   if (!fs.existsSync(BIN)) throw new Error(`kvpark binary not found at ${BIN} (set KVPARK_BIN or build it)`);
   /* never let a test write ./sessions into the checkout: default to a temp dir */
   let ownDir = null;
@@ -110,7 +137,9 @@ async function startOn(port, model, args, readyTimeoutMs, healthKey) {
     args = [...args, '--session-dir', ownDir];
   }
   const argv = ['serve', '-m', model, '--host', '127.0.0.1', '--port', String(port), ...args];
-  const proc = spawn(BIN, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = wrap
+    ? spawn(wrap[0], [...wrap.slice(1), BIN, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] })
+    : spawn(BIN, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
   live.add(proc);
   let log = '';
   const keep = (d) => { log += d.toString(); if (log.length > 65536) log = log.slice(-65536); };
