@@ -6,10 +6,14 @@
  * with a probe (model_set_probe) collecting, per layer, keys BEFORE RoPE,
  * values, and the statistics the fit needs: the query covariance per KV head
  * group (keys matter through q.k) and W_O's columns (values matter through
- * W_O v). Per layer and per K/V: centre, whiten by the importance weight,
- * PCA (closed form; refined by gradient steps where it helps), allocate bits
- * per latent dimension (and per layer / K-V) to meet the target, validate on
- * a held-out slice, write the codec file.
+ * W_O v), and a sample of the rows weighted by the attention they draw.
+ * Per layer and per K/V: centre, whiten by the importance weight, PCA
+ * (closed form), measure each layer's and K/V's sensitivity (held-out KL),
+ * allocate bits per latent dimension and per layer / K-V to meet the target
+ * (or the smallest size meeting a held-out Δppl bound), refine the decoder
+ * and encoder with the quantiser in the loop where the held-out KL says it
+ * helps, validate on the held-out slice, write the codec file. calib.c has
+ * the why and the measurements.
  *
  * The codec file is a GGUF container (engine/gguf.h) with `kvpark.codec.*`
  * keys and per-layer tensors, bound to the model's fingerprint; codec_open()
@@ -20,6 +24,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "compress/codec.h"
 #include "engine/model.h"
@@ -34,12 +39,30 @@ typedef struct calib_opts {
     int window;           /* last W tokens kept lossless (default 64) */
     int kind;             /* CODEC_LEARNED (weighted, pre-RoPE keys) or CODEC_PCA (post-RoPE, plain) */
     double k_weight;      /* learned: bit-allocation weight of the keys' relative error against
-                             the values' (default 4: on stories260K, ppl --codec at 2 bits/value
-                             had KL 0.056 / 0.036 / 0.040 for weights 1 / 4 / 8) */
+                             the values' when sensitivity is not measured (sens 0, or no held-out
+                             window), and for the sensitivity probe (default 4: on stories260K,
+                             ppl --codec at 2 bits/value had KL 0.056 / 0.036 / 0.040 for
+                             weights 1 / 4 / 8) */
     int ranges;           /* learned: 1 (default) fixed quantiser ranges from calibration (latents
                              scaled to unit variance, no side info in chunks); 0 per-chunk fp16
                              min/step per latent (4 bytes per latent per chunk); pca: always 0 */
     int progress;         /* 1: progress bar on a tty / lines otherwise */
+    /* learned (all default on; see calib.c for the measurements). The held-out quality runs
+     * they need take one whole n_ctx window of held-out text (the last 10%): without it
+     * refine and sens do nothing and max_dppl is an error. */
+    int refine;           /* ranges 1: decoder refit with the quantised latents in the loop
+                             (unbiased closed form), then an encoder step and the decoder again;
+                             kept only if the held-out KL falls */
+    int sens;             /* 1: bits follow each layer's and K/V's MEASURED sensitivity (held-out
+                             next-token KL per unit of weighted error); 0: k_weight for keys */
+    double max_dppl;      /* > 0: search (bisection over the bit budget) for the smallest codec
+                             whose held-out delta ppl (%) is <= max_dppl; bits is then ignored */
+    int attn;             /* 1: rows weighted by the attention they receive from queries at
+                             distance >= window (what their coding error costs) */
+    int park_every;       /* held-out quality runs (sensitivity, max_dppl): park every N (64) */
+    const double *sens_scale; /* [2 * n_layer] (K of layer l at 2l, V at 2l+1): multiplies the
+                             measured sensitivities; NULL = 1 (tests make a layer "more sensitive") */
+    FILE *log;            /* human-readable tables (allocation, refinement, search); NULL: quiet */
 } calib_opts;
 
 typedef struct calib_report {
@@ -47,6 +70,15 @@ typedef struct calib_report {
     double seconds;
     double bits_per_value; /* achieved average over coded chunks, scales included */
     double rel_err_k, rel_err_v; /* held-out relative weighted reconstruction error */
+    double rel_err_k_pca, rel_err_v_pca; /* the same for the PCA start (before refinement;
+                                            equal to the above when refinement kept nothing) */
+    double target_bits;    /* the bit budget used (max_dppl: the one the search chose) */
+    int64_t heldout_start, heldout_tokens; /* the held-out slice: tokens[start, start + n) */
+    /* held-out quality of the written codec (quality_eval with chunk, sink, window,
+     * park_every, F16 cache; measured for 'learned' when the held-out slice has a whole
+     * window, else 0): delta ppl in %, KL, ratio vs fp16 */
+    double heldout_dppl, heldout_kl, heldout_ratio;
+    int search_steps;      /* max_dppl: codecs evaluated */
 } calib_report;
 
 calib_opts calib_default_opts(void);
@@ -62,6 +94,16 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
  * M_k from this text's queries (see calib.c). */
 int calib_codec_error(model *m, const codec *c, const int32_t *tokens, size_t n_tokens, int n_ctx,
                       int chunk, double *rel_k, double *rel_v, kp_err *err);
+
+/* Greedy bit allocation of the learned codec with Gaussian latents (the
+ * fixed quantiser's distortion table): lam [n_coders][d] the normalised
+ * variances of each coder's latents (descending), sens [n_coders] the weight
+ * of each coder's relative error (NULL: 1). Steps b -> b+1 of one latent are
+ * taken by largest weighted distortion drop per bit while the average stays
+ * within target bits per value (chunks of `chunk` rows, no side info); every
+ * coder keeps >= 1 latent of >= 1 bit. bits: out [n_coders][d], 0 = dropped. */
+void calib_allocate_bits(const double *lam, const double *sens, int n_coders, int d, int chunk,
+                         double target, uint8_t *bits);
 
 /* Symmetric eigen-decomposition by cyclic Jacobi rotations: a [n][n] is
  * destroyed; evals [n] descending; evecs [n][n] with eigenvector j in column

@@ -126,6 +126,7 @@ typedef struct quality_park {
     char *lz;              /* LZ4 output of one payload */
     int lz_cap;
     double stored;         /* bytes, all parks */
+    double st_lossless, st_coded, st_hdr, lz4_saved; /* stored bytes by kind, LZ4 savings */
     double fp16;           /* fp16 bytes of the parked rows, all parks */
     double token_layers;   /* n_pos * n_layer, all parks */
     double coded_fp16;     /* fp16 bytes that went through the codec */
@@ -134,12 +135,20 @@ typedef struct quality_park {
     int max_spans;
 } quality_park;
 
-/* Bytes one encoded chunk takes in storage: raw header + LZ4'd payload. */
-static size_t quality_stored_bytes(quality_park *p, const uint8_t *enc, size_t len) {
-    if (len <= QUALITY_HDR_BYTES) return len;
+/* Bytes one encoded chunk takes in storage: raw header + LZ4'd payload
+ * (counted by kind: coded or lossless payload, header, LZ4 savings). */
+static size_t quality_stored_bytes(quality_park *p, const uint8_t *enc, size_t len, int coded) {
+    if (len <= QUALITY_HDR_BYTES) {
+        p->st_hdr += (double)len;
+        return len;
+    }
     int pay = (int)(len - QUALITY_HDR_BYTES);
     int z = LZ4_compress_default((const char *)enc + QUALITY_HDR_BYTES, p->lz, pay, p->lz_cap);
-    return QUALITY_HDR_BYTES + (size_t)(z > 0 && z < pay ? z : pay);
+    const int kept = z > 0 && z < pay ? z : pay;
+    p->st_hdr += QUALITY_HDR_BYTES;
+    *(coded ? &p->st_coded : &p->st_lossless) += kept;
+    p->lz4_saved += pay - kept;
+    return QUALITY_HDR_BYTES + (size_t)kept;
 }
 
 /* Park and resume the cache: every span (quality_park_layout) of every
@@ -172,7 +181,7 @@ static int quality_park_kv(quality_park *p, kv_cache *kv, kp_err *err) {
                                   err);
                 if (rc) return rc;
                 if (sp->coded) p->enc_s += kp_now() - t0;
-                p->stored += (double)quality_stored_bytes(p, p->enc, len);
+                p->stored += (double)quality_stored_bytes(p, p->enc, len, sp->coded);
                 if (!sp->coded) continue;
                 t0 = kp_now();
                 if ((rc = codec_decode(p->c, &ch, p->enc, len, rows, err))) return rc;
@@ -302,6 +311,12 @@ int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_toke
     res->bytes_per_token_layer = p.token_layers > 0 ? p.stored / p.token_layers : 0;
     res->encode_gbps = p.enc_s > 0 ? p.coded_fp16 / p.enc_s / 1e9 : 0;
     res->decode_gbps = p.dec_s > 0 ? p.coded_fp16 / p.dec_s / 1e9 : 0;
+    if (p.fp16 > 0) { /* bytes * 8 / (fp16 bytes / 2) */
+        res->bits_lossless = 16.0 * p.st_lossless / p.fp16;
+        res->bits_coded = 16.0 * p.st_coded / p.fp16;
+        res->bits_headers = 16.0 * p.st_hdr / p.fp16;
+        res->bits_lz4_saved = 16.0 * p.lz4_saved / p.fp16;
+    }
 done:
     kv_free(kv);
     codec_free(none);
@@ -369,7 +384,7 @@ static int quality_load_model(const char *cli, int threads, model **m, kp_err *e
 /* Options both commands share. */
 enum {
     QOPT_KV_TYPE = 2000, QOPT_CHUNKS, QOPT_CODEC, QOPT_PARK_EVERY, QOPT_SINK, QOPT_WINDOW,
-    QOPT_CHUNK, QOPT_CALIB, QOPT_CSV, QOPT_PLOT, QOPT_BITS,
+    QOPT_CHUNK, QOPT_CALIB, QOPT_CSV, QOPT_PLOT, QOPT_BITS, QOPT_MAX_DPPL,
 };
 
 typedef struct quality_cli {
@@ -487,17 +502,33 @@ static void quality_print_table(const quality_row *rows, int n) {
     }
 }
 
+/* Where the bits go: bits per parked value by kind (they add up to the
+ * bits/value column). */
+static void quality_print_breakdown(const quality_row *rows, int n) {
+    printf("\nWhere the stored bits go (bits per parked value; lossless + coded + headers = "
+           "bits/value):\n\n");
+    printf("| codec | lossless sink+window rows | coded chunks | chunk headers | bits/value | "
+           "LZ4 saved |\n");
+    printf("|---|---:|---:|---:|---:|---:|\n");
+    for (int i = 0; i < n; i++) {
+        const quality_result *r = &rows[i].r;
+        printf("| %s | %.3f | %.3f | %.3f | %.3f | %.3f |\n", rows[i].name, r->bits_lossless,
+               r->bits_coded, r->bits_headers, r->ratio > 0 ? 16.0 / r->ratio : 0, r->bits_lz4_saved);
+    }
+}
+
 static int quality_write_csv(const char *path, const quality_row *rows, int n, kp_err *err) {
     FILE *f = fopen(path, "w");
     if (!f) return kp_errf(err, KP_EIO, "cannot write '%s': %s", path, strerror(errno));
     fprintf(f, "codec,target_bits,bits_per_value,coded_bits,ratio,ppl_ref,ppl,dppl_pct,agree,kl,"
-               "encode_gbps,decode_gbps,windows,scored\n");
+               "encode_gbps,decode_gbps,windows,scored,bits_lossless,bits_coded,bits_headers,bits_lz4_saved\n");
     for (int i = 0; i < n; i++) {
         const quality_result *r = &rows[i].r;
-        fprintf(f, "%s,%g,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6g,%.6f,%.6f,%d,%lld\n", rows[i].name,
-                rows[i].target_bits, r->ratio > 0 ? 16.0 / r->ratio : 0, rows[i].coded_bits,
+        fprintf(f, "%s,%g,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%.6g,%.6f,%.6f,%d,%lld,%.6f,%.6f,%.6f,%.6f\n",
+                rows[i].name, rows[i].target_bits, r->ratio > 0 ? 16.0 / r->ratio : 0, rows[i].coded_bits,
                 r->ratio, r->ppl_ref, r->ppl, 100.0 * (r->ppl - r->ppl_ref) / r->ppl_ref, r->agree,
-                r->kl, r->encode_gbps, r->decode_gbps, r->n_windows, (long long)r->n_scored);
+                r->kl, r->encode_gbps, r->decode_gbps, r->n_windows, (long long)r->n_scored,
+                r->bits_lossless, r->bits_coded, r->bits_headers, r->bits_lz4_saved);
     }
     if (fclose(f)) return kp_errf(err, KP_EIO, "cannot write '%s'", path);
     return 0;
@@ -582,9 +613,11 @@ static void quality_default_calib(char *buf, size_t cap) {
 }
 
 /* Calibrate learned and pca codecs on `calib` text at every target of
- * bits_list ("1,1.5,2") and evaluate each. A calibration that fails is
- * reported and skipped (the baselines still make a table). */
-static int quality_bench_learned(model *m, const char *calib, const char *bits_list,
+ * bits_list ("1,1.5,2") and evaluate each; with max_dppl > 0 also a learned
+ * codec sized by `calibrate --max-dppl` on the calibration text's held-out
+ * slice (row "learned<=P%"). A calibration that fails is reported and
+ * skipped (the baselines still make a table). */
+static int quality_bench_learned(model *m, const char *calib, const char *bits_list, double max_dppl,
                                  const int32_t *ids, size_t n, const quality_opts *qo,
                                  quality_row *rows, int *nrows, int max_rows, kp_err *err) {
     int32_t *cids = NULL;
@@ -596,21 +629,24 @@ static int quality_bench_learned(model *m, const char *calib, const char *bits_l
         return 0;
     }
     int rc = 0;
-    for (int kind = 0; kind < 2 && !rc; kind++) {
+    for (int kind = 0; kind < 3 && !rc; kind++) { /* learned, pca, learned by max_dppl */
         char list[256], *save = NULL;
-        snprintf(list, sizeof list, "%s", bits_list);
+        snprintf(list, sizeof list, "%s", kind < 2 ? bits_list : max_dppl > 0 ? "2" : "");
         for (char *tk = strtok_r(list, ",", &save); tk && !rc; tk = strtok_r(NULL, ",", &save)) {
             double bits = strtod(tk, NULL);
             if (!(bits > 0 && bits <= 16) || *nrows >= max_rows) continue;
             calib_opts co = calib_default_opts();
-            co.kind = kind == 0 ? CODEC_LEARNED : CODEC_PCA;
+            co.kind = kind == 1 ? CODEC_PCA : CODEC_LEARNED;
             co.bits = bits;
+            co.max_dppl = kind == 2 ? max_dppl : 0;
             co.n_ctx = qo->n_ctx;
             co.chunk = qo->chunk;
             co.sink = qo->sink;
             co.window = qo->window;
+            co.park_every = qo->park_every;
             char label[48];
-            snprintf(label, sizeof label, "%s@%g", kind == 0 ? "learned" : "pca", bits);
+            if (kind == 2) snprintf(label, sizeof label, "learned<=%g%%", max_dppl);
+            else snprintf(label, sizeof label, "%s@%g", kind == 0 ? "learned" : "pca", bits);
             char path[] = "/tmp/kvpark-codec-calib-XXXXXX";
             int fd = mkstemp(path);
             if (fd < 0) {
@@ -622,7 +658,11 @@ static int quality_bench_learned(model *m, const char *calib, const char *bits_l
             calib_report rep;
             e2 = (kp_err){0};
             int crc = calib_run(m, cids, cn, &co, path, &rep, &e2);
-            if (!crc) crc = quality_bench_one(m, path, label, bits, ids, n, qo, &rows[*nrows], &e2);
+            if (!crc && co.kind == CODEC_LEARNED)
+                fprintf(stderr, "kvpark: %s: %.3f bits/value, held-out (calibration text) ratio %.3f, "
+                        "Δppl %+.3f%%, KL %.3g [%.1f s]\n", label, rep.target_bits, rep.heldout_ratio,
+                        rep.heldout_dppl, rep.heldout_kl, rep.seconds);
+            if (!crc) crc = quality_bench_one(m, path, label, rep.target_bits, ids, n, qo, &rows[*nrows], &e2);
             if (!crc) (*nrows)++;
             else fprintf(stderr, "kvpark: note: %s skipped: %s\n", label, e2.msg);
             unlink(path);
@@ -633,22 +673,36 @@ static int quality_bench_learned(model *m, const char *calib, const char *bits_l
 }
 
 /* The bench's own defaults (quality.h): a realistic context, a short recent
- * window, and llama.cpp's default F16 cache. */
+ * window, no sink, and llama.cpp's default F16 cache.
+ *
+ * Why window 8 and sink 0: lossless rows cost 16 bits per value, so they
+ * bound the ratio: parking every 64 tokens up to 512, S + W lossless rows
+ * per park cap it at 2304 / (8 (S + W)), 8x for S 4 + W 32, whatever the
+ * codec does. Measured on stories260K (learned, --bits 1.5, evaluation
+ * text, 20 windows; ratio / Δppl): W 32 S 4 4.74x / +0.26%; W 16 S 0
+ * 6.80x / +0.65%; W 8 S 0 8.15x / +0.62%; W 4 S 0 9.01x / +0.92%; W 0 S 0
+ * 10.3x / +2.23%. At W 8 the sink changes nothing measurable (S 0 / 1 / 4:
+ * KL 0.0085 / 0.0084 / 0.0086) and costs 3% / 10% of the ratio. Models with
+ * strong attention sinks may want --sink 1..4: it is a codec parameter. */
 #define QUALITY_BENCH_CTX 512
-#define QUALITY_BENCH_WINDOW 32
+#define QUALITY_BENCH_WINDOW 8
+#define QUALITY_BENCH_SINK 0
 
 int quality_bench_main(int argc, char **argv) {
     quality_cli q = {.qo = quality_default_opts()};
     q.qo.n_ctx = 0; /* 0: not given; min(512, the model's training context) */
     q.qo.window = QUALITY_BENCH_WINDOW;
+    q.qo.sink = QUALITY_BENCH_SINK;
     q.qo.kv_type = KP_TYPE_F16;
     const char *calib = NULL, *csv = NULL, *plot = NULL;
-    char bits_list[256] = "1,1.5,2,3,4";
+    char bits_list[256] = "1,1.25,1.5,2,3,4,8";
+    double max_dppl = 0;
     static const struct option lo[] = {QUALITY_COMMON_LONGOPTS,
                                        {"calib", required_argument, 0, QOPT_CALIB},
                                        {"csv", required_argument, 0, QOPT_CSV},
                                        {"plot", required_argument, 0, QOPT_PLOT},
                                        {"bits", required_argument, 0, QOPT_BITS},
+                                       {"max-dppl", required_argument, 0, QOPT_MAX_DPPL},
                                        {0, 0, 0, 0}};
     int ch;
     optind = 0;
@@ -660,16 +714,25 @@ int quality_bench_main(int argc, char **argv) {
         else if (ch == QOPT_CSV) csv = optarg;
         else if (ch == QOPT_PLOT) plot = optarg;
         else if (ch == QOPT_BITS) snprintf(bits_list, sizeof bits_list, "%s", optarg);
+        else if (ch == QOPT_MAX_DPPL) {
+            char *end;
+            max_dppl = strtod(optarg, &end);
+            if (end == optarg || *end || !(max_dppl > 0))
+                return quality_usage("bench codec", "--max-dppl needs a percentage > 0");
+        }
         else if (ch == 'h') {
             puts("usage: kvpark bench codec [-m MODEL] -f EVALTEXT [--calib CALIBTEXT]\n"
-                 "       [--bits 1,1.5,2,3,4] [--csv FILE] [--plot FILE.png] [-c CTX] [--chunks N]\n"
+                 "       [--bits 1,1.25,1.5,2,3,4,8] [--max-dppl P] [--csv FILE] [--plot FILE.png]\n"
+                 "       [-c CTX] [--chunks N]\n"
                  "       [--park-every N] [--sink S] [--window W] [--chunk C] [--kv-type T] [-t N]\n"
                  "Every baseline codec (none, fp16, int8, int4, kivi2) and the learned/pca codecs\n"
                  "calibrated on CALIBTEXT at each --bits target, evaluated as 'kvpark ppl --codec'\n"
                  "does: a markdown table of bits/value, ratio vs fp16, Δppl %, top-1 agreement,\n"
-                 "KL and encode/decode GB/s; --csv writes it, --plot draws Δppl vs ratio.\n"
-                 "Defaults: -c min(512, training context), --park-every 64, --chunk 64, --sink 4,\n"
-                 "--window 32, --kv-type f16. Ratio = fp16 bytes of the parked KV / every stored\n"
+                 "KL and encode/decode GB/s, then where the stored bits go; --csv writes it,\n"
+                 "--plot draws Δppl vs ratio. --max-dppl P adds a learned codec sized by\n"
+                 "'kvpark calibrate --max-dppl P' on the calibration text's held-out slice.\n"
+                 "Defaults: -c min(512, training context), --park-every 64, --chunk 64, --sink 0,\n"
+                 "--window 8, --kv-type f16. Ratio = fp16 bytes of the parked KV / every stored\n"
                  "byte (headers, scales, LZ4); sink and window rows are stored lossless at the\n"
                  "cache's type. GB/s: fp16-equivalent bytes per second of one thread.");
             return 0;
@@ -704,7 +767,7 @@ int quality_bench_main(int argc, char **argv) {
         quality_default_calib(calib_default, sizeof calib_default);
         calib = calib_default;
     }
-    if ((rc = quality_bench_learned(m, calib, bits_list, ids, n, &q.qo, rows, &nrows, 64, &err)))
+    if ((rc = quality_bench_learned(m, calib, bits_list, max_dppl, ids, n, &q.qo, rows, &nrows, 64, &err)))
         goto out;
 
     const char *kvn = q.qo.kv_type == KP_TYPE_F32   ? "f32"
@@ -715,6 +778,7 @@ int quality_bench_main(int argc, char **argv) {
            "GB/s = fp16-equivalent, one thread.\n\n",
            model_desc(m), kvn, q.qo.n_ctx, q.qo.park_every, q.qo.chunk, q.qo.sink, q.qo.window);
     quality_print_table(rows, nrows);
+    quality_print_breakdown(rows, nrows);
     fflush(stdout);
     if (csv && (rc = quality_write_csv(csv, rows, nrows, &err))) goto out;
     if (plot && (rc = quality_plot(plot, rows, nrows, &err))) goto out;

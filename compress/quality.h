@@ -40,6 +40,12 @@ typedef struct quality_result {
     double encode_gbps, decode_gbps; /* of reconstructed fp16 KV, one thread */
     int64_t n_scored;
     int n_windows;
+    /* where the stored bytes go, in bits per parked value (fp16 bytes / 2
+     * values); the first three add up to 16 / ratio: */
+    double bits_lossless;     /* sink and window rows' payloads, after LZ4 */
+    double bits_coded;        /* coded chunks' payloads (codes, scales), after LZ4 */
+    double bits_headers;      /* 16-byte chunk headers (kept raw) */
+    double bits_lz4_saved;    /* what LZ4 took off the payloads (not in the sum) */
 } quality_result;
 
 /* One span of a parked cache: rows [start, start + n), coded (1) through the
@@ -78,14 +84,18 @@ codec_shape quality_codec_shape(model *m);
  *   ppl = X / ratio = R / agree = A / kl = K
  * (scripts read them). */
 int quality_ppl_main(int argc, char **argv);
-/* `kvpark bench codec -f EVALTEXT [--calib CALIBTEXT] [--bits 1,1.5,2,3,4]
- *   [--csv FILE] [--plot FILE.png] + the options above`, with its own
- * defaults: -c min(512, the model's training context), --window 32,
- * --kv-type f16 (llama.cpp's default cache; lossless rows are stored at the
- * cache's type, so the ratio vs fp16 of codec "none" is ~1): every baseline codec
- * and learned/pca codecs calibrated at each --bits target; a markdown table
- * (bits/value, ratio vs fp16, delta ppl %, top-1 agreement, KL, encode and
- * decode GB/s), a CSV, and a gnuplot PNG of delta ppl vs ratio. */
+/* `kvpark bench codec -f EVALTEXT [--calib CALIBTEXT] [--bits 1,1.25,1.5,2,3,4,8]
+ *   [--max-dppl P] [--csv FILE] [--plot FILE.png] + the options above`, with
+ * its own defaults (why: quality.c): -c min(512, the model's training
+ * context), --window 8, --sink 0, --kv-type f16 (llama.cpp's default cache;
+ * lossless rows are stored at the cache's type, so the ratio vs fp16 of
+ * codec "none" is ~1): every baseline codec and learned/pca codecs
+ * calibrated at each --bits target (and with --max-dppl P a learned codec
+ * sized by calibrate's search on the calibration text's held-out slice); a
+ * markdown table (bits/value, ratio vs fp16, delta ppl %, top-1 agreement,
+ * KL, encode and decode GB/s), a table of where the stored bits go
+ * (lossless rows, coded chunks, headers, LZ4 savings), a CSV, and a gnuplot
+ * PNG of delta ppl vs ratio. */
 int quality_bench_main(int argc, char **argv);
 
 #endif

@@ -2,11 +2,15 @@
  * test_calib.c — the fitted KV codecs 'learned' and 'pca' (issue 4):
  * calibration of stories260K on the calibration text, codec files written
  * and re-opened, and round trips of REAL KV from the evaluation text (never
- * the calibration text): weighted error falls as bits rise, is small at
- * 4 bits, and 'learned' beats 'pca' at equal bits on the weighted key
+ * the calibration text): weighted error falls as bits rise, keys' is small
+ * at 4 bits, and 'learned' beats 'pca' at equal bits on the weighted key
  * error; the Jacobi solver against known matrices; a deterministic
  * bitstream and a deterministic calibration; damaged chunks and damaged,
- * truncated or foreign codec files refused cleanly.
+ * truncated or foreign codec files refused cleanly. The fit's own claims:
+ * refinement never raises the held-out KL (checked again by re-running the
+ * written codecs on the held-out slice); the bit allocator gives more bits
+ * to a coder (or a layer, end to end) made more sensitive; --max-dppl's
+ * codec meets its bound on the held-out slice.
  */
 #include <math.h>
 #include <stdio.h>
@@ -19,13 +23,14 @@
 #include "compress/calib.h"
 #include "compress/codec.h"
 #include "compress/codecfile.h" /* codec_chunk_bytes_at */
+#include "compress/quality.h"
 #include "engine/model.h"
 #include "kernels/types.h"
 
 #define MODEL_REL "models/stories260K.gguf"
 #define CALIB_REL "data/tinystories-train-calib.txt"
 #define EVAL_REL "data/tinystories-valid-eval.txt"
-#define N_CALIB 20480
+#define N_CALIB 16384
 #define N_EVAL 2048
 #define CTX 256
 
@@ -69,7 +74,7 @@ static int fx_setup(void **state) {
     kp_err err = {0};
     char *mp = tu_shared_path(MODEL_REL);
     model_opts mo = model_default_opts();
-    mo.n_threads = 2;
+    mo.n_threads = 1; /* a tiny model: one thread is as fast and leaves the other core alone */
     if (model_load(&f->m, mp, &mo, &err)) {
         fprintf(stderr, "%s\n", err.msg);
         return -1;
@@ -86,6 +91,7 @@ static int fx_setup(void **state) {
         o.bits = k_bits[i];
         o.kind = k_kind[i];
         o.ranges = i == 6 ? 0 : 1;
+        o.sens = i != 6; /* the older per-chunk ranges: the k-weight prior (keeps the test short) */
         snprintf(f->path[i], sizeof f->path[i], "%s/c%d.gguf", f->dir, i);
         if (calib_run(f->m, f->cal, f->n_cal, &o, f->path[i], &f->rep[i], &err)) {
             fprintf(stderr, "calib_run: %s\n", err.msg);
@@ -193,8 +199,10 @@ static void test_quality(void **state) {
     /* more bits, less error (learned 1 -> 2 -> 4) */
     assert_true(ek[0] > ek[1] && ek[1] > ek[2]);
     assert_true(evv[0] > evv[1] && evv[1] > evv[2]);
-    /* ~4 bits/value: small */
-    assert_true(ek[2] < 0.05 && evv[2] < 0.05);
+    /* ~4 bits/value: keys' error small; values' larger, because the
+     * measured sensitivity sends most bits to the keys (values move the
+     * next-token KL ~50x less per unit of relative error on this model) */
+    assert_true(ek[2] < 0.05 && evv[2] < 0.25);
     /* learned beats pca at equal bits on the weighted key error (2 and 4 bits) */
     assert_true(ek[1] < ek[3]);
     assert_true(ek[2] < ek[4]);
@@ -208,7 +216,7 @@ static void test_quality(void **state) {
         assert_int_equal(calib_codec_error(f->m, c, f->ev, f->n_ev, CTX, 64, &k6, &v6, &err), 0);
         printf("# eval: learned 2 bits, per-chunk ranges (achieved %.3f): weighted rel err K %.5f V %.5f\n",
                f->rep[6].bits_per_value, k6, v6);
-        assert_true(k6 > ek[1] && v6 > evv[1]);
+        assert_true(k6 > ek[1]); /* (values: another allocation, see fx_setup) */
         assert_true(k6 < 0.1 && v6 < 0.4);
         codec *c1 = open_ok(f->path[1], &f->shape);
         const codec_learned *l6 = (const codec_learned *)c, *l1 = (const codec_learned *)c1;
@@ -227,7 +235,7 @@ static void test_quality(void **state) {
         codec_free(c);
     }
     /* the held-out error reported by calibration is in the same range */
-    assert_true(f->rep[2].rel_err_k < 0.05 && f->rep[2].rel_err_v < 0.05);
+    assert_true(f->rep[2].rel_err_k < 0.05 && f->rep[2].rel_err_v < 0.25);
 }
 
 /* ---- chunks: determinism, types, damage -------------------------------------- */
@@ -282,8 +290,15 @@ static void test_chunks(void **state) {
                 num16 += (kp_fp16_to_f32(o16[i]) - rows[i]) * (double)(kp_fp16_to_f32(o16[i]) - rows[i]);
                 den += (double)rows[i] * rows[i];
             }
-            assert_true(num / den < 0.25);    /* 2 bits, unweighted: sane */
-            assert_true(num16 / den < 0.25);
+            /* 2 bits, unweighted: keys sane. Values are fitted for W_O's
+             * metric and the layers whose values matter least keep a few
+             * latents only (see test_quality), so their unweighted error
+             * says little (up to ~1.1 measured: W_O all but ignores some
+             * directions); for them F16 rows must match F32 rows. */
+            print_message("# chunk layer %d %c: unweighted rel err %.4f (F16 rows %.4f)\n", l,
+                          t ? 'V' : 'K', num / den, num16 / den);
+            if (!t) assert_true(num / den < 0.25 && num16 / den < 0.25);
+            assert_true(isfinite(num) && fabs(num16 - num) <= 0.05 * num + 1e-6 * den);
 
             /* damage: every 7th byte flipped in turn, and truncation */
             for (int i = 0; i < n * d; i++) out2[i] = -1234.5f;
@@ -482,6 +497,187 @@ static void test_unpack_reference(void **state) {
     }
 }
 
+/* ---- the fit's claims ---------------------------------------------------------- */
+
+/* Held-out quality of a codec file, measured here (not by calibration):
+ * the options calib_run's held-out runs use. */
+static quality_result heldout_quality(fx *f, const char *path, const calib_report *rep) {
+    codec *c = open_ok(path, &f->shape);
+    calib_opts co = calib_default_opts();
+    quality_opts qo = quality_default_opts();
+    qo.n_ctx = CTX, qo.park_every = co.park_every, qo.chunk = co.chunk, qo.sink = co.sink;
+    qo.window = co.window, qo.kv_type = KP_TYPE_F16;
+    quality_result r;
+    kp_err err = {0};
+    assert_true(rep->heldout_start > 0 && rep->heldout_tokens >= CTX);
+    assert_true(rep->heldout_start + rep->heldout_tokens <= (int64_t)f->n_cal);
+    assert_int_equal(quality_eval(f->m, c, f->cal + rep->heldout_start, rep->heldout_tokens, &qo, &r, &err), 0);
+    codec_free(c);
+    return r;
+}
+
+/* Refinement (unbiased decoder refit, encoder step) is kept only where it
+ * lowers the held-out KL: at the same bits it never does worse than the
+ * PCA start (--no-refine), and the reports are what the written codecs
+ * really do on the held-out slice. */
+static void test_refine_never_worse(void **state) {
+    NEED_FX(f);
+    calib_opts o = calib_default_opts();
+    o.bits = 2;
+    o.refine = 0;
+    char p[600];
+    snprintf(p, sizeof p, "%s/norefine.gguf", f->dir);
+    calib_report nr;
+    kp_err err = {0};
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o, p, &nr, &err), 0);
+    const calib_report *rr = &f->rep[1]; /* learned 2 bits, refined (the default) */
+    quality_result qr = heldout_quality(f, f->path[1], rr), qn = heldout_quality(f, p, &nr);
+    print_message("# held-out KL: PCA start %.6f, refined %.6f (reported %.6f / %.6f); weighted rel err "
+                  "K %.4f -> %.4f, V %.4f -> %.4f\n", qn.kl, qr.kl, nr.heldout_kl, rr->heldout_kl,
+                  rr->rel_err_k_pca, rr->rel_err_k, rr->rel_err_v_pca, rr->rel_err_v);
+    assert_true(fabs(qr.kl - rr->heldout_kl) < 1e-9 && fabs(qn.kl - nr.heldout_kl) < 1e-9);
+    assert_true(fabs(100.0 * (qr.ppl - qr.ppl_ref) / qr.ppl_ref - rr->heldout_dppl) < 1e-9);
+    assert_true(qr.kl <= qn.kl + 1e-12);
+    /* same allocation: the PCA start the refinement began from is the
+     * --no-refine codec, and its error is what the refined run reports */
+    assert_true(fabs(nr.rel_err_k - rr->rel_err_k_pca) < 1e-12 && fabs(nr.rel_err_v - rr->rel_err_v_pca) < 1e-12);
+    assert_true(nr.rel_err_k_pca == nr.rel_err_k && nr.rel_err_v_pca == nr.rel_err_v);
+    assert_true(fabs(nr.bits_per_value - rr->bits_per_value) < 1e-9);
+    unlink(p);
+}
+
+/* The allocator alone: equal coders share the bits evenly; making one
+ * coder more sensitive moves bits to it, monotonically, within budget. */
+static void test_allocate_sensitive(void **state) {
+    (void)state;
+    enum { NC = 4, D = 16, C = 64 };
+    double lam[NC * D], sens[NC] = {1, 1, 1, 1};
+    uint8_t bits[NC * D];
+    for (int c = 0; c < NC; c++) {
+        double t = 0;
+        for (int j = 0; j < D; j++) t += lam[c * D + j] = pow(0.7, j);
+        for (int j = 0; j < D; j++) lam[c * D + j] /= t;
+    }
+    int sum[NC], prev = 0;
+    for (int step = 0; step < 5; step++) {
+        sens[2] = pow(3.0, step); /* 1, 3, 9, 27, 81 */
+        calib_allocate_bits(lam, sens, NC, D, C, 2.0, bits);
+        int tot = 0;
+        for (int c = 0; c < NC; c++) {
+            sum[c] = 0;
+            for (int j = 0; j < D; j++) {
+                sum[c] += bits[c * D + j];
+                assert_true(bits[c * D + j] <= CODECFILE_MAX_BITS);
+            }
+            assert_true(bits[c * D] >= 1); /* every coder keeps a latent */
+            tot += sum[c];
+        }
+        print_message("# sens[2] %g: bits per coder %d %d %d %d\n", sens[2], sum[0], sum[1], sum[2], sum[3]);
+        assert_true(tot <= 2 * D * NC && tot >= 2 * D * NC - 1); /* the budget, used */
+        if (step == 0) /* equal coders: equal shares (up to one tie-broken step) */
+            for (int c = 1; c < NC; c++) assert_true(abs(sum[c] - sum[0]) <= 1);
+        else {
+            assert_true(sum[2] >= prev);
+            for (int c = 0; c < NC; c++)
+                if (c != 2) assert_true(sum[2] > sum[c]);
+        }
+        prev = sum[2];
+    }
+    assert_true(sum[2] >= sum[0] + 8); /* 81x as sensitive: a clear shift */
+    /* within a coder, bits never go to a weaker latent before a stronger one */
+    for (int c = 0; c < NC; c++)
+        for (int j = 1; j < D; j++) assert_true(bits[c * D + j] <= bits[c * D + j - 1]);
+}
+
+/* End to end: calibration with layer 2's measured sensitivity scaled 16x
+ * gives layer 2 more bits than the plain calibration at the same target. */
+static void test_sensitive_layer(void **state) {
+    NEED_FX(f);
+    const int L = f->shape.n_layer;
+    double *scale = malloc(2 * (size_t)L * sizeof(double));
+    for (int i = 0; i < 2 * L; i++) scale[i] = i / 2 == 2 ? 16.0 : 1.0;
+    calib_opts o = calib_default_opts();
+    o.bits = 2;
+    o.sens_scale = scale;
+    char p[600];
+    snprintf(p, sizeof p, "%s/boost.gguf", f->dir);
+    calib_report rep;
+    kp_err err = {0};
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o, p, &rep, &err), 0);
+    codec *cb = open_ok(p, &f->shape), *c0 = open_ok(f->path[1], &f->shape);
+    const codec_learned *lb = (const codec_learned *)cb, *l0 = (const codec_learned *)c0;
+    int bb[16] = {0}, b0[16] = {0};
+    for (int ci = 0; ci < 2 * L && ci < 16; ci++) bb[ci] = lb->coders[ci].bits_sum, b0[ci] = l0->coders[ci].bits_sum;
+    print_message("# layer 2 K+V bits per row: %d plain, %d with sensitivity x16\n", b0[4] + b0[5], bb[4] + bb[5]);
+    assert_true(bb[4] + bb[5] > b0[4] + b0[5]);
+    assert_true(bb[4] >= b0[4] && bb[5] >= b0[5]);
+    assert_true(rep.bits_per_value <= 2.0 + 1e-9 && fabs(rep.bits_per_value - f->rep[1].bits_per_value) < 0.02);
+    codec_free(cb), codec_free(c0);
+    unlink(p);
+    free(scale);
+}
+
+/* A window as long as the context: no query meets a row coded, so there
+ * are no attention weights; the fit falls back to unweighted rows. */
+static void test_window_covers_context(void **state) {
+    NEED_FX(f);
+    calib_opts o = calib_default_opts();
+    o.window = 4 * CTX, o.sens = 0, o.refine = 0, o.bits = 2;
+    char p[600];
+    snprintf(p, sizeof p, "%s/wide.gguf", f->dir);
+    calib_report rep;
+    kp_err err = {0};
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o, p, &rep, &err), 0);
+    assert_true(rep.bits_per_value <= 2.0 + 1e-9 && rep.bits_per_value > 1.8);
+    assert_true(isfinite(rep.rel_err_k) && rep.rel_err_k < 0.1);
+    codec_free(open_ok(p, &f->shape));
+    unlink(p);
+}
+
+/* --max-dppl: the search writes a codec that meets its bound on the
+ * held-out slice (measured again here), smaller than 8 bits/value, and the
+ * report's numbers are that codec's; a slightly smaller budget (the step
+ * below the search's resolution) misses the bound there. */
+static void test_max_dppl(void **state) {
+    NEED_FX(f);
+    calib_opts o = calib_default_opts();
+    o.max_dppl = 1.0;
+    o.sens = 0, o.refine = 0; /* the search alone (each step one held-out run): keeps the test short */
+    char p[600];
+    snprintf(p, sizeof p, "%s/maxdppl.gguf", f->dir);
+    calib_report rep;
+    kp_err err = {0};
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o, p, &rep, &err), 0);
+    quality_result q = heldout_quality(f, p, &rep);
+    const double dp = 100.0 * (q.ppl - q.ppl_ref) / q.ppl_ref;
+    print_message("# max-dppl 1%%: %d steps, chose %.4f bits/value (coded %.4f): held-out ratio %.3f "
+                  "Δppl %+.4f%% (reported %+.4f%%)\n", rep.search_steps, rep.target_bits, rep.bits_per_value,
+                  q.ratio, dp, rep.heldout_dppl);
+    assert_true(dp <= 1.0);
+    assert_true(fabs(dp - rep.heldout_dppl) < 1e-9 && fabs(q.ratio - rep.heldout_ratio) < 1e-9);
+    assert_true(rep.search_steps >= 4);
+    assert_true(rep.target_bits < CODECFILE_MAX_BITS && rep.bits_per_value <= rep.target_bits + 1e-9);
+    unlink(p);
+    calib_opts o2 = o;
+    o2.max_dppl = 0, o2.bits = rep.target_bits / 1.1;
+    calib_report r2;
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o2, p, &r2, &err), 0);
+    print_message("# %.4f bits/value: held-out Δppl %+.4f%%\n", o2.bits, r2.heldout_dppl);
+    assert_true(r2.heldout_dppl > 1.0);
+    unlink(p);
+    /* a bound no codec can meet is an error, not a silent best effort */
+    o.max_dppl = 1e-9;
+    o.window = 0, o.sink = 0;
+    int rc = calib_run(f->m, f->cal, f->n_cal, &o, p, &rep, &err);
+    if (rc == 0) { /* 8 bits/value might really be lossless enough: then it must say so */
+        assert_true(rep.heldout_dppl <= 1e-9);
+        unlink(p);
+    } else {
+        assert_int_equal(rc, KP_ERANGE);
+        assert_non_null(strstr(err.msg, "held-out"));
+    }
+}
+
 int main(void) {
     tu_apply_filter();
     const struct CMUnitTest tests[] = {
@@ -491,6 +687,11 @@ int main(void) {
         cmocka_unit_test(test_chunks),
         cmocka_unit_test(test_file_damage),
         cmocka_unit_test(test_calib_deterministic),
+        cmocka_unit_test(test_allocate_sensitive),
+        cmocka_unit_test(test_refine_never_worse),
+        cmocka_unit_test(test_sensitive_layer),
+        cmocka_unit_test(test_max_dppl),
+        cmocka_unit_test(test_window_covers_context),
     };
     return cmocka_run_group_tests(tests, fx_setup, fx_teardown);
 }

@@ -331,6 +331,21 @@ static void test_layout_in_eval(void **state) {
     assert_true(r.ratio >= want - 1e-9);
     assert_true(r.ratio < want * 1.1);
     assert_true(old < want * 0.8); /* the test tells the two layouts apart */
+
+    /* where the bits go: the three kinds add up to 16 / ratio; 3 headers of
+     * 16 bytes per park, layer and K/V; the 4 lossless F32 rows at most
+     * their raw size; LZ4 savings are what the payloads lost */
+    const double per = 2.0 * row * 128; /* fp16 bytes per park, layer, K/V */
+    print_message("bits: lossless %.4f coded %.4f headers %.4f (lz4 saved %.4f), total %.4f\n",
+                  r.bits_lossless, r.bits_coded, r.bits_headers, r.bits_lz4_saved, 16 / r.ratio);
+    assert_true(fabs(r.bits_lossless + r.bits_coded + r.bits_headers - 16 / r.ratio) < 1e-9);
+    assert_true(fabs(r.bits_headers - 16.0 * 3 * 16 / per) < 1e-9);
+    assert_true(r.bits_lossless > 0 && r.bits_lossless <= 16.0 * 4 * row * 4 / per + 1e-9);
+    assert_true(r.bits_coded > 0 && r.bits_lz4_saved >= 0);
+    /* raw payloads of one layer (K and V): 4 F32 rows each + the coded
+     * chunks without their 4 headers */
+    assert_true(fabs(r.bits_lossless + r.bits_coded + r.bits_lz4_saved -
+                     16.0 * (2 * 4 * row * 4 + coded - 4 * 16) / (2 * per)) < 1e-9);
 }
 
 static void test_bad_opts(void **state) {
@@ -422,27 +437,31 @@ static void test_bench_main(void **state) {
     /* calibrate (if built in) on the small excerpt at one target only */
     char *argv[] = {"codec", "-m", mpath, "-f", text, "--calib", text, "--bits", "2", "-c", "128",
                     "--chunks", "1", "--park-every", "32", "--chunk", "16", "--window", "16",
-                    "--csv", csv, "--plot", png, NULL};
+                    "--sink", "4", "--csv", csv, "--plot", png, NULL};
     char *out = NULL;
-    int rc = run_captured(quality_bench_main, 23, argv, &out);
+    int rc = run_captured(quality_bench_main, 25, argv, &out);
     print_message("%s", out);
     assert_int_equal(rc, 0);
     assert_non_null(strstr(out, "| codec | bits/value |"));
     static const char *const names[] = {"| none |", "| fp16 |", "| int8 |", "| int4 |", "| kivi2 |"};
     for (int i = 0; i < 5; i++) assert_non_null(strstr(out, names[i]));
-    /* the bench's own cache default is f16; the given settings are echoed */
+    /* the bench's own cache default is f16; the given settings are echoed;
+     * the second table says where the bits go */
+    assert_non_null(strstr(out, "Where the stored bits go"));
+    assert_non_null(strstr(out, "| int4 | "));
     assert_non_null(strstr(out, "f16 cache: ctx 128, parked every 32 tokens, chunk 16, sink 4 "
                                 "and window 16"));
     free(out);
 
-    /* bench defaults without -c/--window: ctx min(512, training context),
-     * window 32; --bits 0 calibrates nothing (baselines only) */
+    /* bench defaults without -c/--window/--sink: ctx min(512, training
+     * context), sink 0, window 8 (why: quality.c); --bits 0 calibrates
+     * nothing (baselines only) */
     char *argv_d[] = {"codec", "-m", mpath, "-f", text, "--calib", text, "--bits", "0",
                       "--chunks", "1", NULL};
     rc = run_captured(quality_bench_main, 11, argv_d, &out);
     assert_int_equal(rc, 0);
-    assert_non_null(strstr(out, "f16 cache: ctx 512, parked every 64 tokens, chunk 64, sink 4 "
-                                "and window 32"));
+    assert_non_null(strstr(out, "f16 cache: ctx 512, parked every 64 tokens, chunk 64, sink 0 "
+                                "and window 8"));
     assert_non_null(strstr(out, "| int4 |"));
     assert_null(strstr(out, "learned@"));
     free(out);
@@ -450,6 +469,7 @@ static void test_bench_main(void **state) {
     char *c = tu_read_file(csv, NULL);
     assert_non_null(c);
     assert_true(!strncmp(c, "codec,target_bits,bits_per_value,", 33));
+    assert_non_null(strstr(c, ",bits_lossless,bits_coded,bits_headers,bits_lz4_saved\n"));
     int lines = 0;
     for (char *p = c; *p; p++) lines += *p == '\n';
     assert_true(lines >= 6);
