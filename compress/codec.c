@@ -127,6 +127,16 @@ int codec_open(codec **out, const char *name, const codec_shape *shape, kp_err *
 
 void codec_free(codec *c) { free(c); }
 
+int codec_layout(const codec *c, int *chunk, int *sink, int *window) {
+    if (!c || (c->ops->id != CODEC_LEARNED && c->ops->id != CODEC_PCA)) return KP_ENOTFOUND;
+    const codec_learned *l = (const codec_learned *)c;
+    if (l->chunk <= 0) return KP_ENOTFOUND;
+    *chunk = l->chunk;
+    *sink = l->sink;
+    *window = l->window;
+    return 0;
+}
+
 const char *codec_name(const codec *c) { return c ? c->ops->name : "(null)"; }
 
 int codec_id_of(const codec *c) { return c ? c->ops->id : -1; }

@@ -82,6 +82,10 @@ int codec_id_of(const codec *c);
  * baselines' size does not depend on the layer; pca/learned's does, and
  * codec_chunk_bytes answers the largest over layers). 0 if out of range. */
 size_t codec_chunk_bytes_at(const codec *c, int n, int kv_type, int is_v, int layer);
+/* The parking layout a codec was calibrated for (pca/learned codec files
+ * carry chunk rows, lossless sink and window): 0 and the three values, or
+ * KP_ENOTFOUND for the built-in codecs (they have no preferred layout). */
+int codec_layout(const codec *c, int *chunk, int *sink, int *window);
 /* Upper bound of codec_encode's output for a chunk of n rows. */
 size_t codec_max_bytes(const codec *c, int n);
 /* Exact size of codec_encode's output for n rows of kv_type, keys (is_v 0)

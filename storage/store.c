@@ -1457,6 +1457,10 @@ int store_open(store **out, const store_opts *o, kp_err *err) {
     /* the codec of new saves */
     const char *cname = o->codec && o->codec[0] ? o->codec : "none";
     if ((rc = codec_open(&s->codec, cname, &s->o.shape, err))) goto fail;
+    /* A calibrated codec brings the layout it was fitted and measured with
+     * (lossless sink and window, chunk rows): park with exactly that. */
+    int lc, ls, lw;
+    if (!codec_layout(s->codec, &lc, &ls, &lw)) s->o.layout = (park_layout){.sink = ls, .window = lw, .chunk = lc};
     s->codec_hash = park_codec_hash(cname);
     bool builtin = false;
     for (int i = 0; i < STORE_N_BUILTIN; i++)

@@ -504,6 +504,12 @@ static void test_unpack_reference(void **state) {
 static quality_result heldout_quality(fx *f, const char *path, const calib_report *rep) {
     codec *c = open_ok(path, &f->shape);
     calib_opts co = calib_default_opts();
+    /* the file carries the layout it was calibrated with (the server parks with it) */
+    int lc = 0, ls = -1, lw = -1;
+    assert_int_equal(codec_layout(c, &lc, &ls, &lw), 0);
+    assert_int_equal(lc, co.chunk);
+    assert_int_equal(ls, co.sink);
+    assert_int_equal(lw, co.window);
     quality_opts qo = quality_default_opts();
     qo.n_ctx = CTX, qo.park_every = co.park_every, qo.chunk = co.chunk, qo.sink = co.sink;
     qo.window = co.window, qo.kv_type = KP_TYPE_F16;
