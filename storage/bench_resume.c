@@ -257,6 +257,15 @@ typedef struct br_ctx {
     double disk_bytes, disk_s;        /* whole-run bandwidth probe totals */
 } br_ctx;
 
+/* The layout a session is parked with: the codec file's own (what it was
+ * calibrated for, as the server does), else the default. */
+static park_layout br_layout(const codec *c) {
+    park_layout lay = park_default_layout();
+    int lc, ls, lw;
+    if (!codec_layout(c, &lc, &ls, &lw)) lay = (park_layout){.sink = ls, .window = lw, .chunk = lc};
+    return lay;
+}
+
 /* Pipelined restore: a decoder thread publishes how many layers are in the
  * cache; the forward pass's layer gate waits for its layer. */
 typedef struct br_pipe {
@@ -336,7 +345,7 @@ static int br_pipelined(br_ctx *b, cas *store, const codec *c, const park_manife
 static int br_warm(br_ctx *b, int ci, kv_cache *sess, kv_cache *dst, int L, br_row *r,
                    kp_err *err) {
     const br_opts *o = b->o;
-    park_layout lay = park_default_layout();
+    park_layout lay = br_layout(b->codecs[ci]);
     cas_opts co = cas_default_opts();
     co.warm_budget = UINT64_C(1) << 40; /* never spill: this is the RAM tier alone */
     cas *store = NULL;
@@ -385,7 +394,7 @@ static int br_cold(br_ctx *b, int ci, kv_cache *sess, kv_cache *dst, int L, br_r
     snprintf(dir, sizeof dir, "%s/ctx%d-codec%d", b->base, L, ci);
     if (mkdir(dir, 0700) && errno != EEXIST)
         return kp_errf(err, KP_EIO, "bench resume: cannot create '%s': %s", dir, strerror(errno));
-    park_layout lay = park_default_layout();
+    park_layout lay = br_layout(b->codecs[ci]);
     cas_opts co = cas_default_opts();
     co.dir = dir;
     co.warm_budget = UINT64_C(1) << 40;
