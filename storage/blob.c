@@ -23,25 +23,6 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-/* ---- little-endian helpers ---------------------------------------------- */
-
-static void put_u32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static void put_u64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint32_t get_u32(const uint8_t *p) {
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-static uint64_t get_u64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-
 size_t blob_elem_size(int kv_type) {
     switch (kv_type) {
     case KP_TYPE_F32: return 4;
@@ -128,21 +109,21 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
 
     /* header */
     memcpy(hdr, BLOB_MAGIC, 8);
-    put_u32(hdr + 8, BLOB_VERSION);
-    put_u32(hdr + 12, BLOB_HEADER_BYTES);
-    put_u64(hdr + 16, meta->model_fingerprint);
+    fs_put_u32(hdr + 8, BLOB_VERSION);
+    fs_put_u32(hdr + 12, BLOB_HEADER_BYTES);
+    fs_put_u64(hdr + 16, meta->model_fingerprint);
     memcpy(hdr + 24, codec, strlen(codec));
-    put_u32(hdr + 40, (uint32_t)kv->kv_type);
-    put_u32(hdr + 44, (uint32_t)kv->n_layer);
-    put_u32(hdr + 48, (uint32_t)kv->n_kv_heads);
-    put_u32(hdr + 52, (uint32_t)kv->head_dim);
-    put_u32(hdr + 56, (uint32_t)chunk_tokens);
-    put_u32(hdr + 60, (uint32_t)n_tokens);
-    put_u64(hdr + 64, meta->created_unix_ms ? meta->created_unix_ms : now_unix_ms());
-    put_u32(hdr + 72, n_chunks);
+    fs_put_u32(hdr + 40, (uint32_t)kv->kv_type);
+    fs_put_u32(hdr + 44, (uint32_t)kv->n_layer);
+    fs_put_u32(hdr + 48, (uint32_t)kv->n_kv_heads);
+    fs_put_u32(hdr + 52, (uint32_t)kv->head_dim);
+    fs_put_u32(hdr + 56, (uint32_t)chunk_tokens);
+    fs_put_u32(hdr + 60, (uint32_t)n_tokens);
+    fs_put_u64(hdr + 64, meta->created_unix_ms ? meta->created_unix_ms : now_unix_ms());
+    fs_put_u32(hdr + 72, n_chunks);
     /* tokens, extra */
-    for (int i = 0; i < n_tokens; i++) put_u32(hdr + BLOB_HEADER_BYTES + 4 * (size_t)i, (uint32_t)tokens[i]);
-    put_u32(hdr + BLOB_HEADER_BYTES + (size_t)n_tokens * 4, (uint32_t)extra_len);
+    for (int i = 0; i < n_tokens; i++) fs_put_u32(hdr + BLOB_HEADER_BYTES + 4 * (size_t)i, (uint32_t)tokens[i]);
+    fs_put_u32(hdr + BLOB_HEADER_BYTES + (size_t)n_tokens * 4, (uint32_t)extra_len);
     if (extra_len) memcpy(hdr + BLOB_HEADER_BYTES + (size_t)n_tokens * 4 + 4, extra, extra_len);
 
     /* payloads, streamed; the table is filled as we go */
@@ -173,19 +154,19 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
                     goto out;
                 }
                 uint8_t *e = hdr + table_off + (size_t)ci * BLOB_CHUNK_ENTRY_BYTES;
-                put_u64(e, off);
-                put_u32(e + 8, (uint32_t)rb);
-                put_u32(e + 12, (uint32_t)sn);
-                put_u32(e + 16, flags);
-                put_u32(e + 20, 0);
-                put_u64(e + 24, XXH64(src, sn, 0));
+                fs_put_u64(e, off);
+                fs_put_u32(e + 8, (uint32_t)rb);
+                fs_put_u32(e + 12, (uint32_t)sn);
+                fs_put_u32(e + 16, flags);
+                fs_put_u32(e + 20, 0);
+                fs_put_u64(e + 24, XXH64(src, sn, 0));
                 off += sn;
                 stored_total += sn;
                 raw_total += rb;
             }
         }
     }
-    put_u64(hdr + meta_bytes - 8, XXH64(hdr, meta_bytes - 8, 0));
+    fs_put_u64(hdr + meta_bytes - 8, XXH64(hdr, meta_bytes - 8, 0));
     if (fs_pwrite_all(fd, hdr, meta_bytes, 0)) {
         rc = kp_errf(err, KP_EIO, "blob: write to '%s' failed: %s", tmp, strerror(errno));
         goto out;
@@ -267,23 +248,23 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
     if (memcmp(h, BLOB_MAGIC, 8) != 0)
         return kp_errf(err, KP_EFORMAT, "blob: '%s' is not a session blob (bad magic)", path);
-    uint32_t version = get_u32(h + 8);
+    uint32_t version = fs_get_u32(h + 8);
     if (version != BLOB_VERSION)
         return kp_errf(err, KP_EUNSUP, "blob: '%s' has format version %u; this build reads %d",
                        path, version, BLOB_VERSION);
-    if (get_u32(h + 12) != BLOB_HEADER_BYTES)
+    if (fs_get_u32(h + 12) != BLOB_HEADER_BYTES)
         return kp_errf(err, KP_EFORMAT, "blob: '%s': header size %u, expected %d", path,
-                       get_u32(h + 12), BLOB_HEADER_BYTES);
+                       fs_get_u32(h + 12), BLOB_HEADER_BYTES);
     blob_meta *m = &b->meta;
     m->version = version;
     m->file_bytes = fsize;
-    m->model_fingerprint = get_u64(h + 16);
+    m->model_fingerprint = fs_get_u64(h + 16);
     memcpy(m->codec, h + 24, BLOB_CODEC_MAX);
     if (m->codec[BLOB_CODEC_MAX - 1] != 0)
         return kp_errf(err, KP_EFORMAT, "blob: '%s': codec name is not NUL-terminated", path);
-    uint32_t kv_type = get_u32(h + 40), n_layer = get_u32(h + 44), n_kv_heads = get_u32(h + 48);
-    uint32_t head_dim = get_u32(h + 52), chunk_tokens = get_u32(h + 56), n_tokens = get_u32(h + 60);
-    uint32_t n_chunks = get_u32(h + 72);
+    uint32_t kv_type = fs_get_u32(h + 40), n_layer = fs_get_u32(h + 44), n_kv_heads = fs_get_u32(h + 48);
+    uint32_t head_dim = fs_get_u32(h + 52), chunk_tokens = fs_get_u32(h + 56), n_tokens = fs_get_u32(h + 60);
+    uint32_t n_chunks = fs_get_u32(h + 72);
     size_t esz = blob_elem_size((int)kv_type);
     if (!esz)
         return kp_errf(err, KP_EFORMAT, "blob: '%s': kv type %u is not f32/f16/bf16", path, kv_type);
@@ -307,7 +288,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
     m->head_dim = (int)head_dim;
     m->chunk_tokens = (int)chunk_tokens;
     m->n_tokens = (int)n_tokens;
-    m->created_unix_ms = get_u64(h + 64);
+    m->created_unix_ms = fs_get_u64(h + 64);
 
     /* extra_len sits after the tokens; everything is bounded by the file size */
     uint64_t xl_off = BLOB_HEADER_BYTES + (uint64_t)n_tokens * 4;
@@ -317,7 +298,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
     uint8_t xb[4];
     if (fs_pread_all(fd, xb, 4, xl_off) != 4)
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
-    uint32_t extra_len = get_u32(xb);
+    uint32_t extra_len = fs_get_u32(xb);
     uint64_t table_off = xl_off + 4 + (uint64_t)extra_len;
     uint64_t meta_bytes = table_off + (uint64_t)n_chunks * BLOB_CHUNK_ENTRY_BYTES + 8;
     if (extra_len > BLOB_MAX_EXTRA || meta_bytes > fsize)
@@ -334,7 +315,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
         parsed_free(b);
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
     }
-    uint64_t want = get_u64(b->region + meta_bytes - 8);
+    uint64_t want = fs_get_u64(b->region + meta_bytes - 8);
     uint64_t got = XXH64(b->region, (size_t)meta_bytes - 8, 0);
     if (want != got) {
         parsed_free(b);
@@ -347,15 +328,15 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
     for (uint32_t i = 0; i < n_chunks; i++) {
         const uint8_t *e = b->region + table_off + (size_t)i * BLOB_CHUNK_ENTRY_BYTES;
         blob_chunk *c = &b->chunks[i];
-        c->offset = get_u64(e);
-        c->raw_bytes = get_u32(e + 8);
-        c->stored_bytes = get_u32(e + 12);
-        c->flags = get_u32(e + 16);
-        c->hash = get_u64(e + 24);
+        c->offset = fs_get_u64(e);
+        c->raw_bytes = fs_get_u32(e + 8);
+        c->stored_bytes = fs_get_u32(e + 12);
+        c->flags = fs_get_u32(e + 16);
+        c->hash = fs_get_u64(e + 24);
         int ci = (int)(i % chunks_per);
         uint64_t raw_want = (uint64_t)chunk_rows(ci, (int)chunk_tokens, (int)n_tokens) * row_bytes;
         int bad = c->offset != off || c->raw_bytes != raw_want || (c->flags & ~BLOB_CHUNK_FLAG_RAW) ||
-                  get_u32(e + 20) != 0 ||
+                  fs_get_u32(e + 20) != 0 ||
                   ((c->flags & BLOB_CHUNK_FLAG_RAW) ? c->stored_bytes != c->raw_bytes
                                                     : (c->stored_bytes == 0 ||
                                                        c->stored_bytes >= c->raw_bytes)) ||
@@ -413,7 +394,7 @@ int blob_read_meta(const char *path, blob_meta *meta, int32_t **tokens, void **e
         tk = malloc((size_t)(b.meta.n_tokens ? b.meta.n_tokens : 1) * sizeof *tk);
         if (!tk) goto oom;
         for (int i = 0; i < b.meta.n_tokens; i++)
-            tk[i] = (int32_t)get_u32(b.region + b.tokens_off + 4 * (size_t)i);
+            tk[i] = (int32_t)fs_get_u32(b.region + b.tokens_off + 4 * (size_t)i);
     }
     if (extra) {
         ex = malloc(b.extra_len ? b.extra_len : 1);

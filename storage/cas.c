@@ -104,22 +104,6 @@ typedef struct cas_logq {
 
 /* ---- small helpers -------------------------------------------------------- */
 
-static void put_u32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static void put_u64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint32_t get_u32(const uint8_t *p) {
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-static uint64_t get_u64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
 
 static int64_t now_unix_ms(void) {
     struct timespec ts;
@@ -190,13 +174,13 @@ static void obj_path(const cas *c, cas_key k, bool tmp, char out[CAS_PATH_MAX]) 
 static void make_header(uint8_t h[CAS_HDR_BYTES], cas_key k, const void *data, uint64_t len) {
     memset(h, 0, CAS_HDR_BYTES);
     memcpy(h, CAS_MAGIC, 8);
-    put_u32(h + 8, CAS_VERSION);
-    put_u32(h + 12, CAS_HDR_BYTES);
-    put_u64(h + 16, k.hi);
-    put_u64(h + 24, k.lo);
-    put_u64(h + 32, len);
-    put_u64(h + 40, XXH64(data, (size_t)len, 0));
-    put_u64(h + 48, XXH64(h, 48, 0));
+    fs_put_u32(h + 8, CAS_VERSION);
+    fs_put_u32(h + 12, CAS_HDR_BYTES);
+    fs_put_u64(h + 16, k.hi);
+    fs_put_u64(h + 24, k.lo);
+    fs_put_u64(h + 32, len);
+    fs_put_u64(h + 40, XXH64(data, (size_t)len, 0));
+    fs_put_u64(h + 48, XXH64(h, 48, 0));
 }
 
 /* Check a header against a file of file_size bytes; fills *k, *len. NULL if
@@ -204,12 +188,12 @@ static void make_header(uint8_t h[CAS_HDR_BYTES], cas_key k, const void *data, u
 static const char *check_header(const uint8_t h[CAS_HDR_BYTES], uint64_t file_size, cas_key *k,
                                 uint64_t *len) {
     if (memcmp(h, CAS_MAGIC, 8) != 0) return "bad magic";
-    if (get_u64(h + 48) != XXH64(h, 48, 0)) return "header checksum mismatch";
-    if (get_u32(h + 8) != CAS_VERSION) return "unsupported version";
-    if (get_u32(h + 12) != CAS_HDR_BYTES) return "bad header size";
-    k->hi = get_u64(h + 16);
-    k->lo = get_u64(h + 24);
-    *len = get_u64(h + 32);
+    if (fs_get_u64(h + 48) != XXH64(h, 48, 0)) return "header checksum mismatch";
+    if (fs_get_u32(h + 8) != CAS_VERSION) return "unsupported version";
+    if (fs_get_u32(h + 12) != CAS_HDR_BYTES) return "bad header size";
+    k->hi = fs_get_u64(h + 16);
+    k->lo = fs_get_u64(h + 24);
+    *len = fs_get_u64(h + 32);
     if (*len > file_size - CAS_HDR_BYTES || file_size - CAS_HDR_BYTES != *len)
         return "file size does not match the payload length (truncated or extended)";
     return NULL;
@@ -310,7 +294,7 @@ static int read_object(const cas *c, cas_key k, uint8_t **out, uint64_t *out_len
         rc = kp_errf(err, KP_EIO, "cas: cannot read '%s': %s", path, strerror(errno));
     } else if ((uint64_t)got != len) {
         rc = kp_errf(err, KP_EFORMAT, "cas: object %s is corrupt: payload truncated", hex);
-    } else if (XXH64(buf, (size_t)len, 0) != get_u64(h + 40)) {
+    } else if (XXH64(buf, (size_t)len, 0) != fs_get_u64(h + 40)) {
         rc = kp_errf(err, KP_EFORMAT, "cas: object %s is corrupt: payload checksum mismatch", hex);
     }
 out:

@@ -155,22 +155,6 @@ struct store {
 
 /* ---- small helpers ------------------------------------------------------------ */
 
-static void put_u32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static void put_u64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint32_t get_u32(const uint8_t *p) {
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-static uint64_t get_u64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
 
 static int64_t now_unix_ms(void) {
     struct timespec ts;
@@ -344,14 +328,14 @@ static int rec_build(const park_manifest *m, const uint8_t *extra, size_t extra_
         return kp_errf(err, KP_ENOMEM, "store: out of memory (%zu byte record)", n);
     }
     memcpy(b, STORE_REC_MAGIC, 8);
-    put_u32(b + 8, STORE_REC_VERSION);
-    put_u32(b + 12, STORE_REC_HDR);
-    put_u32(b + 16, (uint32_t)ml);
-    put_u32(b + 20, (uint32_t)extra_len);
-    put_u32(b + 24, (uint32_t)m->n_tokens);
-    put_u64(b + 32, (uint64_t)mtime);
-    put_u64(b + 40, XXH64(extra_len ? extra : b, extra_len, 0));
-    put_u64(b + 56, XXH64(b, 56, 0));
+    fs_put_u32(b + 8, STORE_REC_VERSION);
+    fs_put_u32(b + 12, STORE_REC_HDR);
+    fs_put_u32(b + 16, (uint32_t)ml);
+    fs_put_u32(b + 20, (uint32_t)extra_len);
+    fs_put_u32(b + 24, (uint32_t)m->n_tokens);
+    fs_put_u64(b + 32, (uint64_t)mtime);
+    fs_put_u64(b + 40, XXH64(extra_len ? extra : b, extra_len, 0));
+    fs_put_u64(b + 56, XXH64(b, 56, 0));
     memcpy(b + STORE_REC_HDR, mb, ml);
     if (extra_len) memcpy(b + STORE_REC_HDR + ml, extra, extra_len);
     free(mb);
@@ -374,14 +358,14 @@ static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **e
     if (len < STORE_REC_HDR)
         return kp_errf(err, KP_EFORMAT, "record of %zu bytes is shorter than its header", len);
     if (memcmp(b, STORE_REC_MAGIC, 8) != 0) return kp_errf(err, KP_EFORMAT, "bad record magic");
-    if (XXH64(b, 56, 0) != get_u64(b + 56))
+    if (XXH64(b, 56, 0) != fs_get_u64(b + 56))
         return kp_errf(err, KP_EFORMAT, "record header checksum mismatch");
-    if (get_u32(b + 8) != STORE_REC_VERSION)
+    if (fs_get_u32(b + 8) != STORE_REC_VERSION)
         return kp_errf(err, KP_EUNSUP, "record version %u is not supported (want %u)",
-                       get_u32(b + 8), STORE_REC_VERSION);
-    if (get_u32(b + 12) != STORE_REC_HDR || get_u32(b + 28) != 0 || get_u64(b + 48) != 0)
+                       fs_get_u32(b + 8), STORE_REC_VERSION);
+    if (fs_get_u32(b + 12) != STORE_REC_HDR || fs_get_u32(b + 28) != 0 || fs_get_u64(b + 48) != 0)
         return kp_errf(err, KP_EFORMAT, "record header has unknown fields");
-    uint32_t ml = get_u32(b + 16), xl = get_u32(b + 20), nt = get_u32(b + 24);
+    uint32_t ml = fs_get_u32(b + 16), xl = fs_get_u32(b + 20), nt = fs_get_u32(b + 24);
     if (xl > STORE_EXTRA_MAX)
         return kp_errf(err, KP_EFORMAT, "record claims %u extra bytes (max %u)", xl,
                        STORE_EXTRA_MAX);
@@ -389,7 +373,7 @@ static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **e
         return kp_errf(err, KP_EFORMAT, "record is %zu bytes, its header says %llu (truncated or "
                        "padded)", len, (unsigned long long)STORE_REC_HDR + ml + xl);
     const uint8_t *x = b + STORE_REC_HDR + ml;
-    if (XXH64(xl ? x : b, xl, 0) != get_u64(b + 40))
+    if (XXH64(xl ? x : b, xl, 0) != fs_get_u64(b + 40))
         return kp_errf(err, KP_EFORMAT, "extra bytes checksum mismatch");
     kp_err e2 = {0};
     int rc = park_manifest_read(b + STORE_REC_HDR, ml, m, &e2);
@@ -406,7 +390,7 @@ static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **e
     if (xl) memcpy(xc, x, xl);
     *extra = xc;
     *extra_len = xl;
-    *mtime = (int64_t)get_u64(b + 32);
+    *mtime = (int64_t)fs_get_u64(b + 32);
     return 0;
 }
 
