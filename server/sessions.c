@@ -168,6 +168,26 @@ static bool wait_idle_locked(sess_table *t, sess *x) {
     return !x->gone;
 }
 
+/* Find id (for owner), take a reference and wait until nobody moves it.
+ * On success t->mu is HELD and *out is the session; else t->mu is released
+ * and KP_ENOTFOUND returned. Release with unref() under the mutex. */
+static int grab(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess **out, kp_err *err) {
+    pthread_mutex_lock(&t->mu);
+    sess *x = find_locked(t, id, owner, owner_check);
+    if (!x) {
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
+    }
+    x->refs++;
+    if (!wait_idle_locked(t, x)) {
+        unref(t, x);
+        pthread_mutex_unlock(&t->mu);
+        return kp_errf(err, KP_ENOTFOUND, "session %s was deleted", id);
+    }
+    *out = x;
+    return 0;
+}
+
 static void tier_of(const sess *x, const store_entry *e, char out[STORE_TIER_MAX]) {
     if (x->seq) snprintf(out, STORE_TIER_MAX, "hot");
     else if (x->stored && e) snprintf(out, STORE_TIER_MAX, "%s", e->tier);
@@ -586,18 +606,9 @@ int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check
                  char from[STORE_TIER_MAX], double *ms, kp_err *err) {
     *out = NULL;
     if (ms) *ms = 0;
-    pthread_mutex_lock(&t->mu);
-    sess *x = find_locked(t, id, owner, owner_check);
-    if (!x) {
-        pthread_mutex_unlock(&t->mu);
-        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
-    }
-    x->refs++;
-    if (!wait_idle_locked(t, x)) {
-        unref(t, x);
-        pthread_mutex_unlock(&t->mu);
-        return kp_errf(err, KP_ENOTFOUND, "session %s was deleted", id);
-    }
+    sess *x = NULL;
+    int grc = grab(t, id, owner, owner_check, &x, err);
+    if (grc) return grc;
     if (x->seq) { /* hot */
         x->users++;
         x->last_use = unix_now();
@@ -693,18 +704,9 @@ int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, s
     store_save_stats local = {0};
     if (!st) st = &local;
     memset(st, 0, sizeof *st);
-    pthread_mutex_lock(&t->mu);
-    sess *x = find_locked(t, id, owner, owner_check);
-    if (!x) {
-        pthread_mutex_unlock(&t->mu);
-        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
-    }
-    x->refs++;
-    if (!wait_idle_locked(t, x)) {
-        unref(t, x);
-        pthread_mutex_unlock(&t->mu);
-        return kp_errf(err, KP_ENOTFOUND, "session %s was deleted", id);
-    }
+    sess *x = NULL;
+    int grc = grab(t, id, owner, owner_check, &x, err);
+    if (grc) return grc;
     int rc = 0;
     if (x->seq && x->seq->n_tokens == 0) {
         rc = kp_errf(err, KP_EINVAL, "session %s is empty: send a request on it before saving it", id);
@@ -757,18 +759,9 @@ int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, s
 }
 
 int sess_delete(sess_table *t, const char *id, uint64_t owner, bool owner_check, kp_err *err) {
-    pthread_mutex_lock(&t->mu);
-    sess *x = find_locked(t, id, owner, owner_check);
-    if (!x) {
-        pthread_mutex_unlock(&t->mu);
-        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
-    }
-    x->refs++;
-    if (!wait_idle_locked(t, x)) {
-        unref(t, x);
-        pthread_mutex_unlock(&t->mu);
-        return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
-    }
+    sess *x = NULL;
+    int grc = grab(t, id, owner, owner_check, &x, err);
+    if (grc) return grc;
     if (x->users > 0) {
         unref(t, x);
         pthread_mutex_unlock(&t->mu);
