@@ -37,7 +37,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import {
-  GOLDEN, ONCE, assertErrorShape, jfetch, killServer, sleep, startServer, startServerWrapped, tmpDir,
+  GOLDEN, ONCE, assertErrorShape, jfetch, killServer, listSessions, metricValue, newSession, sleep, startServer,
+  startServerWrapped, tmpDir, waitFor,
 } from './helpers.mjs';
 
 const SEED = process.env.KVPARK_FAULT_SEED !== undefined
@@ -73,40 +74,10 @@ const chatReq = (srv, messages, { sid, max = 10 } = {}) => jfetch(srv.baseURL + 
 const replyOf = (r) => r.json.choices[0].message.content;
 const withReply = (messages, reply) => [...messages, { role: 'assistant', content: reply }];
 
-const newSession = async (srv) => {
-  const r = await jfetch(srv.url + '/v1/sessions', { body: {} });
-  assert.equal(r.status, 200, r.text);
-  return r.json.id;
-};
-const listSessions = async (srv) => {
-  const r = await jfetch(srv.url + '/v1/sessions', { method: 'GET' });
-  assert.equal(r.status, 200, r.text);
-  return Object.fromEntries(r.json.data.map((s) => [s.id, s]));
-};
 const getMetrics = async (srv) => {
   const r = await jfetch(srv.url + '/metrics', { method: 'GET' });
   assert.equal(r.status, 200, r.text);
   return r.text;
-};
-/* The sum of the samples of `name` whose labels include `labels`. */
-const metricValue = (text, name, labels = {}) => {
-  let sum = 0;
-  for (const line of text.split('\n')) {
-    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.e+-]+)$/);
-    if (!m || m[1] !== name) continue;
-    if (!Object.entries(labels).every(([k, v]) => (m[2] || '').includes(`${k}="${v}"`))) continue;
-    sum += Number(m[3]);
-  }
-  return sum;
-};
-const waitFor = async (what, fn, ms = 10000) => {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() - t0 > ms) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(25);
-  }
 };
 /* No sanitizer report in a server's log (the ASan build aborts or prints). */
 const assertCleanLog = (srv, what) => {

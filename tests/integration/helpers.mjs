@@ -14,6 +14,7 @@
  *   KVPARK_SHARED  the shared test-data folder (default: ../shared next to the repository)
  * Relative values are read from the current directory.
  */
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -339,4 +340,43 @@ export async function collectStream(stream) {
     }
   }
   return { text, finish, chunks, usage, role };
+}
+
+/* ---- sessions and metrics (tiers, faults) ---------------------------- */
+
+/* POST /v1/sessions -> the new session's id (asserts 200). */
+export async function newSession(srv, headers = {}) {
+  const r = await jfetch(srv.url + '/v1/sessions', { body: {}, headers });
+  assert.equal(r.status, 200, r.text);
+  return r.json.id;
+}
+
+/* GET /v1/sessions as { id: entry } (asserts 200). */
+export async function listSessions(srv, headers = {}) {
+  const r = await jfetch(srv.url + '/v1/sessions', { method: 'GET', headers });
+  assert.equal(r.status, 200, r.text);
+  return Object.fromEntries(r.json.data.map((e) => [e.id, e]));
+}
+
+/* The sum of the samples of metric `name` (Prometheus text) whose labels include `labels`. */
+export function metricValue(text, name, labels = {}) {
+  let sum = 0;
+  for (const line of text.split('\n')) {
+    const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.e+-]+)$/);
+    if (!m || m[1] !== name) continue;
+    if (!Object.entries(labels).every(([k, v]) => (m[2] || '').includes(`${k}="${v}"`))) continue;
+    sum += Number(m[3]);
+  }
+  return sum;
+}
+
+/* Poll fn() until it returns something truthy (returned), or throw after ms. */
+export async function waitFor(what, fn, ms = 10000) {
+  const t0 = Date.now();
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() - t0 > ms) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(25);
+  }
 }

@@ -13,7 +13,9 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { jfetch, sleep, startServer, tmpDir } from './helpers.mjs';
+import {
+  jfetch, listSessions as listTiers, metricValue, newSession, startServer, tmpDir, waitFor,
+} from './helpers.mjs';
 
 const PROMPTS = [
   'Once upon a time', 'Lily wanted to', 'The cat sat on', 'Tom had a big', 'One day a bird',
@@ -26,36 +28,6 @@ const ask = async (srv, sid, messages, max = 16) => {
   assert.equal(r.status, 200, r.text);
   return r.json;
 };
-const newSession = async (srv) => {
-  const r = await jfetch(srv.url + '/v1/sessions', { body: {} });
-  assert.equal(r.status, 200, r.text);
-  return r.json.id;
-};
-const listTiers = async (srv) => {
-  const r = await jfetch(srv.url + '/v1/sessions', { method: 'GET' });
-  assert.equal(r.status, 200, r.text);
-  return Object.fromEntries(r.json.data.map((s) => [s.id, s]));
-};
-const metricValue = (text, name, labels) => {
-  for (const line of text.split('\n')) {
-    if (!line.startsWith(name)) continue;
-    const m = line.match(/^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$/);
-    if (!m || m[1] !== name) continue;
-    if (labels && !Object.entries(labels).every(([k, v]) => (m[2] || '').includes(`${k}="${v}"`))) continue;
-    return Number(m[3]);
-  }
-  return 0;
-};
-const waitFor = async (what, fn, ms = 10000) => {
-  const t0 = Date.now();
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() - t0 > ms) assert.fail(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(50);
-  }
-};
-
 /* Two turns in each of PROMPTS.length sessions on `srv`, the second turn only
  * after every session had its first (so parking happens in between); returns
  * the second turns' texts and cached-token counts. */
