@@ -104,13 +104,6 @@ typedef struct cas_logq {
 
 /* ---- small helpers -------------------------------------------------------- */
 
-
-static int64_t now_unix_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void logq_add(const cas *c, cas_logq *q, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 static void logq_add(const cas *c, cas_logq *q, const char *fmt, ...) {
@@ -215,28 +208,11 @@ static int write_object(const cas *c, cas_key k, const void *data, uint64_t len,
                        "kept)", kdir, hex, strerror(errno));
     uint8_t h[CAS_HDR_BYTES];
     make_header(h, k, data, len);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return kp_errf(err, KP_EIO, "cas: cannot create '%s' for object %s: %s (the warm copy is "
-                       "kept)", tmp, hex, strerror(errno));
-    const char *what = NULL;
-    if (fs_write_all(fd, h, sizeof h) || fs_write_all(fd, data, (size_t)len)) what = "write";
-    else if (fsync(fd)) what = "fsync";
-    int e = errno;
-    if (close(fd) && !what) {
-        what = "close";
-        e = errno;
-    }
-    if (!what && rename(tmp, path)) {
-        what = "rename";
-        e = errno;
-    }
-    if (what) {
-        unlink(tmp);
+    const char *what;
+    if (fs_write_replace(tmp, path, h, sizeof h, data, (size_t)len, &what))
         return kp_errf(err, KP_EIO, "cas: cannot store object %s (%llu bytes): %s of '%s' failed: "
                        "%s (the warm copy is kept)", hex, (unsigned long long)len, what, tmp,
-                       strerror(e));
-    }
+                       strerror(errno));
     if (fs_fsync_dir(kdir) || (created && fs_fsync_dir(odir)))
         return kp_errf(err, KP_EIO, "cas: object %s written but fsync of its directory failed: %s",
                        hex, strerror(errno));
@@ -311,15 +287,9 @@ out:
 /* Move `path` (file `name`) to DIR/quarantine/NAME.<ms>.<seq>, never over an
  * earlier piece of evidence. 0 on success. Mutex held (or open). */
 static int quarantine_file(cas *c, const char *path, const char *name) {
-    char q[CAS_PATH_MAX], to[CAS_PATH_MAX + 256];
+    char q[CAS_PATH_MAX];
     snprintf(q, sizeof q, "%s/quarantine", c->dir);
-    if (mkdir(q, 0755) && errno != EEXIST) return -1;
-    struct stat sb;
-    do {
-        snprintf(to, sizeof to, "%s/%.200s.%lld.%llu", q, name, (long long)now_unix_ms(),
-                 (unsigned long long)c->quarantine_seq++);
-    } while (lstat(to, &sb) == 0);
-    return rename(path, to);
+    return fs_move_aside(q, path, name, c->quarantine_seq++);
 }
 
 /* ---- the index: hash map + LRU lists (mutex held) ---------------------------- */

@@ -5,9 +5,11 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 int fs_pwrite_all(int fd, const void *buf, size_t n, uint64_t off) {
@@ -101,4 +103,49 @@ int fs_mkdir_p(const char *dir) {
 bool fs_has_suffix(const char *s, const char *suffix) {
     size_t n = strlen(s), m = strlen(suffix);
     return n >= m && !strcmp(s + n - m, suffix);
+}
+
+int fs_write_replace(const char *tmp, const char *path, const void *a, size_t na, const void *b, size_t nb,
+                     const char **what) {
+    *what = "create";
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    const char *w = NULL;
+    if (fs_write_all(fd, a, na) || fs_write_all(fd, b, nb)) w = "write";
+    else if (fsync(fd)) w = "fsync";
+    int e = errno;
+    if (close(fd) && !w) {
+        w = "close";
+        e = errno;
+    }
+    if (!w && rename(tmp, path)) {
+        w = "rename";
+        e = errno;
+    }
+    if (w) {
+        unlink(tmp);
+        *what = w;
+        errno = e;
+        return -1;
+    }
+    *what = NULL;
+    return 0;
+}
+
+int fs_move_aside(const char *qdir, const char *path, const char *name, uint64_t seq) {
+    if (mkdir(qdir, 0755) && errno != EEXIST) return -1;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    long long ms = (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    size_t cap = strlen(qdir) + 260;
+    char *to = malloc(cap);
+    if (!to) return -1;
+    struct stat sb;
+    do snprintf(to, cap, "%s/%.200s.%lld.%llu", qdir, name, ms, (unsigned long long)seq++);
+    while (lstat(to, &sb) == 0);
+    int rc = rename(path, to);
+    int e = errno;
+    free(to);
+    errno = e;
+    return rc;
 }

@@ -2,7 +2,9 @@
  * fsutil.h — the few POSIX file helpers every storage module needs, written
  * once: complete reads and writes (retrying EINTR and short transfers),
  * directory fsync (a rename is durable only after its directory is synced),
- * mkdir -p, and a suffix test for directory scans.
+ * mkdir -p, a suffix test for directory scans, the atomic file replace
+ * (tmp, fsync, rename), moving a corrupt file aside into quarantine, and the
+ * little-endian field accessors of the on-disk formats.
  *
  * Contract: 0 (or a byte count) on success, -1 with errno set on failure.
  */
@@ -46,5 +48,15 @@ int fs_fsync_parent_dir(const char *path);
 /* mkdir -p with mode 0755. */
 int fs_mkdir_p(const char *dir);
 bool fs_has_suffix(const char *s, const char *suffix);
+/* Write a then b (either may be empty) to tmp, fsync, close, rename over
+ * path: the atomic replace every durable write here uses (the caller fsyncs
+ * the directory). On failure tmp is removed, *what names the step that
+ * failed ("create", "write", "fsync", "close", "rename") and errno is set. */
+int fs_write_replace(const char *tmp, const char *path, const void *a, size_t na, const void *b, size_t nb,
+                     const char **what);
+/* Move path (whose file name is name) into directory qdir (created if
+ * needed) as NAME.<unix ms>.<n>, n counting up from seq past any existing
+ * file: corrupt files are kept as evidence, never overwritten. */
+int fs_move_aside(const char *qdir, const char *path, const char *name, uint64_t seq);
 
 #endif

@@ -249,14 +249,7 @@ static void rec_path(const store *s, const char *id, bool tmp, char out[STORE_PA
 /* Move path (whose file name is name) to DIR/quarantine/NAME.<ms>.<seq>,
  * never over earlier evidence. 0 on success, -1 with errno. */
 static int store_quarantine_file(store *s, const char *path, const char *name) {
-    char to[STORE_PATH_MAX + 300];
-    if (mkdir(s->q_dir, 0755) && errno != EEXIST) return -1;
-    struct stat sb;
-    do {
-        snprintf(to, sizeof to, "%s/%.200s.%lld.%llu", s->q_dir, name, (long long)now_unix_ms(),
-                 (unsigned long long)atomic_fetch_add(&s->qseq, 1));
-    } while (lstat(to, &sb) == 0);
-    return rename(path, to);
+    return fs_move_aside(s->q_dir, path, name, atomic_fetch_add(&s->qseq, 1));
 }
 
 /* Quarantine DIR/sessions/ID.kvpm; counts it. mu NOT held. */
@@ -399,27 +392,10 @@ static int rec_write(store *s, const char *id, const uint8_t *buf, size_t len, k
     char path[STORE_PATH_MAX], tmp[STORE_PATH_MAX];
     rec_path(s, id, false, path);
     rec_path(s, id, true, tmp);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0)
-        return kp_errf(err, KP_EIO, "store: session '%s': cannot create '%s': %s", id, tmp,
-                       strerror(errno));
-    const char *what = NULL;
-    if (fs_write_all(fd, buf, len)) what = "write";
-    else if (fsync(fd)) what = "fsync";
-    int e = errno;
-    if (close(fd) && !what) {
-        what = "close";
-        e = errno;
-    }
-    if (!what && rename(tmp, path)) {
-        what = "rename";
-        e = errno;
-    }
-    if (what) {
-        unlink(tmp);
+    const char *what;
+    if (fs_write_replace(tmp, path, buf, len, NULL, 0, &what))
         return kp_errf(err, KP_EIO, "store: session '%s': %s of '%s' failed: %s", id, what, tmp,
-                       strerror(e));
-    }
+                       strerror(errno));
     /* The rename is the commit point: a failing directory fsync cannot undo
      * it, so it is logged rather than reported as a failed save. */
     if (fs_fsync_dir(s->sess_dir))
