@@ -69,8 +69,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "calib.h"
-#include "codecfile.h"
+#include "compress/calib.h"
+#include "compress/codecfile.h"
 #include "compress/codec.h"
 #include "compress/quality.h"
 

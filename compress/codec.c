@@ -33,8 +33,8 @@
  * (a chunk that is intact but was made by another codec, for another row
  * count or another shape, is a mismatch, not damage).
  */
-#include "codec_impl.h"
-#include "codecfile.h"
+#include "compress/codec_impl.h"
+#include "compress/codecfile.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -56,22 +56,6 @@ static const codec_ops *const codec_table[] = {
 };
 
 #define CODEC_NAMES "none, fp16, int8, int4, kivi2, or a codec file path (pca, learned)"
-
-/* ---- little-endian helpers ---------------------------------------------- */
-
-static void put_u16(uint8_t *p, uint16_t v) {
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-static void put_u32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static uint16_t get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t get_u32(const uint8_t *p) {
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
 
 static uint32_t codec_checksum(const uint8_t *hdr, const uint8_t *payload, size_t len) {
     return XXH32(payload, len, XXH32(hdr, 12, 0));
@@ -205,10 +189,10 @@ int codec_encode(const codec *c, const codec_chunk *ch, const void *rows, uint8_
     out[1] = 'C';
     out[2] = (uint8_t)c->ops->id;
     out[3] = (uint8_t)ch->kv_type;
-    put_u16(out + 4, (uint16_t)ch->n);
-    put_u16(out + 6, ch->is_v ? CODEC_FLAG_V : 0);
-    put_u32(out + 8, (uint32_t)plen);
-    put_u32(out + 12, codec_checksum(out, payload, plen));
+    kp_put_u16(out + 4, (uint16_t)ch->n);
+    kp_put_u16(out + 6, ch->is_v ? CODEC_FLAG_V : 0);
+    kp_put_u32(out + 8, (uint32_t)plen);
+    kp_put_u32(out + 12, codec_checksum(out, payload, plen));
     if (out_len) *out_len = total;
     return 0;
 }
@@ -225,17 +209,17 @@ int codec_decode(const codec *c, const codec_chunk *ch, const uint8_t *in, size_
     if (in[0] != 'K' || in[1] != 'C')
         return kp_errf(err, KP_EFORMAT, "codec '%s' decode: bad chunk magic %02x %02x (want 'KC')",
                        nm, in[0], in[1]);
-    uint32_t plen = get_u32(in + 8);
+    uint32_t plen = kp_get_u32(in + 8);
     if ((size_t)plen != len - CODEC_HDR_BYTES)
         return kp_errf(err, KP_EFORMAT,
                        "codec '%s' decode: chunk is %zu bytes but its header says 16 + %u "
                        "(truncated or padded)", nm, len, plen);
-    uint32_t want = get_u32(in + 12), got = codec_checksum(in, in + CODEC_HDR_BYTES, plen);
+    uint32_t want = kp_get_u32(in + 12), got = codec_checksum(in, in + CODEC_HDR_BYTES, plen);
     if (want != got)
         return kp_errf(err, KP_EFORMAT,
                        "codec '%s' decode: chunk checksum mismatch (stored %08x, computed %08x); "
                        "the chunk is corrupt", nm, want, got);
-    uint16_t flags = get_u16(in + 6);
+    uint16_t flags = kp_get_u16(in + 6);
     if (flags & ~CODEC_FLAG_V)
         return kp_errf(err, KP_EFORMAT, "codec '%s' decode: unknown chunk flags %04x", nm, flags);
 
@@ -245,9 +229,9 @@ int codec_decode(const codec *c, const codec_chunk *ch, const uint8_t *in, size_
     if (in[3] != ch->kv_type)
         return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk holds KV type %u, caller expects %d",
                        nm, in[3], ch->kv_type);
-    if (get_u16(in + 4) != ch->n)
+    if (kp_get_u16(in + 4) != ch->n)
         return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk holds %u rows, caller expects %d",
-                       nm, get_u16(in + 4), ch->n);
+                       nm, kp_get_u16(in + 4), ch->n);
     if (((flags & CODEC_FLAG_V) != 0) != (ch->is_v != 0))
         return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk holds %s, caller expects %s", nm,
                        (flags & CODEC_FLAG_V) ? "values" : "keys", ch->is_v ? "values" : "keys");

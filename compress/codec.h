@@ -38,7 +38,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kp.h"
+#include "kernels/kp.h"
 
 enum codec_id {
     CODEC_NONE = 0,

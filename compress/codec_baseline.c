@@ -73,7 +73,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "codec_impl.h"
+#include "compress/codec_impl.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/types.h"
 

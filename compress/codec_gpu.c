@@ -5,37 +5,25 @@
  * payload encoded on the device; and, in a build without CUDA
  * (KP_HAVE_CUDA undefined), the device functions as stubs that return
  * KP_EUNSUP saying how to get them. With CUDA they live in
- * kernels/cuda/codec.cu.
+ * compress/codec_gpu.cu.
  *
  * The header's byte map and the order of the checks are codec.c's (its
  * comment is the reference); tests/test_codec_cuda.c checks that both
  * functions agree with codec_encode / codec_decode on every codec, and on
  * damaged and mismatched chunks.
  */
-#include "codec_gpu.h"
+#include "compress/codec_gpu.h"
 
 #include <string.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#include "codec_impl.h"
+#include "compress/codec_impl.h"
 #include "kernels/types.h"
 
 #define CG_HDR 16
 #define CG_FLAG_V 1u
-
-static uint16_t cg_get16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static uint32_t cg_get32(const uint8_t *p) {
-    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
-}
-static void cg_put16(uint8_t *p, uint16_t v) {
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
-static void cg_put32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
 
 static uint32_t cg_checksum(const uint8_t *hdr, const uint8_t *payload, size_t len) {
     return XXH32(payload, len, XXH32(hdr, 12, 0));
@@ -56,15 +44,15 @@ int codec_gpu_check_chunk(const codec *c, const codec_chunk *ch, const uint8_t *
     if (in[0] != 'K' || in[1] != 'C')
         return kp_errf(err, KP_EFORMAT, "codec '%s' check: bad chunk magic %02x %02x (want 'KC')", nm, in[0],
                        in[1]);
-    const uint32_t plen = cg_get32(in + 8);
+    const uint32_t plen = kp_get_u32(in + 8);
     if ((size_t)plen != len - CG_HDR)
         return kp_errf(err, KP_EFORMAT, "codec '%s' check: chunk is %zu bytes but its header says 16 + %u "
                        "(truncated or padded)", nm, len, plen);
-    const uint32_t want = cg_get32(in + 12), got = cg_checksum(in, in + CG_HDR, plen);
+    const uint32_t want = kp_get_u32(in + 12), got = cg_checksum(in, in + CG_HDR, plen);
     if (want != got)
         return kp_errf(err, KP_EFORMAT, "codec '%s' check: chunk checksum mismatch (stored %08x, computed "
                        "%08x); the chunk is corrupt", nm, want, got);
-    const uint16_t flags = cg_get16(in + 6);
+    const uint16_t flags = kp_get_u16(in + 6);
     if (flags & ~CG_FLAG_V)
         return kp_errf(err, KP_EFORMAT, "codec '%s' check: unknown chunk flags %04x", nm, flags);
     if (in[2] != codec_id_of(c))
@@ -73,9 +61,9 @@ int codec_gpu_check_chunk(const codec *c, const codec_chunk *ch, const uint8_t *
     if (in[3] != ch->kv_type)
         return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk holds KV type %u, caller expects %d", nm,
                        in[3], ch->kv_type);
-    if (cg_get16(in + 4) != ch->n)
+    if (kp_get_u16(in + 4) != ch->n)
         return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk holds %u rows, caller expects %d", nm,
-                       cg_get16(in + 4), ch->n);
+                       kp_get_u16(in + 4), ch->n);
     if (((flags & CG_FLAG_V) != 0) != (ch->is_v != 0))
         return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk holds %s, caller expects %s", nm,
                        (flags & CG_FLAG_V) ? "values" : "keys", ch->is_v ? "values" : "keys");
@@ -95,10 +83,10 @@ void codec_gpu_seal_chunk(const codec *c, const codec_chunk *ch, uint8_t *chunk,
     chunk[1] = 'C';
     chunk[2] = (uint8_t)codec_id_of(c);
     chunk[3] = (uint8_t)ch->kv_type;
-    cg_put16(chunk + 4, (uint16_t)ch->n);
-    cg_put16(chunk + 6, ch->is_v ? CG_FLAG_V : 0);
-    cg_put32(chunk + 8, (uint32_t)payload_len);
-    cg_put32(chunk + 12, cg_checksum(chunk, chunk + CG_HDR, payload_len));
+    kp_put_u16(chunk + 4, (uint16_t)ch->n);
+    kp_put_u16(chunk + 6, ch->is_v ? CG_FLAG_V : 0);
+    kp_put_u32(chunk + 8, (uint32_t)payload_len);
+    kp_put_u32(chunk + 12, cg_checksum(chunk, chunk + CG_HDR, payload_len));
 }
 
 #ifndef KP_HAVE_CUDA

@@ -6,7 +6,7 @@
  *
  * Plain C, no CUDA headers: streams are passed as `void *` (a cudaStream_t;
  * NULL = the context's own stream). The implementation is
- * kernels/cuda/codec.cu (design notes at its top); in a build without CUDA
+ * compress/codec_gpu.cu (design notes at its top); in a build without CUDA
  * (compress/codec_gpu.c) every device function returns KP_EUNSUP with a
  * message, and only the host helpers at the end of this file work.
  *

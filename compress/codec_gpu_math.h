@@ -1,6 +1,6 @@
 /*
  * codec_gpu_math.h — the per-element arithmetic of the GPU codec
- * (kernels/cuda/codec.cu): reading and writing the codec bitstream of
+ * (compress/codec_gpu.cu): reading and writing the codec bitstream of
  * codec_baseline.c and codec_learned.c one value, group or byte at a time.
  *
  * Why a header of its own: every function here is compiled TWICE, as device

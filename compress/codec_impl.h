@@ -12,7 +12,7 @@
 #ifndef KP_CODEC_IMPL_H
 #define KP_CODEC_IMPL_H
 
-#include "codec.h"
+#include "compress/codec.h"
 
 typedef struct codec_ops {
     const char *name;

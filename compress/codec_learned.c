@@ -70,8 +70,8 @@
 #endif
 #include <string.h>
 
-#include "codecfile.h"
-#include "codec_learned_impl.h"
+#include "compress/codecfile.h"
+#include "compress/codec_learned_impl.h"
 #include "kernels/cpu/quant.h"
 #include "kernels/kernels.h"
 #include "kernels/types.h"

@@ -1,7 +1,7 @@
 /*
  * codec_learned_impl.h — a read-only, plain-struct view of one coder
  * (layer, K or V) of a fitted 'pca' / 'learned' codec, for decoders that
- * live outside codec_learned.c: the CUDA codec (kernels/cuda/codec.cu)
+ * live outside codec_learned.c: the CUDA codec (compress/codec_gpu.cu)
  * uploads these arrays once, and tests check that a straightforward scalar
  * decoder written from the view reproduces codec_decode().
  *

@@ -19,7 +19,7 @@
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
-#include "codecfile.h"
+#include "compress/codecfile.h"
 #include "engine/gguf.h"
 #include "kernels/types.h"
 

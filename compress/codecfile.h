@@ -31,7 +31,7 @@
 
 #include <stdint.h>
 
-#include "codec_impl.h"
+#include "compress/codec_impl.h"
 
 #define CODECFILE_VERSION 2
 #define CODECFILE_MAX_BITS 8

@@ -34,7 +34,7 @@
  * "Trimmed" is llama.cpp's trim(): leading and trailing ASCII whitespace
  * (space, \t, \n, \v, \f, \r) removed.
  */
-#include "chat.h"
+#include "engine/chat.h"
 
 #include <stdlib.h>
 #include <string.h>

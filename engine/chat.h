@@ -25,7 +25,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "kp.h"
+#include "kernels/kp.h"
 
 enum chat_template {
     CHAT_PLAIN = 0, /* no template: contents joined by "\n", no role markers */

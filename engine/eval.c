@@ -1,7 +1,7 @@
 /*
  * eval.c — perplexity as llama-perplexity computes it (see eval.h).
  */
-#include "eval.h"
+#include "engine/eval.h"
 
 #include <math.h>
 #include <stdlib.h>

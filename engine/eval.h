@@ -18,7 +18,7 @@
 
 #include <stdint.h>
 
-#include "model.h"
+#include "engine/model.h"
 
 typedef struct eval_ppl_opts {
     int n_ctx;        /* default 512 */

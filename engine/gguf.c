@@ -22,7 +22,7 @@
  *   padding to the alignment, data section (tensor offsets are relative to it).
  *   string = u64 length + bytes (no NUL); array = u32 elem type, u64 n, elems.
  */
-#include "gguf.h"
+#include "engine/gguf.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -35,7 +35,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "types.h"
+#include "kernels/types.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "gguf.c reads GGUF's little-endian fields with memcpy: little-endian hosts only"

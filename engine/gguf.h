@@ -32,7 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kp.h"
+#include "kernels/kp.h"
 
 /* Metadata value types, numbered as in the GGUF spec. */
 enum gguf_vtype {

@@ -1,7 +1,7 @@
 /*
  * kv.c — allocation and bookkeeping of a sequence's live KV cache (see kv.h).
  */
-#include "kv.h"
+#include "engine/kv.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -25,8 +25,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../kernels/kernels.h"
-#include "kp.h"
+#include "kernels/kernels.h"
+#include "kernels/kp.h"
 
 typedef struct kv_cache {
     kp_backend *be;

@@ -13,7 +13,7 @@
  * Numerics follow llama.cpp's CPU graph (the golden data's source): the same
  * operation order, RMSNorm in double, RoPE angles in float.
  */
-#include "model.h"
+#include "engine/model.h"
 
 #include <dirent.h>
 #include <math.h>
@@ -23,9 +23,9 @@
 #include <strings.h>
 #include <sys/stat.h>
 
-#include "gguf.h"
-#include "synth.h"
-#include "../kernels/cpu/quant.h"
+#include "engine/gguf.h"
+#include "engine/synth.h"
+#include "kernels/cpu/quant.h"
 
 /* xxhash as a header-only library (XXH_INLINE_ALL): no link dependency. */
 #define XXH_INLINE_ALL

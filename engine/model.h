@@ -23,10 +23,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "../kernels/kernels.h"
-#include "kp.h"
-#include "kv.h"
-#include "tok.h"
+#include "kernels/kernels.h"
+#include "kernels/kp.h"
+#include "engine/kv.h"
+#include "engine/tok.h"
 
 enum model_arch { ARCH_LLAMA = 1, ARCH_QWEN2 = 2, ARCH_GPT2 = 3 };
 

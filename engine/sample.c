@@ -45,7 +45,7 @@
  *   u64 resolved seed | u64 rng[4] | u32 n_hist | i32 hist[n_hist] (oldest
  *   first) | u32 FNV-1a of all preceding bytes.
  */
-#include "sample.h"
+#include "engine/sample.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -594,37 +594,13 @@ static uint32_t fnv1a32(const uint8_t *p, size_t n) {
     return h;
 }
 
-static uint8_t *put_u32(uint8_t *b, uint32_t v) {
-    for (int i = 0; i < 4; i++) b[i] = (uint8_t)(v >> (8 * i));
-    return b + 4;
-}
-static uint8_t *put_u64(uint8_t *b, uint64_t v) {
-    for (int i = 0; i < 8; i++) b[i] = (uint8_t)(v >> (8 * i));
-    return b + 8;
-}
-static uint8_t *put_f32(uint8_t *b, float f) {
-    uint32_t v;
-    memcpy(&v, &f, 4);
-    return put_u32(b, v);
-}
-static uint32_t get_u32(const uint8_t **b) {
-    uint32_t v = 0;
-    for (int i = 0; i < 4; i++) v |= (uint32_t)(*b)[i] << (8 * i);
-    *b += 4;
-    return v;
-}
-static uint64_t get_u64(const uint8_t **b) {
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++) v |= (uint64_t)(*b)[i] << (8 * i);
-    *b += 8;
-    return v;
-}
-static float get_f32(const uint8_t **b) {
-    uint32_t v = get_u32(b);
-    float f;
-    memcpy(&f, &v, 4);
-    return f;
-}
+/* Cursor forms of the base's little-endian accessors (kernels/kp.h). */
+static uint8_t *put_u32(uint8_t *b, uint32_t v) { return kp_put_u32(b, v), b + 4; }
+static uint8_t *put_u64(uint8_t *b, uint64_t v) { return kp_put_u64(b, v), b + 8; }
+static uint8_t *put_f32(uint8_t *b, float f) { return kp_put_f32(b, f), b + 4; }
+static uint32_t get_u32(const uint8_t **b) { return *b += 4, kp_get_u32(*b - 4); }
+static uint64_t get_u64(const uint8_t **b) { return *b += 8, kp_get_u64(*b - 8); }
+static float get_f32(const uint8_t **b) { return *b += 4, kp_get_f32(*b - 4); }
 
 size_t sample_state_size(const sampler *s) {
     return (size_t)SAMPLE_STATE_FIXED + 4 * (size_t)s->hist_len + 4;

@@ -33,7 +33,7 @@
 
 #include <stdint.h>
 
-#include "kp.h"
+#include "kernels/kp.h"
 
 typedef struct sample_params {
     float temperature;   /* 0 = greedy; default 0.8 */

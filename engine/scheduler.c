@@ -8,7 +8,7 @@
  * the running jobs and the sequences are touched by the scheduler thread
  * alone.
  */
-#include "scheduler.h"
+#include "engine/scheduler.h"
 
 #include <pthread.h>
 #include <stdlib.h>

@@ -33,9 +33,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "kp.h"
-#include "model.h"
-#include "sample.h"
+#include "kernels/kp.h"
+#include "engine/model.h"
+#include "engine/sample.h"
 
 typedef struct sched_seq {
     kv_cache *kv;

@@ -29,7 +29,7 @@
  *     <unk> <s> </s>, the 256 byte tokens <0xXX>, then pieces built the same
  *     way from "▁" and letters, with decreasing scores.
  */
-#include "synth.h"
+#include "engine/synth.h"
 
 #include <math.h>
 #include <stdbool.h>
@@ -37,9 +37,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "gguf.h"
-#include "types.h"
-#include "cpu/quant.h"
+#include "engine/gguf.h"
+#include "kernels/types.h"
+#include "kernels/cpu/quant.h"
 
 enum synth_arch { SYNTH_LLAMA, SYNTH_QWEN2, SYNTH_GPT2 };
 enum synth_vocab { SYNTH_VOCAB_SPM, SYNTH_VOCAB_BPE };

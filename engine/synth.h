@@ -28,7 +28,7 @@
 
 #include <stdint.h>
 
-#include "kp.h"
+#include "kernels/kp.h"
 
 const char *const *synth_names(void); /* NULL-terminated */
 int synth_write(const char *name, int type, uint64_t seed, const char *path, kp_err *err);

@@ -23,14 +23,14 @@
  * tok_load, so one vocab may be shared by threads); every encode call uses
  * only its own scratch memory.
  */
-#include "tok.h"
+#include "engine/tok.h"
 
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "tok_unicode.h"
+#include "engine/tok_unicode.h"
 
 /* ------------------------------------------------------------------------ */
 /* Token attributes: llama.cpp's llama_token_attr bits, plus our EOG mark.  */

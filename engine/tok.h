@@ -40,8 +40,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "gguf.h"
-#include "kp.h"
+#include "engine/gguf.h"
+#include "kernels/kp.h"
 
 typedef struct tok_vocab tok_vocab;
 

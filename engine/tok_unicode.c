@@ -11,7 +11,7 @@
  * as a two-stage table (256-code-point blocks, 145 distinct blocks), and the
  * explicit character classes of the deepseek-llm pre-tokenizer regex.
  */
-#include "tok_unicode.h"
+#include "engine/tok_unicode.h"
 
 /* stage 1: block number of each 256-code-point block */
 static const uint8_t tok_ucd_index[4352] = {

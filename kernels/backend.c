@@ -9,14 +9,14 @@
  * backend: give it an op table and init/release functions that fill
  * be->impl, and a branch in kp_backend_new.
  */
-#include "kernels.h"
+#include "kernels/kernels.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu/cpu.h"
+#include "kernels/cpu/cpu.h"
 #ifdef KP_HAVE_CUDA
-#include "cuda/cuda.h"
+#include "kernels/cuda/cuda.h"
 #endif
 
 int kp_backend_new(kp_backend **out, const char *name, int n_threads, kp_err *err) {

@@ -26,8 +26,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../engine/kp.h"
-#include "types.h"
+#include "kernels/kp.h"
+#include "kernels/types.h"
 
 typedef struct kp_backend kp_backend;
 

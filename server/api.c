@@ -8,7 +8,7 @@
  * run through api_utf8_sanitize() first because jansson refuses invalid UTF-8
  * and a model can emit a partial character (a byte token, a cut at max_tokens).
  */
-#include "api.h"
+#include "server/api.h"
 
 #include <jansson.h>
 #include <math.h>

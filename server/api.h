@@ -39,9 +39,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "chat.h"
-#include "kp.h"
-#include "sample.h"
+#include "engine/chat.h"
+#include "kernels/kp.h"
+#include "engine/sample.h"
 
 #define API_MAX_DEPTH 64
 #define API_MAX_STOP 4

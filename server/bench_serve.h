@@ -23,7 +23,7 @@
 
 #include <stddef.h>
 
-#include "engine/kp.h"
+#include "kernels/kp.h"
 
 /* A parsed http://HOST:PORT[/PATH] URL whose host is a loopback address. */
 typedef struct bench_url {

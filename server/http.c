@@ -14,7 +14,7 @@
  * wait for its generation), the scheduler thread owns the model, and the
  * main thread waits for SIGINT/SIGTERM. The sessions table has one mutex.
  */
-#include "http.h"
+#include "server/http.h"
 
 #include <errno.h>
 #include <arpa/inet.h>

@@ -23,7 +23,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kp.h"
+#include "kernels/kp.h"
 
 #define HTTP_MAX_KEYS 64
 

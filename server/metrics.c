@@ -13,7 +13,7 @@
  * their values. Updates take only f->mu. Render takes reg->mu, runs the
  * collect callbacks, then takes each f->mu in turn.
  */
-#include "metrics.h"
+#include "server/metrics.h"
 
 #include <math.h>
 #include <pthread.h>

@@ -41,7 +41,7 @@
 
 #include <stdint.h>
 
-#include "kp.h"
+#include "kernels/kp.h"
 
 #define METRICS_MAX_LABELS 2
 #define METRICS_MAX_BUCKETS 64      /* bucket bounds per histogram, +Inf excluded */

@@ -28,7 +28,7 @@
  * scan); it picks victims under the mutex and hands each to libuv's thread
  * pool (uv_queue_work), where the encode + store happen.
  */
-#include "sessions.h"
+#include "server/sessions.h"
 
 #include <pthread.h>
 #include <stdarg.h>

@@ -44,7 +44,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kp.h"
+#include "kernels/kp.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
 #include "storage/store.h"

@@ -14,7 +14,7 @@
  * that stop, which step 3 holds back. So the pending buffer stays short
  * (at most the longest stop + 3 bytes + one piece).
  */
-#include "stop.h"
+#include "server/stop.h"
 
 #include <stdlib.h>
 #include <string.h>

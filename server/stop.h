@@ -34,7 +34,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#include "kp.h"
+#include "kernels/kp.h"
 
 typedef struct stop_matcher {
     char **stops;       /* [n] owned copies */

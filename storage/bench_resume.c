@@ -34,7 +34,7 @@
  * decode resumes faster than `none` when the storage delivers less than
  *   bw = (bytes_none - bytes_codec) / (restore_codec_warm - restore_none_warm).
  */
-#include "bench_resume.h"
+#include "storage/bench_resume.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -52,7 +52,7 @@
 
 #include "compress/codec.h"
 #include "compress/quality.h"
-#include "engine/kp.h"
+#include "kernels/kp.h"
 #include "engine/model.h"
 #include "storage/cas.h"
 #include "storage/park.h"

@@ -9,8 +9,8 @@
  * chunk checksum, the second decompresses and uploads, so a corrupt file never
  * leaves half-written rows behind a reported failure of the checksum.
  */
-#include "fsutil.h"
-#include "blob.h"
+#include "storage/fsutil.h"
+#include "storage/blob.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -109,21 +109,21 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
 
     /* header */
     memcpy(hdr, BLOB_MAGIC, 8);
-    fs_put_u32(hdr + 8, BLOB_VERSION);
-    fs_put_u32(hdr + 12, BLOB_HEADER_BYTES);
-    fs_put_u64(hdr + 16, meta->model_fingerprint);
+    kp_put_u32(hdr + 8, BLOB_VERSION);
+    kp_put_u32(hdr + 12, BLOB_HEADER_BYTES);
+    kp_put_u64(hdr + 16, meta->model_fingerprint);
     memcpy(hdr + 24, codec, strlen(codec));
-    fs_put_u32(hdr + 40, (uint32_t)kv->kv_type);
-    fs_put_u32(hdr + 44, (uint32_t)kv->n_layer);
-    fs_put_u32(hdr + 48, (uint32_t)kv->n_kv_heads);
-    fs_put_u32(hdr + 52, (uint32_t)kv->head_dim);
-    fs_put_u32(hdr + 56, (uint32_t)chunk_tokens);
-    fs_put_u32(hdr + 60, (uint32_t)n_tokens);
-    fs_put_u64(hdr + 64, meta->created_unix_ms ? meta->created_unix_ms : now_unix_ms());
-    fs_put_u32(hdr + 72, n_chunks);
+    kp_put_u32(hdr + 40, (uint32_t)kv->kv_type);
+    kp_put_u32(hdr + 44, (uint32_t)kv->n_layer);
+    kp_put_u32(hdr + 48, (uint32_t)kv->n_kv_heads);
+    kp_put_u32(hdr + 52, (uint32_t)kv->head_dim);
+    kp_put_u32(hdr + 56, (uint32_t)chunk_tokens);
+    kp_put_u32(hdr + 60, (uint32_t)n_tokens);
+    kp_put_u64(hdr + 64, meta->created_unix_ms ? meta->created_unix_ms : now_unix_ms());
+    kp_put_u32(hdr + 72, n_chunks);
     /* tokens, extra */
-    for (int i = 0; i < n_tokens; i++) fs_put_u32(hdr + BLOB_HEADER_BYTES + 4 * (size_t)i, (uint32_t)tokens[i]);
-    fs_put_u32(hdr + BLOB_HEADER_BYTES + (size_t)n_tokens * 4, (uint32_t)extra_len);
+    for (int i = 0; i < n_tokens; i++) kp_put_u32(hdr + BLOB_HEADER_BYTES + 4 * (size_t)i, (uint32_t)tokens[i]);
+    kp_put_u32(hdr + BLOB_HEADER_BYTES + (size_t)n_tokens * 4, (uint32_t)extra_len);
     if (extra_len) memcpy(hdr + BLOB_HEADER_BYTES + (size_t)n_tokens * 4 + 4, extra, extra_len);
 
     /* payloads, streamed; the table is filled as we go */
@@ -154,19 +154,19 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
                     goto out;
                 }
                 uint8_t *e = hdr + table_off + (size_t)ci * BLOB_CHUNK_ENTRY_BYTES;
-                fs_put_u64(e, off);
-                fs_put_u32(e + 8, (uint32_t)rb);
-                fs_put_u32(e + 12, (uint32_t)sn);
-                fs_put_u32(e + 16, flags);
-                fs_put_u32(e + 20, 0);
-                fs_put_u64(e + 24, XXH64(src, sn, 0));
+                kp_put_u64(e, off);
+                kp_put_u32(e + 8, (uint32_t)rb);
+                kp_put_u32(e + 12, (uint32_t)sn);
+                kp_put_u32(e + 16, flags);
+                kp_put_u32(e + 20, 0);
+                kp_put_u64(e + 24, XXH64(src, sn, 0));
                 off += sn;
                 stored_total += sn;
                 raw_total += rb;
             }
         }
     }
-    fs_put_u64(hdr + meta_bytes - 8, XXH64(hdr, meta_bytes - 8, 0));
+    kp_put_u64(hdr + meta_bytes - 8, XXH64(hdr, meta_bytes - 8, 0));
     if (fs_pwrite_all(fd, hdr, meta_bytes, 0)) {
         rc = kp_errf(err, KP_EIO, "blob: write to '%s' failed: %s", tmp, strerror(errno));
         goto out;
@@ -248,23 +248,23 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
     if (memcmp(h, BLOB_MAGIC, 8) != 0)
         return kp_errf(err, KP_EFORMAT, "blob: '%s' is not a session blob (bad magic)", path);
-    uint32_t version = fs_get_u32(h + 8);
+    uint32_t version = kp_get_u32(h + 8);
     if (version != BLOB_VERSION)
         return kp_errf(err, KP_EUNSUP, "blob: '%s' has format version %u; this build reads %d",
                        path, version, BLOB_VERSION);
-    if (fs_get_u32(h + 12) != BLOB_HEADER_BYTES)
+    if (kp_get_u32(h + 12) != BLOB_HEADER_BYTES)
         return kp_errf(err, KP_EFORMAT, "blob: '%s': header size %u, expected %d", path,
-                       fs_get_u32(h + 12), BLOB_HEADER_BYTES);
+                       kp_get_u32(h + 12), BLOB_HEADER_BYTES);
     blob_meta *m = &b->meta;
     m->version = version;
     m->file_bytes = fsize;
-    m->model_fingerprint = fs_get_u64(h + 16);
+    m->model_fingerprint = kp_get_u64(h + 16);
     memcpy(m->codec, h + 24, BLOB_CODEC_MAX);
     if (m->codec[BLOB_CODEC_MAX - 1] != 0)
         return kp_errf(err, KP_EFORMAT, "blob: '%s': codec name is not NUL-terminated", path);
-    uint32_t kv_type = fs_get_u32(h + 40), n_layer = fs_get_u32(h + 44), n_kv_heads = fs_get_u32(h + 48);
-    uint32_t head_dim = fs_get_u32(h + 52), chunk_tokens = fs_get_u32(h + 56), n_tokens = fs_get_u32(h + 60);
-    uint32_t n_chunks = fs_get_u32(h + 72);
+    uint32_t kv_type = kp_get_u32(h + 40), n_layer = kp_get_u32(h + 44), n_kv_heads = kp_get_u32(h + 48);
+    uint32_t head_dim = kp_get_u32(h + 52), chunk_tokens = kp_get_u32(h + 56), n_tokens = kp_get_u32(h + 60);
+    uint32_t n_chunks = kp_get_u32(h + 72);
     size_t esz = blob_elem_size((int)kv_type);
     if (!esz)
         return kp_errf(err, KP_EFORMAT, "blob: '%s': kv type %u is not f32/f16/bf16", path, kv_type);
@@ -288,7 +288,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
     m->head_dim = (int)head_dim;
     m->chunk_tokens = (int)chunk_tokens;
     m->n_tokens = (int)n_tokens;
-    m->created_unix_ms = fs_get_u64(h + 64);
+    m->created_unix_ms = kp_get_u64(h + 64);
 
     /* extra_len sits after the tokens; everything is bounded by the file size */
     uint64_t xl_off = BLOB_HEADER_BYTES + (uint64_t)n_tokens * 4;
@@ -298,7 +298,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
     uint8_t xb[4];
     if (fs_pread_all(fd, xb, 4, xl_off) != 4)
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
-    uint32_t extra_len = fs_get_u32(xb);
+    uint32_t extra_len = kp_get_u32(xb);
     uint64_t table_off = xl_off + 4 + (uint64_t)extra_len;
     uint64_t meta_bytes = table_off + (uint64_t)n_chunks * BLOB_CHUNK_ENTRY_BYTES + 8;
     if (extra_len > BLOB_MAX_EXTRA || meta_bytes > fsize)
@@ -315,7 +315,7 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
         parsed_free(b);
         return kp_errf(err, KP_EIO, "blob: read '%s': %s", path, strerror(errno));
     }
-    uint64_t want = fs_get_u64(b->region + meta_bytes - 8);
+    uint64_t want = kp_get_u64(b->region + meta_bytes - 8);
     uint64_t got = XXH64(b->region, (size_t)meta_bytes - 8, 0);
     if (want != got) {
         parsed_free(b);
@@ -328,15 +328,15 @@ static int blob_parse(int fd, const char *path, blob_parsed *b, kp_err *err) {
     for (uint32_t i = 0; i < n_chunks; i++) {
         const uint8_t *e = b->region + table_off + (size_t)i * BLOB_CHUNK_ENTRY_BYTES;
         blob_chunk *c = &b->chunks[i];
-        c->offset = fs_get_u64(e);
-        c->raw_bytes = fs_get_u32(e + 8);
-        c->stored_bytes = fs_get_u32(e + 12);
-        c->flags = fs_get_u32(e + 16);
-        c->hash = fs_get_u64(e + 24);
+        c->offset = kp_get_u64(e);
+        c->raw_bytes = kp_get_u32(e + 8);
+        c->stored_bytes = kp_get_u32(e + 12);
+        c->flags = kp_get_u32(e + 16);
+        c->hash = kp_get_u64(e + 24);
         int ci = (int)(i % chunks_per);
         uint64_t raw_want = (uint64_t)chunk_rows(ci, (int)chunk_tokens, (int)n_tokens) * row_bytes;
         int bad = c->offset != off || c->raw_bytes != raw_want || (c->flags & ~BLOB_CHUNK_FLAG_RAW) ||
-                  fs_get_u32(e + 20) != 0 ||
+                  kp_get_u32(e + 20) != 0 ||
                   ((c->flags & BLOB_CHUNK_FLAG_RAW) ? c->stored_bytes != c->raw_bytes
                                                     : (c->stored_bytes == 0 ||
                                                        c->stored_bytes >= c->raw_bytes)) ||
@@ -394,7 +394,7 @@ int blob_read_meta(const char *path, blob_meta *meta, int32_t **tokens, void **e
         tk = malloc((size_t)(b.meta.n_tokens ? b.meta.n_tokens : 1) * sizeof *tk);
         if (!tk) goto oom;
         for (int i = 0; i < b.meta.n_tokens; i++)
-            tk[i] = (int32_t)fs_get_u32(b.region + b.tokens_off + 4 * (size_t)i);
+            tk[i] = (int32_t)kp_get_u32(b.region + b.tokens_off + 4 * (size_t)i);
     }
     if (extra) {
         ex = malloc(b.extra_len ? b.extra_len : 1);

@@ -63,8 +63,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../engine/kp.h"
-#include "../engine/kv.h"
+#include "kernels/kp.h"
+#include "engine/kv.h"
 
 #define BLOB_MAGIC "KVPKSESS"
 #define BLOB_VERSION 1

@@ -31,8 +31,8 @@
  * Log messages are queued while the mutex is held and handed to the log
  * callback after it is released (the callback may call back into the store).
  */
-#include "fsutil.h"
-#include "cas.h"
+#include "storage/fsutil.h"
+#include "storage/cas.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -167,13 +167,13 @@ static void obj_path(const cas *c, cas_key k, bool tmp, char out[CAS_PATH_MAX]) 
 static void make_header(uint8_t h[CAS_HDR_BYTES], cas_key k, const void *data, uint64_t len) {
     memset(h, 0, CAS_HDR_BYTES);
     memcpy(h, CAS_MAGIC, 8);
-    fs_put_u32(h + 8, CAS_VERSION);
-    fs_put_u32(h + 12, CAS_HDR_BYTES);
-    fs_put_u64(h + 16, k.hi);
-    fs_put_u64(h + 24, k.lo);
-    fs_put_u64(h + 32, len);
-    fs_put_u64(h + 40, XXH64(data, (size_t)len, 0));
-    fs_put_u64(h + 48, XXH64(h, 48, 0));
+    kp_put_u32(h + 8, CAS_VERSION);
+    kp_put_u32(h + 12, CAS_HDR_BYTES);
+    kp_put_u64(h + 16, k.hi);
+    kp_put_u64(h + 24, k.lo);
+    kp_put_u64(h + 32, len);
+    kp_put_u64(h + 40, XXH64(data, (size_t)len, 0));
+    kp_put_u64(h + 48, XXH64(h, 48, 0));
 }
 
 /* Check a header against a file of file_size bytes; fills *k, *len. NULL if
@@ -181,12 +181,12 @@ static void make_header(uint8_t h[CAS_HDR_BYTES], cas_key k, const void *data, u
 static const char *check_header(const uint8_t h[CAS_HDR_BYTES], uint64_t file_size, cas_key *k,
                                 uint64_t *len) {
     if (memcmp(h, CAS_MAGIC, 8) != 0) return "bad magic";
-    if (fs_get_u64(h + 48) != XXH64(h, 48, 0)) return "header checksum mismatch";
-    if (fs_get_u32(h + 8) != CAS_VERSION) return "unsupported version";
-    if (fs_get_u32(h + 12) != CAS_HDR_BYTES) return "bad header size";
-    k->hi = fs_get_u64(h + 16);
-    k->lo = fs_get_u64(h + 24);
-    *len = fs_get_u64(h + 32);
+    if (kp_get_u64(h + 48) != XXH64(h, 48, 0)) return "header checksum mismatch";
+    if (kp_get_u32(h + 8) != CAS_VERSION) return "unsupported version";
+    if (kp_get_u32(h + 12) != CAS_HDR_BYTES) return "bad header size";
+    k->hi = kp_get_u64(h + 16);
+    k->lo = kp_get_u64(h + 24);
+    *len = kp_get_u64(h + 32);
     if (*len > file_size - CAS_HDR_BYTES || file_size - CAS_HDR_BYTES != *len)
         return "file size does not match the payload length (truncated or extended)";
     return NULL;
@@ -270,7 +270,7 @@ static int read_object(const cas *c, cas_key k, uint8_t **out, uint64_t *out_len
         rc = kp_errf(err, KP_EIO, "cas: cannot read '%s': %s", path, strerror(errno));
     } else if ((uint64_t)got != len) {
         rc = kp_errf(err, KP_EFORMAT, "cas: object %s is corrupt: payload truncated", hex);
-    } else if (XXH64(buf, (size_t)len, 0) != fs_get_u64(h + 40)) {
+    } else if (XXH64(buf, (size_t)len, 0) != kp_get_u64(h + 40)) {
         rc = kp_errf(err, KP_EFORMAT, "cas: object %s is corrupt: payload checksum mismatch", hex);
     }
 out:

@@ -38,7 +38,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "engine/kp.h"
+#include "kernels/kp.h"
 
 typedef struct cas_key {
     uint64_t hi, lo;

@@ -1,7 +1,7 @@
 /*
  * fsutil.c — POSIX file helpers shared by the storage modules (see fsutil.h).
  */
-#include "fsutil.h"
+#include "storage/fsutil.h"
 
 #include <errno.h>
 #include <fcntl.h>

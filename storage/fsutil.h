@@ -3,8 +3,9 @@
  * once: complete reads and writes (retrying EINTR and short transfers),
  * directory fsync (a rename is durable only after its directory is synced),
  * mkdir -p, a suffix test for directory scans, the atomic file replace
- * (tmp, fsync, rename), moving a corrupt file aside into quarantine, and the
- * little-endian field accessors of the on-disk formats.
+ * (tmp, fsync, rename) and moving a corrupt file aside into quarantine. (The
+ * little-endian field accessors of the on-disk formats are the base's:
+ * kp_put_u32 / kp_get_u32 ... in kernels/kp.h.)
  *
  * Contract: 0 (or a byte count) on success, -1 with errno set on failure.
  */
@@ -17,27 +18,6 @@
 #include <sys/types.h>
 
 /* Write all n bytes at the file offset (pwrite) or the current position (write). */
-/* Little-endian fields of the on-disk formats (blob, cas objects, park
- * objects and manifests, session records): byte by byte, so they are right
- * on any host and never read unaligned. */
-static inline void fs_put_u32(uint8_t *p, uint32_t v) {
-    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static inline void fs_put_u64(uint8_t *p, uint64_t v) {
-    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(v >> (8 * i));
-}
-static inline uint16_t fs_get_u16(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-static inline uint32_t fs_get_u32(const uint8_t *p) {
-    uint32_t v = 0;
-    for (int i = 3; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-static inline uint64_t fs_get_u64(const uint8_t *p) {
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
-    return v;
-}
-
 int fs_pwrite_all(int fd, const void *buf, size_t n, uint64_t off);
 int fs_write_all(int fd, const void *buf, size_t n);
 /* Read up to n bytes at off; short only at end of file. Bytes read or -1. */

@@ -90,8 +90,8 @@
  * The caller checks m->model_fingerprint against its model (the cache does
  * not know which model filled it).
  */
-#include "park.h"
-#include "fsutil.h"
+#include "storage/park.h"
+#include "storage/fsutil.h"
 
 #include <lz4.h>
 #include <stdio.h>
@@ -159,25 +159,25 @@ static int park_keyer_init(park_keyer *kr, uint64_t model_fp, const char *cname,
     if (!kr->buf) return kp_errf(err, KP_ENOMEM, "park: out of memory (%d tokens)", n_tokens);
     uint8_t *h = kr->buf;
     memcpy(h, PARK_KEY_TAG, 8);
-    fs_put_u64(h + 8, model_fp);
+    kp_put_u64(h + 8, model_fp);
     memcpy(h + 16, cname, strnlen(cname, 31)); /* codec names are short ("learned") */
-    fs_put_u64(h + 48, codec_hash);
-    fs_put_u32(h + 56, (uint32_t)codec_id);
-    fs_put_u32(h + 60, (uint32_t)kv_type);
-    fs_put_u32(h + 64, (uint32_t)n_layer);
-    fs_put_u32(h + 68, (uint32_t)n_kv_heads);
-    fs_put_u32(h + 72, (uint32_t)head_dim);
-    fs_put_u32(h + 76, (uint32_t)lay->sink);
-    fs_put_u32(h + 80, (uint32_t)lay->window);
-    fs_put_u32(h + 84, (uint32_t)lay->chunk);
-    for (int i = 0; i < n_tokens; i++) fs_put_u32(h + PARK_KEY_HDR + 4 * (size_t)i, (uint32_t)tokens[i]);
+    kp_put_u64(h + 48, codec_hash);
+    kp_put_u32(h + 56, (uint32_t)codec_id);
+    kp_put_u32(h + 60, (uint32_t)kv_type);
+    kp_put_u32(h + 64, (uint32_t)n_layer);
+    kp_put_u32(h + 68, (uint32_t)n_kv_heads);
+    kp_put_u32(h + 72, (uint32_t)head_dim);
+    kp_put_u32(h + 76, (uint32_t)lay->sink);
+    kp_put_u32(h + 80, (uint32_t)lay->window);
+    kp_put_u32(h + 84, (uint32_t)lay->chunk);
+    for (int i = 0; i < n_tokens; i++) kp_put_u32(h + PARK_KEY_HDR + 4 * (size_t)i, (uint32_t)tokens[i]);
     return 0;
 }
 
 static cas_key park_key(park_keyer *kr, int start, int n, bool coded) {
-    fs_put_u32(kr->buf + 88, (uint32_t)start);
-    fs_put_u32(kr->buf + 92, (uint32_t)n);
-    fs_put_u32(kr->buf + 96, coded ? 1u : 0u);
+    kp_put_u32(kr->buf + 88, (uint32_t)start);
+    kp_put_u32(kr->buf + 92, (uint32_t)n);
+    kp_put_u32(kr->buf + 96, coded ? 1u : 0u);
     return cas_key_of(kr->buf, PARK_KEY_HDR + 4 * (size_t)(start + n));
 }
 
@@ -201,26 +201,26 @@ static int park_obj_check(const uint8_t *buf, size_t len, const kv_cache *kv, in
     const size_t table_end = PARK_OBJ_HDR + (size_t)E * PARK_OBJ_ENTRY;
     if (len < table_end + 8) PARK_BAD("object of %zu bytes is truncated", len);
     if (memcmp(buf, PARK_OBJ_MAGIC, 8) != 0) PARK_BAD("bad object magic");
-    if (XXH64(buf, table_end, 0) != fs_get_u64(buf + table_end))
+    if (XXH64(buf, table_end, 0) != kp_get_u64(buf + table_end))
         PARK_BAD("object header checksum mismatch (corrupt object)");
-    if (fs_get_u32(buf + 8) != PARK_OBJ_VERSION)
-        PARK_BAD("object version %u is not supported (want %u)", fs_get_u32(buf + 8),
+    if (kp_get_u32(buf + 8) != PARK_OBJ_VERSION)
+        PARK_BAD("object version %u is not supported (want %u)", kp_get_u32(buf + 8),
                  PARK_OBJ_VERSION);
-    if (fs_get_u32(buf + 12) != (uint32_t)kv->n_layer || fs_get_u32(buf + 36) != E ||
-        fs_get_u32(buf + 40) != (uint32_t)kv->row_bytes || fs_get_u32(buf + 24) != (uint32_t)kv->kv_type)
+    if (kp_get_u32(buf + 12) != (uint32_t)kv->n_layer || kp_get_u32(buf + 36) != E ||
+        kp_get_u32(buf + 40) != (uint32_t)kv->row_bytes || kp_get_u32(buf + 24) != (uint32_t)kv->kv_type)
         PARK_BAD("object was made for another KV shape (%u layers, kv_type %u, row %u bytes)",
-                 fs_get_u32(buf + 12), fs_get_u32(buf + 24), fs_get_u32(buf + 40));
-    if (fs_get_u32(buf + 16) != (uint32_t)start || fs_get_u32(buf + 20) != (uint32_t)n ||
-        fs_get_u32(buf + 32) != (coded ? 1u : 0u) || fs_get_u32(buf + 44) != 0)
-        PARK_BAD("object holds another span (start %u, %u rows, flags %u)", fs_get_u32(buf + 16),
-                 fs_get_u32(buf + 20), fs_get_u32(buf + 32));
-    if (fs_get_u32(buf + 28) != (uint32_t)codec_id)
-        PARK_BAD("object was coded with codec id %u, expected %d", fs_get_u32(buf + 28), codec_id);
+                 kp_get_u32(buf + 12), kp_get_u32(buf + 24), kp_get_u32(buf + 40));
+    if (kp_get_u32(buf + 16) != (uint32_t)start || kp_get_u32(buf + 20) != (uint32_t)n ||
+        kp_get_u32(buf + 32) != (coded ? 1u : 0u) || kp_get_u32(buf + 44) != 0)
+        PARK_BAD("object holds another span (start %u, %u rows, flags %u)", kp_get_u32(buf + 16),
+                 kp_get_u32(buf + 20), kp_get_u32(buf + 32));
+    if (kp_get_u32(buf + 28) != (uint32_t)codec_id)
+        PARK_BAD("object was coded with codec id %u, expected %d", kp_get_u32(buf + 28), codec_id);
     size_t pos = table_end + 8;
     for (uint32_t e = 0; e < E; e++) {
         const uint8_t *t = buf + PARK_OBJ_HDR + (size_t)e * PARK_OBJ_ENTRY;
-        uint32_t stored = fs_get_u32(t), enc = fs_get_u32(t + 4), fl = fs_get_u32(t + 8);
-        if ((fl & ~1u) || fs_get_u32(t + 12) != 0) PARK_BAD("entry %u has unknown flags", e);
+        uint32_t stored = kp_get_u32(t), enc = kp_get_u32(t + 4), fl = kp_get_u32(t + 8);
+        if ((fl & ~1u) || kp_get_u32(t + 12) != 0) PARK_BAD("entry %u has unknown flags", e);
         if (stored > len - pos) PARK_BAD("entry %u of %u bytes runs past the object end", e, stored);
         /* codec_chunk_bytes is the exact size for the baselines and the
          * largest over layers for per-layer codecs (learned); codec_decode
@@ -228,7 +228,7 @@ static int park_obj_check(const uint8_t *buf, size_t len, const kv_cache *kv, in
         if (enc < PARK_CODEC_HDR || enc > codec_chunk_bytes(cc, n, kv->kv_type, (int)(e % 2)) ||
             enc > LZ4_MAX_INPUT_SIZE || (!(fl & 1) && stored != enc))
             PARK_BAD("entry %u has a bad encoded size %u", e, enc);
-        if (XXH64(buf + pos, stored, 0) != fs_get_u64(t + 16))
+        if (XXH64(buf + pos, stored, 0) != kp_get_u64(t + 16))
             PARK_BAD("layer %u %s checksum mismatch (corrupt object)", e / 2, e % 2 ? "V" : "K");
         uint8_t ch[PARK_CODEC_HDR];
         if (fl & 1) {
@@ -239,8 +239,8 @@ static int park_obj_check(const uint8_t *buf, size_t len, const kv_cache *kv, in
             memcpy(ch, buf + pos, PARK_CODEC_HDR);
         }
         if (ch[0] != 'K' || ch[1] != 'C' || ch[2] != (uint8_t)codec_id ||
-            ch[3] != (uint8_t)kv->kv_type || fs_get_u16(ch + 4) != (uint16_t)n ||
-            fs_get_u16(ch + 6) != (e % 2) || fs_get_u32(ch + 8) != enc - PARK_CODEC_HDR)
+            ch[3] != (uint8_t)kv->kv_type || kp_get_u16(ch + 4) != (uint16_t)n ||
+            kp_get_u16(ch + 6) != (e % 2) || kp_get_u32(ch + 8) != enc - PARK_CODEC_HDR)
             PARK_BAD("layer %u %s: codec chunk header does not match the span", e / 2,
                      e % 2 ? "V" : "K");
         off[e] = pos;
@@ -299,15 +299,15 @@ static int park_obj_build(park_bufs *b, const codec *cc, const kv_cache *kv, int
     uint8_t *o = b->obj;
     memset(o, 0, table_end + 8);
     memcpy(o, PARK_OBJ_MAGIC, 8);
-    fs_put_u32(o + 8, PARK_OBJ_VERSION);
-    fs_put_u32(o + 12, (uint32_t)kv->n_layer);
-    fs_put_u32(o + 16, (uint32_t)start);
-    fs_put_u32(o + 20, (uint32_t)n);
-    fs_put_u32(o + 24, (uint32_t)kv->kv_type);
-    fs_put_u32(o + 28, (uint32_t)codec_id_of(cc));
-    fs_put_u32(o + 32, coded ? 1u : 0u);
-    fs_put_u32(o + 36, E);
-    fs_put_u32(o + 40, (uint32_t)kv->row_bytes);
+    kp_put_u32(o + 8, PARK_OBJ_VERSION);
+    kp_put_u32(o + 12, (uint32_t)kv->n_layer);
+    kp_put_u32(o + 16, (uint32_t)start);
+    kp_put_u32(o + 20, (uint32_t)n);
+    kp_put_u32(o + 24, (uint32_t)kv->kv_type);
+    kp_put_u32(o + 28, (uint32_t)codec_id_of(cc));
+    kp_put_u32(o + 32, coded ? 1u : 0u);
+    kp_put_u32(o + 36, E);
+    kp_put_u32(o + 40, (uint32_t)kv->row_bytes);
     size_t pos = table_end + 8;
     for (int l = 0; l < kv->n_layer; l++) {
         for (int is_v = 0; is_v < 2; is_v++) {
@@ -330,14 +330,14 @@ static int park_obj_build(park_bufs *b, const codec *cc, const kv_cache *kv, int
                 flags = 0;
             }
             uint8_t *t = o + PARK_OBJ_HDR + (size_t)(2 * l + is_v) * PARK_OBJ_ENTRY;
-            fs_put_u32(t, (uint32_t)z);
-            fs_put_u32(t + 4, (uint32_t)enc_len);
-            fs_put_u32(t + 8, flags);
-            fs_put_u64(t + 16, XXH64(o + pos, (size_t)z, 0));
+            kp_put_u32(t, (uint32_t)z);
+            kp_put_u32(t + 4, (uint32_t)enc_len);
+            kp_put_u32(t + 8, flags);
+            kp_put_u64(t + 16, XXH64(o + pos, (size_t)z, 0));
             pos += (size_t)z;
         }
     }
-    fs_put_u64(o + table_end, XXH64(o, table_end, 0));
+    kp_put_u64(o + table_end, XXH64(o, table_end, 0));
     *len = pos;
     return 0;
 }
@@ -648,7 +648,7 @@ int park_restore_layer(park_restorer *r, int l, kp_err *err) {
         for (int is_v = 0; is_v < 2; is_v++) {
             size_t e = 2u * (size_t)l + (size_t)is_v;
             const uint8_t *t = r->objs[i] + PARK_OBJ_HDR + e * PARK_OBJ_ENTRY;
-            uint32_t stored = fs_get_u32(t), enc = fs_get_u32(t + 4), fl = fs_get_u32(t + 8);
+            uint32_t stored = kp_get_u32(t), enc = kp_get_u32(t + 4), fl = kp_get_u32(t + 8);
             const uint8_t *src = r->objs[i] + r->offs[(size_t)i * E + e];
             if (enc > r->b.enc_cap) {
                 rc = kp_errf(err, KP_EFORMAT, "park: span %d (tokens %d..%d): chunk of %u bytes "
@@ -777,29 +777,29 @@ int park_manifest_write(const park_manifest *m, uint8_t **out, size_t *len, kp_e
     uint8_t *b = calloc(1, n);
     if (!b) return kp_errf(err, KP_ENOMEM, "park: out of memory (%zu byte manifest)", n);
     memcpy(b, PARK_MAN_MAGIC, 8);
-    fs_put_u32(b + 8, PARK_MAN_VERSION);
-    fs_put_u32(b + 12, PARK_MAN_HDR);
-    fs_put_u64(b + 16, m->model_fingerprint);
+    kp_put_u32(b + 8, PARK_MAN_VERSION);
+    kp_put_u32(b + 12, PARK_MAN_HDR);
+    kp_put_u64(b + 16, m->model_fingerprint);
     memcpy(b + 24, m->codec, strlen(m->codec));
-    fs_put_u64(b + 88, m->codec_hash);
-    fs_put_u32(b + 96, (uint32_t)m->kv_type);
-    fs_put_u32(b + 100, (uint32_t)m->layout.sink);
-    fs_put_u32(b + 104, (uint32_t)m->layout.window);
-    fs_put_u32(b + 108, (uint32_t)m->layout.chunk);
-    fs_put_u32(b + 112, (uint32_t)m->n_tokens);
-    fs_put_u32(b + 116, (uint32_t)m->n_spans);
+    kp_put_u64(b + 88, m->codec_hash);
+    kp_put_u32(b + 96, (uint32_t)m->kv_type);
+    kp_put_u32(b + 100, (uint32_t)m->layout.sink);
+    kp_put_u32(b + 104, (uint32_t)m->layout.window);
+    kp_put_u32(b + 108, (uint32_t)m->layout.chunk);
+    kp_put_u32(b + 112, (uint32_t)m->n_tokens);
+    kp_put_u32(b + 116, (uint32_t)m->n_spans);
     uint8_t *p = b + PARK_MAN_HDR;
-    for (int i = 0; i < m->n_tokens; i++, p += 4) fs_put_u32(p, (uint32_t)m->tokens[i]);
+    for (int i = 0; i < m->n_tokens; i++, p += 4) kp_put_u32(p, (uint32_t)m->tokens[i]);
     for (int i = 0; i < m->n_spans; i++, p += PARK_MAN_SPAN) {
         const park_span *s = &m->spans[i];
-        fs_put_u32(p, (uint32_t)s->start);
-        fs_put_u32(p + 4, (uint32_t)s->n);
-        fs_put_u32(p + 8, s->coded ? 1u : 0u);
-        fs_put_u32(p + 12, s->bytes);
-        fs_put_u64(p + 16, s->key.hi);
-        fs_put_u64(p + 24, s->key.lo);
+        kp_put_u32(p, (uint32_t)s->start);
+        kp_put_u32(p + 4, (uint32_t)s->n);
+        kp_put_u32(p + 8, s->coded ? 1u : 0u);
+        kp_put_u32(p + 12, s->bytes);
+        kp_put_u64(p + 16, s->key.hi);
+        kp_put_u64(p + 24, s->key.lo);
     }
-    fs_put_u64(p, XXH64(b, n - 8, 0));
+    kp_put_u64(p, XXH64(b, n - 8, 0));
     *out = b;
     *len = n;
     return 0;
@@ -812,34 +812,34 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
                        PARK_MAN_HDR + 8);
     if (memcmp(buf, PARK_MAN_MAGIC, 8) != 0)
         return kp_errf(err, KP_EFORMAT, "park: not a session manifest (bad magic)");
-    if (fs_get_u32(buf + 8) != PARK_MAN_VERSION)
+    if (kp_get_u32(buf + 8) != PARK_MAN_VERSION)
         return kp_errf(err, KP_EUNSUP, "park: manifest version %u is not supported (want %u)",
-                       fs_get_u32(buf + 8), PARK_MAN_VERSION);
-    if (fs_get_u32(buf + 12) != PARK_MAN_HDR)
+                       kp_get_u32(buf + 8), PARK_MAN_VERSION);
+    if (kp_get_u32(buf + 12) != PARK_MAN_HDR)
         return kp_errf(err, KP_EFORMAT, "park: manifest header size %u, expected %d",
-                       fs_get_u32(buf + 12), PARK_MAN_HDR);
-    uint32_t nt = fs_get_u32(buf + 112), nsp = fs_get_u32(buf + 116);
+                       kp_get_u32(buf + 12), PARK_MAN_HDR);
+    uint32_t nt = kp_get_u32(buf + 112), nsp = kp_get_u32(buf + 116);
     if (nt > PARK_MAX_TOKENS || nsp > nt + 3)
         return kp_errf(err, KP_EFORMAT, "park: manifest claims %u tokens and %u spans", nt, nsp);
     size_t want = PARK_MAN_HDR + 4 * (size_t)nt + PARK_MAN_SPAN * (size_t)nsp + 8;
     if (len != want)
         return kp_errf(err, KP_EFORMAT, "park: manifest is %zu bytes, its counts say %zu "
                        "(truncated or padded)", len, want);
-    if (XXH64(buf, len - 8, 0) != fs_get_u64(buf + len - 8))
+    if (XXH64(buf, len - 8, 0) != kp_get_u64(buf + len - 8))
         return kp_errf(err, KP_EFORMAT, "park: manifest checksum mismatch (corrupt)");
     park_manifest m = {0};
-    m.model_fingerprint = fs_get_u64(buf + 16);
+    m.model_fingerprint = kp_get_u64(buf + 16);
     if (strnlen((const char *)buf + 24, 64) >= 64)
         return kp_errf(err, KP_EFORMAT, "park: manifest codec name is not NUL-terminated");
     memcpy(m.codec, buf + 24, 64);
-    m.codec_hash = fs_get_u64(buf + 88);
-    m.kv_type = (int)fs_get_u32(buf + 96);
-    m.layout.sink = (int)fs_get_u32(buf + 100);
-    m.layout.window = (int)fs_get_u32(buf + 104);
-    m.layout.chunk = (int)fs_get_u32(buf + 108);
+    m.codec_hash = kp_get_u64(buf + 88);
+    m.kv_type = (int)kp_get_u32(buf + 96);
+    m.layout.sink = (int)kp_get_u32(buf + 100);
+    m.layout.window = (int)kp_get_u32(buf + 104);
+    m.layout.chunk = (int)kp_get_u32(buf + 108);
     m.n_tokens = (int)nt;
     m.n_spans = (int)nsp;
-    if (!park_type_ok(m.kv_type) || fs_get_u64(buf + 120) != 0)
+    if (!park_type_ok(m.kv_type) || kp_get_u64(buf + 120) != 0)
         return kp_errf(err, KP_EFORMAT, "park: manifest kv_type %d is not f32/f16/bf16",
                        m.kv_type);
     /* The spans must be exactly the layout's. */
@@ -863,7 +863,7 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
     }
     const uint8_t *p = buf + PARK_MAN_HDR;
     for (uint32_t i = 0; i < nt; i++, p += 4) {
-        uint32_t t = fs_get_u32(p);
+        uint32_t t = kp_get_u32(p);
         if (t > INT32_MAX) {
             free(qs);
             park_manifest_free(&m);
@@ -873,13 +873,13 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
     }
     for (int i = 0; i < ns; i++, p += PARK_MAN_SPAN) {
         park_span *s = &m.spans[i];
-        uint32_t fl = fs_get_u32(p + 8);
-        s->start = (int)fs_get_u32(p);
-        s->n = (int)fs_get_u32(p + 4);
+        uint32_t fl = kp_get_u32(p + 8);
+        s->start = (int)kp_get_u32(p);
+        s->n = (int)kp_get_u32(p + 4);
         s->coded = fl & 1;
-        s->bytes = fs_get_u32(p + 12);
-        s->key.hi = fs_get_u64(p + 16);
-        s->key.lo = fs_get_u64(p + 24);
+        s->bytes = kp_get_u32(p + 12);
+        s->key.hi = kp_get_u64(p + 16);
+        s->key.lo = kp_get_u64(p + 24);
         if ((fl & ~1u) || s->start != qs[i].start || s->n != qs[i].n ||
             s->coded != (qs[i].coded != 0)) {
             free(qs);

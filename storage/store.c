@@ -78,8 +78,8 @@
  *
  * Log messages and on_drop are never called with mu held.
  */
-#include "fsutil.h"
-#include "store.h"
+#include "storage/fsutil.h"
+#include "storage/store.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -96,7 +96,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#include "blob.h"
+#include "storage/blob.h"
 #include "kernels/kernels.h"
 #include "kernels/types.h"
 
@@ -321,14 +321,14 @@ static int rec_build(const park_manifest *m, const uint8_t *extra, size_t extra_
         return kp_errf(err, KP_ENOMEM, "store: out of memory (%zu byte record)", n);
     }
     memcpy(b, STORE_REC_MAGIC, 8);
-    fs_put_u32(b + 8, STORE_REC_VERSION);
-    fs_put_u32(b + 12, STORE_REC_HDR);
-    fs_put_u32(b + 16, (uint32_t)ml);
-    fs_put_u32(b + 20, (uint32_t)extra_len);
-    fs_put_u32(b + 24, (uint32_t)m->n_tokens);
-    fs_put_u64(b + 32, (uint64_t)mtime);
-    fs_put_u64(b + 40, XXH64(extra_len ? extra : b, extra_len, 0));
-    fs_put_u64(b + 56, XXH64(b, 56, 0));
+    kp_put_u32(b + 8, STORE_REC_VERSION);
+    kp_put_u32(b + 12, STORE_REC_HDR);
+    kp_put_u32(b + 16, (uint32_t)ml);
+    kp_put_u32(b + 20, (uint32_t)extra_len);
+    kp_put_u32(b + 24, (uint32_t)m->n_tokens);
+    kp_put_u64(b + 32, (uint64_t)mtime);
+    kp_put_u64(b + 40, XXH64(extra_len ? extra : b, extra_len, 0));
+    kp_put_u64(b + 56, XXH64(b, 56, 0));
     memcpy(b + STORE_REC_HDR, mb, ml);
     if (extra_len) memcpy(b + STORE_REC_HDR + ml, extra, extra_len);
     free(mb);
@@ -351,14 +351,14 @@ static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **e
     if (len < STORE_REC_HDR)
         return kp_errf(err, KP_EFORMAT, "record of %zu bytes is shorter than its header", len);
     if (memcmp(b, STORE_REC_MAGIC, 8) != 0) return kp_errf(err, KP_EFORMAT, "bad record magic");
-    if (XXH64(b, 56, 0) != fs_get_u64(b + 56))
+    if (XXH64(b, 56, 0) != kp_get_u64(b + 56))
         return kp_errf(err, KP_EFORMAT, "record header checksum mismatch");
-    if (fs_get_u32(b + 8) != STORE_REC_VERSION)
+    if (kp_get_u32(b + 8) != STORE_REC_VERSION)
         return kp_errf(err, KP_EUNSUP, "record version %u is not supported (want %u)",
-                       fs_get_u32(b + 8), STORE_REC_VERSION);
-    if (fs_get_u32(b + 12) != STORE_REC_HDR || fs_get_u32(b + 28) != 0 || fs_get_u64(b + 48) != 0)
+                       kp_get_u32(b + 8), STORE_REC_VERSION);
+    if (kp_get_u32(b + 12) != STORE_REC_HDR || kp_get_u32(b + 28) != 0 || kp_get_u64(b + 48) != 0)
         return kp_errf(err, KP_EFORMAT, "record header has unknown fields");
-    uint32_t ml = fs_get_u32(b + 16), xl = fs_get_u32(b + 20), nt = fs_get_u32(b + 24);
+    uint32_t ml = kp_get_u32(b + 16), xl = kp_get_u32(b + 20), nt = kp_get_u32(b + 24);
     if (xl > STORE_EXTRA_MAX)
         return kp_errf(err, KP_EFORMAT, "record claims %u extra bytes (max %u)", xl,
                        STORE_EXTRA_MAX);
@@ -366,7 +366,7 @@ static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **e
         return kp_errf(err, KP_EFORMAT, "record is %zu bytes, its header says %llu (truncated or "
                        "padded)", len, (unsigned long long)STORE_REC_HDR + ml + xl);
     const uint8_t *x = b + STORE_REC_HDR + ml;
-    if (XXH64(xl ? x : b, xl, 0) != fs_get_u64(b + 40))
+    if (XXH64(xl ? x : b, xl, 0) != kp_get_u64(b + 40))
         return kp_errf(err, KP_EFORMAT, "extra bytes checksum mismatch");
     kp_err e2 = {0};
     int rc = park_manifest_read(b + STORE_REC_HDR, ml, m, &e2);
@@ -383,7 +383,7 @@ static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **e
     if (xl) memcpy(xc, x, xl);
     *extra = xc;
     *extra_len = xl;
-    *mtime = (int64_t)fs_get_u64(b + 32);
+    *mtime = (int64_t)kp_get_u64(b + 32);
     return 0;
 }
 

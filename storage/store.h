@@ -71,10 +71,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "../compress/codec.h"
-#include "../engine/kp.h"
-#include "../engine/kv.h"
-#include "park.h"
+#include "compress/codec.h"
+#include "kernels/kp.h"
+#include "engine/kv.h"
+#include "storage/park.h"
 
 #define STORE_ID_MAX 64
 #define STORE_TIER_MAX 16

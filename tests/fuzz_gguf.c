@@ -9,7 +9,7 @@
  *
  * Not built by meson. Build and run by hand from the repository root:
  *   clang -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
- *     -Iengine -Ikernels tests/fuzz_gguf.c engine/gguf.c engine/kp.c \
+ *     -I. tests/fuzz_gguf.c engine/gguf.c kernels/kp.c \
  *     kernels/cpu/types.c -lm -o /tmp/fuzz_gguf
  *   mkdir -p /tmp/gguf_corpus && cp ../shared/golden/vocab/ggml-vocab-gpt-2.gguf \
  *     ../shared/models/stories260K.gguf /tmp/gguf_corpus/
@@ -21,7 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "gguf.h"
+#include "engine/gguf.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

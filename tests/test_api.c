@@ -6,7 +6,7 @@
  * (parsed back with jansson and checked key by key), logprobs, usage, SSE
  * framing, the models list, and a 10k-message request.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -12,7 +12,7 @@
 #include <unistd.h>
 
 #include "storage/bench_resume.h"
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #define MODEL_REL "models/stories260K.gguf"
 #define N_COLS 22

@@ -7,7 +7,7 @@
  * preferred over delta counts), and against the real `kvpark serve` with
  * stories260K started by the tool itself.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -8,7 +8,7 @@
  * with the target cache untouched; a checksum-valid but undecodable LZ4 chunk
  * refused. (Moved here from test_store.c when the store moved to park/cas.)
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <fcntl.h>
 #include <ftw.h>
@@ -19,7 +19,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#include "kv.h"
+#include "engine/kv.h"
 #include "storage/blob.h"
 
 #define FP_A 0x1234567890abcdefULL

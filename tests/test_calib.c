@@ -18,7 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include "compress/calib.h"
 #include "compress/codec.h"

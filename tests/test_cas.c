@@ -10,7 +10,7 @@
  * write keeps the warm copy and leaves no file), and four threads
  * hammering overlapping keys. Everything runs in a fresh temporary directory.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <dirent.h>
 #include <errno.h>

@@ -4,13 +4,13 @@
  * llama2-sys-strip and llama3; our documented plain fallback), detection on
  * excerpts of real Jinja templates, role validation and name <-> enum.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "chat.h"
+#include "engine/chat.h"
 
 /* system + user + assistant + user. The last user turn carries surrounding
  * whitespace: chatml and plain keep it, llama2 and llama3 trim it. */

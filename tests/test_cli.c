@@ -8,9 +8,9 @@
 #include <string.h>
 #include <sys/wait.h>
 
-#include "engine/kp.h"
+#include "kernels/kp.h"
 #include "kernels/kernels.h"
-#include "testutil.h"
+#include "tests/testutil.h"
 
 /* Run a shell command, capture stdout (and stderr if merge), return exit status. */
 static int run_cmd(const char *cmd, char *out, size_t cap) {

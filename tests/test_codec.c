@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include "compress/codec.h"
 #include "kernels/cpu/quant.h"

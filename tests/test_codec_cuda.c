@@ -1,6 +1,6 @@
 /*
  * test_codec_cuda.c — the GPU KV codec (compress/codec_gpu.h,
- * kernels/cuda/codec.cu) against the CPU codec (codec_encode/codec_decode).
+ * compress/codec_gpu.cu) against the CPU codec (codec_encode/codec_decode).
  *
  * Runs everywhere (no GPU needed):
  *   - view reference: a plain scalar decoder and encoder written here from
@@ -31,7 +31,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include "compress/calib.h"
 #include "compress/codec.h"

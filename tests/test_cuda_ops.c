@@ -18,10 +18,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
-#include "kernels.h"
-#include "cpu/quant.h"
+#include "kernels/kernels.h"
+#include "kernels/cpu/quant.h"
 
 typedef struct {
     kp_backend *cpu, *gpu; /* gpu NULL when there is no device */

@@ -25,11 +25,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
-#include "gguf.h"
-#include "synth.h"
-#include "types.h"
+#include "engine/gguf.h"
+#include "engine/synth.h"
+#include "kernels/types.h"
 
 /* ------------------------------------------------------------------------ */
 /* helpers                                                                   */

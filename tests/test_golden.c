@@ -19,7 +19,7 @@
 #include "engine/eval.h"
 #include "engine/gguf.h"
 #include "engine/model.h"
-#include "testutil.h"
+#include "tests/testutil.h"
 
 static model *load(const char *rel, int n_threads) {
     char *p = tu_shared_path(rel);

@@ -5,7 +5,7 @@
  * set of kvpark metrics validated by `promtool check metrics`, callback
  * gauges, and exact totals under 4 concurrent writer threads.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <math.h>
 #include <pthread.h>

@@ -19,11 +19,11 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
-#include "kernels.h"
-#include "cpu/pool.h"
-#include "cpu/quant.h"
+#include "kernels/kernels.h"
+#include "kernels/cpu/pool.h"
+#include "kernels/cpu/quant.h"
 
 /* ---------------------------------------------------------------------- */
 /* Fixture and helpers                                                    */

@@ -22,7 +22,7 @@
  *     objects may go), abandoned handles keep n_pos, a missing object fails
  *     begin; park_codec_hash of files (0 for built-in names).
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <ftw.h>
 #include <math.h>

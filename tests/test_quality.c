@@ -16,7 +16,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include "compress/quality.h"
 #include "engine/eval.h"

@@ -25,11 +25,11 @@
 #include <string.h>
 #include <time.h>
 
-#include "testutil.h"
+#include "tests/testutil.h"
 
-#include "cpu/quant.h"
-#include "kp.h"
-#include "types.h"
+#include "kernels/cpu/quant.h"
+#include "kernels/kp.h"
+#include "kernels/types.h"
 
 static float tq_bits_f32(uint32_t u) {
     float f;

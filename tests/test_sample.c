@@ -7,14 +7,14 @@
  * (exact continuation, every corrupted byte refused), log-softmax, and a
  * 128K-vocabulary speed check.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "sample.h"
+#include "engine/sample.h"
 
 /* A parameter set with every filter off: plain softmax(logits / T). */
 static sample_params raw_params(float temp, uint64_t seed) {

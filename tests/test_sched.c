@@ -9,7 +9,7 @@
 #include <unistd.h>
 
 #include "engine/scheduler.h"
-#include "testutil.h"
+#include "tests/testutil.h"
 
 typedef struct out_buf {
     int32_t ids[512];

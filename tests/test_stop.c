@@ -6,7 +6,7 @@
  * concatenated output equals the reference (text cut at the first stop) and
  * that no emitted chunk cuts a UTF-8 character.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <stdio.h>
 #include <stdlib.h>

@@ -28,7 +28,7 @@
  *     without a cold budget): every load self-consistent, and no reference
  *     or object left once everything is deleted.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <dirent.h>
 #include <errno.h>

@@ -16,16 +16,16 @@
  *   5. speed and count: the 565 KB TinyStories eval text with the stories260K
  *      vocab gives 279,496 tokens with BOS, in well under a second.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#include "gguf.h"
-#include "kp.h"
-#include "tok.h"
+#include "engine/gguf.h"
+#include "kernels/kp.h"
+#include "engine/tok.h"
 
 /* A loaded vocabulary with its GGUF file (tok_vocab does not keep the file,
  * but we close it only at the end to also catch accidental references). */

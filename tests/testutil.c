@@ -1,7 +1,7 @@
 /*
  * testutil.c — see testutil.h.
  */
-#include "testutil.h"
+#include "tests/testutil.h"
 
 #include <math.h>
 #include <stdio.h>

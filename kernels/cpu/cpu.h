@@ -11,8 +11,8 @@
 #ifndef KP_CPU_H
 #define KP_CPU_H
 
-#include "../kernels.h"
-#include "pool.h"
+#include "kernels/kernels.h"
+#include "kernels/cpu/pool.h"
 
 struct kp_backend {
     const kp_ops *ops;

@@ -40,8 +40,8 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu.h"
-#include "quant.h"
+#include "kernels/cpu/cpu.h"
+#include "kernels/cpu/quant.h"
 
 /* ---------------------------------------------------------------------- */
 /* Tuning                                                                 */

@@ -25,9 +25,9 @@
  * (either the caller sees n_sleeping > 0 and broadcasts under the mutex, or
  * the worker sees the new generation before waiting).
  */
-#include "pool.h"
+#include "kernels/cpu/pool.h"
 
-#include "kp.h"
+#include "kernels/kp.h"
 
 #include <pthread.h>
 #include <sched.h>

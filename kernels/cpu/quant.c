@@ -32,13 +32,13 @@
  *         elements l, l+32, l+64, l+96. x = d * scales[e/16] * (q - 32).
  *   Q8_K  d (f32) | qs[256] int8 | bsums[16] = sums of 16 qs each.
  */
-#include "quant.h"
+#include "kernels/cpu/quant.h"
 
 #include <assert.h>
 #include <math.h>
 #include <string.h>
 
-#include "../../engine/kp.h"
+#include "kernels/kp.h"
 
 #if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>

@@ -23,7 +23,7 @@
 
 #include <stdint.h>
 
-#include "../types.h"
+#include "kernels/types.h"
 
 int kp_dequant_row(int type, const void *src, float *dst, int64_t n);
 int kp_quant_row(int type, const float *src, void *dst, int64_t n);

@@ -12,7 +12,7 @@
  * instructions when the compiler targets them, and a portable bit-twiddling
  * version (kp_*_soft, always compiled, used by the tests to cross-check).
  */
-#include "../types.h"
+#include "kernels/types.h"
 
 #include <string.h>
 

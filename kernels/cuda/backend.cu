@@ -27,7 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda_impl.h"
+#include "kernels/cuda/cuda_impl.h"
 
 /* Largest dequantised weight chunk (bytes of f16). */
 #define KP_CU_WCHUNK_BYTES ((size_t)32 << 20)

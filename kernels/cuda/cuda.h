@@ -25,7 +25,7 @@
 #ifndef KP_CUDA_H
 #define KP_CUDA_H
 
-#include "../kernels.h"
+#include "kernels/kernels.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -19,8 +19,8 @@
 #endif
 
 extern "C" {
-#include "../cpu/cpu.h" /* struct kp_backend (shared by every backend) */
-#include "cuda.h"
+#include "kernels/cpu/cpu.h" /* struct kp_backend (shared by every backend) */
+#include "kernels/cuda/cuda.h"
 }
 
 typedef struct kp_cuda_state {

@@ -28,7 +28,7 @@
 #include <math.h>
 #include <stdio.h>
 
-#include "cuda_impl.h"
+#include "kernels/cuda/cuda_impl.h"
 
 #define KP_CU_THREADS 256
 #define KP_CU_ATTN_WARPS 8

@@ -1,5 +1,5 @@
 /*
- * codec.cu — KV codec chunks decoded and encoded on the GPU
+ * codec_gpu.cu — KV codec chunks decoded and encoded on the GPU
  * (compress/codec_gpu.h), and the host side of a pipelined restore.
  *
  * Design
@@ -88,7 +88,7 @@ extern "C" {
 #include "compress/codec_gpu.h"
 #include "compress/codec_impl.h"
 #include "compress/codec_learned_impl.h"
-#include "cuda.h" /* kernels/cuda/cuda.h: kp_cuda_device_count */
+#include "kernels/cuda/cuda.h" /* kp_cuda_device_count */
 }
 
 #define CG_THREADS 128

@@ -1,8 +1,9 @@
 /*
- * kp.c — error formatting and the clock (see kp.h).
+ * kp.c — error formatting, the error table's names and messages, and the
+ * clock (see kp.h).
  */
 #define _POSIX_C_SOURCE 200809L
-#include "kp.h"
+#include "kernels/kp.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -22,17 +23,20 @@ int kp_errf(kp_err *err, int code, const char *fmt, ...) {
 const char *kp_strerror(int code) {
     switch (code) {
     case KP_OK: return "ok";
-    case KP_EINVAL: return "invalid argument";
-    case KP_ENOMEM: return "out of memory";
-    case KP_EIO: return "I/O error";
-    case KP_EFORMAT: return "malformed data";
-    case KP_EUNSUP: return "not supported";
-    case KP_ENOTFOUND: return "not found";
-    case KP_ERANGE: return "out of range";
-    case KP_EMISMATCH: return "mismatch";
-    case KP_EBUSY: return "busy";
-    case KP_ECANCELED: return "canceled";
+#define KP_STRERROR_CASE(name, value, msg) case KP_##name: return msg;
+    KP_ERRNO_MAP(KP_STRERROR_CASE)
+#undef KP_STRERROR_CASE
     default: return "unknown error";
+    }
+}
+
+const char *kp_err_name(int code) {
+    switch (code) {
+    case KP_OK: return "KP_OK";
+#define KP_ERR_NAME_CASE(name, value, msg) case KP_##name: return "KP_" #name;
+    KP_ERRNO_MAP(KP_ERR_NAME_CASE)
+#undef KP_ERR_NAME_CASE
+    default: return "KP_EUNKNOWN";
     }
 }
 
