@@ -42,8 +42,6 @@
 #include "server/stop.h"
 #include "server/sessions.h"
 
-#define KVPARK_VERSION "0.1.0"
-
 /* ------------------------------------------------------------------ */
 /* 1. state                                                            */
 

@@ -32,8 +32,6 @@
 #include "storage/bench_resume.h"
 #include "server/http.h"
 
-#define KVPARK_VERSION "0.1.0"
-
 static int die(const kp_err *e, int rc) {
     fprintf(stderr, "kvpark: %s\n", e->msg[0] ? e->msg : kp_strerror(rc));
     return 1;
