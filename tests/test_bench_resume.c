@@ -11,7 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "storage/bench_resume.h"
+#include "bench/bench_resume.h"
 #include "tests/testutil.h"
 
 #define MODEL_REL "models/stories260K.gguf"

@@ -20,7 +20,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "server/bench_serve.h"
+#include "bench/bench_serve.h"
 
 /* ------------------------------------------------------------------ */
 

@@ -34,7 +34,7 @@
  * decode resumes faster than `none` when the storage delivers less than
  *   bw = (bytes_none - bytes_codec) / (restore_codec_warm - restore_none_warm).
  */
-#include "storage/bench_resume.h"
+#include "bench/bench_resume.h"
 
 #include <errno.h>
 #include <fcntl.h>

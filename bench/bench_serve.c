@@ -22,7 +22,7 @@
  * (binary: /proc/self/exe or --server-bin), waits for GET /health = 200 and
  * stops it with SIGTERM at the end.
  */
-#include "server/bench_serve.h"
+#include "bench/bench_serve.h"
 
 #include <arpa/inet.h>
 #include <errno.h>

@@ -28,8 +28,8 @@
 #include "engine/tok.h"
 #include "compress/calib.h"
 #include "compress/quality.h"
-#include "server/bench_serve.h"
-#include "storage/bench_resume.h"
+#include "bench/bench_serve.h"
+#include "bench/bench_resume.h"
 #include "server/http.h"
 
 static int die(const kp_err *e, int rc) {
