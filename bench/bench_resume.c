@@ -56,11 +56,12 @@
 #include "engine/model.h"
 #include "storage/cas.h"
 #include "storage/park.h"
+#include "bench/plot.h"
+#include "tools/cli.h"
 
 #define BR_MAX_CODECS 16
 #define BR_MAX_CTX 32
 #define BR_MAX_REPEATS 100
-#define BR_GNUPLOT "/usr/bin/gnuplot"
 #define BR_PATH_MAX 1200
 
 typedef struct br_opts {
@@ -595,38 +596,51 @@ static int br_write_csv(const br_opts *o, const char *model_name, const br_row *
     return 0;
 }
 
-static int br_run_gnuplot(const char *script) {
-    pid_t pid = fork();
-    if (pid < 0) return -1;
-    if (pid == 0) {
-        int devnull = open("/dev/null", O_RDWR);
-        if (devnull >= 0) dup2(devnull, 0);
-        execl(BR_GNUPLOT, "gnuplot", script, (char *)NULL);
-        _exit(127);
-    }
-    int st;
-    if (waitpid(pid, &st, 0) != pid) return -1;
-    return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+typedef struct br_plot {
+    const br_opts *o;
+    const char *model_name, *dat;
+} br_plot;
+
+static void br_plot_script(FILE *f, const char *term, void *ud) {
+    const br_plot *p = ud;
+    const br_opts *o = p->o;
+    fprintf(f,
+            "set terminal %s size 1300,500\nset output '%s'\n"
+            "set multiplot layout 1,2 title 'kvpark bench resume: %s'\n"
+            "set logscale xy\nset grid\nset key top left\nset xlabel 'context length (tokens)'\n"
+            "set ylabel 'TTFT of a 16-token turn (ms)'\n"
+            "plot '%s' index 0 using 1:2 with linespoints title 're-prefill', "
+            "'' index 0 using 1:3 with linespoints title 'hot'",
+            term, o->plot, p->model_name, p->dat);
+    for (int c = 0; c < o->n_codecs; c++)
+        fprintf(f, ", '' index %d using 1:2 with linespoints title 'warm %s', "
+                   "'' index %d using 1:3 with linespoints title 'cold %s'",
+                c + 1, o->codecs[c], c + 1, o->codecs[c]);
+    fprintf(f, "\nset ylabel 'speed-up vs re-prefill (x)'\n"
+               "plot '%s' index 0 using 1:4 with linespoints title 'hot'", p->dat);
+    for (int c = 0; c < o->n_codecs; c++)
+        fprintf(f, ", '' index %d using 1:4 with linespoints title 'warm %s', "
+                   "'' index %d using 1:5 with linespoints title 'cold %s'",
+                c + 1, o->codecs[c], c + 1, o->codecs[c]);
+    fprintf(f, "\nunset multiplot\n");
 }
 
 /* PNG: TTFT vs context per path (log-log) and speed-up vs re-prefill. The
  * data goes to PLOT.dat: block 0 = ctx, prefill, hot; block 1+c = ctx, warm,
  * cold, warm x, cold x of codec c. */
 static void br_write_plot(const br_opts *o, const char *model_name, const br_row *rows, int n) {
-    if (access(BR_GNUPLOT, X_OK) != 0) {
-        fprintf(stderr, "kvpark: bench resume: %s not found, skipping --plot\n", BR_GNUPLOT);
+    if (!plot_available()) {
+        fprintf(stderr, "kvpark: bench resume: %s not found, skipping --plot\n", PLOT_GNUPLOT);
         return;
     }
-    if (strpbrk(o->plot, "'\"\\\n") || strpbrk(model_name, "'\"\\\n")) {
+    if (!plot_quotable(o->plot) || !plot_quotable(model_name)) {
         fprintf(stderr, "kvpark: bench resume: quote characters in the plot path or model name, "
                         "skipping --plot\n");
         return;
     }
     char dat[BR_PATH_MAX], gp[BR_PATH_MAX];
-    size_t l = strlen(o->plot);
-    if (l > 4 && !strcmp(o->plot + l - 4, ".png")) l -= 4;
-    snprintf(dat, sizeof dat, "%.*s.dat", (int)l, o->plot);
-    snprintf(gp, sizeof gp, "%.*s.gp", (int)l, o->plot);
+    plot_sibling(o->plot, ".png", ".dat", dat, sizeof dat);
+    plot_sibling(o->plot, ".png", ".gp", gp, sizeof gp);
     FILE *f = fopen(dat, "w");
     if (!f) {
         fprintf(stderr, "kvpark: bench resume: cannot write '%s': %s\n", dat, strerror(errno));
@@ -645,37 +659,10 @@ static void br_write_plot(const br_opts *o, const char *model_name, const br_row
                         br_ratio(rows[i].prefill_ms, rows[i].cold_ms));
     }
     fclose(f);
-    for (int attempt = 0; attempt < 2; attempt++) {
-        if (!(f = fopen(gp, "w"))) {
-            fprintf(stderr, "kvpark: bench resume: cannot write '%s': %s\n", gp, strerror(errno));
-            return;
-        }
-        fprintf(f,
-                "set terminal %s size 1300,500\nset output '%s'\n"
-                "set multiplot layout 1,2 title 'kvpark bench resume: %s'\n"
-                "set logscale xy\nset grid\nset key top left\nset xlabel 'context length (tokens)'\n"
-                "set ylabel 'TTFT of a 16-token turn (ms)'\n"
-                "plot '%s' index 0 using 1:2 with linespoints title 're-prefill', "
-                "'' index 0 using 1:3 with linespoints title 'hot'",
-                attempt == 0 ? "pngcairo" : "png", o->plot, model_name, dat);
-        for (int c = 0; c < o->n_codecs; c++)
-            fprintf(f, ", '' index %d using 1:2 with linespoints title 'warm %s', "
-                       "'' index %d using 1:3 with linespoints title 'cold %s'",
-                    c + 1, o->codecs[c], c + 1, o->codecs[c]);
-        fprintf(f, "\nset ylabel 'speed-up vs re-prefill (x)'\n"
-                   "plot '%s' index 0 using 1:4 with linespoints title 'hot'", dat);
-        for (int c = 0; c < o->n_codecs; c++)
-            fprintf(f, ", '' index %d using 1:4 with linespoints title 'warm %s', "
-                       "'' index %d using 1:5 with linespoints title 'cold %s'",
-                    c + 1, o->codecs[c], c + 1, o->codecs[c]);
-        fprintf(f, "\nunset multiplot\n");
-        fclose(f);
-        if (br_run_gnuplot(gp) == 0) {
-            fprintf(stderr, "kvpark: wrote %s\n", o->plot);
-            return;
-        }
-    }
-    fprintf(stderr, "kvpark: bench resume: gnuplot failed (script left in %s)\n", gp);
+    br_plot bp = {.o = o, .model_name = model_name, .dat = dat};
+    kp_err err = {0};
+    if (plot_draw(gp, br_plot_script, &bp, &err) == 0) fprintf(stderr, "kvpark: wrote %s\n", o->plot);
+    else fprintf(stderr, "kvpark: bench resume: %s\n", err.msg);
 }
 
 /* ---- options and main ---------------------------------------------------- */
@@ -701,15 +688,6 @@ static int br_usage(const char *msg, const char *arg) {
     return 2;
 }
 
-static int br_parse_int(const char *s, int lo, int hi, int *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return -1;
-    *out = (int)v;
-    return 0;
-}
-
 enum { BR_OPT_CODEC = 3000, BR_OPT_CTX, BR_OPT_REPEATS, BR_OPT_CSV, BR_OPT_PLOT, BR_OPT_DIR,
        BR_OPT_KV_TYPE, BR_OPT_TURN };
 
@@ -730,27 +708,28 @@ static int br_parse(int argc, char **argv, br_opts *o) {
         case 'm': o->model = optarg; break;
         case 'f': o->file = optarg; break;
         case 't':
-            if (br_parse_int(optarg, 0, 1024, &o->threads)) return br_usage("bad -t", optarg);
+            if (cli_parse_int(optarg, 0, 1024, &o->threads)) return br_usage("bad -t", optarg);
             break;
         case BR_OPT_CODEC: codec_arg = optarg; break;
         case BR_OPT_CTX: {
             o->n_ctx = 0;
             const char *p = optarg;
             while (*p) {
-                char *end;
-                errno = 0;
-                long v = strtol(p, &end, 10);
-                if (errno || end == p || v < 1 || v > (1 << 20) || (*end && *end != ','))
-                    return br_usage("bad --ctx (a comma-separated list of lengths)", optarg);
+                size_t k = strcspn(p, ",");
+                char *piece = strndup(p, k);
+                int v, bad = !piece || cli_parse_int(piece, 1, 1 << 20, &v);
+                free(piece);
+                if (bad) return br_usage("bad --ctx (a comma-separated list of lengths)", optarg);
                 if (o->n_ctx == BR_MAX_CTX) return br_usage("too many --ctx values", optarg);
-                o->ctx[o->n_ctx++] = (int)v;
-                p = *end ? end + 1 : end;
+                o->ctx[o->n_ctx++] = v;
+                p += k;
+                if (*p) p++;
             }
             if (!o->n_ctx) return br_usage("empty --ctx", optarg);
             break;
         }
         case BR_OPT_REPEATS:
-            if (br_parse_int(optarg, 1, BR_MAX_REPEATS, &o->repeats))
+            if (cli_parse_int(optarg, 1, BR_MAX_REPEATS, &o->repeats))
                 return br_usage("bad --repeats (1..100)", optarg);
             break;
         case BR_OPT_CSV: o->csv = optarg; break;
@@ -761,7 +740,7 @@ static int br_parse(int argc, char **argv, br_opts *o) {
                 return br_usage("bad --kv-type (f32, f16 or bf16)", optarg);
             break;
         case BR_OPT_TURN:
-            if (br_parse_int(optarg, 1, 4096, &o->turn)) return br_usage("bad --turn", optarg);
+            if (cli_parse_int(optarg, 1, 4096, &o->turn)) return br_usage("bad --turn", optarg);
             break;
         case 'h': fputs(br_help, stdout); return 0;
         default: return br_usage("unknown option", NULL);

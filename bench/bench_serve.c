@@ -49,12 +49,14 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench/plot.h"
+#include "tools/cli.h"
+
 #define BENCH_MAX_LEVELS 16
 #define BENCH_MAX_CLIENTS 1024
 #define BENCH_SOCK_TIMEOUT_S 30
 #define BENCH_MAX_HEADER 16384
 #define BENCH_MAX_LINE (1 << 20) /* longest SSE line we accept */
-#define BENCH_GNUPLOT "/usr/bin/gnuplot"
 
 /* ------------------------------------------------------------------ */
 /* URL parsing: loopback only                                          */
@@ -781,7 +783,7 @@ typedef struct bench_server {
     char session_dir[64];
 } bench_server;
 
-static int server_start(bench_server *sv, const char *bin, const char *model, int parallel,
+static int server_start(bench_server *sv, const char *bin, const char *model_name, int parallel,
                         int port, kp_err *err) {
     snprintf(sv->session_dir, sizeof sv->session_dir, "/tmp/kvpark-bench-sessions-XXXXXX");
     if (!mkdtemp(sv->session_dir)) sv->session_dir[0] = 0;
@@ -792,9 +794,9 @@ static int server_start(bench_server *sv, const char *bin, const char *model, in
     int na = 0;
     args[na++] = bin;
     args[na++] = "serve";
-    if (model) {
+    if (model_name) {
         args[na++] = "-m";
-        args[na++] = model;
+        args[na++] = model_name;
     }
     args[na++] = "--host";
     args[na++] = "127.0.0.1";
@@ -884,72 +886,55 @@ static int mkdir_parent(const char *path) {
     return 0;
 }
 
-static void write_csv_row(FILE *f, const char *model, const bench_row *r) {
+static void write_csv_row(FILE *f, const char *model_name, const bench_row *r) {
     fprintf(f, "%s,%d,%d,%d,%d,%.3f,%.3f,%.1f,%.1f,%.1f,%.2f,%.2f,%.2f,%.2f,%.3f,%.3f,%.3f,%.3f,%.3f,"
                "%.2f,%.2f\n",
-            model, r->clients, r->requests, r->completed, r->errors, r->duration, r->req_s, r->tok_s,
+            model_name, r->clients, r->requests, r->completed, r->errors, r->duration, r->req_s, r->tok_s,
             r->mean_prompt, r->mean_out, r->ttft_mean, r->ttft_p50, r->ttft_p90, r->ttft_p99,
             r->tpot_mean, r->tpot_p50, r->tpot_p99, r->itl_p50, r->itl_p99, r->e2e_p50, r->e2e_p99);
     fflush(f);
 }
 
-static int run_gnuplot(const char *script) {
-    pid_t pid = fork();
-    if (pid < 0) return -1;
-    if (pid == 0) {
-        int devnull = open("/dev/null", O_RDWR);
-        if (devnull >= 0) dup2(devnull, 0);
-        execl(BENCH_GNUPLOT, "gnuplot", script, (char *)NULL);
-        _exit(127);
-    }
-    int st;
-    if (waitpid(pid, &st, 0) != pid) return -1;
-    return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+typedef struct serve_plot {
+    const char *png, *csv, *model;
+} serve_plot;
+
+/* columns: 2 clients, 8 output_tok_s, 12 ttft_p50_ms, 14 ttft_p99_ms */
+static void serve_plot_script(FILE *f, const char *term, void *ud) {
+    const serve_plot *p = ud;
+    fprintf(f,
+            "set terminal %s size 1200,450\n"
+            "set output '%s'\n"
+            "set datafile separator ','\n"
+            "set multiplot layout 1,2 title 'kvpark bench serve: %s'\n"
+            "set logscale x 2\nset yrange [0:*]\nset grid\nset key top left\n"
+            "set xlabel 'concurrent clients'\nset ylabel 'TTFT (ms)'\n"
+            "plot '%s' skip 1 using 2:12 with linespoints title 'TTFT p50', "
+            "'' skip 1 using 2:14 with linespoints title 'TTFT p99'\n"
+            "set ylabel 'output tokens/s'\n"
+            "plot '%s' skip 1 using 2:8 with linespoints title 'output tok/s'\n"
+            "unset multiplot\n",
+            term, p->png, p->model, p->csv, p->csv);
 }
 
-/* TTFT p50/p99 and output tok/s vs clients, from the CSV. */
-static void write_plot(const char *csv, const char *model) {
-    if (access(BENCH_GNUPLOT, X_OK) != 0) {
-        fprintf(stderr, "kvpark: bench serve: %s not found, skipping --plot\n", BENCH_GNUPLOT);
+/* TTFT p50/p99 and output tok/s vs clients, from the CSV: FILE.png next to it. */
+static void write_plot(const char *csv, const char *model_name) {
+    if (!plot_available()) {
+        fprintf(stderr, "kvpark: bench serve: %s not found, skipping --plot\n", PLOT_GNUPLOT);
         return;
     }
-    if (strpbrk(csv, "'\"\\\n") || strpbrk(model, "'\"\\\n")) {
+    if (!plot_quotable(csv) || !plot_quotable(model_name)) {
         fprintf(stderr, "kvpark: bench serve: quote characters in the CSV path or model name, "
                         "skipping --plot\n");
         return;
     }
     char png[1100], gp[1100];
-    size_t l = strlen(csv);
-    if (l > 4 && !strcmp(csv + l - 4, ".csv")) l -= 4;
-    snprintf(png, sizeof png, "%.*s.png", (int)l, csv);
-    snprintf(gp, sizeof gp, "%.*s.gp", (int)l, csv);
-    for (int attempt = 0; attempt < 2; attempt++) {
-        FILE *f = fopen(gp, "w");
-        if (!f) {
-            fprintf(stderr, "kvpark: bench serve: cannot write '%s': %s\n", gp, strerror(errno));
-            return;
-        }
-        /* columns: 2 clients, 8 output_tok_s, 12 ttft_p50_ms, 14 ttft_p99_ms */
-        fprintf(f,
-                "set terminal %s size 1200,450\n"
-                "set output '%s'\n"
-                "set datafile separator ','\n"
-                "set multiplot layout 1,2 title 'kvpark bench serve: %s'\n"
-                "set logscale x 2\nset yrange [0:*]\nset grid\nset key top left\n"
-                "set xlabel 'concurrent clients'\nset ylabel 'TTFT (ms)'\n"
-                "plot '%s' skip 1 using 2:12 with linespoints title 'TTFT p50', "
-                "'' skip 1 using 2:14 with linespoints title 'TTFT p99'\n"
-                "set ylabel 'output tokens/s'\n"
-                "plot '%s' skip 1 using 2:8 with linespoints title 'output tok/s'\n"
-                "unset multiplot\n",
-                attempt == 0 ? "pngcairo" : "png", png, model, csv, csv);
-        fclose(f);
-        if (run_gnuplot(gp) == 0) {
-            fprintf(stderr, "kvpark: wrote %s\n", png);
-            return;
-        }
-    }
-    fprintf(stderr, "kvpark: bench serve: gnuplot failed (script left in %s)\n", gp);
+    plot_sibling(csv, ".csv", ".png", png, sizeof png);
+    plot_sibling(csv, ".csv", ".gp", gp, sizeof gp);
+    serve_plot p = {.png = png, .csv = csv, .model = model_name};
+    kp_err err = {0};
+    if (plot_draw(gp, serve_plot_script, &p, &err) == 0) fprintf(stderr, "kvpark: wrote %s\n", png);
+    else fprintf(stderr, "kvpark: bench serve: %s\n", err.msg);
 }
 
 /* ------------------------------------------------------------------ */
@@ -978,15 +963,6 @@ static const char bench_serve_help[] =
 
 enum { OPT_URL = 256, OPT_CLIENTS, OPT_MAXTOK, OPT_PTOK, OPT_TEMP, OPT_CSV, OPT_PLOT, OPT_PAR,
        OPT_BIN, OPT_MAXTIME };
-
-static int opt_long(const char *s, long lo, long hi, long *out) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi) return -1;
-    *out = v;
-    return 0;
-}
 
 static int bad_usage(const char *msg, const char *arg) {
     fprintf(stderr, "kvpark bench serve: %s%s%s (see 'kvpark bench serve --help')\n", msg,
@@ -1057,35 +1033,30 @@ int bench_serve_main(int argc, char **argv) {
         case OPT_URL: url = optarg; break;
         case OPT_CLIENTS: clients = optarg; break;
         case 'n':
-            if (opt_long(optarg, 1, 1000000, &v)) return bad_usage("bad --requests", optarg);
+            if (cli_parse_long(optarg, 1, 1000000, &v)) return bad_usage("bad --requests", optarg);
             cfg.n_requests = (int)v;
             break;
         case OPT_MAXTOK:
-            if (opt_long(optarg, 1, 1 << 20, &v)) return bad_usage("bad --max-tokens", optarg);
+            if (cli_parse_long(optarg, 1, 1 << 20, &v)) return bad_usage("bad --max-tokens", optarg);
             cfg.max_tokens = (int)v;
             break;
         case OPT_PTOK:
-            if (opt_long(optarg, 1, 1 << 20, &v)) return bad_usage("bad --prompt-tokens", optarg);
+            if (cli_parse_long(optarg, 1, 1 << 20, &v)) return bad_usage("bad --prompt-tokens", optarg);
             cfg.prompt_tokens = (int)v;
             break;
         case 'f': file = optarg; break;
-        case OPT_TEMP: {
-            char *end;
-            errno = 0;
-            dv = strtod(optarg, &end);
-            if (errno || end == optarg || *end || !isfinite(dv) || dv < 0 || dv > 100)
-                return bad_usage("bad --temp", optarg);
+        case OPT_TEMP:
+            if (cli_parse_float(optarg, 0, 100, &dv)) return bad_usage("bad --temp", optarg);
             cfg.temp = dv;
             break;
-        }
         case OPT_CSV: csv = optarg; break;
         case OPT_PLOT: plot = 1; break;
         case OPT_PAR:
-            if (opt_long(optarg, 1, 1024, &parallel)) return bad_usage("bad --parallel", optarg);
+            if (cli_parse_long(optarg, 1, 1024, &parallel)) return bad_usage("bad --parallel", optarg);
             break;
         case OPT_BIN: bin = optarg; break;
         case OPT_MAXTIME:
-            if (opt_long(optarg, 1, 7 * 86400, &max_time)) return bad_usage("bad --max-time", optarg);
+            if (cli_parse_long(optarg, 1, 7 * 86400, &max_time)) return bad_usage("bad --max-time", optarg);
             break;
         case 'h': fputs(bench_serve_help, stdout); return 0;
         default: return bad_usage("unknown option", NULL);
@@ -1098,7 +1069,7 @@ int bench_serve_main(int argc, char **argv) {
     snprintf(buf, sizeof buf, "%s", clients);
     for (char *save = NULL, *tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
         if (cfg.n_levels == BENCH_MAX_LEVELS) return bad_usage("too many --clients levels (max 16)", NULL);
-        if (opt_long(tok, 1, BENCH_MAX_CLIENTS, &v)) return bad_usage("bad --clients value (1..1024)", tok);
+        if (cli_parse_long(tok, 1, BENCH_MAX_CLIENTS, &v)) return bad_usage("bad --clients value (1..1024)", tok);
         cfg.levels[cfg.n_levels++] = (int)v;
     }
     if (cfg.n_levels == 0) return bad_usage("empty --clients", NULL);

@@ -110,7 +110,4 @@ void calib_allocate_bits(const double *lam, const double *sens, int n_coders, in
  * j (largest-magnitude entry positive). Returns 0. */
 int calib_jacobi_eig(double *a, int n, double *evals, double *evecs);
 
-/* `kvpark calibrate ...` (argv[0] = "calibrate"); returns the exit status. */
-int calib_main(int argc, char **argv);
-
 #endif

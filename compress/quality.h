@@ -74,28 +74,4 @@ int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_toke
 /* The codec shape of a model (for codec_open). */
 codec_shape quality_codec_shape(model *m);
 
-/* CLI front ends (the lead wires them into server/main.c). Both print the
- * usage with --help, return 0, 1 (runtime error, message on stderr) or 2
- * (usage error). argv[0] is the subcommand name; getopt is reset first.
- *
- * `kvpark ppl -f FILE --codec NAME|FILE [-m MODEL] [-c CTX] [--chunks N]
- *   [--park-every N] [--sink S] [--window W] [--chunk C] [--kv-type T] [-t N]`
- * prints both perplexities and ends with the four lines
- *   ppl = X / ratio = R / agree = A / kl = K
- * (scripts read them). */
-int quality_ppl_main(int argc, char **argv);
-/* `kvpark bench codec -f EVALTEXT [--calib CALIBTEXT] [--bits 1,1.25,1.5,2,3,4,8]
- *   [--max-dppl P] [--csv FILE] [--plot FILE.png] + the options above`, with
- * its own defaults (why: quality.c): -c min(512, the model's training
- * context), --window 8, --sink 0, --kv-type f16 (llama.cpp's default cache;
- * lossless rows are stored at the cache's type, so the ratio vs fp16 of
- * codec "none" is ~1): every baseline codec and learned/pca codecs
- * calibrated at each --bits target (and with --max-dppl P a learned codec
- * sized by calibrate's search on the calibration text's held-out slice); a
- * markdown table (bits/value, ratio vs fp16, delta ppl %, top-1 agreement,
- * KL, encode and decode GB/s), a table of where the stored bits go
- * (lossless rows, coded chunks, headers, LZ4 savings), a CSV, and a gnuplot
- * PNG of delta ppl vs ratio. */
-int quality_bench_main(int argc, char **argv);
-
 #endif

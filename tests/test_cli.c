@@ -1,7 +1,8 @@
 /*
  * test_cli.c — the `kvpark` command as a user runs it: real process, real
  * model, output compared with the golden data; bad usage gives a clear
- * message and a non-zero status, never a crash.
+ * message and a non-zero status, never a crash (bad option values included:
+ * every command parses them with tools/cli.h, tested in test_tools.c).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -181,6 +182,43 @@ static void test_synthetic_model(void **state) {
     free(dir);
 }
 
+/* The shared parsers as users meet them: a bad value is bad usage (2) with a
+ * message naming the option, before any model is loaded. */
+static void test_bad_values(void **state) {
+    (void)state;
+    char cmd[2048];
+    struct {
+        const char *args;
+        const char *needle;
+    } cases[] = {
+        {"serve --hot-budget 4X", "bad --hot-budget"},
+        {"serve --warm-budget ''", "bad --warm-budget"},
+        {"serve --port 65536", "bad --port"},
+        {"serve --idle-park -1", "bad --idle-park"},
+        {"run -p hi --seed 12abc", "bad --seed"},
+        {"run -p hi --top-p 1.5", "bad --top-p"},
+        {"run -p hi -t 99999999999999999999", "bad option value"},
+        {"ppl -f x --chunks 1e3", "bad --chunks"},
+        {"ppl -f x --codec int8 --sink -1", "bad option value"},
+        {"bench engine -r 0", "bad -r"},
+        {"bench engine --threads-list 1,x", "bad --threads-list"},
+        {"bench codec -f x --max-dppl 0", "--max-dppl needs a percentage > 0"},
+        {"bench serve --temp 1e999", "bad --temp"},
+        {"bench serve --clients 1,,2000", "bad --clients value"},
+        {"bench resume --ctx 128,abc", "bad --ctx"},
+        {"bench resume --turn 0", "bad --turn"},
+        {"calibrate -f x -o y --max-dppl 1x", "--max-dppl must be a percentage > 0"},
+        {"bench", "usage: kvpark bench engine"},
+        {"bench nosuch", "usage: kvpark bench engine"},
+    };
+    for (size_t i = 0; i < KP_ARRAY_LEN(cases); i++) {
+        snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin(), cases[i].args);
+        int st = run_cmd(cmd, out, sizeof out);
+        if (st != 2 || !strstr(out, cases[i].needle))
+            fail_msg("'%s': status %d (want 2), output: %s", cases[i].args, st, out);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_greedy_ids_match_golden),
@@ -190,6 +228,7 @@ int main(void) {
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_synthetic_model),
         cmocka_unit_test(test_device_cuda),
+        cmocka_unit_test(test_bad_values),
     };
     tu_apply_filter();
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);

@@ -7,8 +7,8 @@
  * codec "none" reproduces eval_ppl exactly (agreement 1, KL 0) and its size
  * is what the raw bytes + headers predict; lossy codecs order as their bit
  * widths say (quality int8 > int4, size int8 < int4 < kivi2); a bigger
- * lossless sink/window stores more; and the CLI front ends print what
- * scripts read (`ppl/ratio/agree/kl` lines, the bench table, CSV, PNG).
+ * lossless sink/window stores more. Its front ends are tested where they
+ * live: `ppl --codec` in test_cli.c, `bench codec` in test_bench_codec.c.
  */
 #include <math.h>
 #include <stdio.h>
@@ -364,143 +364,11 @@ static void test_bad_opts(void **state) {
     codec_free(c);
 }
 
-/* Run a CLI entry point with stdout redirected to a file; returns its
- * status and the captured text (malloc'd) in *out. */
-static int run_captured(int (*fn)(int, char **), int argc, char **argv, char **out) {
-    char path[] = "/tmp/kvpark-test-quality-XXXXXX";
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    fflush(stdout);
-    int saved = dup(1);
-    dup2(fd, 1);
-    int rc = fn(argc, argv);
-    fflush(stdout);
-    dup2(saved, 1);
-    close(saved);
-    close(fd);
-    *out = tu_read_file(path, NULL);
-    unlink(path);
-    assert_non_null(*out);
-    return rc;
-}
-
-static void test_ppl_main(void **state) {
-    NEED_FIXTURE(f);
-    char *mpath = tu_shared_path(MODEL_REL), *text = tu_shared_path(TEXT_REL);
-    char *argv[] = {"ppl", "-m", mpath, "-f", text, "-c", "128", "--chunks", "2", "--codec",
-                    "int8", "--park-every", "32", "--chunk", "16", "--sink", "4", "--window", "16",
-                    "-t", "1", NULL};
-    char *out = NULL;
-    int rc = run_captured(quality_ppl_main, 21, argv, &out);
-    print_message("%s", out);
-    assert_int_equal(rc, 0);
-    /* the last four lines, in this order */
-    char *lines[64];
-    int nl = 0;
-    for (char *save = NULL, *l = strtok_r(out, "\n", &save); l && nl < 64;
-         l = strtok_r(NULL, "\n", &save))
-        lines[nl++] = l;
-    assert_true(nl >= 5);
-    double ppl, ratio, agree, kl, ppl_ref;
-    assert_int_equal(sscanf(lines[nl - 4], "ppl = %lf", &ppl), 1);
-    assert_int_equal(sscanf(lines[nl - 3], "ratio = %lf", &ratio), 1);
-    assert_int_equal(sscanf(lines[nl - 2], "agree = %lf", &agree), 1);
-    assert_int_equal(sscanf(lines[nl - 1], "kl = %lf", &kl), 1);
-    assert_int_equal(sscanf(lines[nl - 5], "ppl_ref = %lf", &ppl_ref), 1);
-    /* the same numbers as the library call with these options */
-    quality_opts o = small_opts();
-    o.max_chunks = 2;
-    quality_result r = eval_codec(f, "int8", &o);
-    assert_true(fabs(ppl - r.ppl) < 1e-4 && fabs(ppl_ref - r.ppl_ref) < 1e-4);
-    assert_true(fabs(ratio - r.ratio) < 1e-4 && fabs(agree - r.agree) < 1e-6);
-    assert_true(fabs(kl / r.kl - 1) < 1e-5);
-    free(out);
-
-    /* usage errors: missing --codec, unknown codec */
-    char *argv2[] = {"ppl", "-m", mpath, "-f", text, NULL};
-    assert_int_equal(run_captured(quality_ppl_main, 5, argv2, &out), 2);
-    free(out);
-    char *argv3[] = {"ppl", "-m", mpath, "-f", text, "--codec", "int3", NULL};
-    assert_int_equal(run_captured(quality_ppl_main, 7, argv3, &out), 1);
-    free(out);
-    free(mpath);
-    free(text);
-}
-
-static void test_bench_main(void **state) {
-    NEED_FIXTURE(f);
-    char *mpath = tu_shared_path(MODEL_REL), *text = tu_shared_path(TEXT_REL);
-    char *dir = tu_tmpdir();
-    char csv[1024], png[1024];
-    snprintf(csv, sizeof csv, "%s/codec.csv", dir);
-    snprintf(png, sizeof png, "%s/codec.png", dir);
-    /* calibrate (if built in) on the small excerpt at one target only */
-    char *argv[] = {"codec", "-m", mpath, "-f", text, "--calib", text, "--bits", "2", "-c", "128",
-                    "--chunks", "1", "--park-every", "32", "--chunk", "16", "--window", "16",
-                    "--sink", "4", "--csv", csv, "--plot", png, NULL};
-    char *out = NULL;
-    int rc = run_captured(quality_bench_main, 25, argv, &out);
-    print_message("%s", out);
-    assert_int_equal(rc, 0);
-    assert_non_null(strstr(out, "| codec | bits/value |"));
-    static const char *const names[] = {"| none |", "| fp16 |", "| int8 |", "| int4 |", "| kivi2 |"};
-    for (int i = 0; i < 5; i++) assert_non_null(strstr(out, names[i]));
-    /* the bench's own cache default is f16; the given settings are echoed;
-     * the second table says where the bits go */
-    assert_non_null(strstr(out, "Where the stored bits go"));
-    assert_non_null(strstr(out, "| int4 | "));
-    assert_non_null(strstr(out, "f16 cache: ctx 128, parked every 32 tokens, chunk 16, sink 4 "
-                                "and window 16"));
-    free(out);
-
-    /* bench defaults without -c/--window/--sink: ctx min(512, training
-     * context), sink 0, window 8 (why: quality.c); --bits 0 calibrates
-     * nothing (baselines only) */
-    char *argv_d[] = {"codec", "-m", mpath, "-f", text, "--calib", text, "--bits", "0",
-                      "--chunks", "1", NULL};
-    rc = run_captured(quality_bench_main, 11, argv_d, &out);
-    assert_int_equal(rc, 0);
-    assert_non_null(strstr(out, "f16 cache: ctx 512, parked every 64 tokens, chunk 64, sink 0 "
-                                "and window 8"));
-    assert_non_null(strstr(out, "| int4 |"));
-    assert_null(strstr(out, "learned@"));
-    free(out);
-
-    char *c = tu_read_file(csv, NULL);
-    assert_non_null(c);
-    assert_true(!strncmp(c, "codec,target_bits,bits_per_value,", 33));
-    assert_non_null(strstr(c, ",bits_lossless,bits_coded,bits_headers,bits_lz4_saved\n"));
-    int lines = 0;
-    for (char *p = c; *p; p++) lines += *p == '\n';
-    assert_true(lines >= 6);
-    assert_non_null(strstr(c, "\nkivi2,"));
-    /* the learned and pca codecs calibrated at --bits 2 (compress/calib.c) */
-    assert_non_null(strstr(c, "\nlearned@2,2,"));
-    assert_non_null(strstr(c, "\npca@2,2,"));
-    free(c);
-    if (access("/usr/bin/gnuplot", X_OK) == 0) {
-        size_t len = 0;
-        char *img = tu_read_file(png, &len);
-        assert_non_null(img);
-        assert_true(len > 1000 && !memcmp(img, "\x89PNG", 4));
-        free(img);
-    } else {
-        print_message("note: no gnuplot, plot not checked\n");
-    }
-    unlink(csv);
-    unlink(png);
-    rmdir(dir);
-    free(dir);
-    free(mpath);
-    free(text);
-}
-
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout),        cmocka_unit_test(test_layout_in_eval),
         cmocka_unit_test(test_none_is_exact), cmocka_unit_test(test_codec_ordering),
         cmocka_unit_test(test_sink_window),   cmocka_unit_test(test_bad_opts),
-        cmocka_unit_test(test_ppl_main),      cmocka_unit_test(test_bench_main),
     };
     tu_apply_filter();
     return cmocka_run_group_tests_name("quality", tests, setup, teardown);
