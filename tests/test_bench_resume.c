@@ -1,5 +1,5 @@
 /*
- * test_bench_resume.c — `kvpark bench resume` (storage/bench_resume.c) run
+ * test_bench_resume.c — `kvpark bench resume` (bench/bench_resume.c) run
  * in-process on stories260K: the CSV has one row per context length and codec
  * with sane fields, and a session restored from the warm and the cold tier
  * with codec `none` predicts the same next token as the hot session (so the

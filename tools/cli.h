@@ -16,7 +16,7 @@
  *     as their exit status.
  *   - The parsers return 0 and write *out, or -1 and leave *out alone. They
  *     accept what strtol/strtod accept (leading blanks, a sign) as the WHOLE
- *     string, nothing after it, within [lo, hi]; no errno is left set.
+ *     string, nothing after it, within [lo, hi]; errno is left as it was.
  *   - Nothing here keeps state between calls; getopt's globals are the
  *     callers' (each entry point resets optind itself).
  */
