@@ -222,24 +222,12 @@ static int staging_new(sess_table *t, const kv_cache *like, int n, kv_cache **ou
                   err);
 }
 
-/* Copy rows [0, n) of every layer between a device KV and a host one. */
-static int staging_copy(kv_cache *dev, kv_cache *host, int n, bool to_host, kp_err *err) {
-    const kp_ops *ops = kp_backend_ops(dev->be);
-    size_t bytes = (size_t)n * dev->row_bytes;
-    for (int l = 0; l < dev->n_layer; l++) {
-        int rc = to_host ? ops->download(dev->be, host->k[l], dev->k[l], bytes) |
-                               ops->download(dev->be, host->v[l], dev->v[l], bytes)
-                         : ops->upload(dev->be, dev->k[l], host->k[l], bytes) |
-                               ops->upload(dev->be, dev->v[l], host->v[l], bytes);
-        if (rc) return kp_errf(err, KP_EIO, "copying the KV cache %s the device failed", to_host ? "from" : "to");
-    }
-    return 0;
-}
-
 /* Write x's hot KV to the store. The caller made x PARKING or SAVING (so no
  * request starts on it) and, unless on the scheduler thread, made sure no
- * job runs on it. A KV in device memory is staged through host memory. */
-static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st, kp_err *err) {
+ * job runs on it. A KV in device memory is staged through host memory; the
+ * copy runs on the thread that owns the model (sched_kv_copy through sch;
+ * sch NULL: the scheduler is gone and the caller is the only thread left). */
+static int store_hot(sess_table *t, sched *sch, sess *x, bool durable, store_save_stats *st, kp_err *err) {
     uint8_t extra[SESS_EXTRA_BYTES];
     make_extra(x, extra);
     store_item it = {.tokens = x->seq->tokens, .n_tokens = x->seq->n_tokens, .extra = extra,
@@ -247,7 +235,7 @@ static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st,
     if (t->host_kv) return store_save(t->st, x->id, &it, durable, st, err);
     kv_cache *h = NULL;
     int rc = staging_new(t, x->seq->kv, it.n_tokens, &h, err);
-    if (!rc) rc = staging_copy(x->seq->kv, h, it.n_tokens, true, err);
+    if (!rc) rc = sched_kv_copy(sch, h, x->seq->kv, 0, it.n_tokens, err);
     if (!rc) {
         h->n_pos = it.n_tokens;
         it.kv = h;
@@ -257,13 +245,15 @@ static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st,
     return rc;
 }
 
-/* Restore the stored KV of id into kv (n_tokens rows), staging if needed. */
+/* Restore the stored KV of id into kv (n_tokens rows), staging if needed:
+ * the store decodes into host memory on the caller's thread, the upload runs
+ * on the scheduler thread. */
 static int load_hot(sess_table *t, const char *id, kv_cache *kv, int n_tokens, kp_err *err) {
     if (t->host_kv) return store_load_kv(t->st, id, kv, err);
     kv_cache *h = NULL;
     int rc = staging_new(t, kv, n_tokens, &h, err);
     if (!rc) rc = store_load_kv(t->st, id, h, err);
-    if (!rc) rc = staging_copy(kv, h, n_tokens, false, err);
+    if (!rc) rc = sched_kv_copy(t->o.sch, kv, h, 0, n_tokens, err);
     if (!rc) kv->n_pos = n_tokens;
     kv_free(h);
     return rc;
@@ -308,7 +298,7 @@ static int park_one(sess_table *t, sess *x, char tier[STORE_TIER_MAX], kp_err *e
         return 0;
     }
     snprintf(tier, STORE_TIER_MAX, x->saved ? "cold" : "warm");
-    return store_hot(t, x, x->saved, NULL, err);
+    return store_hot(t, t->o.sch, x, x->saved, NULL, err);
 }
 
 static void park_finish(sess_table *t, sess *x, int rc, const kp_err *err) {
@@ -461,8 +451,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->cv, NULL);
     atomic_init(&t->stopping, false);
-    const kp_ops *ops = kp_backend_ops(model_backend(o->m));
-    t->host_kv = ops && !strcmp(ops->name, "cpu");
+    t->host_kv = kv_backend_is_host(model_backend(o->m));
     /* Tests only: stage the KV through host copies even on the CPU backend, so
      * the path a GPU takes is exercised where there is no GPU. */
     const char *stage = getenv("KVPARK_TEST_STAGE_KV");
@@ -548,7 +537,7 @@ void sess_close(sess_table *t) {
     for (sess *x = t->list; x; x = x->next) {
         if (!x->seq || x->seq->n_tokens == 0 || (x->stored && !x->dirty)) continue;
         kp_err err = {0};
-        if (store_hot(t, x, true, NULL, &err)) {
+        if (store_hot(t, NULL, x, true, NULL, &err)) { /* the scheduler is stopped: copy here */
             failed++;
             fprintf(stderr, "kvpark: sessions: cannot save session %s at shutdown: %s\n", x->id, err.msg);
         } else {
@@ -696,7 +685,7 @@ typedef struct save_call {
 
 static void save_on_sched(void *ud) {
     save_call *c = ud;
-    c->rc = store_hot(c->t, c->x, true, c->st, c->err);
+    c->rc = store_hot(c->t, c->t->o.sch, c->x, true, c->st, c->err); /* on the scheduler thread: copies run here */
 }
 
 int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
@@ -722,7 +711,7 @@ int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, s
             if (rc) rc = kp_errf(err, rc, "the server is shutting down");
             else rc = c.rc;
         } else {
-            rc = store_hot(t, x, true, st, err);
+            rc = store_hot(t, t->o.sch, x, true, st, err);
         }
         pthread_mutex_lock(&t->mu);
         x->state = SS_IDLE;

@@ -1211,47 +1211,6 @@ static int reindex_sessions(store *s, open_ctx *oc, kp_err *err) {
 
 /* ---- open: import legacy v1 blobs -------------------------------------------------------- */
 
-static float elem_get(int t, const uint8_t *p, size_t i) {
-    if (t == KP_TYPE_F32) {
-        float f;
-        memcpy(&f, p + 4 * i, 4);
-        return f;
-    }
-    uint16_t h;
-    memcpy(&h, p + 2 * i, 2);
-    return t == KP_TYPE_F16 ? kp_fp16_to_f32(h) : kp_bf16_to_f32(h);
-}
-
-static void elem_put(int t, uint8_t *p, size_t i, float f) {
-    if (t == KP_TYPE_F32) {
-        memcpy(p + 4 * i, &f, 4);
-        return;
-    }
-    uint16_t h = t == KP_TYPE_F16 ? kp_f32_to_fp16(f) : kp_f32_to_bf16(f);
-    memcpy(p + 2 * i, &h, 2);
-}
-
-/* Rows [0, a->n_pos) of a into b (another element type), through f32. */
-static int kv_convert(const kv_cache *a, kv_cache *b, kp_err *err) {
-    const kp_ops *ops = kp_backend_ops(a->be);
-    size_t n = (size_t)a->n_pos * (size_t)a->n_kv_heads * (size_t)a->head_dim;
-    uint8_t *x = malloc((size_t)a->n_pos * a->row_bytes + 1);
-    uint8_t *y = malloc((size_t)a->n_pos * b->row_bytes + 1);
-    int rc = 0;
-    if (!x || !y) rc = kp_errf(err, KP_ENOMEM, "store: out of memory converting a legacy blob");
-    for (int l = 0; l < a->n_layer && !rc; l++)
-        for (int v = 0; v < 2 && !rc; v++) {
-            const void *src = v ? a->v[l] : a->k[l];
-            if ((rc = ops->download(a->be, x, src, (size_t)a->n_pos * a->row_bytes))) break;
-            for (size_t i = 0; i < n; i++) elem_put(b->kv_type, y, i, elem_get(a->kv_type, x, i));
-            rc = ops->upload(b->be, v ? b->v[l] : b->k[l], y, (size_t)a->n_pos * b->row_bytes);
-        }
-    if (!rc) b->n_pos = a->n_pos;
-    free(x);
-    free(y);
-    return rc;
-}
-
 /* Import DIR/ID.kvps (a v1 blob) as a durable session, then remove it. */
 static void import_one(store *s, const char *id, const char *path, kp_backend **be, open_ctx *oc) {
     blob_meta bm;
@@ -1314,7 +1273,10 @@ static void import_one(store *s, const char *id, const char *path, kp_backend **
         if ((rc = kv_new(&kv2, *be, s->o.kv_type, bm.n_layer, bm.n_tokens, bm.n_kv_heads,
                          bm.head_dim, &e2)))
             goto fail;
-        if ((rc = kv_convert(kv, kv2, &e2))) goto fail;
+        /* both caches are host memory of the store's own CPU backend (never
+         * the model's device): a host copy on this thread, no scheduler */
+        if ((rc = kv_copy_rows(kv2, kv, 0, kv->n_pos, &e2))) goto fail;
+        kv2->n_pos = kv->n_pos;
         src = kv2;
     }
     store_item it = {.tokens = tokens, .n_tokens = bm.n_tokens, .extra = extra,
