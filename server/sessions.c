@@ -13,6 +13,50 @@
  *   PARKING     a thread is writing it to the store (then drops the KV)
  *   SAVING      a thread is writing it to the store durably (keeps the KV)
  *
+ * and independently it holds one tier (what tier_of reports): `hot` (seq set:
+ * a live KV), `warm` or `cold` (stored: the store's tier of its record),
+ * `empty` (neither). "gone" below means unlinked from the table (freed by
+ * the last unref). Every change of state or tier, and who makes it:
+ *
+ *   (none)           -> empty IDLE      : sess_create (fewer than max_sessions)
+ *   (none)           -> warm/cold IDLE  : load_index in sess_open, per stored
+ *                                         session whose metadata loads
+ *   empty/warm/cold IDLE -> RESTORING   : sess_acquire (not hot)
+ *   RESTORING        -> hot IDLE        : sess_acquire, the KV is built (empty)
+ *                                         or restored (load_hot); users++
+ *   RESTORING        -> same tier IDLE  : sess_acquire, restore failed with
+ *                                         any error but EFORMAT / ENOTFOUND
+ *   RESTORING        -> gone            : sess_acquire, restore failed with
+ *                                         EFORMAT or ENOTFOUND (stored = false)
+ *   hot IDLE         -> hot IDLE        : sess_acquire (users++), sess_release
+ *                                         (users--; dirty if the KV was used)
+ *   hot IDLE         -> PARKING         : schedule_parks (users == 0, past
+ *                                         retry_park, idle for idle_park_s or
+ *                                         the hot tier over budget);
+ *                                         sess_park_all (users == 0)
+ *   PARKING          -> empty IDLE      : park_finish, parked with 0 tokens
+ *   PARKING          -> warm IDLE       : park_finish, !saved (a warm store_save,
+ *                                         or none when stored and not dirty)
+ *   PARKING          -> cold IDLE       : park_finish, saved (a durable
+ *                                         store_save, or none as above)
+ *   PARKING          -> hot IDLE        : park_finish, the save failed (next
+ *                                         try after SESS_PARK_RETRY_S)
+ *   hot IDLE         -> SAVING          : sess_save, tokens > 0 and (dirty,
+ *                                         users > 0, !stored or !saved)
+ *   SAVING           -> hot IDLE        : sess_save (success: stored, saved,
+ *                                         !dirty; failure: unchanged)
+ *   warm IDLE        -> SAVING          : sess_save, stored && !saved, not hot
+ *   SAVING           -> cold IDLE       : sess_save, store_flush succeeded
+ *                                         (saved); on failure back to warm IDLE
+ *   warm             -> cold            : the store itself (warm budget spill)
+ *   warm/cold IDLE   -> gone            : store_dropped (the store dropped it:
+ *                                         not hot, users == 0)
+ *   hot              -> hot             : store_dropped (stored = saved =
+ *                                         false, dirty = true)
+ *   any IDLE         -> gone            : sess_delete (users == 0, else EBUSY)
+ *   hot              -> (saved, freed)  : sess_close (durable store_hot of
+ *                                         each dirty or unstored hot session)
+ *
  * Any thread that wants to move or use a session waits until it is IDLE,
  * then sets the state, drops the mutex, does the slow work (store calls:
  * file I/O, encode, decode), re-takes the mutex and sets IDLE again with a
@@ -27,6 +71,13 @@
  * any thread when the hot tier may be over budget) and a timer (the idle
  * scan); it picks victims under the mutex and hands each to libuv's thread
  * pool (uv_queue_work), where the encode + store happen.
+ *
+ * Device KV: when the backend's KV is host memory (kv_backend_is_host) the
+ * store reads and writes it in place, no copy. Otherwise a session is staged
+ * through a host KV, and the copy between the two (sched_kv_copy) runs on
+ * the scheduler thread, which owns the model and the device; the encode,
+ * decode and file I/O stay on the thread that parks, saves or restores.
+ * KVPARK_TEST_STAGE_KV=1 forces the staged path on the CPU (tests).
  */
 #include "server/sessions.h"
 
