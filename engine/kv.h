@@ -18,10 +18,17 @@
  *     and are overwritten by later tokens.
  *   - The model writes rows at n_pos .. n_pos+n-1 during a forward pass and
  *     then advances n_pos.
+ *   - kv_copy_rows is the one copy of KV rows between caches (device <-> host,
+ *     host <-> host), converting the element type through f32 when the two
+ *     caches differ. A copy that touches device memory must run on the thread
+ *     that owns the model (the scheduler's: sched_kv_copy in
+ *     engine/scheduler.h); a host-only copy may run on any thread that owns
+ *     both caches.
  */
 #ifndef KP_KV_H
 #define KP_KV_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -48,6 +55,17 @@ void kv_truncate(kv_cache *kv, int n_pos);
 /* Total bytes reserved, and bytes holding the n_pos filled rows. */
 size_t kv_bytes_reserved(const kv_cache *kv);
 size_t kv_bytes_used(const kv_cache *kv);
+/* True when the cache (or a cache made on backend be) lives in host memory,
+ * so other modules may read and write its rows in place. */
+bool kv_is_host(const kv_cache *kv);
+bool kv_backend_is_host(kp_backend *be);
+/* Copy rows [r0, r0 + n) of every layer's K and V from src to dst (same row
+ * index in both). The two must have the same n_layer, n_kv_heads and head_dim;
+ * their kv_type may differ (F32, F16, BF16: converted through f32). Either may
+ * be host or device memory. n_pos of dst is left alone: the caller sets it.
+ * KP_EINVAL for mismatched shapes or rows outside either cache, KP_EIO when a
+ * device transfer fails, KP_ENOMEM. */
+int kv_copy_rows(kv_cache *dst, const kv_cache *src, int r0, int n, kp_err *err);
 /* Parse "f32" | "f16" | "bf16" into a kv type; -1 if unknown. */
 int kv_type_from_name(const char *name);
 

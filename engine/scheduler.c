@@ -386,7 +386,9 @@ void sched_stop(sched *s) {
     pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
     pthread_join(s->thread, NULL);
+    pthread_mutex_lock(&s->mu);
     s->joined = true;
+    pthread_mutex_unlock(&s->mu);
 }
 
 void sched_free(sched *s) {
@@ -454,4 +456,45 @@ int sched_call(sched *s, void (*fn)(void *ud), void *ud) {
     while (!c.done) pthread_cond_wait(&s->call_cv, &s->mu);
     pthread_mutex_unlock(&s->mu);
     return 0;
+}
+
+bool sched_on_thread(sched *s) {
+    if (!s) return false;
+    pthread_mutex_lock(&s->mu);
+    bool on = !s->joined && pthread_equal(pthread_self(), s->thread);
+    pthread_mutex_unlock(&s->mu);
+    return on;
+}
+
+int sched_run(sched *s, void (*fn)(void *ud), void *ud) {
+    bool direct = !s;
+    if (s) {
+        pthread_mutex_lock(&s->mu);
+        direct = s->joined || pthread_equal(pthread_self(), s->thread);
+        pthread_mutex_unlock(&s->mu);
+    }
+    if (direct) {
+        fn(ud);
+        return 0;
+    }
+    return sched_call(s, fn, ud);
+}
+
+typedef struct kv_copy_call {
+    kv_cache *dst;
+    const kv_cache *src;
+    int r0, n, rc;
+    kp_err *err;
+} kv_copy_call;
+
+static void kv_copy_on_sched(void *ud) {
+    kv_copy_call *c = ud;
+    c->rc = kv_copy_rows(c->dst, c->src, c->r0, c->n, c->err);
+}
+
+int sched_kv_copy(sched *s, kv_cache *dst, const kv_cache *src, int r0, int n, kp_err *err) {
+    kv_copy_call c = {.dst = dst, .src = src, .r0 = r0, .n = n, .err = err};
+    int rc = sched_run(s, kv_copy_on_sched, &c);
+    if (rc) return kp_errf(err, rc, "cannot copy the KV cache: the server is shutting down");
+    return c.rc;
 }

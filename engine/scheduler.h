@@ -114,5 +114,19 @@ void sched_stats(sched *s, int *running, int *waiting);
 /* Run fn(ud) on the scheduler thread between steps and wait for it: the safe
  * way to touch a sched_seq (save it, restore it) while jobs are running. */
 int sched_call(sched *s, void (*fn)(void *ud), void *ud);
+/* True when the caller is s's scheduler thread (e.g. inside a callback or a
+ * sched_call function). */
+bool sched_on_thread(sched *s);
+/* Run fn(ud) on the thread that owns the model and wait: directly when the
+ * caller already is the scheduler thread (a sched_call from there would wait
+ * on itself forever) or when s is NULL or its thread has been joined by
+ * sched_stop (nobody else touches the model then); else through sched_call,
+ * so any thread may call it. KP_ECANCELED while the scheduler is stopping. */
+int sched_run(sched *s, void (*fn)(void *ud), void *ud);
+/* kv_copy_rows (engine/kv.h) run by sched_run: every device copy of a
+ * session's KV goes through here, so a device context is only ever used from
+ * the scheduler thread (two host caches too: the staging path tested on the
+ * CPU is the one a GPU takes). */
+int sched_kv_copy(sched *s, kv_cache *dst, const kv_cache *src, int r0, int n, kp_err *err);
 
 #endif

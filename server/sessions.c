@@ -13,6 +13,50 @@
  *   PARKING     a thread is writing it to the store (then drops the KV)
  *   SAVING      a thread is writing it to the store durably (keeps the KV)
  *
+ * and independently it holds one tier (what tier_of reports): `hot` (seq set:
+ * a live KV), `warm` or `cold` (stored: the store's tier of its record),
+ * `empty` (neither). "gone" below means unlinked from the table (freed by
+ * the last unref). Every change of state or tier, and who makes it:
+ *
+ *   (none)           -> empty IDLE      : sess_create (fewer than max_sessions)
+ *   (none)           -> warm/cold IDLE  : load_index in sess_open, per stored
+ *                                         session whose metadata loads
+ *   empty/warm/cold IDLE -> RESTORING   : sess_acquire (not hot)
+ *   RESTORING        -> hot IDLE        : sess_acquire, the KV is built (empty)
+ *                                         or restored (load_hot); users++
+ *   RESTORING        -> same tier IDLE  : sess_acquire, restore failed with
+ *                                         any error but EFORMAT / ENOTFOUND
+ *   RESTORING        -> gone            : sess_acquire, restore failed with
+ *                                         EFORMAT or ENOTFOUND (stored = false)
+ *   hot IDLE         -> hot IDLE        : sess_acquire (users++), sess_release
+ *                                         (users--; dirty if the KV was used)
+ *   hot IDLE         -> PARKING         : schedule_parks (users == 0, past
+ *                                         retry_park, idle for idle_park_s or
+ *                                         the hot tier over budget);
+ *                                         sess_park_all (users == 0)
+ *   PARKING          -> empty IDLE      : park_finish, parked with 0 tokens
+ *   PARKING          -> warm IDLE       : park_finish, !saved (a warm store_save,
+ *                                         or none when stored and not dirty)
+ *   PARKING          -> cold IDLE       : park_finish, saved (a durable
+ *                                         store_save, or none as above)
+ *   PARKING          -> hot IDLE        : park_finish, the save failed (next
+ *                                         try after SESS_PARK_RETRY_S)
+ *   hot IDLE         -> SAVING          : sess_save, tokens > 0 and (dirty,
+ *                                         users > 0, !stored or !saved)
+ *   SAVING           -> hot IDLE        : sess_save (success: stored, saved,
+ *                                         !dirty; failure: unchanged)
+ *   warm IDLE        -> SAVING          : sess_save, stored && !saved, not hot
+ *   SAVING           -> cold IDLE       : sess_save, store_flush succeeded
+ *                                         (saved); on failure back to warm IDLE
+ *   warm             -> cold            : the store itself (warm budget spill)
+ *   warm/cold IDLE   -> gone            : store_dropped (the store dropped it:
+ *                                         not hot, users == 0)
+ *   hot              -> hot             : store_dropped (stored = saved =
+ *                                         false, dirty = true)
+ *   any IDLE         -> gone            : sess_delete (users == 0, else EBUSY)
+ *   hot              -> (saved, freed)  : sess_close (durable store_hot of
+ *                                         each dirty or unstored hot session)
+ *
  * Any thread that wants to move or use a session waits until it is IDLE,
  * then sets the state, drops the mutex, does the slow work (store calls:
  * file I/O, encode, decode), re-takes the mutex and sets IDLE again with a
@@ -27,6 +71,13 @@
  * any thread when the hot tier may be over budget) and a timer (the idle
  * scan); it picks victims under the mutex and hands each to libuv's thread
  * pool (uv_queue_work), where the encode + store happen.
+ *
+ * Device KV: when the backend's KV is host memory (kv_backend_is_host) the
+ * store reads and writes it in place, no copy. Otherwise a session is staged
+ * through a host KV, and the copy between the two (sched_kv_copy) runs on
+ * the scheduler thread, which owns the model and the device; the encode,
+ * decode and file I/O stay on the thread that parks, saves or restores.
+ * KVPARK_TEST_STAGE_KV=1 forces the staged path on the CPU (tests).
  */
 #include "server/sessions.h"
 
@@ -222,24 +273,12 @@ static int staging_new(sess_table *t, const kv_cache *like, int n, kv_cache **ou
                   err);
 }
 
-/* Copy rows [0, n) of every layer between a device KV and a host one. */
-static int staging_copy(kv_cache *dev, kv_cache *host, int n, bool to_host, kp_err *err) {
-    const kp_ops *ops = kp_backend_ops(dev->be);
-    size_t bytes = (size_t)n * dev->row_bytes;
-    for (int l = 0; l < dev->n_layer; l++) {
-        int rc = to_host ? ops->download(dev->be, host->k[l], dev->k[l], bytes) |
-                               ops->download(dev->be, host->v[l], dev->v[l], bytes)
-                         : ops->upload(dev->be, dev->k[l], host->k[l], bytes) |
-                               ops->upload(dev->be, dev->v[l], host->v[l], bytes);
-        if (rc) return kp_errf(err, KP_EIO, "copying the KV cache %s the device failed", to_host ? "from" : "to");
-    }
-    return 0;
-}
-
 /* Write x's hot KV to the store. The caller made x PARKING or SAVING (so no
  * request starts on it) and, unless on the scheduler thread, made sure no
- * job runs on it. A KV in device memory is staged through host memory. */
-static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st, kp_err *err) {
+ * job runs on it. A KV in device memory is staged through host memory; the
+ * copy runs on the thread that owns the model (sched_kv_copy through sch;
+ * sch NULL: the scheduler is gone and the caller is the only thread left). */
+static int store_hot(sess_table *t, sched *sch, sess *x, bool durable, store_save_stats *st, kp_err *err) {
     uint8_t extra[SESS_EXTRA_BYTES];
     make_extra(x, extra);
     store_item it = {.tokens = x->seq->tokens, .n_tokens = x->seq->n_tokens, .extra = extra,
@@ -247,7 +286,7 @@ static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st,
     if (t->host_kv) return store_save(t->st, x->id, &it, durable, st, err);
     kv_cache *h = NULL;
     int rc = staging_new(t, x->seq->kv, it.n_tokens, &h, err);
-    if (!rc) rc = staging_copy(x->seq->kv, h, it.n_tokens, true, err);
+    if (!rc) rc = sched_kv_copy(sch, h, x->seq->kv, 0, it.n_tokens, err);
     if (!rc) {
         h->n_pos = it.n_tokens;
         it.kv = h;
@@ -257,13 +296,15 @@ static int store_hot(sess_table *t, sess *x, bool durable, store_save_stats *st,
     return rc;
 }
 
-/* Restore the stored KV of id into kv (n_tokens rows), staging if needed. */
+/* Restore the stored KV of id into kv (n_tokens rows), staging if needed:
+ * the store decodes into host memory on the caller's thread, the upload runs
+ * on the scheduler thread. */
 static int load_hot(sess_table *t, const char *id, kv_cache *kv, int n_tokens, kp_err *err) {
     if (t->host_kv) return store_load_kv(t->st, id, kv, err);
     kv_cache *h = NULL;
     int rc = staging_new(t, kv, n_tokens, &h, err);
     if (!rc) rc = store_load_kv(t->st, id, h, err);
-    if (!rc) rc = staging_copy(kv, h, n_tokens, false, err);
+    if (!rc) rc = sched_kv_copy(t->o.sch, kv, h, 0, n_tokens, err);
     if (!rc) kv->n_pos = n_tokens;
     kv_free(h);
     return rc;
@@ -308,7 +349,7 @@ static int park_one(sess_table *t, sess *x, char tier[STORE_TIER_MAX], kp_err *e
         return 0;
     }
     snprintf(tier, STORE_TIER_MAX, x->saved ? "cold" : "warm");
-    return store_hot(t, x, x->saved, NULL, err);
+    return store_hot(t, t->o.sch, x, x->saved, NULL, err);
 }
 
 static void park_finish(sess_table *t, sess *x, int rc, const kp_err *err) {
@@ -461,8 +502,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->cv, NULL);
     atomic_init(&t->stopping, false);
-    const kp_ops *ops = kp_backend_ops(model_backend(o->m));
-    t->host_kv = ops && !strcmp(ops->name, "cpu");
+    t->host_kv = kv_backend_is_host(model_backend(o->m));
     /* Tests only: stage the KV through host copies even on the CPU backend, so
      * the path a GPU takes is exercised where there is no GPU. */
     const char *stage = getenv("KVPARK_TEST_STAGE_KV");
@@ -548,7 +588,7 @@ void sess_close(sess_table *t) {
     for (sess *x = t->list; x; x = x->next) {
         if (!x->seq || x->seq->n_tokens == 0 || (x->stored && !x->dirty)) continue;
         kp_err err = {0};
-        if (store_hot(t, x, true, NULL, &err)) {
+        if (store_hot(t, NULL, x, true, NULL, &err)) { /* the scheduler is stopped: copy here */
             failed++;
             fprintf(stderr, "kvpark: sessions: cannot save session %s at shutdown: %s\n", x->id, err.msg);
         } else {
@@ -696,7 +736,7 @@ typedef struct save_call {
 
 static void save_on_sched(void *ud) {
     save_call *c = ud;
-    c->rc = store_hot(c->t, c->x, true, c->st, c->err);
+    c->rc = store_hot(c->t, c->t->o.sch, c->x, true, c->st, c->err); /* on the scheduler thread: copies run here */
 }
 
 int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
@@ -722,7 +762,7 @@ int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, s
             if (rc) rc = kp_errf(err, rc, "the server is shutting down");
             else rc = c.rc;
         } else {
-            rc = store_hot(t, x, true, st, err);
+            rc = store_hot(t, t->o.sch, x, true, st, err);
         }
         pthread_mutex_lock(&t->mu);
         x->state = SS_IDLE;

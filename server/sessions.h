@@ -11,8 +11,9 @@
  *
  * Policy (all of it here, so http.c only asks for sessions):
  *   - A request names a session: sess_acquire() makes it hot — at once if it
- *     already is, else by restoring it from the store on the caller's thread —
- *     and pins it (users++) until sess_release(). Two requests for the same
+ *     already is, else by restoring it from the store on the caller's thread
+ *     (a KV in device memory is uploaded on the scheduler thread, which owns
+ *     the device) — and pins it (users++) until sess_release(). Two requests for the same
  *     parked session restore it once: the second waits for the first.
  *   - Budgets: at most `hot_sessions` hot sessions (0 = no count limit) and
  *     `hot_budget` bytes of hot KV (0 = no byte limit). When a restore or a
@@ -59,7 +60,8 @@ typedef void (*sess_event_fn)(void *ud, const char *kind, const char *tier, doub
 
 typedef struct sess_opts {
     model *m;
-    sched *sch;              /* for saves that must run between scheduler steps */
+    sched *sch;              /* for saves that must run between scheduler steps, and
+                              * every device copy of a KV (sched_kv_copy) */
     int kv_type;
     int n_ctx;               /* context of a hot session */
     const char *dir;         /* cold tier directory */
@@ -92,7 +94,10 @@ typedef struct sess_counts {
 } sess_counts;
 
 int sess_open(sess_table **out, const sess_opts *o, kp_err *err);
-/* Stops background work, parks every hot session durably, closes the store. */
+/* Stops background work, parks every hot session durably, closes the store.
+ * Call it once the scheduler is stopped (sched_stop) and before sched_free:
+ * its own saves copy a device KV on the calling thread, and a background
+ * park still in flight copies through opts.sch until it is joined here. */
 void sess_close(sess_table *t);
 
 /* A new empty session. KP_EBUSY (with a message) when max_sessions are held. */

@@ -77,9 +77,14 @@
  * are shared or still warm may free fewer cold bytes than it holds).
  *
  * Log messages and on_drop are never called with mu held.
+ *
+ * The import of legacy v1 blobs at open is in store_legacy.c; what the two
+ * files share (the structs, the record constants, a few helpers) is in
+ * store_impl.h.
  */
 #include "storage/fsutil.h"
 #include "storage/store.h"
+#include "storage/store_impl.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -96,62 +101,6 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#include "storage/blob.h"
-#include "kernels/kernels.h"
-#include "kernels/types.h"
-
-#define STORE_REC_MAGIC "KVPKSREC"
-#define STORE_REC_VERSION 1u
-#define STORE_REC_HDR 64u
-#define STORE_REC_EXT ".kvpm"
-#define STORE_TMP_EXT ".tmp"
-#define STORE_LEGACY_EXT ".kvps"
-#define STORE_EXTRA_MAX (1u << 20)
-/* Largest record a reader accepts: header + manifest of 2^24 tokens + extra. */
-#define STORE_REC_MAX ((uint64_t)STORE_REC_HDR + 136u + 36ull * ((1u << 24) + 3u) + STORE_EXTRA_MAX)
-#define STORE_DIR_MAX 3800 /* so every path fits in STORE_PATH_MAX */
-#define STORE_PATH_MAX 4096
-#define STORE_DEFAULT_WARM (1ull << 30)
-
-static const char *const store_builtin_codecs[] = {"none", "fp16", "int8", "int4", "kivi2"};
-#define STORE_N_BUILTIN ((int)KP_ARRAY_LEN(store_builtin_codecs))
-
-typedef struct store_sess {
-    char id[STORE_ID_MAX + 1];
-    bool has_data;        /* false: a placeholder held by a first save */
-    bool busy;            /* a call works on this id (others wait on cv) */
-    bool dead;            /* removed from the index while pinned */
-    int pins;             /* restores in flight (begin .. end) */
-    park_manifest man;    /* current version; its references are held */
-    const codec *cc;      /* decodes man (the store's codec or a built-in) */
-    uint8_t *extra;       /* [extra_len], malloc'd (1 byte when empty) */
-    size_t extra_len;
-    bool durable;         /* man's record is on disk and its objects are cold */
-    bool has_old;         /* !durable and the previous durable version is kept: */
-    park_manifest old;    /*   its record file is still DIR/sessions/ID.kvpm */
-    uint64_t obj_bytes;   /* bytes of man's objects */
-    uint64_t rec_bytes;   /* bytes of man's record */
-    int64_t mtime_ms;     /* last save */
-    uint64_t lru;         /* tick of last use (larger = more recent) */
-} store_sess;
-
-struct store {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;     /* an entry stopped being busy / the evictor finished */
-    store_opts o;          /* o.dir and o.codec point at our copies */
-    char *dir, *sess_dir, *q_dir;
-    cas *cas;
-    codec *codec;          /* for new saves */
-    uint64_t codec_hash;   /* 0 for built-ins */
-    char codec_label[64];  /* what manifests name: built-in name or file basename */
-    codec *builtin[STORE_N_BUILTIN]; /* opened on demand (mu held) */
-    store_sess **v;        /* [n] the index */
-    size_t n, cap;
-    uint64_t tick;
-    bool evicting;         /* an enforce_cold is running */
-    atomic_ullong qseq;    /* quarantine name sequence */
-    store_stats st;        /* store's own counters (cas's added by get_stats) */
-};
 
 /* ---- small helpers ------------------------------------------------------------ */
 
@@ -163,8 +112,7 @@ static int64_t now_unix_ms(void) {
 }
 
 /* A log line (call with mu NOT held). */
-static void store_logf(const store *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void store_logf(const store *s, const char *fmt, ...) {
+void store_logf(const store *s, const char *fmt, ...) {
     if (!s->o.log) return;
     char buf[KP_ERR_MAX + 256];
     va_list ap;
@@ -248,7 +196,7 @@ static void rec_path(const store *s, const char *id, bool tmp, char out[STORE_PA
 
 /* Move path (whose file name is name) to DIR/quarantine/NAME.<ms>.<seq>,
  * never over earlier evidence. 0 on success, -1 with errno. */
-static int store_quarantine_file(store *s, const char *path, const char *name) {
+int store_quarantine_file(store *s, const char *path, const char *name) {
     return fs_move_aside(s->q_dir, path, name, atomic_fetch_add(&s->qseq, 1));
 }
 
@@ -431,7 +379,7 @@ static const codec *codec_for(store *s, const park_manifest *m) {
 
 /* ---- the index (mu held) ------------------------------------------------------------ */
 
-static store_sess *find(const store *s, const char *id) {
+store_sess *store_find(const store *s, const char *id) {
     for (size_t i = 0; i < s->n; i++)
         if (strcmp(s->v[i]->id, id) == 0) return s->v[i];
     return NULL;
@@ -472,7 +420,7 @@ static void index_remove(store *s, store_sess *e) {
  * (create) a new placeholder, or NULL (absent; with create: out of memory). */
 static store_sess *sess_acquire(store *s, const char *id, bool create) {
     for (;;) {
-        store_sess *e = find(s, id);
+        store_sess *e = store_find(s, id);
         if (!e) {
             if (!create) return NULL;
             e = calloc(1, sizeof *e);
@@ -697,7 +645,7 @@ static int check_kv_shape(const store *s, const kv_cache *kv, const char *what, 
     return 0;
 }
 
-static int save_impl(store *s, const char *id, const store_item *it, bool durable,
+int store_save_impl(store *s, const char *id, const store_item *it, bool durable,
                      store_save_stats *st, kp_err *err) {
     if (st) memset(st, 0, sizeof *st);
     CHECK_ID(id);
@@ -739,7 +687,7 @@ static int save_impl(store *s, const char *id, const store_item *it, bool durabl
 int store_save(store *s, const char *id, const store_item *item, bool durable, store_save_stats *st,
                kp_err *err) {
     if (!s) return kp_errf(err, KP_EINVAL, "store: save: NULL store");
-    return save_impl(s, id, item, durable, st, err);
+    return store_save_impl(s, id, item, durable, st, err);
 }
 
 /* Make e's current version durable; e is busy (ours). */
@@ -793,7 +741,7 @@ int store_load_meta(store *s, const char *id, int *n_tokens, int32_t **tokens, v
     if (n_tokens) *n_tokens = 0;
     CHECK_ID(id);
     pthread_mutex_lock(&s->mu);
-    store_sess *e = find(s, id);
+    store_sess *e = store_find(s, id);
     if (!e || !e->has_data) {
         pthread_mutex_unlock(&s->mu);
         return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
@@ -945,7 +893,7 @@ int store_delete(store *s, const char *id, kp_err *err) {
 int store_has(store *s, const char *id) {
     if (!s || !store_id_valid(id)) return 0;
     pthread_mutex_lock(&s->mu);
-    store_sess *e = find(s, id);
+    store_sess *e = store_find(s, id);
     int has = e && e->has_data;
     pthread_mutex_unlock(&s->mu);
     return has;
@@ -986,7 +934,7 @@ static void snap_tier(store *s, snap *sn) {
 int store_stat(store *s, const char *id, store_entry *out) {
     if (!s || !store_id_valid(id) || !out) return KP_EINVAL;
     pthread_mutex_lock(&s->mu);
-    store_sess *e = find(s, id);
+    store_sess *e = store_find(s, id);
     if (!e || !e->has_data) {
         pthread_mutex_unlock(&s->mu);
         return KP_ENOTFOUND;
@@ -1085,10 +1033,6 @@ void store_get_stats(store *s, store_stats *st) {
 
 /* ---- open: re-index records ------------------------------------------------------------- */
 
-typedef struct open_ctx {
-    uint64_t foreign_model, foreign_codec, foreign_type; /* what to tell the operator */
-} open_ctx;
-
 /* One DIR/sessions/ID.kvpm at open. */
 static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc, kp_err *err) {
     uint8_t *buf = NULL;
@@ -1166,7 +1110,7 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
 }
 
 /* The id of a file name ID + ext, or false. */
-static bool id_of(const char *name, const char *ext, char id[STORE_ID_MAX + 1]) {
+bool store_id_of(const char *name, const char *ext, char id[STORE_ID_MAX + 1]) {
     if (!fs_has_suffix(name, ext)) return false;
     size_t n = strlen(name) - strlen(ext);
     if (n == 0 || n > STORE_ID_MAX) return false;
@@ -1197,7 +1141,7 @@ static int reindex_sessions(store *s, open_ctx *oc, kp_err *err) {
             continue;
         }
         char id[STORE_ID_MAX + 1], path[STORE_PATH_MAX];
-        if (!id_of(name, STORE_REC_EXT, id)) continue; /* not ours: leave it alone */
+        if (!store_id_of(name, STORE_REC_EXT, id)) continue; /* not ours: leave it alone */
         snprintf(path, sizeof path, "%s/%s", s->sess_dir, name);
         rc = reindex_one(s, id, path, oc, err);
     }
@@ -1207,171 +1151,6 @@ static int reindex_sessions(store *s, open_ctx *oc, kp_err *err) {
     if (s->n) qsort(s->v, s->n, sizeof *s->v, lru_cmp);
     for (size_t i = 0; i < s->n; i++) s->v[i]->lru = ++s->tick;
     return 0;
-}
-
-/* ---- open: import legacy v1 blobs -------------------------------------------------------- */
-
-static float elem_get(int t, const uint8_t *p, size_t i) {
-    if (t == KP_TYPE_F32) {
-        float f;
-        memcpy(&f, p + 4 * i, 4);
-        return f;
-    }
-    uint16_t h;
-    memcpy(&h, p + 2 * i, 2);
-    return t == KP_TYPE_F16 ? kp_fp16_to_f32(h) : kp_bf16_to_f32(h);
-}
-
-static void elem_put(int t, uint8_t *p, size_t i, float f) {
-    if (t == KP_TYPE_F32) {
-        memcpy(p + 4 * i, &f, 4);
-        return;
-    }
-    uint16_t h = t == KP_TYPE_F16 ? kp_f32_to_fp16(f) : kp_f32_to_bf16(f);
-    memcpy(p + 2 * i, &h, 2);
-}
-
-/* Rows [0, a->n_pos) of a into b (another element type), through f32. */
-static int kv_convert(const kv_cache *a, kv_cache *b, kp_err *err) {
-    const kp_ops *ops = kp_backend_ops(a->be);
-    size_t n = (size_t)a->n_pos * (size_t)a->n_kv_heads * (size_t)a->head_dim;
-    uint8_t *x = malloc((size_t)a->n_pos * a->row_bytes + 1);
-    uint8_t *y = malloc((size_t)a->n_pos * b->row_bytes + 1);
-    int rc = 0;
-    if (!x || !y) rc = kp_errf(err, KP_ENOMEM, "store: out of memory converting a legacy blob");
-    for (int l = 0; l < a->n_layer && !rc; l++)
-        for (int v = 0; v < 2 && !rc; v++) {
-            const void *src = v ? a->v[l] : a->k[l];
-            if ((rc = ops->download(a->be, x, src, (size_t)a->n_pos * a->row_bytes))) break;
-            for (size_t i = 0; i < n; i++) elem_put(b->kv_type, y, i, elem_get(a->kv_type, x, i));
-            rc = ops->upload(b->be, v ? b->v[l] : b->k[l], y, (size_t)a->n_pos * b->row_bytes);
-        }
-    if (!rc) b->n_pos = a->n_pos;
-    free(x);
-    free(y);
-    return rc;
-}
-
-/* Import DIR/ID.kvps (a v1 blob) as a durable session, then remove it. */
-static void import_one(store *s, const char *id, const char *path, kp_backend **be, open_ctx *oc) {
-    blob_meta bm;
-    int32_t *tokens = NULL;
-    void *extra = NULL;
-    size_t extra_len = 0;
-    kp_err e2 = {0};
-    kv_cache *kv = NULL, *kv2 = NULL;
-    int rc = blob_read_meta(path, &bm, &tokens, &extra, &extra_len, &e2);
-    if (rc == KP_EFORMAT || rc == KP_EUNSUP) {
-        char name[STORE_ID_MAX + 16];
-        snprintf(name, sizeof name, "%s%s", id, STORE_LEGACY_EXT);
-        if (store_quarantine_file(s, path, name) == 0) {
-            s->st.quarantined++;
-            store_logf(s, "store: legacy blob '%s' moved to %s: %s", path, s->q_dir, e2.msg);
-        }
-        return;
-    }
-    if (rc) {
-        store_logf(s, "store: legacy blob '%s' not imported: %s", path, e2.msg);
-        return;
-    }
-    const codec_shape *sh = &s->o.shape;
-    if (bm.model_fingerprint != sh->model_fingerprint || bm.n_layer != sh->n_layer ||
-        bm.n_kv_heads != sh->n_kv_heads || bm.head_dim != sh->head_dim) {
-        s->st.foreign++;
-        oc->foreign_model++;
-        goto out;
-    }
-    if (bm.n_tokens < 1 || extra_len > STORE_EXTRA_MAX) {
-        s->st.foreign++;
-        store_logf(s, "store: legacy blob '%s' cannot be imported (%d tokens, %zu extra bytes; a "
-                   "session needs >= 1 token and <= %u extra bytes); left in place", path,
-                   bm.n_tokens, extra_len, STORE_EXTRA_MAX);
-        goto out;
-    }
-    if (find(s, id)) {
-        /* imported before, and the crash came before the unlink */
-        if (unlink(path) == 0) fs_fsync_dir(s->dir);
-        store_logf(s, "store: legacy blob '%s' was already imported; removed", path);
-        goto out;
-    }
-    if (!*be && (rc = kp_backend_new(be, "cpu", 1, &e2))) goto fail;
-    if ((rc = kv_new(&kv, *be, bm.kv_type, bm.n_layer, bm.n_tokens, bm.n_kv_heads, bm.head_dim,
-                     &e2)))
-        goto fail;
-    rc = blob_read_kv(path, sh->model_fingerprint, kv, &e2);
-    if (rc == KP_EFORMAT) {
-        char name[STORE_ID_MAX + 16];
-        snprintf(name, sizeof name, "%s%s", id, STORE_LEGACY_EXT);
-        if (store_quarantine_file(s, path, name) == 0) {
-            s->st.quarantined++;
-            store_logf(s, "store: legacy blob '%s' moved to %s: %s", path, s->q_dir, e2.msg);
-        }
-        goto out;
-    }
-    if (rc) goto fail;
-    const kv_cache *src = kv;
-    if (bm.kv_type != s->o.kv_type) {
-        if ((rc = kv_new(&kv2, *be, s->o.kv_type, bm.n_layer, bm.n_tokens, bm.n_kv_heads,
-                         bm.head_dim, &e2)))
-            goto fail;
-        if ((rc = kv_convert(kv, kv2, &e2))) goto fail;
-        src = kv2;
-    }
-    store_item it = {.tokens = tokens, .n_tokens = bm.n_tokens, .extra = extra,
-                     .extra_len = extra_len, .kv = src};
-    if ((rc = save_impl(s, id, &it, true, NULL, &e2))) goto fail;
-    s->st.saves--; /* an import, not a save */
-    s->st.imported++;
-    if (unlink(path) == 0) fs_fsync_dir(s->dir);
-    else store_logf(s, "store: legacy blob '%s' imported but could not be removed: %s", path,
-                    strerror(errno));
-    store_logf(s, "store: imported legacy session '%s' (%d tokens) from '%s'", id, bm.n_tokens,
-               path);
-    goto out;
-fail:
-    store_logf(s, "store: legacy blob '%s' not imported (left in place): %s", path, e2.msg);
-out:
-    kv_free(kv);
-    kv_free(kv2);
-    free(tokens);
-    free(extra);
-}
-
-static void import_legacy(store *s, open_ctx *oc) {
-    DIR *dh = opendir(s->dir);
-    if (!dh) return;
-    /* names first: importing writes into DIR while we read it */
-    char (*ids)[STORE_ID_MAX + 1] = NULL;
-    size_t n = 0, cap = 0;
-    struct dirent *de;
-    while ((de = readdir(dh)) != NULL) {
-        char id[STORE_ID_MAX + 1];
-        struct stat sb;
-        if (fstatat(dirfd(dh), de->d_name, &sb, AT_SYMLINK_NOFOLLOW) || !S_ISREG(sb.st_mode))
-            continue;
-        if (fs_has_suffix(de->d_name, STORE_LEGACY_EXT STORE_TMP_EXT)) {
-            if (unlinkat(dirfd(dh), de->d_name, 0) == 0) s->st.tmp_removed++;
-            continue;
-        }
-        if (!id_of(de->d_name, STORE_LEGACY_EXT, id)) continue;
-        if (n == cap) {
-            size_t nc = cap ? 2 * cap : 16;
-            void *p = realloc(ids, nc * sizeof *ids);
-            if (!p) break;
-            ids = p;
-            cap = nc;
-        }
-        memcpy(ids[n++], id, sizeof id);
-    }
-    closedir(dh);
-    kp_backend *be = NULL;
-    for (size_t i = 0; i < n; i++) {
-        char path[STORE_PATH_MAX];
-        snprintf(path, sizeof path, "%s/%s%s", s->dir, ids[i], STORE_LEGACY_EXT);
-        import_one(s, ids[i], path, &be, oc);
-    }
-    if (be) kp_backend_free(be);
-    free(ids);
 }
 
 /* ---- open / close ------------------------------------------------------------------------ */
@@ -1450,7 +1229,7 @@ int store_open(store **out, const store_opts *o, kp_err *err) {
     if ((rc = reindex_sessions(s, &oc, err))) goto fail;
     size_t freed = cas_collect(s->cas);
     if (freed) store_logf(s, "store: collected %zu objects no session uses", freed);
-    import_legacy(s, &oc);
+    store_import_legacy(s, &oc);
     if (oc.foreign_model || oc.foreign_codec || oc.foreign_type)
         store_logf(s, "store: left alone in '%s': %llu sessions of another model, %llu of "
                    "another KV type, %llu made with a codec this server was not given (start a "

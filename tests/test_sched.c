@@ -1,9 +1,11 @@
 /*
  * test_sched.c — continuous batching: jobs running together produce what each
  * produces alone (greedy), sessions reuse their prefix, cancel / stop /
- * length / queue-full behave as scheduler.h says.
+ * length / queue-full behave as scheduler.h says; sched_run / sched_kv_copy
+ * run on the scheduler thread (directly when already there).
  */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -16,15 +18,40 @@ typedef struct out_buf {
     int n;
     int stop_after; /* callback asks to stop after this many tokens (0: never) */
     bool hold;      /* the callback blocks (holding the scheduler) while set */
+    pthread_t tid;  /* the thread the callback ran on */
+    sched *s;       /* set: the first callback tries sched_run from there */
+    bool tried;
+    int run_rc;
+    pthread_t run_tid;
+    bool on_thread; /* sched_on_thread() inside the callback */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool done;
 } out_buf;
 
+typedef struct tid_rec {
+    pthread_t tid;
+    int calls;
+} tid_rec;
+
+static void rec_tid(void *ud) {
+    tid_rec *r = ud;
+    r->tid = pthread_self();
+    r->calls++;
+}
+
 static int on_token(sched_job *j, int32_t id, const float *logits) {
     (void)logits;
     out_buf *o = j->ud;
+    if (o->s && !o->tried) { /* on the scheduler thread: sched_run must not wait on itself */
+        tid_rec r = {0};
+        o->tried = true;
+        o->on_thread = sched_on_thread(o->s);
+        o->run_rc = sched_run(o->s, rec_tid, &r);
+        o->run_tid = r.tid;
+    }
     pthread_mutex_lock(&o->mu);
+    o->tid = pthread_self();
     if (o->n < (int)KP_ARRAY_LEN(o->ids)) o->ids[o->n] = id;
     o->n++;
     pthread_cond_broadcast(&o->cv);
@@ -300,6 +327,96 @@ static void test_shutdown(void **state) {
     model_free(m);
 }
 
+typedef struct copy_thr {
+    sched *s;
+    kv_cache *dst, *src;
+    int n, rc;
+    kp_err err;
+    atomic_bool done;
+} copy_thr;
+
+static void *copy_main(void *ud) {
+    copy_thr *c = ud;
+    c->rc = sched_kv_copy(c->s, c->dst, c->src, 0, c->n, &c->err);
+    atomic_store(&c->done, true);
+    return NULL;
+}
+
+/* Device copies of a KV run on the scheduler thread, between steps: a copy
+ * asked for while a callback holds the scheduler waits for it; sched_run
+ * from a callback runs at once; after sched_stop the caller runs it. */
+static void test_copies_on_sched_thread(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load_stories();
+    kp_err err = {0};
+    sched *s = NULL;
+    sched_opts so = sched_default_opts();
+    so.n_ctx = 64;
+    assert_int_equal(sched_new(&s, m, &so, &err), 0);
+    assert_false(sched_on_thread(s));
+    int32_t prompt[] = {1, 403, 407};
+    sched_job j;
+    out_buf o;
+    init_job(&j, &o, prompt, 3, 8);
+    o.hold = true;
+    o.s = s;
+    assert_int_equal(sched_submit(s, &j, &err), 0);
+    wait_first_token(&o); /* the scheduler is now blocked in the callback */
+
+    sched_seq *q = NULL;
+    assert_int_equal(sched_seq_new(&q, m, KP_TYPE_F32, 16, &err), 0);
+    kv_cache *d = q->kv, *h = NULL;
+    assert_int_equal(kv_new(&h, model_backend(m), KP_TYPE_F16, d->n_layer, 16, d->n_kv_heads, d->head_dim, &err),
+                     0);
+    size_t row = (size_t)d->n_kv_heads * d->head_dim;
+    uint64_t rng = 3;
+    for (int l = 0; l < d->n_layer; l++) { /* the CPU backend: host memory the test may fill */
+        tu_rand_floats(d->k[l], 16 * row, 2.0f, &rng);
+        tu_rand_floats(d->v[l], 16 * row, 2.0f, &rng);
+    }
+    copy_thr c = {.s = s, .dst = h, .src = d, .n = 10};
+    atomic_init(&c.done, false);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, copy_main, &c), 0);
+    usleep(100 * 1000);
+    assert_false(atomic_load(&c.done)); /* waits for the scheduler thread */
+    release(&o);
+    pthread_join(th, NULL);
+    assert_int_equal(c.rc, 0);
+    kv_cache *back = NULL;
+    assert_int_equal(kv_new(&back, model_backend(m), KP_TYPE_F32, d->n_layer, 16, d->n_kv_heads, d->head_dim, &err),
+                     0);
+    assert_int_equal(sched_kv_copy(s, back, h, 0, 10, &err), 0);
+    for (int l = 0; l < d->n_layer; l++) {
+        assert_true(tu_max_rel_err(back->k[l], d->k[l], 10 * row, 1e-3) < 2e-3);
+        assert_true(tu_max_rel_err(back->v[l], d->v[l], 10 * row, 1e-3) < 2e-3);
+    }
+
+    tid_rec r = {0};
+    assert_int_equal(sched_run(s, rec_tid, &r), 0);
+    assert_int_equal(r.calls, 1);
+    wait_done(&o);
+    assert_true(pthread_equal(r.tid, o.tid));
+    assert_false(pthread_equal(r.tid, pthread_self()));
+    assert_true(o.tried);
+    assert_true(o.on_thread);
+    assert_int_equal(o.run_rc, 0);
+    assert_true(pthread_equal(o.run_tid, o.tid));
+
+    sched_stop(s); /* joined: nobody else owns the model, the caller runs it */
+    memset(&r, 0, sizeof r);
+    assert_int_equal(sched_run(s, rec_tid, &r), 0);
+    assert_true(pthread_equal(r.tid, pthread_self()));
+    assert_int_equal(sched_run(NULL, rec_tid, &r), 0);
+    assert_int_equal(r.calls, 2);
+    kv_free(back);
+    kv_free(h);
+    sched_seq_free(q);
+    sched_free(s);
+    model_free(m);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_single_matches_golden),
@@ -307,6 +424,7 @@ int main(void) {
         cmocka_unit_test(test_session_prefix_reuse),
         cmocka_unit_test(test_stop_cancel_busy),
         cmocka_unit_test(test_shutdown),
+        cmocka_unit_test(test_copies_on_sched_thread),
     };
     tu_apply_filter();
     return cmocka_run_group_tests_name("sched", tests, NULL, NULL);

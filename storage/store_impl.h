@@ -1,0 +1,96 @@
+/*
+ * store_impl.h — what store.c and store_legacy.c share: the record
+ * constants, the index entry and the store itself, and the few internal
+ * helpers the legacy import calls. Internal to storage/: nothing outside the
+ * store includes it (the contract is store.h).
+ *
+ * Thread rules are store.c's (its top comment): the index and every entry's
+ * fields are guarded by store.mu; store_find needs mu held, or the store
+ * still private to store_open (the legacy import runs there).
+ */
+#ifndef KP_STORE_IMPL_H
+#define KP_STORE_IMPL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "storage/cas.h"
+#include "storage/park.h"
+#include "storage/store.h"
+
+#define STORE_REC_MAGIC "KVPKSREC"
+#define STORE_REC_VERSION 1u
+#define STORE_REC_HDR 64u
+#define STORE_REC_EXT ".kvpm"
+#define STORE_TMP_EXT ".tmp"
+#define STORE_LEGACY_EXT ".kvps"
+#define STORE_EXTRA_MAX (1u << 20)
+/* Largest record a reader accepts: header + manifest of 2^24 tokens + extra. */
+#define STORE_REC_MAX ((uint64_t)STORE_REC_HDR + 136u + 36ull * ((1u << 24) + 3u) + STORE_EXTRA_MAX)
+#define STORE_DIR_MAX 3800 /* so every path fits in STORE_PATH_MAX */
+#define STORE_PATH_MAX 4096
+#define STORE_DEFAULT_WARM (1ull << 30)
+
+static const char *const store_builtin_codecs[] = {"none", "fp16", "int8", "int4", "kivi2"};
+#define STORE_N_BUILTIN ((int)KP_ARRAY_LEN(store_builtin_codecs))
+
+typedef struct store_sess {
+    char id[STORE_ID_MAX + 1];
+    bool has_data;        /* false: a placeholder held by a first save */
+    bool busy;            /* a call works on this id (others wait on cv) */
+    bool dead;            /* removed from the index while pinned */
+    int pins;             /* restores in flight (begin .. end) */
+    park_manifest man;    /* current version; its references are held */
+    const codec *cc;      /* decodes man (the store's codec or a built-in) */
+    uint8_t *extra;       /* [extra_len], malloc'd (1 byte when empty) */
+    size_t extra_len;
+    bool durable;         /* man's record is on disk and its objects are cold */
+    bool has_old;         /* !durable and the previous durable version is kept: */
+    park_manifest old;    /*   its record file is still DIR/sessions/ID.kvpm */
+    uint64_t obj_bytes;   /* bytes of man's objects */
+    uint64_t rec_bytes;   /* bytes of man's record */
+    int64_t mtime_ms;     /* last save */
+    uint64_t lru;         /* tick of last use (larger = more recent) */
+} store_sess;
+
+struct store {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;     /* an entry stopped being busy / the evictor finished */
+    store_opts o;          /* o.dir and o.codec point at our copies */
+    char *dir, *sess_dir, *q_dir;
+    cas *cas;
+    codec *codec;          /* for new saves */
+    uint64_t codec_hash;   /* 0 for built-ins */
+    char codec_label[64];  /* what manifests name: built-in name or file basename */
+    codec *builtin[STORE_N_BUILTIN]; /* opened on demand (mu held) */
+    store_sess **v;        /* [n] the index */
+    size_t n, cap;
+    uint64_t tick;
+    bool evicting;         /* an enforce_cold is running */
+    atomic_ullong qseq;    /* quarantine name sequence */
+    store_stats st;        /* store's own counters (cas's added by get_stats) */
+};
+
+typedef struct open_ctx {
+    uint64_t foreign_model, foreign_codec, foreign_type; /* what to tell the operator */
+} open_ctx;
+
+/* A log line (call with mu NOT held). */
+void store_logf(const store *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Move path (whose file name is name) to DIR/quarantine/NAME.<ms>.<seq>,
+ * never over earlier evidence. 0 on success, -1 with errno. */
+int store_quarantine_file(store *s, const char *path, const char *name);
+/* The index entry of id, or NULL (mu held). */
+store_sess *store_find(const store *s, const char *id);
+/* store_save without the public argument checks' wrapper (store.c). */
+int store_save_impl(store *s, const char *id, const store_item *it, bool durable, store_save_stats *st,
+                    kp_err *err);
+/* The id of a file name ID + ext, or false. */
+bool store_id_of(const char *name, const char *ext, char id[STORE_ID_MAX + 1]);
+/* Import every DIR/ID.kvps (legacy v1 blob) as a durable session, then remove
+ * it (store_legacy.c). Runs inside store_open, before the store is shared. */
+void store_import_legacy(store *s, open_ctx *oc);
+
+#endif
