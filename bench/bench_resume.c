@@ -1,7 +1,7 @@
 /*
  * bench_resume.c — `kvpark bench resume`: time-to-first-token (TTFT) of one new
  * user turn for a session of L tokens on four paths (contract in
- * bench_resume.h; issue 5, "Time-to-first-token"):
+ * bench_resume.h):
  *
  *   re-prefill  fresh KV, forward the L + T tokens (T = 16 new tokens)
  *   hot         the session's KV is still resident: forward the T tokens

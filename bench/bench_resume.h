@@ -2,7 +2,7 @@
  * bench_resume.h — `kvpark bench resume`: time-to-first-token of one new user
  * turn when a session of L tokens is re-prefilled from text, still hot in
  * memory, parked in the warm (RAM) tier, or parked in the cold (disk) tier
- * (issue 5, "Time-to-first-token, the number this product exists for").
+ * (the number this product exists for).
  *
  * Why it exists: parking only pays if resuming a session (fetch + decode its
  * KV, then prefill the new turn) beats recomputing it; this measures all four

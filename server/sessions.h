@@ -1,5 +1,5 @@
 /*
- * sessions.h — the server's session table and its tier policy (issue 5).
+ * sessions.h — the server's session table and its tier policy.
  *
  * A session is a conversation named by an unguessable id and owned by one API
  * key. It lives in one tier at a time:

@@ -1,5 +1,5 @@
 /*
- * cas.h — the content-addressed chunk store behind parked sessions (issue 5).
+ * cas.h — the content-addressed chunk store behind parked sessions.
  *
  * Objects are immutable byte strings (a coded chunk group: one token range of
  * a session's KV, all layers, K and V, already encoded + LZ4'd by the caller)

@@ -1,6 +1,6 @@
 /*
  * store.h — the tiered session store: where parked conversations live when
- * they are not hot (issue 5). The server keeps hot sessions (a live KV cache
+ * they are not hot. The server keeps hot sessions (a live KV cache
  * in the scheduler); everything below hot is this module.
  *
  *   warm   host RAM, compressed    (the cas RAM tier, --warm-budget)

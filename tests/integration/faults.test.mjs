@@ -1,5 +1,5 @@
 /*
- * faults.test.mjs — the session store under faults (issue 5, "Fault tests"):
+ * faults.test.mjs — the session store under faults:
  *
  *   1. kill -9 of the server at random moments while it parks and saves
  *      (50 times, seeded PRNG, the seed is printed): every session whose save
