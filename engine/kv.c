@@ -108,6 +108,40 @@ static void elem_put(int t, uint8_t *p, size_t i, float f) {
     memcpy(p + 2 * i, &h, 2);
 }
 
+static int kv_rows_check(const kv_cache *kv, int layer, int v, int r0, int n, kp_err *err) {
+    if (layer < 0 || layer >= kv->n_layer || (v != 0 && v != 1))
+        return kp_errf(err, KP_EINVAL, "kv: no layer %d %s in a cache of %d layers", layer, v ? "V" : "K",
+                       kv->n_layer);
+    if (r0 < 0 || n < 0 || r0 + n > kv->n_ctx)
+        return kp_errf(err, KP_EINVAL, "kv: rows [%d, %d) are outside the cache (%d rows)", r0, r0 + n, kv->n_ctx);
+    return 0;
+}
+
+int kv_read_rows(const kv_cache *kv, int layer, int v, int r0, int n, void *host, kp_err *err) {
+    int rc = kv_rows_check(kv, layer, v, r0, n, err);
+    if (rc || n == 0) return rc;
+    const uint8_t *p = (const uint8_t *)(v ? kv->v[layer] : kv->k[layer]) + (size_t)r0 * kv->row_bytes;
+    if (kp_backend_ops(kv->be)->download(kv->be, host, p, (size_t)n * kv->row_bytes))
+        return kp_errf(err, KP_EIO, "kv: reading layer %d %s rows [%d, %d) from the device failed", layer,
+                       v ? "V" : "K", r0, r0 + n);
+    return 0;
+}
+
+int kv_write_rows(kv_cache *kv, int layer, int v, int r0, int n, const void *host, kp_err *err) {
+    int rc = kv_rows_check(kv, layer, v, r0, n, err);
+    if (rc || n == 0) return rc;
+    uint8_t *p = (uint8_t *)(v ? kv->v[layer] : kv->k[layer]) + (size_t)r0 * kv->row_bytes;
+    if (kp_backend_ops(kv->be)->upload(kv->be, p, host, (size_t)n * kv->row_bytes))
+        return kp_errf(err, KP_EIO, "kv: writing layer %d %s rows [%d, %d) to the device failed", layer,
+                       v ? "V" : "K", r0, r0 + n);
+    return 0;
+}
+
+void kv_sync(kv_cache *kv) {
+    const kp_ops *ops = kp_backend_ops(kv->be);
+    if (ops->sync) ops->sync(kv->be);
+}
+
 int kv_copy_rows(kv_cache *dst, const kv_cache *src, int r0, int n, kp_err *err) {
     if (dst->n_layer != src->n_layer || dst->n_kv_heads != src->n_kv_heads || dst->head_dim != src->head_dim)
         return kp_errf(err, KP_EINVAL,

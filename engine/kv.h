@@ -66,6 +66,15 @@ bool kv_backend_is_host(kp_backend *be);
  * KP_EINVAL for mismatched shapes or rows outside either cache, KP_EIO when a
  * device transfer fails, KP_ENOMEM. */
 int kv_copy_rows(kv_cache *dst, const kv_cache *src, int r0, int n, kp_err *err);
+/* Rows [r0, r0 + n) of one layer's K (v = 0) or V (v = 1) to or from host
+ * memory `host` (n * row_bytes bytes, the cache's own element type), wherever
+ * the cache lives: what the storage layer uses instead of a backend's
+ * download/upload. Called on the thread that owns the cache's device (for a
+ * host cache, any thread). KP_EINVAL for a bad layer or rows outside the
+ * cache, KP_EIO when a device transfer fails. kv_sync waits for the writes. */
+int kv_read_rows(const kv_cache *kv, int layer, int v, int r0, int n, void *host, kp_err *err);
+int kv_write_rows(kv_cache *kv, int layer, int v, int r0, int n, const void *host, kp_err *err);
+void kv_sync(kv_cache *kv);
 /* Parse "f32" | "f16" | "bf16" into a kv type; -1 if unknown. */
 int kv_type_from_name(const char *name);
 

@@ -127,15 +127,14 @@ int blob_write(const char *path, const blob_meta *meta, const int32_t *tokens,
     if (extra_len) memcpy(hdr + BLOB_HEADER_BYTES + (size_t)n_tokens * 4 + 4, extra, extra_len);
 
     /* payloads, streamed; the table is filled as we go */
-    const kp_ops *ops = kp_backend_ops(kv->be);
     uint64_t off = meta_bytes, stored_total = 0, raw_total = 0;
     uint32_t ci = 0;
     for (int l = 0; l < kv->n_layer; l++) {
         for (int kvsel = 0; kvsel < 2; kvsel++) {
-            const uint8_t *base = kvsel == 0 ? kv->k[l] : kv->v[l];
             for (int c = 0; c < chunks_per; c++, ci++) {
-                size_t rb = (size_t)chunk_rows(c, chunk_tokens, n_tokens) * row_bytes;
-                if (ops->download(kv->be, raw, base + (size_t)c * chunk_tokens * row_bytes, rb)) {
+                int rows = chunk_rows(c, chunk_tokens, n_tokens);
+                size_t rb = (size_t)rows * row_bytes;
+                if (kv_read_rows(kv, l, kvsel, c * chunk_tokens, rows, raw, NULL)) {
                     rc = kp_errf(err, KP_EIO, "blob: download of layer %d %s chunk %d failed", l,
                                  kvsel ? "V" : "K", c);
                     goto out;
@@ -457,7 +456,6 @@ int blob_read_kv(const char *path, uint64_t expect_fingerprint, kv_cache *kv, kp
         rc = kp_errf(err, KP_ENOMEM, "blob: out of memory restoring '%s'", path);
         goto out;
     }
-    const kp_ops *ops = kp_backend_ops(kv->be);
     /* pass 0 verifies every checksum; pass 1 verifies again, decodes and uploads */
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t i = 0; i < b.n_chunks; i++) {
@@ -487,16 +485,14 @@ int blob_read_kv(const char *path, uint64_t expect_fingerprint, kv_cache *kv, kp
                 }
                 src = rbuf;
             }
-            uint8_t *dst = (uint8_t *)(kvsel ? kv->v[l] : kv->k[l]) +
-                           (size_t)ci * m->chunk_tokens * b.row_bytes;
-            if (ops->upload(kv->be, dst, src, c->raw_bytes)) {
+            if (kv_write_rows(kv, l, kvsel, ci * (int)m->chunk_tokens, (int)(c->raw_bytes / b.row_bytes), src, NULL)) {
                 rc = kp_errf(err, KP_EIO, "blob: upload of layer %d %s chunk %d failed", l,
                              kvsel ? "V" : "K", ci);
                 goto out;
             }
         }
     }
-    if (ops->sync) ops->sync(kv->be);
+    kv_sync(kv);
     kv->n_pos = m->n_tokens;
 out:
     close(fd);

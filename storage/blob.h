@@ -54,7 +54,7 @@
  *     checksum (KP_EFORMAT naming layer, K/V and chunk index) BEFORE it writes
  *     any KV row; kv->n_pos is set to n_tokens only after full success and is
  *     left unchanged on any error.
- *   - KV bytes move through kp_backend_ops(kv->be)->download/upload, so the
+ *   - KV bytes move through kv_read_rows / kv_write_rows (engine/kv.h), so the
  *     cache may live on any backend.
  */
 #ifndef KP_BLOB_H

@@ -2,7 +2,8 @@
  * test_kv.c — kv_copy_rows, the one copy of KV rows between caches: every
  * pair of element types (F32, F16, BF16, converted through f32) keeps values
  * within the precision of the narrower type, only the named rows move, and
- * bad shapes or row ranges are refused with a message.
+ * bad shapes or row ranges are refused with a message; and kv_read_rows /
+ * kv_write_rows, the storage layer's way to one layer's rows.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -128,11 +129,42 @@ static void test_copy_rows_refuses(void **state) {
     kp_backend_free(be);
 }
 
+/* kv_read_rows / kv_write_rows move exactly the named rows of one layer's K
+ * or V, byte for byte, and refuse a bad layer, K/V selector or row range. */
+static void test_read_write_rows(void **state) {
+    (void)state;
+    kp_backend *be = cpu();
+    kv_cache *kv = mk(be, KP_TYPE_F16);
+    kp_err err = {0};
+    uint8_t in[5 * ROW * 2], out[5 * ROW * 2];
+    for (size_t i = 0; i < sizeof in; i++) in[i] = (uint8_t)(i * 7 + 3);
+    assert_int_equal(kv_write_rows(kv, 1, 1, 7, 5, in, &err), 0);
+    kv_sync(kv);
+    assert_memory_equal((uint8_t *)kv->v[1] + 7 * kv->row_bytes, in, sizeof in);
+    for (int l = 0; l < N_LAYER; l++) /* nothing else moved */
+        for (size_t i = 0; i < (size_t)N_CTX * kv->row_bytes; i++) {
+            assert_int_equal(((uint8_t *)kv->k[l])[i], 0);
+            if (l != 1 && ((uint8_t *)kv->v[l])[i]) fail_msg("layer %d V byte %zu written", l, i);
+        }
+    assert_int_equal(kv_read_rows(kv, 1, 1, 7, 5, out, &err), 0);
+    assert_memory_equal(out, in, sizeof in);
+    assert_int_equal(kv_read_rows(kv, N_LAYER, 0, 0, 1, out, &err), KP_EINVAL);
+    assert_non_null(strstr(err.msg, "layer"));
+    assert_int_equal(kv_write_rows(kv, 0, 2, 0, 1, in, &err), KP_EINVAL);
+    assert_int_equal(kv_write_rows(kv, 0, 0, N_CTX - 2, 3, in, &err), KP_EINVAL);
+    assert_non_null(strstr(err.msg, "outside"));
+    assert_int_equal(kv_read_rows(kv, 0, 0, -1, 1, out, &err), KP_EINVAL);
+    assert_int_equal(kv_read_rows(kv, 0, 0, 3, 0, out, &err), 0);
+    kv_free(kv);
+    kp_backend_free(be);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_copy_rows_types),
         cmocka_unit_test(test_copy_rows_same_type_exact),
         cmocka_unit_test(test_copy_rows_refuses),
+        cmocka_unit_test(test_read_write_rows),
     };
     tu_apply_filter();
     return cmocka_run_group_tests_name("kv", tests, NULL, NULL);
