@@ -13,11 +13,22 @@
  *   decode  = per-token pieces (cached at load), SPM leading-space removal,
  *             BPE "clean spaces" passes.
  *
- * The BPE pre-tokenizer regexes are implemented as small hand-written
- * matchers (no regex library): the GPT-2 and LLaMA-3 ones port llama.cpp's
- * own custom matchers, the others reproduce what std::regex does with the
- * patterns llama.cpp gives it (leftmost match; text between matches becomes a
- * piece of its own).
+ * Where things are:
+ *   tok.c         the core: vocabulary loading (tokens, scores, types,
+ *                 merges, special tokens, piece cache), the merge queue both
+ *                 tokenizers use, SPM, special-token partitioning, encode /
+ *                 decode and the public tok_* API;
+ *   tok_bpe.c     BPE: a fragment's code points, pre-tokens, GPT-2 byte
+ *                 images and lowest-rank merging;
+ *   tok_pretok.c  the BPE pre-tokenizers (the regexes of gpt-2, llama3,
+ *                 qwen2, deepseek, falcon, starcoder, default), as small
+ *                 hand-written matchers (no regex library): the GPT-2 and
+ *                 LLaMA-3 ones port llama.cpp's own custom matchers, the
+ *                 others reproduce what std::regex does with the patterns
+ *                 llama.cpp gives it;
+ *   tok_impl.h    what they share: struct tok_vocab, the merge queue and
+ *                 UTF-8 helpers, the two internal entry points.
+ *   tok_unicode.c the generated Unicode tables.
  *
  * Everything a vocabulary needs lives in one tok_vocab (immutable after
  * tok_load, so one vocab may be shared by threads); every encode call uses
@@ -30,34 +41,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine/tok_unicode.h"
-
-/* ------------------------------------------------------------------------ */
-/* Token attributes: llama.cpp's llama_token_attr bits, plus our EOG mark.  */
-
-enum {
-    ATTR_UNKNOWN = 1 << 0,
-    ATTR_UNUSED = 1 << 1,
-    ATTR_NORMAL = 1 << 2,
-    ATTR_CONTROL = 1 << 3,
-    ATTR_USER = 1 << 4,
-    ATTR_BYTE = 1 << 5,
-    ATTR_LSTRIP = 1 << 7,
-    ATTR_RSTRIP = 1 << 8,
-    ATTR_EOG = 1 << 14, /* ends generation (EOS, EOT, <|im_end|>, ...) */
-};
-
-/* BPE pre-tokenizers (llama_vocab_pre_type, grouped by regex set). */
-enum tok_pre {
-    PRE_DEFAULT,        /* no tokenizer.ggml.pre: llama.cpp's "default" set */
-    PRE_GPT2,           /* gpt-2, mpt, olmo, ... */
-    PRE_LLAMA3,         /* llama-bpe, llama3, dbrx, smaug-bpe, chatglm-bpe */
-    PRE_QWEN2,          /* qwen2, stablelm2, ...: llama3 with single digits */
-    PRE_DEEPSEEK_LLM,
-    PRE_DEEPSEEK_CODER,
-    PRE_FALCON,
-    PRE_STARCODER,      /* starcoder, refact, command-r, smollm, ... */
-};
+#include "engine/tok_impl.h"
 
 static const char *const pre_names[] = {
     [PRE_DEFAULT] = "default",          [PRE_GPT2] = "gpt-2",
@@ -118,63 +102,9 @@ static const struct pre_entry {
 };
 
 /* ------------------------------------------------------------------------ */
-/* The vocabulary.                                                           */
-
-struct tok_vocab {
-    int kind; /* TOK_SPM / TOK_BPE */
-    int pre;  /* enum tok_pre (BPE only) */
-    int32_t n;
-
-    /* token texts, NUL-terminated, packed in one buffer */
-    char *text;          /* [total bytes] */
-    uint32_t *text_off;  /* [n] */
-    uint32_t *text_len;  /* [n] */
-    float *score;        /* [n] */
-    uint16_t *attr;      /* [n] ATTR_* bits */
-
-    /* token_to_piece(special=true) of every token, as llama.cpp caches it */
-    char *piece;         /* [total bytes] */
-    uint32_t *piece_off; /* [n] */
-    uint32_t *piece_len; /* [n] */
-
-    /* open-addressing hash: text -> id (-1 = empty slot) */
-    int32_t *tok_ht;
-    uint32_t tok_mask;
-
-    /* BPE merges "left right" -> rank, same hashing */
-    char *merge_text;
-    uint32_t *merge_off, *merge_len;
-    int32_t n_merges;
-    int32_t *merge_ht;
-    uint32_t merge_mask;
-
-    /* control / user-defined / unknown tokens, longest text first */
-    int32_t *special;
-    int32_t n_special;
-
-    int32_t byte_tok[256]; /* SPM byte-fallback token of each byte, -1 if none */
-
-    /* SPM: bitset over hashes of the adjacent character pairs inside tokens.
-     * Where two neighbouring characters of the input are a pair no token
-     * contains, no merge can ever cross, so the text is cut there and the
-     * pieces are merged separately: same result, much smaller queues. */
-    uint64_t *pair_bits; /* [PAIR_WORDS] */
-
-    int32_t bos, eos, eot, eom, unk, pad;
-    bool add_bos, add_eos, add_space_prefix, clean_spaces, ignore_merges;
-    char info[256];
-};
-
-/* ------------------------------------------------------------------------ */
 /* Small helpers: growable id vector, hashing, UTF-8.                        */
 
-typedef struct ivec {
-    int32_t *v;
-    size_t n, cap;
-    int oom;
-} ivec;
-
-static void ivec_push(ivec *a, int32_t x)
+void tok_ivec_push(ivec *a, int32_t x)
 {
     if (a->n == a->cap) {
         size_t cap = a->cap ? a->cap * 2 : 64;
@@ -187,18 +117,6 @@ static void ivec_push(ivec *a, int32_t x)
         a->cap = cap;
     }
     a->v[a->n++] = x;
-}
-
-#define FNV_INIT 1469598103934665603ULL
-
-static uint64_t fnv_update(uint64_t h, const void *data, size_t len)
-{
-    const uint8_t *p = data;
-    for (size_t i = 0; i < len; i++) {
-        h ^= p[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
 }
 
 static uint32_t ht_size_for(size_t n)
@@ -219,7 +137,7 @@ static size_t utf8_len(uint8_t c)
 
 /* Decode one code point at s[*i] as llama.cpp's unicode_cpt_from_utf8 does;
  * an invalid sequence consumes one byte and gives U+FFFD. */
-static uint32_t utf8_next(const uint8_t *s, size_t n, size_t *i)
+uint32_t tok_utf8_next(const uint8_t *s, size_t n, size_t *i)
 {
     size_t o = *i;
     uint8_t c = s[o];
@@ -258,7 +176,7 @@ bad:
 /* Encode a code point; returns the byte count (1..4). Values past U+10FFFF
  * (which the decoder above can produce from F4..F7 lead bytes; llama.cpp
  * throws on them) keep their 4-byte form. */
-static int utf8_put(uint32_t c, char *out)
+int tok_utf8_put(uint32_t c, char *out)
 {
     if (c < 0x80) {
         out[0] = (char)c;
@@ -282,20 +200,8 @@ static int utf8_put(uint32_t c, char *out)
     return 4;
 }
 
-/* GPT-2's byte -> code point map: printable Latin-1 bytes map to themselves,
- * the other 68 bytes to U+0100.. in byte order. */
-static uint32_t bpe_byte_to_cpt(uint8_t b)
-{
-    if ((b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || b >= 0xae)
-        return b;
-    if (b <= 0x20)
-        return 256 + b;
-    if (b <= 0xa0)
-        return 256 + 33 + (b - 0x7f); /* 0x7f..0xa0 */
-    return 256 + 67;                  /* 0xad */
-}
-
-/* Inverse of bpe_byte_to_cpt; -1 if the code point is not a byte image. */
+/* Inverse of bpe_byte_to_cpt (tok_bpe.c); -1 if the code point is not a byte
+ * image. */
 static int bpe_cpt_to_byte(uint32_t c)
 {
     if ((c >= 0x21 && c <= 0x7e) || (c >= 0xa1 && c <= 0xac) || (c >= 0xae && c <= 0xff))
@@ -331,48 +237,17 @@ int32_t tok_find(const tok_vocab *v, const char *s, size_t len)
     }
 }
 
-/* Rank of merging `left` with `right` (merge text "left right"), -1 if none. */
-static int32_t merge_rank(const tok_vocab *v, const char *l, size_t ln, const char *r, size_t rn)
-{
-    if (!v->n_merges)
-        return -1;
-    uint64_t h = fnv_update(FNV_INIT, l, ln);
-    h = fnv_update(h, " ", 1);
-    h = fnv_update(h, r, rn);
-    for (uint32_t i = (uint32_t)h & v->merge_mask;; i = (i + 1) & v->merge_mask) {
-        int32_t m = v->merge_ht[i];
-        if (m < 0)
-            return -1;
-        const char *t = v->merge_text + v->merge_off[m];
-        if (v->merge_len[m] == ln + 1 + rn && memcmp(t, l, ln) == 0 && t[ln] == ' ' &&
-            memcmp(t + ln + 1, r, rn) == 0)
-            return m;
-    }
-}
-
 /* ------------------------------------------------------------------------ */
 /* Priority queue of candidate merges (binary heap), shared by SPM and BPE.  */
 /* SPM: highest score first; BPE: lowest rank first (stored as -rank).       */
 /* Ties: leftmost first, as llama.cpp's comparators.                         */
-
-typedef struct bigram {
-    float prio;
-    int32_t left, right;
-    uint32_t size; /* byte length of the merged text when queued */
-} bigram;
-
-typedef struct heap {
-    bigram *v;
-    size_t n, cap;
-    int oom;
-} heap;
 
 static int bigram_before(const bigram *a, const bigram *b)
 {
     return a->prio > b->prio || (a->prio == b->prio && a->left < b->left);
 }
 
-static void heap_push(heap *h, bigram b)
+void tok_heap_push(heap *h, bigram b)
 {
     if (h->n == h->cap) {
         size_t cap = h->cap ? h->cap * 2 : 64;
@@ -395,7 +270,7 @@ static void heap_push(heap *h, bigram b)
     h->v[i] = b;
 }
 
-static bigram heap_pop(heap *h)
+bigram tok_heap_pop(heap *h)
 {
     bigram top = h->v[0];
     bigram last = h->v[--h->n];
@@ -416,15 +291,7 @@ static bigram heap_pop(heap *h)
     return top;
 }
 
-/* Symbols of a merge session: a doubly linked list over pieces of one text;
- * merging grows the left symbol and empties the right one. */
-typedef struct symbols {
-    int32_t *prev, *next;
-    uint32_t *off, *len;
-    size_t n;
-} symbols;
-
-static void symbols_free(symbols *s)
+void tok_symbols_free(symbols *s)
 {
     free(s->prev);
     free(s->next);
@@ -433,7 +300,7 @@ static void symbols_free(symbols *s)
 }
 
 /* Split text into UTF-8 characters (by lead byte, clipped at the end). */
-static int symbols_init(symbols *s, const char *text, size_t len)
+int tok_symbols_init(symbols *s, const char *text, size_t len)
 {
     memset(s, 0, sizeof(*s));
     s->prev = malloc((len + 1) * sizeof(int32_t));
@@ -441,7 +308,7 @@ static int symbols_init(symbols *s, const char *text, size_t len)
     s->off = malloc((len + 1) * sizeof(uint32_t));
     s->len = malloc((len + 1) * sizeof(uint32_t));
     if (!s->prev || !s->next || !s->off || !s->len) {
-        symbols_free(s);
+        tok_symbols_free(s);
         return KP_ENOMEM;
     }
     size_t off = 0, n = 0;
@@ -461,7 +328,7 @@ static int symbols_init(symbols *s, const char *text, size_t len)
 }
 
 /* Merge symbol `right` into `left` (its successor). */
-static void symbols_merge(symbols *s, int32_t left, int32_t right)
+void tok_symbols_merge(symbols *s, int32_t left, int32_t right)
 {
     s->len[left] += s->len[right];
     s->len[right] = 0;
@@ -526,7 +393,7 @@ static void spm_try_bigram(const tok_vocab *v, const char *text, const symbols *
     int32_t id = tok_find(v, text + s->off[left], size);
     if (id < 0)
         return;
-    heap_push(h, (bigram){v->score[id], left, right, size});
+    tok_heap_push(h, (bigram){v->score[id], left, right, size});
 }
 
 static int spm_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *out)
@@ -534,7 +401,7 @@ static int spm_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *
     if (len == 0)
         return 0;
     symbols s;
-    if (symbols_init(&s, text, len))
+    if (tok_symbols_init(&s, text, len))
         return KP_ENOMEM;
     heap h = {0};
     for (size_t i = 1; i < s.n; i++)
@@ -542,11 +409,11 @@ static int spm_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *
 
     /* keep merging the best-scoring pair while one exists */
     while (h.n && !h.oom) {
-        bigram b = heap_pop(&h);
+        bigram b = tok_heap_pop(&h);
         uint32_t ll = s.len[b.left], rl = s.len[b.right];
         if (ll == 0 || rl == 0 || ll + rl != b.size)
             continue; /* stale: one side already merged elsewhere */
-        symbols_merge(&s, b.left, b.right);
+        tok_symbols_merge(&s, b.left, b.right);
         spm_try_bigram(v, text, &s, &h, s.prev[b.left], b.left);
         spm_try_bigram(v, text, &s, &h, b.left, s.next[b.left]);
     }
@@ -557,7 +424,7 @@ static int spm_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *
         const char *p = text + s.off[i];
         int32_t id = tok_find(v, p, s.len[i]);
         if (id >= 0) {
-            ivec_push(out, id);
+            tok_ivec_push(out, id);
             continue;
         }
         for (uint32_t j = 0; j < s.len[i]; j++) {
@@ -565,566 +432,13 @@ static int spm_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *
             if (b < 0)
                 b = v->unk; /* llama.cpp throws here; unk is the kind choice */
             if (b >= 0)
-                ivec_push(out, b);
+                tok_ivec_push(out, b);
         }
     }
     int oom = h.oom;
     free(h.v);
-    symbols_free(&s);
+    tok_symbols_free(&s);
     return oom ? KP_ENOMEM : 0;
-}
-
-/* ------------------------------------------------------------------------ */
-/* BPE pre-tokenizers (unicode_regex_split).                                 */
-/*                                                                           */
-/* The text is a code point array; a split is a list of piece lengths (in    */
-/* code points) covering it. Each regex of a pre-tokenizer refines every     */
-/* piece of the previous split.                                              */
-
-#define F_VALID 0x100u          /* flags of a position inside the piece */
-#define OUT_OF_RANGE 0xFFFFFFFFu
-
-typedef struct cpt_text {
-    const uint32_t *cpt; /* [n] code points */
-    const uint16_t *fl;  /* [n] F_VALID | tok_ucd_flags(cpt) */
-    size_t n;
-} cpt_text;
-
-typedef struct split {
-    size_t *len;
-    size_t n, cap;
-    int oom;
-} split;
-
-static void split_push(split *s, size_t len)
-{
-    if (len == 0)
-        return;
-    if (s->n == s->cap) {
-        size_t cap = s->cap ? s->cap * 2 : 64;
-        size_t *p = realloc(s->len, cap * sizeof(*p));
-        if (!p) {
-            s->oom = 1;
-            return;
-        }
-        s->len = p;
-        s->cap = cap;
-    }
-    s->len[s->n++] = len;
-}
-
-static inline unsigned f_cat(unsigned f) { return f & TOK_UCAT_MASK; }
-static inline bool f_letter(unsigned f) { return f_cat(f) == TOK_UCAT_LETTER; }
-static inline bool f_number(unsigned f) { return f_cat(f) == TOK_UCAT_NUMBER; }
-static inline bool f_punct(unsigned f) { return f_cat(f) == TOK_UCAT_PUNCT; }
-static inline bool f_ws(unsigned f) { return (f & TOK_UFLAG_WS) != 0; }
-
-/* A view of one piece [ini, end) of the text; positions outside read as
- * OUT_OF_RANGE / no flags, as llama.cpp's _get_cpt/_get_flags. */
-typedef struct piece_view {
-    const cpt_text *t;
-    size_t ini, end;
-    size_t prev_end;
-    split *out;
-} piece_view;
-
-static inline uint32_t pv_cpt(const piece_view *p, size_t pos)
-{
-    return (pos >= p->ini && pos < p->end) ? p->t->cpt[pos] : OUT_OF_RANGE;
-}
-
-static inline unsigned pv_fl(const piece_view *p, size_t pos)
-{
-    return (pos >= p->ini && pos < p->end) ? p->t->fl[pos] : 0;
-}
-
-/* Emit the piece ending at `end`; returns its length. */
-static size_t pv_add(piece_view *p, size_t end)
-{
-    size_t len = end - p->prev_end;
-    split_push(p->out, len);
-    p->prev_end = end;
-    return len;
-}
-
-/* GPT-2: 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
- * (port of unicode_regex_split_custom_gpt2) */
-static void pre_gpt2(piece_view *p)
-{
-    for (size_t pos = p->ini; pos < p->end;) {
-        uint32_t cpt = pv_cpt(p, pos);
-        unsigned f = pv_fl(p, pos);
-
-        if (cpt == '\'' && pos + 1 < p->end) {
-            uint32_t nx = pv_cpt(p, pos + 1);
-            if (nx == 's' || nx == 't' || nx == 'm' || nx == 'd') {
-                pos += pv_add(p, pos + 2);
-                continue;
-            }
-            if (pos + 2 < p->end) {
-                uint32_t nn = pv_cpt(p, pos + 2);
-                if ((nx == 'r' && nn == 'e') || (nx == 'v' && nn == 'e') ||
-                    (nx == 'l' && nn == 'l')) {
-                    pos += pv_add(p, pos + 3);
-                    continue;
-                }
-            }
-        }
-
-        unsigned f2 = cpt == ' ' ? pv_fl(p, pos + 1) : f;
-        if (f_letter(f2)) { /* <space>?\p{L}+ */
-            pos += cpt == ' ';
-            while (f_letter(f2))
-                f2 = pv_fl(p, ++pos);
-            pv_add(p, pos);
-            continue;
-        }
-        if (f_number(f2)) { /* <space>?\p{N}+ */
-            pos += cpt == ' ';
-            while (f_number(f2))
-                f2 = pv_fl(p, ++pos);
-            pv_add(p, pos);
-            continue;
-        }
-        if (!(f_ws(f2) || f_letter(f2) || f_number(f2)) && f2) { /* <space>?[^\s\p{L}\p{N}]+ */
-            pos += cpt == ' ';
-            while (!(f_ws(f2) || f_letter(f2) || f_number(f2)) && f2)
-                f2 = pv_fl(p, ++pos);
-            pv_add(p, pos);
-            continue;
-        }
-
-        size_t nws = 0;
-        while (f_ws(pv_fl(p, pos + nws)))
-            nws++;
-        if (nws > 1 && pv_cpt(p, pos + nws) != OUT_OF_RANGE) { /* \s+(?!\S) */
-            pos += nws - 1;
-            pv_add(p, pos);
-            continue;
-        }
-        if (nws > 0) { /* \s+ */
-            pos += nws;
-            pv_add(p, pos);
-            continue;
-        }
-        pv_add(p, ++pos); /* no match */
-    }
-}
-
-/* ASCII-only lower-casing is enough here: no other code point lower-cases to
- * one of the letters of the contractions (s t m d r e v l). */
-static uint32_t lower_ascii(uint32_t c)
-{
-    return (c >= 'A' && c <= 'Z') ? c + 32 : c;
-}
-
-/* LLaMA-3: (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|
- *          ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
- * (port of unicode_regex_split_custom_llama3). Qwen2 is the same regex with
- * \p{N} instead of \p{N}{1,3}: max_digits 1. */
-static void pre_llama3(piece_view *p, size_t max_digits)
-{
-    for (size_t pos = p->ini; pos < p->end;) {
-        uint32_t cpt = pv_cpt(p, pos);
-        unsigned f = pv_fl(p, pos);
-
-        if (cpt == '\'' && pos + 1 < p->end) { /* contractions, any case */
-            uint32_t nx = lower_ascii(pv_cpt(p, pos + 1));
-            if (nx == 's' || nx == 't' || nx == 'm' || nx == 'd') {
-                pos += pv_add(p, pos + 2);
-                continue;
-            }
-            if (pos + 2 < p->end) {
-                uint32_t nn = lower_ascii(pv_cpt(p, pos + 2));
-                if ((nx == 'r' && nn == 'e') || (nx == 'v' && nn == 'e') ||
-                    (nx == 'l' && nn == 'l')) {
-                    pos += pv_add(p, pos + 3);
-                    continue;
-                }
-            }
-        }
-
-        /* [^\r\n\p{L}\p{N}]?\p{L}+ */
-        if (!(cpt == '\r' || cpt == '\n' || f_number(f))) {
-            if (f_letter(f) || f_letter(pv_fl(p, pos + 1))) {
-                pos++;
-                while (f_letter(pv_fl(p, pos)))
-                    pos++;
-                pv_add(p, pos);
-                continue;
-            }
-        }
-
-        if (f_number(f)) { /* \p{N}{1,max_digits} */
-            size_t ini = pos;
-            while (f_number(pv_fl(p, pos))) {
-                if (++pos - ini >= max_digits) {
-                    pv_add(p, pos);
-                    ini = pos;
-                }
-            }
-            pv_add(p, pos);
-            continue;
-        }
-
-        /* <space>?[^\s\p{L}\p{N}]+[\r\n]* */
-        unsigned f2 = cpt == ' ' ? pv_fl(p, pos + 1) : f;
-        if (!(f_ws(f2) || f_letter(f2) || f_number(f2)) && f) {
-            pos += cpt == ' ';
-            while (!(f_ws(f2) || f_letter(f2) || f_number(f2)) && f2)
-                f2 = pv_fl(p, ++pos);
-            uint32_t c2 = pv_cpt(p, pos);
-            while (c2 == '\r' || c2 == '\n')
-                c2 = pv_cpt(p, ++pos);
-            pv_add(p, pos);
-            continue;
-        }
-
-        size_t nws = 0, last_rn = 0;
-        while (f_ws(pv_fl(p, pos + nws))) {
-            uint32_t c2 = pv_cpt(p, pos + nws);
-            if (c2 == '\r' || c2 == '\n')
-                last_rn = pos + nws + 1;
-            nws++;
-        }
-        if (last_rn > 0) { /* \s*[\r\n]+ */
-            pos = last_rn;
-            pv_add(p, pos);
-            continue;
-        }
-        if (nws > 1 && pv_cpt(p, pos + nws) != OUT_OF_RANGE) { /* \s+(?!\S) */
-            pos += nws - 1;
-            pv_add(p, pos);
-            continue;
-        }
-        if (nws > 0) { /* \s+ */
-            pos += nws;
-            pv_add(p, pos);
-            continue;
-        }
-        pv_add(p, ++pos);
-    }
-}
-
-/* Character classes of the std::regex patterns. llama.cpp feeds std::regex
- * either a "collapsed" text (patterns with \p{..}) or the code points with
- * non-ASCII whitespace replaced by U+000B (other patterns); both amount to:
- * ASCII classified as the C locale does, non-ASCII by category, and
- * non-ASCII whitespace matching only \s. */
-enum cls {
-    CLS_CR_LF,        /* [\r\n] */
-    CLS_LETTER,       /* \p{L} */
-    CLS_NUMBER,       /* \p{N} */
-    CLS_PUNCT,        /* \p{P} */
-    CLS_FALCON,       /* [\p{P}\$\+<=>\^~\|`] */
-    CLS_DEFAULT,      /* [\p{P}\$\+<=>\^~\|] */
-    CLS_DS_LETTER,    /* deepseek-llm [A-Za-zµÀ-Ö...] */
-    CLS_DS_PUNCT,     /* deepseek-llm [!-/:-~！-／：-～‘-‟　-。] */
-    CLS_CJK,          /* [一-龥ࠀ-一가-퟿] */
-};
-
-static bool in_ranges(const uint32_t (*r)[2], size_t n, uint32_t c)
-{
-    size_t lo = 0, hi = n;
-    while (lo < hi) {
-        size_t mid = (lo + hi) / 2;
-        if (c < r[mid][0])
-            hi = mid;
-        else if (c > r[mid][1])
-            lo = mid + 1;
-        else
-            return true;
-    }
-    return false;
-}
-
-static bool cls_match(int cls, uint32_t c, unsigned f)
-{
-    if (c > 0x7f && f_ws(f))
-        return false; /* became \v: matches \s only */
-    switch (cls) {
-    case CLS_CR_LF:
-        return c == '\r' || c == '\n';
-    case CLS_LETTER:
-        return f_letter(f);
-    case CLS_NUMBER:
-        return f_number(f);
-    case CLS_PUNCT:
-        return f_punct(f);
-    case CLS_FALCON:
-        return f_punct(f) || (c < 0x80 && c && strchr("$+<=>^~|`", (int)c));
-    case CLS_DEFAULT:
-        return f_punct(f) || (c < 0x80 && c && strchr("$+<=>^~|", (int)c));
-    case CLS_DS_LETTER:
-        return in_ranges(tok_ucd_deepseek_letters, tok_ucd_deepseek_letters_n, c);
-    case CLS_DS_PUNCT:
-        return (c >= 0x21 && c <= 0x2f) || (c >= 0x3a && c <= 0x7e) ||
-               (c >= 0xff01 && c <= 0xff0f) || (c >= 0xff1a && c <= 0xff5e) ||
-               (c >= 0x2018 && c <= 0x201f) || (c >= 0x3000 && c <= 0x3002);
-    case CLS_CJK:
-        return (c >= 0x4e00 && c <= 0x9fa5) || (c >= 0x0800 && c <= 0x4e00) ||
-               (c >= 0xac00 && c <= 0xd7ff);
-    }
-    return false;
-}
-
-static inline bool pv_cls(const piece_view *p, int cls, size_t pos)
-{
-    return pos < p->end && cls_match(cls, p->t->cpt[pos], p->t->fl[pos]);
-}
-
-/* Patterns of the form X, X+ or \s?X+ (regex_search semantics: leftmost
- * match, unmatched text between matches is a piece of its own). */
-enum { PAT_ONE, PAT_RUN, PAT_WS_RUN };
-
-static void pre_class(piece_view *p, int cls, int pat)
-{
-    size_t pos = p->ini;
-    while (pos < p->end) {
-        size_t start = pos, q;
-        if (pat == PAT_WS_RUN && f_ws(p->t->fl[pos]) && pv_cls(p, cls, pos + 1)) {
-            q = pos + 1;
-        } else if (pv_cls(p, cls, pos)) {
-            q = pos;
-        } else {
-            pos++;
-            continue;
-        }
-        if (pat == PAT_ONE) {
-            q++;
-        } else {
-            while (pv_cls(p, cls, q))
-                q++;
-        }
-        if (start > p->prev_end)
-            pv_add(p, start); /* the gap before the match */
-        pv_add(p, q);
-        pos = q;
-    }
-    pv_add(p, p->end);
-}
-
-/* \s+$ : the trailing whitespace of the piece */
-static void pre_trailing_ws(piece_view *p)
-{
-    size_t q = p->end;
-    while (q > p->ini && f_ws(p->t->fl[q - 1]))
-        q--;
-    pv_add(p, q);
-    pv_add(p, p->end);
-}
-
-/* [0-9][0-9][0-9] */
-static void pre_three_digits(piece_view *p)
-{
-    size_t pos = p->ini;
-    while (pos + 3 <= p->end) {
-        const uint32_t *c = p->t->cpt + pos;
-        if (c[0] >= '0' && c[0] <= '9' && c[1] >= '0' && c[1] <= '9' && c[2] >= '0' &&
-            c[2] <= '9') {
-            pv_add(p, pos); /* gap (no-op when empty) */
-            pv_add(p, pos + 3);
-            pos += 3;
-        } else {
-            pos++;
-        }
-    }
-    pv_add(p, p->end);
-}
-
-/* One step of a pre-tokenizer. */
-enum step_kind { ST_GPT2, ST_LLAMA3, ST_QWEN2, ST_CLASS, ST_TRAILING_WS, ST_THREE_DIGITS };
-
-typedef struct pre_step {
-    int kind;
-    int cls, pat; /* ST_CLASS */
-} pre_step;
-
-/* The regex lists of llm_tokenizer_bpe, in order. */
-static int pre_steps(int pre, pre_step *st)
-{
-    int n = 0;
-    switch (pre) {
-    case PRE_GPT2:
-        st[n++] = (pre_step){ST_GPT2, 0, 0};
-        break;
-    case PRE_LLAMA3:
-        st[n++] = (pre_step){ST_LLAMA3, 0, 0};
-        break;
-    case PRE_QWEN2:
-        st[n++] = (pre_step){ST_QWEN2, 0, 0};
-        break;
-    case PRE_DEEPSEEK_LLM:
-        st[n++] = (pre_step){ST_CLASS, CLS_CR_LF, PAT_ONE};
-        st[n++] = (pre_step){ST_CLASS, CLS_DS_LETTER, PAT_WS_RUN};
-        st[n++] = (pre_step){ST_CLASS, CLS_DS_PUNCT, PAT_WS_RUN};
-        st[n++] = (pre_step){ST_TRAILING_WS, 0, 0};
-        st[n++] = (pre_step){ST_CLASS, CLS_CJK, PAT_RUN};
-        st[n++] = (pre_step){ST_CLASS, CLS_NUMBER, PAT_RUN};
-        break;
-    case PRE_DEEPSEEK_CODER:
-        st[n++] = (pre_step){ST_CLASS, CLS_CR_LF, PAT_ONE};
-        st[n++] = (pre_step){ST_CLASS, CLS_LETTER, PAT_WS_RUN};
-        st[n++] = (pre_step){ST_CLASS, CLS_PUNCT, PAT_WS_RUN};
-        st[n++] = (pre_step){ST_CLASS, CLS_CJK, PAT_RUN};
-        st[n++] = (pre_step){ST_CLASS, CLS_NUMBER, PAT_ONE};
-        break;
-    case PRE_FALCON:
-        st[n++] = (pre_step){ST_CLASS, CLS_FALCON, PAT_RUN};
-        st[n++] = (pre_step){ST_GPT2, 0, 0};
-        st[n++] = (pre_step){ST_THREE_DIGITS, 0, 0};
-        break;
-    case PRE_STARCODER:
-        st[n++] = (pre_step){ST_CLASS, CLS_NUMBER, PAT_ONE};
-        st[n++] = (pre_step){ST_GPT2, 0, 0};
-        break;
-    default: /* PRE_DEFAULT */
-        st[n++] = (pre_step){ST_CLASS, CLS_DEFAULT, PAT_RUN};
-        st[n++] = (pre_step){ST_GPT2, 0, 0};
-        st[n++] = (pre_step){ST_CLASS, CLS_NUMBER, PAT_RUN};
-        st[n++] = (pre_step){ST_THREE_DIGITS, 0, 0};
-        break;
-    }
-    return n;
-}
-
-/* Split the code points of one fragment into pre-tokens. */
-static int pre_tokenize(int pre, const cpt_text *t, split *out)
-{
-    pre_step st[8];
-    int nst = pre_steps(pre, st);
-    split cur = {0};
-    split_push(&cur, t->n);
-    for (int s = 0; s < nst && !cur.oom; s++) {
-        split next = {0};
-        size_t start = 0;
-        for (size_t k = 0; k < cur.n; k++) {
-            piece_view p = {t, start, start + cur.len[k], start, &next};
-            switch (st[s].kind) {
-            case ST_GPT2: pre_gpt2(&p); break;
-            case ST_LLAMA3: pre_llama3(&p, 3); break;
-            case ST_QWEN2: pre_llama3(&p, 1); break;
-            case ST_CLASS: pre_class(&p, st[s].cls, st[s].pat); break;
-            case ST_TRAILING_WS: pre_trailing_ws(&p); break;
-            case ST_THREE_DIGITS: pre_three_digits(&p); break;
-            }
-            start += cur.len[k];
-        }
-        free(cur.len);
-        cur = next;
-    }
-    *out = cur;
-    return cur.oom ? KP_ENOMEM : 0;
-}
-
-/* ------------------------------------------------------------------------ */
-/* BPE (llm_tokenizer_bpe_session).                                          */
-
-/* Queue the merge of symbols l and r if the merges list has it. The queue
- * priority is -rank (ranks are exact in a float: at most 2^24 merges). */
-static void bpe_try(const tok_vocab *v, const char *w, const symbols *s, heap *h, int32_t l,
-                    int32_t r)
-{
-    if (l < 0 || r < 0)
-        return;
-    int32_t rank = merge_rank(v, w + s->off[l], s->len[l], w + s->off[r], s->len[r]);
-    if (rank >= 0)
-        heap_push(h, (bigram){-(float)rank, l, r, s->len[l] + s->len[r]});
-}
-
-/* Merge one byte-encoded pre-token and append its ids. */
-static int bpe_word(const tok_vocab *v, const char *w, size_t len, ivec *out)
-{
-    if (v->ignore_merges) {
-        int32_t id = tok_find(v, w, len);
-        if (id >= 0) {
-            ivec_push(out, id);
-            return 0;
-        }
-    }
-    symbols s;
-    if (symbols_init(&s, w, len))
-        return KP_ENOMEM;
-    heap h = {0};
-    for (size_t i = 1; i < s.n; i++)
-        bpe_try(v, w, &s, &h, (int32_t)i - 1, (int32_t)i);
-    while (h.n && !h.oom) {
-        bigram b = heap_pop(&h);
-        uint32_t ll = s.len[b.left], rl = s.len[b.right];
-        if (ll == 0 || rl == 0 || ll + rl != b.size)
-            continue; /* outdated */
-        symbols_merge(&s, b.left, b.right);
-        bpe_try(v, w, &s, &h, s.prev[b.left], b.left);
-        bpe_try(v, w, &s, &h, b.left, s.next[b.left]);
-    }
-    for (int32_t i = 0; i != -1 && s.n && !h.oom; i = s.next[i]) {
-        const char *p = w + s.off[i];
-        int32_t id = tok_find(v, p, s.len[i]);
-        if (id >= 0) {
-            ivec_push(out, id);
-            continue;
-        }
-        /* not in the vocab: each raw byte of the text that is a token */
-        for (uint32_t j = 0; j < s.len[i]; j++) {
-            int32_t b = tok_find(v, p + j, 1);
-            if (b >= 0)
-                ivec_push(out, b);
-        }
-    }
-    int oom = h.oom;
-    free(h.v);
-    symbols_free(&s);
-    return oom ? KP_ENOMEM : 0;
-}
-
-/* One raw-text fragment: code points (invalid UTF-8 -> U+FFFD), pre-tokens,
- * GPT-2 byte images, merges. */
-static int bpe_tokenize(const tok_vocab *v, const char *text, size_t len, ivec *out)
-{
-    int rc = KP_ENOMEM;
-    uint32_t *cpt = malloc((len + 1) * sizeof(*cpt));
-    uint16_t *fl = malloc((len + 1) * sizeof(*fl));
-    char *word = NULL;
-    split sp = {0};
-    if (!cpt || !fl)
-        goto done;
-    size_t n = 0;
-    for (size_t i = 0; i < len;) {
-        uint32_t c = utf8_next((const uint8_t *)text, len, &i);
-        cpt[n] = c;
-        fl[n] = (uint16_t)(F_VALID | tok_ucd_flags(c));
-        n++;
-    }
-    cpt_text t = {cpt, fl, n};
-    if (pre_tokenize(v->pre, &t, &sp))
-        goto done;
-
-    /* each pre-token: UTF-8 -> bytes -> GPT-2 byte images (<= 2 bytes each) */
-    size_t start = 0, max = 0;
-    for (size_t k = 0; k < sp.n; k++)
-        max = KP_MAX(max, sp.len[k]);
-    word = malloc(max * 8 + 1);
-    if (!word)
-        goto done;
-    for (size_t k = 0; k < sp.n; k++) {
-        size_t wl = 0;
-        for (size_t i = start; i < start + sp.len[k]; i++) {
-            char u[4];
-            int nb = utf8_put(cpt[i], u);
-            for (int j = 0; j < nb; j++)
-                wl += (size_t)utf8_put(bpe_byte_to_cpt((uint8_t)u[j]), word + wl);
-        }
-        start += sp.len[k];
-        if (bpe_word(v, word, wl, out))
-            goto done;
-    }
-    rc = 0;
-done:
-    free(cpt);
-    free(fl);
-    free(word);
-    free(sp.len);
-    return rc;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1267,7 +581,7 @@ int tok_encode(const tok_vocab *v, const char *text, size_t len, bool add_specia
         goto done;
 
     if (add_special && v->add_bos && v->bos >= 0)
-        ivec_push(&out, v->bos);
+        tok_ivec_push(&out, v->bos);
 
     if (v->kind == TOK_SPM) {
         /* each raw fragment: " " prefix after a special (or at the start),
@@ -1283,7 +597,7 @@ int tok_encode(const tok_vocab *v, const char *text, size_t len, bool add_specia
         bool prev_special = true;
         for (size_t i = 0; i < fr.n && !rc; i++) {
             if (fr.v[i].tok >= 0) {
-                ivec_push(&out, fr.v[i].tok);
+                tok_ivec_push(&out, fr.v[i].tok);
                 prev_special = true;
                 continue;
             }
@@ -1307,13 +621,13 @@ int tok_encode(const tok_vocab *v, const char *text, size_t len, bool add_specia
     } else {
         for (size_t i = 0; i < fr.n && !rc; i++) {
             if (fr.v[i].tok >= 0)
-                ivec_push(&out, fr.v[i].tok);
+                tok_ivec_push(&out, fr.v[i].tok);
             else
-                rc = bpe_tokenize(v, text + fr.v[i].off, fr.v[i].len, &out);
+                rc = tok_bpe_tokenize(v, text + fr.v[i].off, fr.v[i].len, &out);
         }
     }
     if (!rc && add_special && v->add_eos && v->eos >= 0)
-        ivec_push(&out, v->eos);
+        tok_ivec_push(&out, v->eos);
     if (!rc && out.oom)
         rc = KP_ENOMEM;
 done:
@@ -1527,13 +841,13 @@ static size_t make_piece(const tok_vocab *v, int32_t id, char *out)
         }
         /* byte-level BPE: every code point back to its byte */
         for (size_t i = 0; i < tl;) {
-            uint32_t c = utf8_next((const uint8_t *)t, tl, &i);
+            uint32_t c = tok_utf8_next((const uint8_t *)t, tl, &i);
             int b = bpe_cpt_to_byte(c);
             if (b >= 0) {
                 out[k++] = (char)b;
             } else { /* as llama_decode_text */
                 char u[4];
-                int nb = utf8_put(c, u);
+                int nb = tok_utf8_put(c, u);
                 k += (size_t)sprintf(out + k, "[UNK_BYTE_0x");
                 for (int j = 0; j < nb; j++)
                     k += (size_t)sprintf(out + k, "%02x", (uint8_t)u[j]);

@@ -1,14 +1,19 @@
 /*
- * http.c — `kvpark serve`: OpenAI-compatible routes over libmicrohttpd.
+ * http.c — `kvpark serve`: OpenAI-compatible routes over libmicrohttpd, the
+ * transport half. Generation (a chat/completions request becoming scheduler
+ * jobs, its tokens becoming SSE chunks or one JSON body, usage, the
+ * per-request log line) is http_gen.c; what the two share is http_impl.h.
+ * This file does not know how tokens are generated: a generation route hands
+ * the connection to http_gen_start(), and the request's end to
+ * http_gen_end() / http_gen_free().
  *
  * Reading guide:
- *   1. server state, sessions table, metrics          (struct server, session)
- *   2. small HTTP helpers: replies, auth, logging     (reply_*, check_key)
- *   3. generation: a request becomes a scheduler job; its tokens are turned
- *      into text (stop sequences held back), SSE chunks or one JSON body,
- *      streamed by a content-reader callback          (gen_*, on_token, on_done)
- *   4. the sessions API                               (sessions_*)
- *   5. routing (handle) and the daemon's life         (http_serve)
+ *   1. server state                                   (http_impl.h)
+ *   2. small HTTP helpers: replies, auth              (reply_*, check_key)
+ *   3. generation                                     (http_gen.c)
+ *   4. the sessions API                               (handle_sessions)
+ *   5. routing (handle), request end (completed), metrics and the daemon's
+ *      life                                           (http_serve)
  *
  * Threads: libmicrohttpd runs one thread per connection (so a handler may
  * wait for its generation), the scheduler thread owns the model, and the
@@ -20,14 +25,12 @@
 #include <arpa/inet.h>
 #include <jansson.h>
 #include <microhttpd.h>
-#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
 
 #define XXH_INLINE_ALL
@@ -36,42 +39,13 @@
 #include "engine/chat.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
-#include "engine/tok.h"
 #include "server/api.h"
+#include "server/http_impl.h"
 #include "server/metrics.h"
-#include "server/stop.h"
 #include "server/sessions.h"
 
 /* ------------------------------------------------------------------ */
-/* 1. state                                                            */
-
-typedef struct server {
-    http_opts o;
-    model *m;
-    sched *sch;
-    sess_table *sessions;
-    const tok_vocab *vocab;
-    enum chat_template tmpl;
-    char model_id[256];
-    char codec_name[256];
-    int n_ctx;
-    int64_t created;
-    atomic_bool ready;
-    uint64_t key_hash[HTTP_MAX_KEYS];
-
-    metrics_registry *reg;
-    metrics_family *m_requests, *m_ttft, *m_tpot, *m_duration, *m_prompt_tokens, *m_gen_tokens,
-        *m_cache_hits, *m_restore, *m_parks, *m_session_events;
-} server;
-
-/* ------------------------------------------------------------------ */
 /* 2. HTTP helpers                                                     */
-
-static double unix_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* The status of the last reply queued on this connection's thread (one
  * thread per connection), read back by handle() for logs and metrics. */
@@ -97,7 +71,7 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, int status, char *js
     return ok;
 }
 
-static enum MHD_Result reply_error(struct MHD_Connection *c, const api_error *e) {
+enum MHD_Result http_reply_error(struct MHD_Connection *c, const api_error *e) {
     return reply_json(c, e->http_status, api_error_json(e), NULL);
 }
 
@@ -146,564 +120,6 @@ static const char *endpoint_label(const char *url) {
 }
 
 /* ------------------------------------------------------------------ */
-/* per-request state                                                   */
-
-typedef struct lp_entry {
-    char tok[64];
-    size_t tok_len;
-    float lp;
-    int n_top;
-    char top_tok[API_MAX_TOP_LOGPROBS][64];
-    size_t top_len[API_MAX_TOP_LOGPROBS];
-    float top_lp[API_MAX_TOP_LOGPROBS];
-} lp_entry;
-
-typedef struct req_ctx req_ctx;
-
-/* One choice being generated: a completion request with a batch of prompts
- * has several parts, every other request exactly one. */
-typedef struct gen_part {
-    req_ctx *r;
-    int index;              /* choices[index] */
-    sched_job job;
-    int32_t *prompt;
-    int n_prompt;
-    stop_matcher stop;
-    char *text;             /* generated text so far (after stop handling) */
-    size_t text_len, text_cap;
-    lp_entry *lps;          /* [n_lps] when logprobs were asked */
-    size_t n_lps, cap_lps, lps_sent;
-    bool submitted, done;
-} gen_part;
-
-struct req_ctx {
-    server *s;
-    /* request body */
-    char *body;
-    size_t len, cap;
-    bool too_large;
-    uint64_t owner;
-    double t0;
-    char method[8];
-    char url[256];
-    int status;
-    /* generation */
-    bool gen;               /* jobs were submitted and a streaming response queued */
-    bool stream;
-    enum api_kind kind;
-    api_request req;
-    gen_part *parts;        /* [n_parts] */
-    int n_parts, n_done;
-    sess *sess;             /* pinned until the response is complete (then NULL) */
-    char sess_id[STORE_ID_MAX + 1]; /* its id, for the log after it was released */
-    char id[64];
-    int64_t created;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    bool finished;          /* every part ended and the output is complete */
-    char *out;              /* bytes to send */
-    size_t out_len, out_cap, out_pos;
-    int fd;                 /* the client socket, to notice a hang-up */
-};
-
-static int buf_append(char **buf, size_t *len, size_t *cap, const char *data, size_t n) {
-    if (*len + n + 1 > *cap) {
-        size_t nc = (*cap ? *cap * 2 : 1024);
-        while (nc < *len + n + 1) nc *= 2;
-        char *p = realloc(*buf, nc);
-        if (!p) return KP_ENOMEM;
-        *buf = p;
-        *cap = nc;
-    }
-    memcpy(*buf + *len, data, n);
-    *len += n;
-    (*buf)[*len] = 0;
-    return 0;
-}
-
-static void totals(const req_ctx *r, int *in, int *cached, int *out, double *ttft) {
-    *in = *cached = *out = 0;
-    *ttft = 0;
-    for (int i = 0; i < r->n_parts; i++) {
-        const gen_part *p = &r->parts[i];
-        if (!p->submitted) continue;
-        *in += p->n_prompt;
-        *cached += p->job.n_cached;
-        *out += p->job.n_generated;
-        if (p->job.t_first_token > 0 && (*ttft == 0 || p->job.t_first_token - p->job.t_submit < *ttft))
-            *ttft = p->job.t_first_token - p->job.t_submit;
-    }
-}
-
-static void log_request(req_ctx *r) {
-    if (r->s->o.quiet) return;
-    int in, cached, out;
-    double ttft;
-    totals(r, &in, &cached, &out, &ttft);
-    fprintf(stderr, "kvpark: %s %s %s status=%d session=%s in=%d cached=%d out=%d ttft=%.1fms total=%.1fms\n",
-            r->id[0] ? r->id : "-", r->method, r->url, r->status, r->sess_id[0] ? r->sess_id : "-", in, cached,
-            out, ttft * 1e3, (kp_now() - r->t0) * 1e3);
-}
-
-/* ------------------------------------------------------------------ */
-/* 3. generation                                                       */
-
-static void fill_result(gen_part *p, api_result *res, const char *text, size_t len) {
-    req_ctx *r = p->r;
-    memset(res, 0, sizeof *res);
-    res->id = r->id;
-    res->created = r->created;
-    res->model = r->req.model ? r->req.model : r->s->model_id;
-    res->session_id = r->sess_id[0] ? r->sess_id : NULL;
-    res->text = text;
-    res->text_len = len;
-    res->prompt_tokens = p->n_prompt;
-    res->completion_tokens = p->job.n_generated;
-    res->cached_tokens = p->job.n_cached;
-    res->include_usage = r->req.include_usage;
-    res->finish = p->job.finish == SCHED_LENGTH ? API_FINISH_LENGTH : API_FINISH_STOP;
-}
-
-/* Build api_token_logprob views over lps[from, to). Caller frees *out and *tops. */
-static void lp_views(gen_part *p, size_t from, size_t to, api_token_logprob **out, api_logprob **tops) {
-    size_t n = to - from;
-    *out = calloc(n ? n : 1, sizeof **out);
-    *tops = calloc((n ? n : 1) * API_MAX_TOP_LOGPROBS, sizeof **tops);
-    if (!*out || !*tops) return;
-    for (size_t i = 0; i < n; i++) {
-        lp_entry *e = &p->lps[from + i];
-        api_token_logprob *t = &(*out)[i];
-        t->tok = (api_logprob){e->tok, e->tok_len, e->lp};
-        api_logprob *tp = *tops + i * API_MAX_TOP_LOGPROBS;
-        for (int k = 0; k < e->n_top; k++) tp[k] = (api_logprob){e->top_tok[k], e->top_len[k], e->top_lp[k]};
-        t->top = tp;
-        t->n_top = e->n_top;
-    }
-}
-
-/* Set choices[*].index of a response or chunk to `index` (batches only). */
-static char *with_index(char *json, int index) {
-    if (!json || index == 0) return json;
-    json_t *j = json_loads(json, 0, NULL);
-    json_t *ch = j ? json_object_get(j, "choices") : NULL;
-    for (size_t i = 0; i < json_array_size(ch); i++)
-        json_object_set_new(json_array_get(ch, i), "index", json_integer(index));
-    char *out = j ? json_dumps(j, JSON_COMPACT) : NULL;
-    json_decref(j);
-    if (!out) return json;
-    free(json);
-    return out;
-}
-
-/* Append one SSE event with a chunk of the given kind (caller holds r->mu). */
-static void push_chunk(gen_part *p, enum api_chunk_kind kind, const char *text, size_t len,
-                       bool with_lps) {
-    req_ctx *r = p->r;
-    api_result res;
-    fill_result(p, &res, text, len);
-    if (kind == API_CHUNK_USAGE) { /* usage of the whole request */
-        int in, cached, out;
-        double ttft;
-        totals(r, &in, &cached, &out, &ttft);
-        res.prompt_tokens = in;
-        res.cached_tokens = cached;
-        res.completion_tokens = out;
-    }
-    api_token_logprob *v = NULL;
-    api_logprob *tops = NULL;
-    if (with_lps && r->req.logprobs && p->lps_sent < p->n_lps) {
-        lp_views(p, p->lps_sent, p->n_lps, &v, &tops);
-        if (v && tops) {
-            res.has_logprobs = true;
-            res.logprobs = v;
-            res.n_logprobs = p->n_lps - p->lps_sent;
-            p->lps_sent = p->n_lps;
-        }
-    }
-    char *json = r->kind == API_CHAT ? api_chat_chunk_json(&res, kind) : api_completion_chunk_json(&res, kind);
-    if (kind != API_CHUNK_USAGE) json = with_index(json, p->index);
-    char *ev = json ? api_sse_event(json) : NULL;
-    if (ev) buf_append(&r->out, &r->out_len, &r->out_cap, ev, strlen(ev));
-    free(ev);
-    free(json);
-    free(v);
-    free(tops);
-}
-
-/* Text that passed the stop matcher: keep it, and stream it. */
-static void emit_text(gen_part *p, const char *t, size_t n) {
-    if (n == 0) return;
-    buf_append(&p->text, &p->text_len, &p->text_cap, t, n);
-    if (p->r->stream) push_chunk(p, API_CHUNK_CONTENT, t, n, true);
-}
-
-static void record_logprobs(gen_part *p, int32_t id, const float *logits) {
-    server *s = p->r->s;
-    if (p->n_lps == p->cap_lps) {
-        size_t nc = p->cap_lps ? p->cap_lps * 2 : 64;
-        lp_entry *np = realloc(p->lps, nc * sizeof *np);
-        if (!np) return;
-        p->lps = np;
-        p->cap_lps = nc;
-    }
-    lp_entry *e = &p->lps[p->n_lps++];
-    memset(e, 0, sizeof *e);
-    int32_t top_ids[API_MAX_TOP_LOGPROBS];
-    float top_lp[API_MAX_TOP_LOGPROBS];
-    int n_top = p->r->req.top_logprobs;
-    e->lp = sample_logprobs(logits, model_hp(s->m)->n_vocab, id, n_top, top_ids, top_lp);
-    int len = tok_piece(s->vocab, id, false, e->tok, sizeof e->tok);
-    e->tok_len = len > 0 ? (size_t)KP_MIN(len, (int)sizeof e->tok) : 0;
-    e->n_top = n_top;
-    for (int k = 0; k < n_top; k++) {
-        len = tok_piece(s->vocab, top_ids[k], false, e->top_tok[k], sizeof e->top_tok[k]);
-        e->top_len[k] = len > 0 ? (size_t)KP_MIN(len, (int)sizeof e->top_tok[k]) : 0;
-        e->top_lp[k] = top_lp[k];
-    }
-}
-
-static int on_token(sched_job *job, int32_t id, const float *logits) {
-    gen_part *p = job->ud;
-    req_ctx *r = p->r;
-    char piece[256];
-    int len = tok_piece(r->s->vocab, id, false, piece, sizeof piece);
-    if (len < 0) len = 0;
-    if (len > (int)sizeof piece) len = (int)sizeof piece;
-    pthread_mutex_lock(&r->mu);
-    if (r->req.logprobs) record_logprobs(p, id, logits);
-    const char *emit;
-    size_t emit_len;
-    int stopped = stop_feed(&p->stop, piece, (size_t)len, &emit, &emit_len);
-    emit_text(p, emit, emit_len);
-    pthread_cond_broadcast(&r->cv);
-    pthread_mutex_unlock(&r->mu);
-    return stopped;
-}
-
-/* The whole non-streaming response once every part has ended (r->mu held). */
-static void finish_response(req_ctx *r) {
-    if (r->status >= 500) {
-        api_error e;
-        const char *msg = "generation failed";
-        for (int i = 0; i < r->n_parts; i++)
-            if (r->parts[i].job.finish == SCHED_ERROR && r->parts[i].job.err.msg[0]) msg = r->parts[i].job.err.msg;
-        api_error_server(&e, msg);
-        char *json = api_error_json(&e);
-        if (json) buf_append(&r->out, &r->out_len, &r->out_cap, json, strlen(json));
-        free(json);
-        return;
-    }
-    json_t *all = NULL;
-    for (int i = 0; i < r->n_parts; i++) {
-        gen_part *p = &r->parts[i];
-        api_result res;
-        fill_result(p, &res, p->text ? p->text : "", p->text_len);
-        api_token_logprob *v = NULL;
-        api_logprob *tops = NULL;
-        if (r->req.logprobs) {
-            lp_views(p, 0, p->n_lps, &v, &tops);
-            if (v && tops) {
-                res.has_logprobs = true;
-                res.logprobs = v;
-                res.n_logprobs = p->n_lps;
-            }
-        }
-        if (r->n_parts > 1) { /* usage of the whole request on every choice's draft */
-            int in, cached, out;
-            double ttft;
-            totals(r, &in, &cached, &out, &ttft);
-            res.prompt_tokens = in;
-            res.cached_tokens = cached;
-            res.completion_tokens = out;
-        }
-        char *json = r->kind == API_CHAT ? api_chat_response_json(&res) : api_completion_response_json(&res);
-        free(v);
-        free(tops);
-        json = with_index(json, p->index);
-        if (r->n_parts == 1) {
-            if (json) buf_append(&r->out, &r->out_len, &r->out_cap, json, strlen(json));
-            free(json);
-            return;
-        }
-        json_t *j = json ? json_loads(json, 0, NULL) : NULL;
-        free(json);
-        if (!j) continue;
-        if (!all) all = j;
-        else {
-            json_array_extend(json_object_get(all, "choices"), json_object_get(j, "choices"));
-            json_decref(j);
-        }
-    }
-    char *txt = all ? json_dumps(all, JSON_COMPACT) : NULL;
-    json_decref(all);
-    if (txt) buf_append(&r->out, &r->out_len, &r->out_cap, txt, strlen(txt));
-    free(txt);
-}
-
-static void on_done(sched_job *job) {
-    gen_part *p = job->ud;
-    req_ctx *r = p->r;
-    server *s = r->s;
-    pthread_mutex_lock(&r->mu);
-    const char *emit;
-    size_t emit_len;
-    if (job->finish != SCHED_STOP || !p->stop.stopped) {
-        stop_flush(&p->stop, &emit, &emit_len);
-        emit_text(p, emit, emit_len);
-    }
-    if (job->finish == SCHED_ERROR) r->status = 500;
-    else if (job->finish == SCHED_CANCELED && r->status < 500) r->status = 499;
-    else if (r->stream) push_chunk(p, API_CHUNK_FINISH, "", 0, false);
-    if (job->finish != SCHED_ERROR && job->finish != SCHED_CANCELED) {
-        metrics_add(s->m_prompt_tokens, p->n_prompt, NULL, NULL);
-        metrics_add(s->m_gen_tokens, job->n_generated, NULL, NULL);
-        metrics_add(s->m_cache_hits, job->n_cached, NULL, NULL);
-        if (job->t_first_token > 0) {
-            metrics_observe(s->m_ttft, job->t_first_token - job->t_submit, NULL, NULL);
-            if (job->n_generated > 1)
-                metrics_observe(s->m_tpot, (job->t_done - job->t_first_token) / (job->n_generated - 1),
-                                NULL, NULL);
-        }
-    }
-    p->done = true;
-    if (++r->n_done == r->n_parts) { /* the last part: complete the response */
-        if (r->stream) {
-            if (r->status < 400) {
-                if (r->req.include_usage) push_chunk(p, API_CHUNK_USAGE, "", 0, false);
-                buf_append(&r->out, &r->out_len, &r->out_cap, API_SSE_DONE, strlen(API_SSE_DONE));
-            }
-        } else {
-            finish_response(r);
-        }
-        r->finished = true;
-    }
-    pthread_cond_broadcast(&r->cv);
-    pthread_mutex_unlock(&r->mu);
-}
-
-static void cancel_all(req_ctx *r) {
-    for (int i = 0; i < r->n_parts; i++) atomic_store(&r->parts[i].job.cancel, true);
-}
-
-static bool client_gone(int fd) {
-    if (fd < 0) return false;
-    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
-    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
-}
-
-/* libmicrohttpd pulls the response body from here (on the connection's own
- * thread): wait for bytes, hand them over; notice a client that left. */
-static ssize_t gen_reader(void *cls, uint64_t pos, char *buf, size_t max) {
-    (void)pos;
-    req_ctx *r = cls;
-    pthread_mutex_lock(&r->mu);
-    for (;;) {
-        if (r->out_pos < r->out_len) {
-            size_t n = KP_MIN(max, r->out_len - r->out_pos);
-            memcpy(buf, r->out + r->out_pos, n);
-            r->out_pos += n;
-            pthread_mutex_unlock(&r->mu);
-            return (ssize_t)n;
-        }
-        if (r->finished) {
-            /* Every byte is handed over: unpin the session now, before the
-             * client can see the end of the response, so that its next
-             * request (a DELETE, a save) does not find it "in use". */
-            sess *x = r->sess;
-            r->sess = NULL;
-            pthread_mutex_unlock(&r->mu);
-            if (x) sess_release(r->s->sessions, x, true);
-            return r->status >= 500 && r->stream ? MHD_CONTENT_READER_END_WITH_ERROR
-                                                 : MHD_CONTENT_READER_END_OF_STREAM;
-        }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 100 * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&r->cv, &r->mu, &ts);
-        if (!r->finished && r->out_pos == r->out_len && client_gone(r->fd)) {
-            cancel_all(r);
-            pthread_mutex_unlock(&r->mu);
-            return MHD_CONTENT_READER_END_WITH_ERROR;
-        }
-    }
-}
-
-/* Tokenise prompt i of the request into p->prompt; an api_error on failure. */
-static int tokenize_part(server *s, req_ctx *r, int i, gen_part *p, api_error *e) {
-    kp_err err = {0};
-    size_t n = 0;
-    int rc = 0;
-    char param[32];
-    if (r->kind == API_CHAT) snprintf(param, sizeof param, "messages");
-    else if (r->req.n_prompts > 1) snprintf(param, sizeof param, "prompt[%d]", i);
-    else snprintf(param, sizeof param, "prompt");
-    if (r->kind == API_CHAT) {
-        char *text = NULL;
-        int32_t b = tok_bos(s->vocab), eo = tok_eos(s->vocab);
-        rc = chat_apply(s->tmpl, r->req.msgs, r->req.n_msgs, true, b >= 0 ? tok_text(s->vocab, b) : "",
-                        eo >= 0 ? tok_text(s->vocab, eo) : "", &text, &err);
-        if (!rc) rc = tok_encode(s->vocab, text, strlen(text), true, true, &p->prompt, &n, &err);
-        free(text);
-    } else if (r->req.prompts[i].text) {
-        const char *t = r->req.prompts[i].text;
-        rc = tok_encode(s->vocab, t, strlen(t), true, true, &p->prompt, &n, &err);
-    } else {
-        const api_prompt *ap = &r->req.prompts[i];
-        n = ap->n_ids;
-        p->prompt = malloc(sizeof *p->prompt * (n ? n : 1));
-        if (!p->prompt) return api_error_set(e, 500, "server_error", NULL, NULL, "out of memory");
-        memcpy(p->prompt, ap->ids, sizeof *p->prompt * n);
-        for (size_t k = 0; k < n; k++)
-            if (p->prompt[k] < 0 || p->prompt[k] >= model_hp(s->m)->n_vocab)
-                return api_error_set(e, 400, "invalid_request_error", "invalid_value", param,
-                                     "token id %d in 'prompt' is outside the vocabulary (0..%d)", p->prompt[k],
-                                     model_hp(s->m)->n_vocab - 1);
-    }
-    if (rc)
-        return api_error_set(e, 400, "invalid_request_error", "invalid_value", param, "%s",
-                             err.msg[0] ? err.msg : "cannot tokenise the prompt");
-    if (n == 0) return api_error_set(e, 400, "invalid_request_error", "invalid_value", param, "the prompt is empty");
-    p->n_prompt = (int)n;
-    return 0;
-}
-
-static enum MHD_Result start_generation(server *s, struct MHD_Connection *c, req_ctx *r,
-                                        enum api_kind kind) {
-    api_error e;
-    memset(&e, 0, sizeof e);
-    api_limits lim = {.max_tokens_limit = 0, .max_messages = 0};
-    int rc = kind == API_CHAT ? api_parse_chat(r->body ? r->body : "", r->len, &lim, &r->req, &e)
-                              : api_parse_completion(r->body ? r->body : "", r->len, &lim, &r->req, &e);
-    if (rc) return reply_error(c, &e);
-    r->kind = kind;
-    r->stream = r->req.stream;
-    r->n_parts = kind == API_CHAT ? 1 : (int)r->req.n_prompts;
-    r->parts = calloc((size_t)r->n_parts, sizeof *r->parts);
-    if (!r->parts) {
-        api_error_server(&e, "out of memory");
-        return reply_error(c, &e);
-    }
-
-    /* the prompts and the token budget */
-    int32_t max_tokens = r->req.max_tokens;
-    bool explicit_max = max_tokens > 0;
-    if (!explicit_max) max_tokens = s->o.max_tokens_default > 0 ? s->o.max_tokens_default : s->n_ctx;
-    for (int i = 0; i < r->n_parts; i++) {
-        gen_part *p = &r->parts[i];
-        p->r = r;
-        p->index = i;
-        if (tokenize_part(s, r, i, p, &e)) return reply_error(c, &e);
-        if (p->n_prompt >= s->n_ctx || (explicit_max && p->n_prompt + max_tokens > s->n_ctx)) {
-            api_error_context_overflow(&e, kind, s->n_ctx, p->n_prompt, explicit_max ? max_tokens : 0);
-            return reply_error(c, &e);
-        }
-    }
-
-    /* the session */
-    const char *hsid = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Session-Id");
-    const char *sid = r->req.session_id[0] ? r->req.session_id : hsid;
-    if (r->req.session_id[0] && hsid && *hsid && strcmp(hsid, r->req.session_id) != 0) {
-        api_error_set(&e, 400, "invalid_request_error", "invalid_value", "session_id",
-                      "the X-Session-Id header (%.64s) and the body's session_id (%s) name different "
-                      "sessions", hsid, r->req.session_id);
-        return reply_error(c, &e);
-    }
-    if (sid && *sid && r->n_parts > 1) {
-        api_error_set(&e, 400, "invalid_request_error", "invalid_value", "session_id",
-                      "a session holds one conversation: send one prompt per request on a session");
-        return reply_error(c, &e);
-    }
-    if (sid && *sid) {
-        kp_err err = {0};
-        char from[STORE_TIER_MAX];
-        double ms = 0;
-        rc = sess_acquire(s->sessions, sid, r->owner, s->o.n_keys > 0, &r->sess, from, &ms, &err);
-        if (rc == KP_ENOTFOUND) {
-            api_error_unknown_session(&e, sid);
-            return reply_error(c, &e);
-        }
-        if (rc) {
-            api_error_set(&e, 409, "invalid_request_error", "session_unavailable", "session_id",
-                          "session %s cannot be restored: %s", sid, err.msg);
-            return reply_error(c, &e);
-        }
-        snprintf(r->sess_id, sizeof r->sess_id, "%s", sess_id(r->sess));
-        if (strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
-    }
-
-    uint64_t rnd[2] = {0, 0};
-    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) rnd[0] = (uint64_t)(kp_now() * 1e9);
-    api_make_id(r->id, sizeof r->id, kind == API_CHAT ? "chatcmpl-" : "cmpl-", rnd[0], rnd[1]);
-    r->created = (int64_t)unix_now();
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
-    r->fd = ci ? ci->connect_fd : -1;
-    r->status = 200;
-
-    /* one scheduler job per part */
-    int submitted = 0;
-    kp_err err = {0};
-    for (int i = 0; i < r->n_parts && !rc; i++) {
-        gen_part *p = &r->parts[i];
-        if ((rc = stop_init(&p->stop, (const char *const *)r->req.stop, r->req.n_stop, &err))) break;
-        sched_job *j = &p->job;
-        memset(j, 0, sizeof *j);
-        j->seq = r->sess ? sess_seq(r->sess) : NULL;
-        j->prompt = p->prompt;
-        j->n_prompt = p->n_prompt;
-        j->max_tokens = KP_MIN(max_tokens, s->n_ctx - p->n_prompt);
-        j->ignore_eos = r->req.ignore_eos;
-        j->sampling = r->req.sp;
-        j->on_token = on_token;
-        j->on_done = on_done;
-        j->ud = p;
-        atomic_init(&j->cancel, false);
-        if (r->stream) {
-            pthread_mutex_lock(&r->mu);
-            push_chunk(p, API_CHUNK_ROLE, "", 0, false);
-            pthread_mutex_unlock(&r->mu);
-        }
-        if ((rc = sched_submit(s->sch, j, &err))) break;
-        p->submitted = true;
-        submitted++;
-    }
-    if (rc) {
-        /* take back what was submitted, then answer with the error */
-        pthread_mutex_lock(&r->mu);
-        cancel_all(r);
-        r->n_parts = submitted; /* on_done counts against the submitted parts only */
-        while (r->n_done < submitted) pthread_cond_wait(&r->cv, &r->mu);
-        pthread_mutex_unlock(&r->mu);
-        if (r->sess) {
-            sess_release(s->sessions, r->sess, submitted > 0);
-            r->sess = NULL;
-        }
-        if (rc == KP_EBUSY) {
-            int waiting = 0;
-            sched_stats(s->sch, NULL, &waiting);
-            api_error_queue_full(&e, waiting);
-        } else if (rc == KP_ECANCELED) {
-            api_error_not_ready(&e, "the server is shutting down");
-        } else {
-            api_error_set(&e, 400, "invalid_request_error", "invalid_value", NULL, "%s", err.msg);
-        }
-        return reply_error(c, &e);
-    }
-    r->gen = true;
-    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, gen_reader, r, NULL);
-    if (!resp) return MHD_NO;
-    MHD_add_response_header(resp, "Content-Type", r->stream ? "text/event-stream" : "application/json");
-    if (r->stream) MHD_add_response_header(resp, "Cache-Control", "no-cache");
-    if (r->sess) MHD_add_response_header(resp, "X-Session-Id", sess_id(r->sess));
-    enum MHD_Result ok = MHD_queue_response(c, 200, resp);
-    MHD_destroy_response(resp);
-    return ok;
-}
-
-/* ------------------------------------------------------------------ */
 /* 4. sessions API                                                     */
 
 static json_t *session_json(const sess_info *x) {
@@ -718,7 +134,7 @@ static enum MHD_Result reply_jansson(struct MHD_Connection *c, int status, json_
     if (!txt) {
         api_error e;
         api_error_server(&e, "out of memory");
-        return reply_error(c, &e);
+        return http_reply_error(c, &e);
     }
     return reply_json(c, status, txt, sid);
 }
@@ -738,7 +154,7 @@ static enum MHD_Result reply_sess_error(struct MHD_Connection *c, int rc, const 
     else
         api_error_set(&e, 500, "server_error", "session_failed", NULL, "session %s cannot be %s: %s", id, what,
                       err->msg[0] ? err->msg : "the server is shutting down");
-    return reply_error(c, &e);
+    return http_reply_error(c, &e);
 }
 
 static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_ctx *r, const char *url,
@@ -753,11 +169,11 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
             int rc = sess_create(s->sessions, r->owner, &info, &err);
             if (rc == KP_EBUSY) {
                 api_error_set(&e, 429, "rate_limit_error", "too_many_sessions", NULL, "%s", err.msg);
-                return reply_error(c, &e);
+                return http_reply_error(c, &e);
             }
             if (rc) {
                 api_error_server(&e, err.msg[0] ? err.msg : "cannot create a session");
-                return reply_error(c, &e);
+                return http_reply_error(c, &e);
             }
             return reply_jansson(c, 200, session_json(&info), info.id);
         }
@@ -766,7 +182,7 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
             size_t n = 0;
             if (sess_list(s->sessions, r->owner, check, &v, &n)) {
                 api_error_server(&e, "out of memory");
-                return reply_error(c, &e);
+                return http_reply_error(c, &e);
             }
             json_t *arr = json_array();
             for (size_t i = 0; i < n; i++) json_array_append_new(arr, session_json(&v[i]));
@@ -774,7 +190,7 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
             return reply_jansson(c, 200, json_pack("{s:s, s:o}", "object", "list", "data", arr), NULL);
         }
         api_error_unknown_route(&e, method, url);
-        return reply_error(c, &e);
+        return http_reply_error(c, &e);
     }
     /* /v1/sessions/{id}[/save|/restore] */
     char id[STORE_ID_MAX + 2] = {0};
@@ -783,13 +199,13 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
     const char *action = slash ? slash + 1 : "";
     if (idlen == 0 || idlen > STORE_ID_MAX) {
         api_error_unknown_route(&e, method, url);
-        return reply_error(c, &e);
+        return http_reply_error(c, &e);
     }
     memcpy(id, p, idlen);
     sess_info info;
     if (!store_id_valid(id) || sess_get(s->sessions, id, r->owner, check, &info)) {
         api_error_unknown_session(&e, id);
-        return reply_error(c, &e);
+        return http_reply_error(c, &e);
     }
     if (!*action && !strcmp(method, "GET")) return reply_jansson(c, 200, session_json(&info), id);
     if (!*action && !strcmp(method, "DELETE")) {
@@ -822,7 +238,7 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
                              id);
     }
     api_error_unknown_route(&e, method, url);
-    return reply_error(c, &e);
+    return http_reply_error(c, &e);
 }
 
 /* ------------------------------------------------------------------ */
@@ -837,17 +253,17 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
             const char *k = bearer(c);
             if (!k || !ct_equal(k, s->o.metrics_key)) {
                 api_error_bad_key(&e);
-                return reply_error(c, &e);
+                return http_reply_error(c, &e);
             }
         }
         if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
             api_error_unknown_route(&e, method, url);
-            return reply_error(c, &e);
+            return http_reply_error(c, &e);
         }
         if (!strcmp(url, "/health")) {
             if (!atomic_load(&s->ready)) {
                 api_error_not_ready(&e, "the model is loading");
-                return reply_error(c, &e);
+                return http_reply_error(c, &e);
             }
             const char *ok = "{\"status\":\"ok\"}";
             return reply_raw(c, 200, "application/json", ok, strlen(ok), NULL);
@@ -860,22 +276,22 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
     }
     if (!atomic_load(&s->ready)) {
         api_error_not_ready(&e, "the model is loading");
-        return reply_error(c, &e);
+        return http_reply_error(c, &e);
     }
     if (r->owner == 1) {
         api_error_bad_key(&e);
-        return reply_error(c, &e);
+        return http_reply_error(c, &e);
     }
     if (!strcmp(url, "/v1/chat/completions") && !strcmp(method, "POST"))
-        return start_generation(s, c, r, API_CHAT);
+        return http_gen_start(s, c, r, API_CHAT);
     if (!strcmp(url, "/v1/completions") && !strcmp(method, "POST"))
-        return start_generation(s, c, r, API_COMPLETION);
+        return http_gen_start(s, c, r, API_COMPLETION);
     if (!strcmp(url, "/v1/models") && !strcmp(method, "GET"))
         return reply_json(c, 200, api_models_json(s->model_id, s->created), NULL);
     if (!strncmp(url, "/v1/sessions", 12) && (url[12] == 0 || url[12] == '/'))
         return handle_sessions(s, c, r, url, method);
     api_error_unknown_route(&e, method, url);
-    return reply_error(c, &e);
+    return http_reply_error(c, &e);
 }
 
 static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *url, const char *method,
@@ -888,9 +304,6 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
         if (!r) return MHD_NO;
         r->s = s;
         r->t0 = kp_now();
-        r->fd = -1;
-        pthread_mutex_init(&r->mu, NULL);
-        pthread_cond_init(&r->cv, NULL);
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->url, sizeof r->url, "%s", url);
         r->owner = check_key(s, c);
@@ -915,7 +328,7 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
     if (r->too_large) {
         api_error_body_too_large(&e, s->o.max_body);
         r->status = 413;
-        res = reply_error(c, &e);
+        res = http_reply_error(c, &e);
     } else {
         tls_status = 0;
         res = route(s, c, r, url, method);
@@ -930,36 +343,13 @@ static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum 
     server *s = cls;
     req_ctx *r = *con_cls;
     if (!r) return;
-    if (r->gen) {
-        pthread_mutex_lock(&r->mu);
-        if (!r->finished) {
-            cancel_all(r);
-            while (!r->finished) pthread_cond_wait(&r->cv, &r->mu);
-        }
-        pthread_mutex_unlock(&r->mu);
-        if (toe != MHD_REQUEST_TERMINATED_COMPLETED_OK && r->status == 200) r->status = 499;
-        if (r->sess) sess_release(s->sessions, r->sess, true);
-        metrics_observe(s->m_duration, kp_now() - r->t0, NULL, NULL);
-    }
+    http_gen_end(r, toe == MHD_REQUEST_TERMINATED_COMPLETED_OK);
     char st[8];
     snprintf(st, sizeof st, "%d", r->status ? r->status : (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 200 : 499));
     metrics_inc(s->m_requests, endpoint_label(r->url), st);
-    if (strcmp(r->url, "/health") != 0 && strcmp(r->url, "/metrics") != 0) log_request(r);
-    if (r->parts) {
-        int n = r->req.n_prompts > 0 ? (int)r->req.n_prompts : 1; /* every allocated part */
-        for (int i = 0; i < n; i++) {
-            stop_free(&r->parts[i].stop);
-            free(r->parts[i].prompt);
-            free(r->parts[i].text);
-            free(r->parts[i].lps);
-        }
-        free(r->parts);
-    }
-    api_request_free(&r->req);
+    if (strcmp(r->url, "/health") != 0 && strcmp(r->url, "/metrics") != 0) http_gen_log_request(r);
+    http_gen_free(r);
     free(r->body);
-    free(r->out);
-    pthread_mutex_destroy(&r->mu);
-    pthread_cond_destroy(&r->cv);
     free(r);
     *con_cls = NULL;
 }

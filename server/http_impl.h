@@ -1,0 +1,130 @@
+/*
+ * http_impl.h — what the two halves of `kvpark serve` share: the server
+ * state, one request's transport state, the reply and buffer helpers
+ * (http.c), and the generation entry points (http_gen.c). Internal to
+ * server/http*.c; the contract is http.h.
+ *
+ * The seam: http.c (libmicrohttpd daemon, connections, auth, body limits,
+ * routes, errors) knows a generation only as the opaque gen_req behind
+ * req_ctx.g and the four http_gen_* calls below; http_gen.c builds the
+ * scheduler jobs, streams the tokens and accounts for them.
+ *
+ * Threads: a req_ctx belongs to its connection's thread; its gen_req is also
+ * written by the scheduler thread (on_token / on_done), under gen_req's
+ * mutex. server is written only before `ready` is set and read after.
+ */
+#ifndef KP_HTTP_IMPL_H
+#define KP_HTTP_IMPL_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <time.h>
+
+#include <microhttpd.h>
+
+#include "engine/chat.h"
+#include "engine/model.h"
+#include "engine/scheduler.h"
+#include "engine/tok.h"
+#include "server/api.h"
+#include "server/http.h"
+#include "server/metrics.h"
+#include "server/sessions.h"
+
+/* ------------------------------------------------------------------ */
+/* 1. state                                                            */
+
+typedef struct server {
+    http_opts o;
+    model *m;
+    sched *sch;
+    sess_table *sessions;
+    const tok_vocab *vocab;
+    enum chat_template tmpl;
+    char model_id[256];
+    char codec_name[256];
+    int n_ctx;
+    int64_t created;
+    atomic_bool ready;
+    uint64_t key_hash[HTTP_MAX_KEYS];
+
+    metrics_registry *reg;
+    metrics_family *m_requests, *m_ttft, *m_tpot, *m_duration, *m_prompt_tokens, *m_gen_tokens,
+        *m_cache_hits, *m_restore, *m_parks, *m_session_events;
+} server;
+
+/* ------------------------------------------------------------------ */
+/* per-request state                                                   */
+
+typedef struct gen_req gen_req; /* a generation's state, in http_gen.c */
+
+/* One request, from its headers to its end (one connection thread). */
+typedef struct req_ctx {
+    server *s;
+    /* request body */
+    char *body;
+    size_t len, cap;
+    bool too_large;
+    uint64_t owner;         /* check_key(): 0 no auth, 1 refused, else the key's hash */
+    double t0;
+    char method[8];
+    char url[256];
+    int status;
+    /* generation (http_gen.c) */
+    bool gen;               /* jobs were submitted and a streaming response queued */
+    gen_req *g;             /* its state, from http_gen_start to http_gen_free (else NULL) */
+} req_ctx;
+
+/* ------------------------------------------------------------------ */
+/* helpers                                                             */
+
+static inline double unix_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline int buf_append(char **buf, size_t *len, size_t *cap, const char *data, size_t n) {
+    if (*len + n + 1 > *cap) {
+        size_t nc = (*cap ? *cap * 2 : 1024);
+        while (nc < *len + n + 1) nc *= 2;
+        char *p = realloc(*buf, nc);
+        if (!p) return KP_ENOMEM;
+        *buf = p;
+        *cap = nc;
+    }
+    memcpy(*buf + *len, data, n);
+    *len += n;
+    (*buf)[*len] = 0;
+    return 0;
+}
+
+/* Queue `e` as an OpenAI error body with its HTTP status (http.c). */
+enum MHD_Result http_reply_error(struct MHD_Connection *c, const api_error *e);
+
+/* ------------------------------------------------------------------ */
+/* generation (http_gen.c)                                             */
+
+/* POST /v1/chat/completions and /v1/completions: parse the body, tokenise,
+ * take the session, submit one scheduler job per prompt and queue the
+ * response, streamed from the jobs' output (SSE or one JSON body); or queue
+ * an error answer. Sets r->gen once the jobs run and r->g as soon as any
+ * generation state exists. */
+enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, enum api_kind kind);
+/* The request ended (completed_ok: the response was sent whole): cancel and
+ * wait for its jobs if still running, settle r->status (499 for a client
+ * that left), release the session, observe the duration. No-op unless
+ * r->gen. */
+void http_gen_end(req_ctx *r, bool completed_ok);
+/* The per-request log line on stderr (unless quiet), with the generation's
+ * token counts when there was one. */
+void http_gen_log_request(req_ctx *r);
+/* Free r->g (NULL is fine); the jobs must have ended (http_gen_end). */
+void http_gen_free(req_ctx *r);
+
+#endif
