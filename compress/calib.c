@@ -72,6 +72,7 @@
 #include "compress/calib.h"
 #include "compress/codecfile.h"
 #include "compress/codec.h"
+#include "compress/layout.h"
 #include "compress/quality.h"
 
 #define CALIB_RIDGE 1e-3
@@ -80,9 +81,9 @@ calib_opts calib_default_opts(void) {
     calib_opts o = {.n_ctx = 256,
                     .max_tokens = 131072,
                     .bits = 2.0,
-                    .chunk = 64,
-                    .sink = 4,
-                    .window = 64,
+                    .chunk = LAYOUT_DEFAULT_CHUNK,
+                    .sink = LAYOUT_DEFAULT_SINK,
+                    .window = LAYOUT_DEFAULT_WINDOW,
                     .kind = CODEC_LEARNED,
                     .k_weight = 4.0,
                     .ranges = 1,

@@ -34,9 +34,10 @@ typedef struct calib_opts {
     int64_t max_tokens;   /* calibration tokens used at most (default 131072) */
     double bits;          /* target average bits per KV value in coded chunks (default 2.0);
                              --ratio R sets bits = 16 / R (before overheads) */
-    int chunk;            /* tokens per chunk (default 64) */
-    int sink;             /* first S tokens kept lossless (default 4) */
-    int window;           /* last W tokens kept lossless (default 64) */
+    /* the parking layout the codec is fitted for (compress/layout.h; written into the codec file) */
+    int chunk;            /* tokens per chunk (default LAYOUT_DEFAULT_CHUNK) */
+    int sink;             /* first S tokens kept lossless (default LAYOUT_DEFAULT_SINK) */
+    int window;           /* last W tokens kept lossless (default LAYOUT_DEFAULT_WINDOW) */
     int kind;             /* CODEC_LEARNED (weighted, pre-RoPE keys) or CODEC_PCA (post-RoPE, plain) */
     double k_weight;      /* learned: bit-allocation weight of the keys' relative error against
                              the values' when sensitivity is not measured (sens 0, or no held-out

@@ -23,20 +23,9 @@
  *      both runs (PPL, PPL_ref), top-1 agreement of the two argmaxes, and
  *      KL(p_ref || p_codec), everything in double from log-softmax.
  *
- * Parking layout (quality_park_layout, quality.h; the session store uses the
- * same one), for a cache of n rows, sink S, window W, chunk C:
- *
- *     rows  0 ... S-1 | S ... S+C-1 | S+C ... S+2C-1 | ... E-1 | E ... n-1
- *           lossless  |  coded      |  coded         | coded   | lossless
- *           (sink)    |  C rows     |  C rows        | <= C    | (window)
- *
- *   E = max(S, n - W). Coded chunks are aligned at S + k*C, so the sink does
- *   not drag a whole chunk into lossless storage; the last coded chunk is
- *   partial when n - W cuts it (codecs take any 1..65535 rows). When
- *   n < S + W nothing is coded. Lossless runs longer than C are cut into
- *   pieces of at most C rows (one header each), so buffers for C rows do.
- *   Example: n 128, S 4, W 0, C 64 -> [0,4) lossless, [4,68) coded,
- *   [68,128) coded (60 rows).
+ * Parking layout: compress/layout.h (the session store uses the same one):
+ * the first S rows and the last W rows lossless, the rows between coded in
+ * chunks of C rows aligned at S + k*C.
  *
  * Size accounting, per park, for every layer and K/V, span by span:
  *   - coded spans go through the codec under test; lossless spans through
@@ -75,7 +64,8 @@
 #define QUALITY_HDR_BYTES 16 /* codec.c's chunk header */
 
 quality_opts quality_default_opts(void) {
-    quality_opts o = {.n_ctx = 256, .park_every = 64, .chunk = 64, .sink = 4, .window = 64,
+    quality_opts o = {.n_ctx = 256, .park_every = 64, .chunk = LAYOUT_DEFAULT_CHUNK,
+                      .sink = LAYOUT_DEFAULT_SINK, .window = LAYOUT_DEFAULT_WINDOW,
                       .max_chunks = 0, .kv_type = KP_TYPE_F32};
     return o;
 }
@@ -90,29 +80,6 @@ codec_shape quality_codec_shape(model *m) {
 }
 
 /* ---- parking ------------------------------------------------------------ */
-
-/* Append the pieces of [a, b), at most `chunk` rows each, cut at base + k*chunk. */
-static int quality_add_spans(int a, int b, int base, int chunk, int coded, quality_span *spans,
-                             int max, int k) {
-    while (a < b) {
-        long long next = base + ((long long)(a - base) / chunk + 1) * chunk; /* boundary after a */
-        int end = next < b ? (int)next : b;
-        if (k < max) spans[k] = (quality_span){.start = a, .n = end - a, .coded = coded};
-        k++;
-        a = end;
-    }
-    return k;
-}
-
-int quality_park_layout(int n_pos, int sink, int window, int chunk, quality_span *spans, int max) {
-    if (n_pos < 0 || sink < 0 || window < 0 || chunk < 1 || chunk > 65535) return KP_EINVAL;
-    if (!spans || max < 0) max = 0;
-    int s = KP_MIN(sink, n_pos);
-    int e = n_pos - window > s ? n_pos - window : s; /* no overflow: both >= 0 */
-    int k = quality_add_spans(0, s, 0, chunk, 0, spans, max, 0);
-    k = quality_add_spans(s, e, s, chunk, 1, spans, max, k);
-    return quality_add_spans(e, n_pos, e, chunk, 0, spans, max, k);
-}
 
 /* Buffers and running totals of the parked run. */
 typedef struct quality_park {
@@ -130,7 +97,8 @@ typedef struct quality_park {
     double token_layers;   /* n_pos * n_layer, all parks */
     double coded_fp16;     /* fp16 bytes that went through the codec */
     double enc_s, dec_s;   /* seconds in codec_encode / codec_decode */
-    quality_span *spans;   /* [max_spans]: the layout of one park */
+    layout lay;            /* o's sink, window, chunk */
+    layout_span *spans;    /* [max_spans]: the spans of one park */
     int max_spans;
 } quality_park;
 
@@ -150,7 +118,7 @@ static size_t quality_stored_bytes(quality_park *p, const uint8_t *enc, size_t l
     return QUALITY_HDR_BYTES + (size_t)kept;
 }
 
-/* Park and resume the cache: every span (quality_park_layout) of every
+/* Park and resume the cache: every span (layout_spans) of every
  * layer's K and V is encoded and counted; coded spans are decoded back in
  * place. */
 static int quality_park_kv(quality_park *p, kv_cache *kv, kp_err *err) {
@@ -159,7 +127,7 @@ static int quality_park_kv(quality_park *p, kv_cache *kv, kp_err *err) {
     const int n = kv->n_pos;
     const size_t rb = kv->row_bytes;
     const double row_fp16 = (double)kv->n_kv_heads * kv->head_dim * 2;
-    int ns = quality_park_layout(n, o->sink, o->window, o->chunk, p->spans, p->max_spans);
+    int ns = layout_spans(&p->lay, n, p->spans, p->max_spans);
     if (ns < 0 || ns > p->max_spans)
         return kp_errf(err, KP_EINVAL, "quality: no parking layout for %d rows (chunk %d)", n,
                        o->chunk);
@@ -170,7 +138,7 @@ static int quality_park_kv(quality_park *p, kv_cache *kv, kp_err *err) {
             if ((rc = ops->download(kv->be, p->host, dev, (size_t)n * rb)))
                 return kp_errf(err, rc, "quality: cannot read the KV cache of layer %d", l);
             for (int i = 0; i < ns; i++) {
-                const quality_span *sp = &p->spans[i];
+                const layout_span *sp = &p->spans[i];
                 codec_chunk ch = {.layer = l, .is_v = is_v, .pos0 = sp->start, .n = sp->n,
                                   .kv_type = kv->kv_type};
                 uint8_t *rows = p->host + (size_t)sp->start * rb;
@@ -237,7 +205,8 @@ int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_toke
                        "longer file or a smaller -c", (long long)n_tokens, n_ctx);
 
     codec_shape shape = quality_codec_shape(m);
-    quality_park p = {.c = c, .o = &o};
+    quality_park p = {.c = c, .o = &o,
+                      .lay = {.sink = o.sink, .window = o.window, .chunk = o.chunk}};
     codec *none = NULL;
     kv_cache *kv = NULL;
     int32_t *win = malloc(sizeof *win * (size_t)n_ctx);
@@ -257,7 +226,7 @@ int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_toke
     p.enc = malloc(p.enc_cap);
     p.lz = malloc((size_t)p.lz_cap);
     p.host = malloc((size_t)n_ctx * kv->row_bytes);
-    p.max_spans = n_ctx / o.chunk + 3;
+    p.max_spans = layout_max_spans(&p.lay, n_ctx);
     p.spans = malloc(sizeof *p.spans * (size_t)p.max_spans);
     if (!p.enc || !p.lz || !p.host || !p.spans) {
         rc = kp_errf(err, KP_ENOMEM, "quality: out of memory for chunk buffers");

@@ -6,9 +6,10 @@
  *
  * Method: the text is cut into windows of n_ctx tokens as llama-perplexity
  * does (eval.h). Each window is fed park_every tokens at a time; after each
- * step the whole cache so far is parked and resumed, cut into spans by
- * quality_park_layout(): the first `sink` rows and the last `window` rows
- * lossless, the rows between coded in chunks of `chunk` rows. The logits of the second half of each window are
+ * step the whole cache so far is parked and resumed, cut into spans by the
+ * parking layout (compress/layout.h): the first `sink` rows and the last
+ * `window` rows lossless, the rows between coded in chunks of `chunk` rows.
+ * The logits of the second half of each window are
  * compared with the uncompressed run's: PPL, top-1 agreement, mean
  * KL(p_ref || p_codec). Size = fp16 bytes of the parked KV / stored bytes
  * (chunk headers, scales, lossless sink and window tokens, after LZ4).
@@ -19,14 +20,15 @@
 #include <stdint.h>
 
 #include "compress/codec.h"
+#include "compress/layout.h"
 #include "engine/model.h"
 
 typedef struct quality_opts {
     int n_ctx;        /* default 256 */
     int park_every;   /* default 64 */
-    int chunk;        /* default 64 */
-    int sink;         /* default 4 */
-    int window;       /* default 64 */
+    int chunk;        /* the parking layout's (layout.h): default LAYOUT_DEFAULT_CHUNK */
+    int sink;         /* default LAYOUT_DEFAULT_SINK */
+    int window;       /* default LAYOUT_DEFAULT_WINDOW */
     int max_chunks;   /* windows evaluated at most (0 = all) */
     int kv_type;      /* default F32 */
 } quality_opts;
@@ -47,26 +49,6 @@ typedef struct quality_result {
     double bits_headers;      /* 16-byte chunk headers (kept raw) */
     double bits_lz4_saved;    /* what LZ4 took off the payloads (not in the sum) */
 } quality_result;
-
-/* One span of a parked cache: rows [start, start + n), coded (1) through the
- * codec or stored lossless (0, codec "none", at the cache's element type). */
-typedef struct quality_span {
-    int start, n, coded;
-} quality_span;
-
-/* The parking layout of a cache of n_pos rows, shared with the session store:
- *   [0, S)            lossless (S = min(sink, n_pos)), cut into pieces of at
- *                     most `chunk` rows starting at 0 (one piece when sink <= chunk);
- *   [S, E)            coded, E = max(S, n_pos - window): chunks aligned at
- *                     S + k*chunk, the last one partial (< chunk rows) when E
- *                     cuts it;
- *   [E, n_pos)        lossless (the recent window), pieces of at most `chunk`
- *                     rows starting at E.
- * Spans come in row order, cover [0, n_pos) exactly, each with 1..chunk rows;
- * there are at most n_pos / chunk + 3 of them. Writes the first min(total,
- * max) spans (spans may be NULL when max is 0) and returns the total, or
- * KP_EINVAL for n_pos < 0, sink < 0, window < 0 or chunk outside 1..65535. */
-int quality_park_layout(int n_pos, int sink, int window, int chunk, quality_span *spans, int max);
 
 quality_opts quality_default_opts(void);
 int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_tokens,

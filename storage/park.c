@@ -4,8 +4,8 @@
  *
  * Why this shape: the store (cas.h) only knows opaque objects under 128-bit
  * keys; the codec (codec.h) only knows chunks of one layer's K or V. Parking
- * cuts the cache into spans (quality_park_layout, the same layout the quality
- * evaluation measures), turns each span into one self-checking object holding
+ * cuts the cache into spans (layout_spans, compress/layout.h: the same layout
+ * calibration fits for and the quality evaluation measures), turns each span into one self-checking object holding
  * every layer's K and V for that token range, and names it by what produced
  * it, so two sessions that share a prefix share the objects of that prefix.
  *
@@ -71,7 +71,7 @@
  *   ..  XXH64 of every byte before it         u64 (seed 0)
  * total = 136 + 4 n_tokens + 32 n_spans. The reader checks the length, the
  * checksum, every field's range, and that the spans are exactly
- * quality_park_layout(n_tokens, sink, window, chunk).
+ * layout_spans({sink, window, chunk}, n_tokens).
  *
  * ---- Restore ----------------------------------------------------------------
  * Phase 1 fetches every span's object and verifies it completely (header,
@@ -100,8 +100,6 @@
 #include <sys/stat.h>
 #include <xxhash.h>
 
-#include "compress/quality.h"
-
 #define PARK_KEY_TAG "KVPKSPK1"
 #define PARK_KEY_HDR 100
 #define PARK_OBJ_MAGIC "KVPKSPN1"
@@ -116,31 +114,21 @@
 #define PARK_MAX_LAYERS 4096
 #define PARK_CODEC_HDR 16 /* codec.c's chunk header */
 
-park_layout park_default_layout(void) {
-    park_layout l = {.sink = 4, .window = 64, .chunk = 64};
-    return l;
-}
+park_layout park_default_layout(void) { return layout_default(); }
 
 static bool park_type_ok(int t) {
     return t == KP_TYPE_F32 || t == KP_TYPE_F16 || t == KP_TYPE_BF16;
 }
 
 /* The spans of n rows under lay, malloc'd into *out (NULL when there are none). */
-static int park_spans_of(int n, const park_layout *lay, quality_span **out, int *n_out,
+static int park_spans_of(int n, const park_layout *lay, layout_span **out, int *n_out,
                          kp_err *err) {
     *out = NULL;
     *n_out = 0;
-    int ns = quality_park_layout(n, lay->sink, lay->window, lay->chunk, NULL, 0);
-    if (ns < 0)
+    if (n < 0 || layout_check(lay, NULL))
         return kp_errf(err, KP_EINVAL, "park: bad layout (sink %d, window %d, chunk %d) for %d "
                        "tokens", lay->sink, lay->window, lay->chunk, n);
-    if (ns == 0) return 0;
-    quality_span *sp = malloc((size_t)ns * sizeof *sp);
-    if (!sp) return kp_errf(err, KP_ENOMEM, "park: out of memory (%d spans)", ns);
-    quality_park_layout(n, lay->sink, lay->window, lay->chunk, sp, ns);
-    *out = sp;
-    *n_out = ns;
-    return 0;
+    return layout_spans_alloc(lay, n, out, n_out, err);
 }
 
 /* ---- content keys --------------------------------------------------------- */
@@ -370,7 +358,7 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
         return kp_errf(err, KP_EINVAL, "park: codec name '%.40s...' is longer than %zu bytes",
                        given, sizeof out->codec - 1);
 
-    quality_span *qs = NULL;
+    layout_span *qs = NULL;
     int ns = 0;
     int rc = park_spans_of(n_tokens, lay, &qs, &ns, err);
     if (rc) return rc;
@@ -398,19 +386,18 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
     if ((rc = park_bufs_init(&b, c, none, kv, max_rows, true, err))) goto fail;
 
     for (int i = 0; i < ns; i++) {
-        park_span *sp = &spans[i];
-        sp->start = qs[i].start;
-        sp->n = qs[i].n;
-        sp->coded = qs[i].coded != 0;
-        sp->key = park_key(&kr, sp->start, sp->n, sp->coded);
+        park_span *ps = &spans[i];
+        const layout_span *sp = &ps->span;
+        ps->span = qs[i];
+        ps->key = park_key(&kr, sp->start, sp->n, sp->coded);
         /* Already stored (a shared prefix)? Take the reference first so a
          * concurrent collect cannot free it, then read it back: that gives
          * its size and proves it intact (a corrupt copy is quarantined by
          * cas_get and we store a fresh one). */
-        if (cas_ref(store, sp->key) == 0) {
+        if (cas_ref(store, ps->key) == 0) {
             void *data = NULL;
             size_t len = 0;
-            if (cas_get(store, sp->key, &data, &len, NULL) == 0 && len <= UINT32_MAX) {
+            if (cas_get(store, ps->key, &data, &len, NULL) == 0 && len <= UINT32_MAX) {
                 /* A copy that is intact for the store but not a valid span
                  * object (garbage put under the key) cannot be replaced
                  * (objects are immutable): refuse rather than reference it. */
@@ -418,16 +405,16 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
                                     sp->coded ? c : none, offs, i, err);
                 free(data);
                 if (rc) {
-                    cas_unref(store, sp->key);
+                    cas_unref(store, ps->key);
                     goto fail;
                 }
-                sp->bytes = (uint32_t)len;
+                ps->bytes = (uint32_t)len;
                 n_ref++;
                 if (st) st->spans_reused++, st->bytes_total += len;
                 continue;
             }
             free(data);
-            cas_unref(store, sp->key); /* may be gone already (quarantined) */
+            cas_unref(store, ps->key); /* may be gone already (quarantined) */
         }
         size_t len = 0;
         rc = park_obj_build(&b, sp->coded ? c : none, kv, sp->start, sp->n, sp->coded, &len, err);
@@ -439,8 +426,8 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
         /* put + ref; retried if a collect raced in between (the object was new
          * and unreferenced for a moment). */
         for (int tries = 0;; tries++) {
-            if ((rc = cas_put(store, sp->key, b.obj, len, durable, err))) goto fail_span;
-            if (cas_ref(store, sp->key) == 0) break;
+            if ((rc = cas_put(store, ps->key, b.obj, len, durable, err))) goto fail_span;
+            if (cas_ref(store, ps->key) == 0) break;
             if (tries == 3) {
                 rc = kp_errf(err, KP_EBUSY, "park: span %d vanished from the store right after "
                              "being stored", i);
@@ -448,7 +435,7 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
             }
         }
         n_ref++;
-        sp->bytes = (uint32_t)len;
+        ps->bytes = (uint32_t)len;
         if (st) st->bytes_new += len, st->bytes_total += len;
         continue;
     fail_span: {
@@ -542,7 +529,7 @@ int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_ca
     if (kv->n_layer < 1 || kv->n_layer > PARK_MAX_LAYERS)
         return kp_errf(err, KP_EINVAL, "park: restore: %d layers", kv->n_layer);
 
-    quality_span *qs = NULL;
+    layout_span *qs = NULL;
     int ns = 0;
     int rc = park_spans_of(m->n_tokens, &m->layout, &qs, &ns, err);
     if (rc) return rc;
@@ -552,8 +539,8 @@ int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_ca
                        m->n_spans, ns);
     }
     for (int i = 0; i < ns; i++)
-        if (m->spans[i].start != qs[i].start || m->spans[i].n != qs[i].n ||
-            m->spans[i].coded != (qs[i].coded != 0)) {
+        if (m->spans[i].span.start != qs[i].start || m->spans[i].span.n != qs[i].n ||
+            m->spans[i].span.coded != (qs[i].coded != 0)) {
             free(qs);
             return kp_errf(err, KP_EFORMAT, "park: manifest span %d does not follow its layout", i);
         }
@@ -587,9 +574,10 @@ int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_ca
                               kv->head_dim, &m->layout, m->tokens, m->n_tokens, err)))
         goto fail;
     for (int i = 0; i < ns; i++) {
-        const park_span *sp = &m->spans[i];
+        const park_span *ps = &m->spans[i];
+        const layout_span *sp = &ps->span;
         cas_key k = park_key(&kr, sp->start, sp->n, sp->coded);
-        if (k.hi != sp->key.hi || k.lo != sp->key.lo) {
+        if (k.hi != ps->key.hi || k.lo != ps->key.lo) {
             rc = kp_errf(err, KP_EMISMATCH, "park: span %d (tokens %d..%d) was not parked with "
                          "codec '%s' for this KV shape (session codec '%s')", i, sp->start,
                          sp->start + sp->n - 1, codec_name(c), m->codec);
@@ -600,19 +588,20 @@ int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_ca
     kr.buf = NULL;
     if ((rc = codec_open(&r->none, "none", &shape, err))) goto fail;
     int max_rows = 1;
-    for (int i = 0; i < ns; i++) max_rows = KP_MAX(max_rows, m->spans[i].n);
+    for (int i = 0; i < ns; i++) max_rows = KP_MAX(max_rows, m->spans[i].span.n);
     if ((rc = park_bufs_init(&r->b, c, r->none, kv, max_rows, false, err))) goto fail;
 
     /* Phase 1: fetch and verify everything. */
     for (int i = 0; i < ns; i++) {
-        const park_span *sp = &m->spans[i];
+        const park_span *ps = &m->spans[i];
+        const layout_span *sp = &ps->span;
         void *data = NULL;
         size_t len = 0;
         kp_err e2 = {0};
-        rc = cas_get(store, sp->key, &data, &len, &e2);
+        rc = cas_get(store, ps->key, &data, &len, &e2);
         if (rc) {
             char hex[33];
-            cas_key_hex(sp->key, hex);
+            cas_key_hex(ps->key, hex);
             rc = kp_errf(err, rc, "park: span %d (tokens %d..%d, object %s) cannot be read: %s",
                          i, sp->start, sp->start + sp->n - 1, hex, e2.msg);
             goto fail;
@@ -643,7 +632,8 @@ int park_restore_layer(park_restorer *r, int l, kp_err *err) {
     const kp_ops *ops = kp_backend_ops(kv->be);
     int rc = 0;
     for (int i = 0; i < r->ns; i++) {
-        const park_span *sp = &r->spans[i];
+        const park_span *ps = &r->spans[i];
+        const layout_span *sp = &ps->span;
         const codec *cc = sp->coded ? r->c : r->none;
         for (int is_v = 0; is_v < 2; is_v++) {
             size_t e = 2u * (size_t)l + (size_t)is_v;
@@ -792,9 +782,9 @@ int park_manifest_write(const park_manifest *m, uint8_t **out, size_t *len, kp_e
     for (int i = 0; i < m->n_tokens; i++, p += 4) kp_put_u32(p, (uint32_t)m->tokens[i]);
     for (int i = 0; i < m->n_spans; i++, p += PARK_MAN_SPAN) {
         const park_span *s = &m->spans[i];
-        kp_put_u32(p, (uint32_t)s->start);
-        kp_put_u32(p + 4, (uint32_t)s->n);
-        kp_put_u32(p + 8, s->coded ? 1u : 0u);
+        kp_put_u32(p, (uint32_t)s->span.start);
+        kp_put_u32(p + 4, (uint32_t)s->span.n);
+        kp_put_u32(p + 8, s->span.coded ? 1u : 0u);
         kp_put_u32(p + 12, s->bytes);
         kp_put_u64(p + 16, s->key.hi);
         kp_put_u64(p + 24, s->key.lo);
@@ -843,7 +833,7 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
         return kp_errf(err, KP_EFORMAT, "park: manifest kv_type %d is not f32/f16/bf16",
                        m.kv_type);
     /* The spans must be exactly the layout's. */
-    quality_span *qs = NULL;
+    layout_span *qs = NULL;
     int ns = 0;
     if (m.layout.sink < 0 || m.layout.window < 0 ||
         park_spans_of(m.n_tokens, &m.layout, &qs, &ns, NULL) != 0)
@@ -874,14 +864,14 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
     for (int i = 0; i < ns; i++, p += PARK_MAN_SPAN) {
         park_span *s = &m.spans[i];
         uint32_t fl = kp_get_u32(p + 8);
-        s->start = (int)kp_get_u32(p);
-        s->n = (int)kp_get_u32(p + 4);
-        s->coded = fl & 1;
+        s->span.start = (int)kp_get_u32(p);
+        s->span.n = (int)kp_get_u32(p + 4);
+        s->span.coded = fl & 1;
         s->bytes = kp_get_u32(p + 12);
         s->key.hi = kp_get_u64(p + 16);
         s->key.lo = kp_get_u64(p + 24);
-        if ((fl & ~1u) || s->start != qs[i].start || s->n != qs[i].n ||
-            s->coded != (qs[i].coded != 0)) {
+        if ((fl & ~1u) || s->span.start != qs[i].start || s->span.n != qs[i].n ||
+            s->span.coded != (qs[i].coded != 0)) {
             free(qs);
             park_manifest_free(&m);
             return kp_errf(err, KP_EFORMAT, "park: manifest span %d does not follow its layout",

@@ -3,7 +3,7 @@
  * (issue 5). The bridge between the live KV (engine/kv.h), the codec
  * (compress/codec.h) and the content-addressed store (storage/cas.h).
  *
- * Layout (compress/quality.h quality_park_layout): rows [0, S) lossless, coded
+ * Layout (compress/layout.h layout_spans): rows [0, S) lossless, coded
  * chunks of C rows aligned at S + kC covering [S, n - W), rows [n - W, n)
  * lossless. Each span becomes ONE store object holding that token range for
  * all layers, K then V: per (layer, K/V) an encoded chunk (codec "none" for
@@ -41,20 +41,18 @@
 #include <stdint.h>
 
 #include "compress/codec.h"
+#include "compress/layout.h"
 #include "engine/kv.h"
 #include "storage/cas.h"
 
-typedef struct park_layout {
-    int sink;    /* S, default 4 */
-    int window;  /* W, default 64 */
-    int chunk;   /* C, default 64 */
-} park_layout;
+/* The parking layout (sink S, window W, chunk C) of a session. */
+typedef layout park_layout;
 
+/* A stored span: where it sits in the layout, and its object in the store. */
 typedef struct park_span {
-    int start, n;
-    bool coded;
+    layout_span span;   /* rows [start, start + n), coded or lossless */
     cas_key key;
-    uint32_t bytes; /* stored object size */
+    uint32_t bytes;     /* stored object size */
 } park_span;
 
 typedef struct park_manifest {
@@ -77,6 +75,7 @@ typedef struct park_stats {
     double ms;
 } park_stats;
 
+/* layout_default(). */
 park_layout park_default_layout(void);
 int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec_name,
               uint64_t model_fingerprint, const park_layout *lay, const kv_cache *kv,

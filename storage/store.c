@@ -171,7 +171,7 @@ store_opts store_default_opts(void) {
     store_opts o;
     memset(&o, 0, sizeof o);
     o.kv_type = KP_TYPE_F32;
-    o.layout = park_default_layout();
+    o.layout = layout_default();
     o.warm_budget = STORE_DEFAULT_WARM;
     return o;
 }
@@ -542,8 +542,8 @@ static int persist_all(store *s, const char *id, const park_manifest *m, kp_err 
         if (rc)
             return kp_errf(err, rc == KP_ENOTFOUND ? KP_EFORMAT : rc,
                            "store: session '%s': span %d (tokens %d..%d) cannot be made durable: "
-                           "%s", id, i, m->spans[i].start,
-                           m->spans[i].start + m->spans[i].n - 1, e2.msg);
+                           "%s", id, i, m->spans[i].span.start,
+                           m->spans[i].span.start + m->spans[i].span.n - 1, e2.msg);
     }
     return 0;
 }
@@ -1082,7 +1082,7 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
         char hex[33], why[160];
         cas_key_hex(m.spans[i].key, hex);
         snprintf(why, sizeof why, "its object %s (span %d, tokens %d..%d) is missing", hex, i,
-                 m.spans[i].start, m.spans[i].start + m.spans[i].n - 1);
+                 m.spans[i].span.start, m.spans[i].span.start + m.spans[i].span.n - 1);
         store_quarantine_record(s, id, why);
         park_manifest_free(&m);
         free(extra);
@@ -1172,7 +1172,7 @@ int store_open(store **out, const store_opts *o, kp_err *err) {
     pthread_mutex_init(&s->mu, NULL);
     pthread_cond_init(&s->cv, NULL);
     s->o = *o;
-    if (s->o.layout.chunk <= 0) s->o.layout = park_default_layout();
+    if (s->o.layout.chunk <= 0) s->o.layout = layout_default();
     if (!s->o.warm_budget) s->o.warm_budget = STORE_DEFAULT_WARM;
     size_t dl = strlen(o->dir);
     s->dir = strdup(o->dir);

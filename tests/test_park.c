@@ -31,7 +31,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "compress/quality.h"
+#include "compress/layout.h"
 #include "kernels/kernels.h"
 #include "kernels/types.h"
 #include "storage/park.h"
@@ -170,16 +170,15 @@ static void restore_ok(cas *st, const codec *c, const park_manifest *m, kv_cache
     assert_int_equal(kv->n_pos, m->n_tokens);
 }
 
-/* The manifest's spans are exactly quality_park_layout's. */
+/* The manifest's spans are exactly layout_spans's. */
 static void check_spans(const park_manifest *m) {
-    quality_span qs[64];
-    int ns = quality_park_layout(m->n_tokens, m->layout.sink, m->layout.window, m->layout.chunk,
-                                 qs, 64);
+    layout_span qs[64];
+    int ns = layout_spans(&m->layout, m->n_tokens, qs, 64);
     assert_int_equal(ns, m->n_spans);
     for (int i = 0; i < ns; i++) {
-        assert_int_equal(m->spans[i].start, qs[i].start);
-        assert_int_equal(m->spans[i].n, qs[i].n);
-        assert_int_equal(m->spans[i].coded, qs[i].coded != 0);
+        assert_int_equal(m->spans[i].span.start, qs[i].start);
+        assert_int_equal(m->spans[i].span.n, qs[i].n);
+        assert_int_equal(m->spans[i].span.coded, qs[i].coded != 0);
         assert_true(m->spans[i].bytes > 0);
     }
 }
@@ -243,7 +242,7 @@ static void test_roundtrip_int8(void **state) {
         kv_cache *dst = new_kv(f, types[ti]);
         restore_ok(st, f->int8, &m, dst);
         for (int i = 0; i < m.n_spans; i++) {
-            const park_span *s = &m.spans[i];
+            const layout_span *s = &m.spans[i].span;
             if (!s->coded) {
                 cmp_rows(src, dst, s->start, s->start + s->n, -1);
             } else {
@@ -289,11 +288,11 @@ static void test_prefix_sharing(void **state) {
     int shared = 0, shared_coded = 0;
     for (int i = 0; i < ma.n_spans; i++) {
         bool eq = ma.spans[i].key.hi == mb.spans[i].key.hi && ma.spans[i].key.lo == mb.spans[i].key.lo;
-        bool want = ma.spans[i].start + ma.spans[i].n <= 130;
+        bool want = ma.spans[i].span.start + ma.spans[i].span.n <= 130;
         assert_int_equal(eq, want);
         if (eq) {
             shared++;
-            shared_coded += ma.spans[i].coded;
+            shared_coded += ma.spans[i].span.coded;
             assert_int_equal(cas_refcount(st, ma.spans[i].key), 2);
             assert_int_equal(ma.spans[i].bytes, mb.spans[i].bytes);
         } else {
@@ -319,8 +318,8 @@ static void test_prefix_sharing(void **state) {
     kv_cache *r = new_kv(f, KP_TYPE_F16);
     restore_ok(st, f->int8, &mb, r);
     for (int i = 0; i < mb.n_spans; i++)
-        cmp_rows(b, r, mb.spans[i].start, mb.spans[i].start + mb.spans[i].n,
-                 mb.spans[i].coded ? 0.01 : -1);
+        cmp_rows(b, r, mb.spans[i].span.start, mb.spans[i].span.start + mb.spans[i].span.n,
+                 mb.spans[i].span.coded ? 0.01 : -1);
     /* A cannot be restored any more */
     kv_cache *r2 = new_kv(f, KP_TYPE_F16);
     kp_err err = {0};
@@ -437,8 +436,8 @@ static void test_durable_reopen_and_cold_corruption(void **state) {
     assert_true(rc < 0);
     assert_int_equal(c->n_pos, 7);
     char want[64];
-    snprintf(want, sizeof want, "span 2 (tokens %d..%d", r.spans[2].start,
-             r.spans[2].start + r.spans[2].n - 1);
+    snprintf(want, sizeof want, "span 2 (tokens %d..%d", r.spans[2].span.start,
+             r.spans[2].span.start + r.spans[2].span.n - 1);
     if (!strstr(err.msg, want)) fail_msg("error does not name the span: %s", err.msg);
 
     park_release(st, &r);
@@ -482,15 +481,15 @@ static void test_warm_corruption_every_byte(void **state) {
     park_manifest m;
     save_ok(st, f->int8, FP_A, &lay, a, t, 12, false, &m, NULL);
     const int bad = 1; /* a coded span */
-    assert_true(m.spans[bad].coded);
+    assert_true(m.spans[bad].span.coded);
     void *obj = NULL;
     size_t len = 0;
     assert_int_equal(cas_get(st, m.spans[bad].key, &obj, &len, NULL), 0);
     assert_int_equal(len, m.spans[bad].bytes);
     uint8_t *cp = malloc(len);
     char want[64];
-    snprintf(want, sizeof want, "span %d (tokens %d..%d", bad, m.spans[bad].start,
-             m.spans[bad].start + m.spans[bad].n - 1);
+    snprintf(want, sizeof want, "span %d (tokens %d..%d", bad, m.spans[bad].span.start,
+             m.spans[bad].span.start + m.spans[bad].span.n - 1);
     kv_cache *dst = new_kv(f, KP_TYPE_F32);
     /* the intact clone restores */
     cas *d = clone_with(st, &m, bad, obj, len);
@@ -569,9 +568,9 @@ static void test_manifest_bytes(void **state) {
     assert_memory_equal(r.tokens, t, 70 * sizeof *t);
     assert_int_equal(r.n_spans, m.n_spans);
     for (int i = 0; i < m.n_spans; i++) {
-        assert_int_equal(r.spans[i].start, m.spans[i].start);
-        assert_int_equal(r.spans[i].n, m.spans[i].n);
-        assert_int_equal(r.spans[i].coded, m.spans[i].coded);
+        assert_int_equal(r.spans[i].span.start, m.spans[i].span.start);
+        assert_int_equal(r.spans[i].span.n, m.spans[i].span.n);
+        assert_int_equal(r.spans[i].span.coded, m.spans[i].span.coded);
         assert_int_equal(r.spans[i].bytes, m.spans[i].bytes);
         assert_int_equal(r.spans[i].key.hi, m.spans[i].key.hi);
         assert_int_equal(r.spans[i].key.lo, m.spans[i].key.lo);

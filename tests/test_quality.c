@@ -1,8 +1,7 @@
 /*
  * test_quality.c — the "park every N tokens" codec evaluation
  * (compress/quality.h) on stories260K and the golden perplexity excerpt:
- * the parking layout (sink rows alone, coded chunks aligned after the sink,
- * a partial last coded chunk, the recent window) on hand-worked cases and as
+ * the parking layout (compress/layout.h, tested alone by test_layout.c) as
  * the evaluation really stores it;
  * codec "none" reproduces eval_ppl exactly (agreement 1, KL 0) and its size
  * is what the raw bytes + headers predict; lossy codecs order as their bit
@@ -103,9 +102,10 @@ static quality_result eval_codec(fixture *f, const char *name, const quality_opt
     return r;
 }
 
-/* Spans of one park under the layout (checked by test_layout). */
+/* Spans of one park under the layout (checked by tests/test_layout.c). */
 static int n_spans(int n, const quality_opts *o) {
-    return quality_park_layout(n, o->sink, o->window, o->chunk, NULL, 0);
+    layout l = {.sink = o->sink, .window = o->window, .chunk = o->chunk};
+    return layout_spans(&l, n, NULL, 0);
 }
 
 /* The ratio codec "none" would have if LZ4 found nothing: every span stored
@@ -120,89 +120,6 @@ static double none_ratio_no_lz4(fixture *f, const quality_opts *o, int elem) {
         if (n == o->n_ctx) break;
     }
     return fp16 / stored;
-}
-
-/* Check quality_park_layout(n, S, W, C) against an expected list of
- * {start, n, coded} triples (ne of them). */
-static void check_layout(int n, int S, int W, int C, const int (*want)[3], int ne) {
-    quality_span sp[64];
-    int k = quality_park_layout(n, S, W, C, sp, 64);
-    print_message("layout n %d S %d W %d C %d: %d spans\n", n, S, W, C, k);
-    assert_int_equal(k, ne);
-    for (int i = 0; i < k; i++) {
-        assert_int_equal(sp[i].start, want[i][0]);
-        assert_int_equal(sp[i].n, want[i][1]);
-        assert_int_equal(sp[i].coded, want[i][2]);
-    }
-}
-
-/* The layout on hand-worked cases, then its invariants over a grid. */
-static void test_layout(void **state) {
-    (void)state;
-    /* the sink alone, coded chunks aligned at S + k*C, the last one partial */
-    static const int a[][3] = {{0, 4, 0}, {4, 64, 1}, {68, 60, 1}};
-    check_layout(128, 4, 0, 64, a, 3);
-    /* with a window: the coded run ends at n - W, partially */
-    static const int b[][3] = {{0, 4, 0}, {4, 64, 1}, {68, 28, 1}, {96, 32, 0}};
-    check_layout(128, 4, 32, 64, b, 4);
-    /* S = 0, W = 0: plain chunks from 0 */
-    static const int c[][3] = {{0, 64, 1}, {64, 64, 1}, {128, 2, 1}};
-    check_layout(130, 0, 0, 64, c, 3);
-    /* n < S + W: nothing coded, the sink first, the rest is window */
-    static const int d[][3] = {{0, 4, 0}, {4, 20, 0}};
-    check_layout(24, 4, 32, 64, d, 2);
-    /* n < S: only (part of) the sink */
-    static const int e1[][3] = {{0, 3, 0}};
-    check_layout(3, 4, 32, 64, e1, 1);
-    /* n = S + W exactly: no coded span */
-    static const int g[][3] = {{0, 4, 0}, {4, 16, 0}};
-    check_layout(20, 4, 16, 16, g, 2);
-    /* lossless runs longer than C are cut into pieces of C from their start */
-    static const int h[][3] = {{0, 16, 0}, {16, 16, 0}, {32, 8, 0}, {40, 16, 1},
-                               {56, 4, 1},  {60, 16, 0}, {76, 4, 0}};
-    check_layout(80, 40, 20, 16, h, 7);
-    /* empty cache */
-    assert_int_equal(quality_park_layout(0, 4, 32, 64, NULL, 0), 0);
-    /* bad arguments */
-    assert_int_equal(quality_park_layout(-1, 4, 32, 64, NULL, 0), KP_EINVAL);
-    assert_int_equal(quality_park_layout(10, -1, 0, 64, NULL, 0), KP_EINVAL);
-    assert_int_equal(quality_park_layout(10, 0, -1, 64, NULL, 0), KP_EINVAL);
-    assert_int_equal(quality_park_layout(10, 0, 0, 0, NULL, 0), KP_EINVAL);
-    assert_int_equal(quality_park_layout(10, 0, 0, 65536, NULL, 0), KP_EINVAL);
-    /* max smaller than the total: the first max spans, the total returned */
-    quality_span sp[2] = {{-1, -1, -1}, {-1, -1, -1}};
-    assert_int_equal(quality_park_layout(128, 4, 0, 64, sp, 1), 3);
-    assert_true(sp[0].start == 0 && sp[0].n == 4 && sp[0].coded == 0);
-    assert_int_equal(sp[1].start, -1);
-
-    /* invariants: spans tile [0, n) in order, 1..C rows each, the first
-     * min(S, n) and the last rows (down to max(S, n - W)) lossless, coded
-     * spans start at S + k*C, at most n / C + 3 spans */
-    static const int Ss[] = {0, 1, 4, 40}, Ws[] = {0, 1, 16, 32, 100}, Cs[] = {1, 7, 16, 64};
-    quality_span big[1024];
-    for (int n = 0; n <= 200; n += 3)
-        for (size_t i = 0; i < 4; i++)
-            for (size_t j = 0; j < 5; j++)
-                for (size_t l = 0; l < 4; l++) {
-                    int S = Ss[i], W = Ws[j], C = Cs[l];
-                    int k = quality_park_layout(n, S, W, C, big, 1024);
-                    assert_true(k >= 0 && k <= n / C + 3);
-                    int at = 0, s_end = n < S ? n : S, e = n - W > s_end ? n - W : s_end;
-                    for (int q = 0; q < k; q++) {
-                        assert_int_equal(big[q].start, at);
-                        assert_true(big[q].n >= 1 && big[q].n <= C);
-                        int coded = at >= s_end && at < e;
-                        assert_int_equal(big[q].coded, coded);
-                        if (coded) {
-                            assert_int_equal((at - S) % C, 0);
-                            assert_true(at + big[q].n <= e);
-                        } else {
-                            assert_true(at + big[q].n <= s_end || at >= e);
-                        }
-                        at += big[q].n;
-                    }
-                    assert_int_equal(at, n);
-                }
 }
 
 /* Codec "none": bit-identical to eval_ppl and to the reference run; its size
@@ -366,7 +283,7 @@ static void test_bad_opts(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_layout),        cmocka_unit_test(test_layout_in_eval),
+        cmocka_unit_test(test_layout_in_eval),
         cmocka_unit_test(test_none_is_exact), cmocka_unit_test(test_codec_ordering),
         cmocka_unit_test(test_sink_window),   cmocka_unit_test(test_bad_opts),
     };

@@ -744,7 +744,7 @@ static void test_resave_longer(void **state) {
     for (int i = 0; i < 6; i++) assert_int_equal(cas_refcount(c, m1.spans[i].key), 1);
     /* the old window span [84,100) is released and gone */
     cas_key old_win = m1.spans[6].key;
-    assert_int_equal(m1.spans[6].start, 84);
+    assert_int_equal(m1.spans[6].span.start, 84);
     assert_false(cas_has(c, old_win));
     char p[PATHN];
     obj_file(dir, old_win, p);
@@ -1067,7 +1067,7 @@ static void test_corrupt_object(void **state) {
     /* flip a byte in A's own coded chunk [36,52) on disk */
     char p[PATHN];
     obj_file(dir, ma.spans[3].key, p);
-    assert_int_equal(ma.spans[3].start, 36);
+    assert_int_equal(ma.spans[3].span.start, 36);
     int fd = open(p, O_RDWR);
     assert_true(fd >= 0);
     uint8_t v;
