@@ -447,7 +447,7 @@ static void test_bad_lz4_with_valid_checksums(void **state) {
     small_blob_free(&b);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_chunk_sizes),
@@ -456,6 +456,6 @@ int main(void) {
         cmocka_unit_test(test_truncate_and_extend),
         cmocka_unit_test(test_bad_lz4_with_valid_checksums),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("blob", tests, NULL, NULL);
 }

@@ -793,8 +793,8 @@ static void test_concurrency(void **state) {
     free(dir);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key),
         cmocka_unit_test(test_warm_roundtrip),

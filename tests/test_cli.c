@@ -181,7 +181,7 @@ static void test_synthetic_model(void **state) {
     free(dir);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_greedy_ids_match_golden),
         cmocka_unit_test(test_run_seed_reproducible),
@@ -191,6 +191,6 @@ int main(void) {
         cmocka_unit_test(test_synthetic_model),
         cmocka_unit_test(test_device_cuda),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);
 }

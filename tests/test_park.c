@@ -714,8 +714,8 @@ static void test_codec_hash(void **state) {
     free(dir);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip_none),
         cmocka_unit_test(test_roundtrip_int8),

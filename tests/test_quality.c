@@ -495,13 +495,13 @@ static void test_bench_main(void **state) {
     free(text);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout),        cmocka_unit_test(test_layout_in_eval),
         cmocka_unit_test(test_none_is_exact), cmocka_unit_test(test_codec_ordering),
         cmocka_unit_test(test_sink_window),   cmocka_unit_test(test_bad_opts),
         cmocka_unit_test(test_ppl_main),      cmocka_unit_test(test_bench_main),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("quality", tests, setup, teardown);
 }

@@ -847,7 +847,8 @@ static void test_speed(void **state) {
     free(x);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_params),
         cmocka_unit_test(test_greedy),

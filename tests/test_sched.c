@@ -300,7 +300,7 @@ static void test_shutdown(void **state) {
     model_free(m);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_single_matches_golden),
         cmocka_unit_test(test_concurrent_equals_alone),
@@ -308,6 +308,6 @@ int main(void) {
         cmocka_unit_test(test_stop_cancel_busy),
         cmocka_unit_test(test_shutdown),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
 }

@@ -1501,7 +1501,7 @@ static int teardown(void **state) {
     return 0;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ids),
         cmocka_unit_test(test_roundtrip),
@@ -1520,6 +1520,6 @@ int main(void) {
         cmocka_unit_test(test_pipelined),
         cmocka_unit_test(test_threads),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("store", tests, setup, teardown);
 }

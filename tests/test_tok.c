@@ -836,8 +836,9 @@ static void test_eval_text_speed(void **state)
     unload(&l);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stories_golden),
         cmocka_unit_test(test_vocab_llama_spm),

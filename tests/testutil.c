@@ -101,3 +101,10 @@ void tu_apply_filter(void) {
     const char *f = getenv("KVPARK_TEST_FILTER");
     if (f && *f) cmocka_set_test_filter(f);
 }
+
+void tu_apply_filter_args(int argc, char **argv) {
+    if (argc > 1 && argv[1] && *argv[1])
+        cmocka_set_test_filter(argv[1]);
+    else
+        tu_apply_filter();
+}

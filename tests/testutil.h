@@ -33,8 +33,14 @@ double tu_max_rel_err(const float *a, const float *b, size_t n, double floor);
 /* Deterministic random floats in [-scale, scale) (xorshift). */
 void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state);
 
-/* Honour $KVPARK_TEST_FILTER (a cmocka pattern such as "test_ppl*") so one
- * test can be run alone: KVPARK_TEST_FILTER='*ppl*' build/tests/test_golden */
+/* Run only the cases whose name matches a cmocka pattern ("test_ppl*",
+ * "*ppl*"), so one test can be run alone. tu_apply_filter_args() takes the
+ * pattern from the program's first argument, else from $KVPARK_TEST_FILTER:
+ *   build-test/tests/test_golden '*ppl*'
+ *   KVPARK_TEST_FILTER='*ppl*' meson test -C build-test golden
+ * Call it first thing in main(int argc, char **argv). tu_apply_filter() is
+ * the environment-only form. */
+void tu_apply_filter_args(int argc, char **argv);
 void tu_apply_filter(void);
 
 #define TU_SKIP_UNLESS_SHARED(rel)                                                   \
