@@ -3,18 +3,28 @@
 # build and once under AddressSanitizer + UndefinedBehaviorSanitizer.
 # Ends with the line "N passed, N failed[, N skipped]".
 # Usage: deploy/test.sh            (from the repository root)
+# Logs: build-test/ and build-asan/ each keep setup.log, ninja.log,
+# integration.log and meson-logs/testlog.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh || { echo "0 passed, 1 failed"; exit 1; }
 export KVPARK_SHARED="${KVPARK_SHARED:-$(cd .. && pwd)/shared}"
 jobs=$(nproc)
 fail_build=0
+# Logs stay inside each build directory: $dir/setup.log, $dir/ninja.log and
+# $dir/integration.log (meson's own are in $dir/meson-logs/).
 build() { # dir, extra meson args...
   local dir=$1; shift
   if [ ! -f "$dir/build.ninja" ]; then
-    meson setup "$dir" "$@" >"$dir.setup.log" 2>&1 || { cat "$dir.setup.log"; return 1; }
+    # meson setup creates the directory: log to a temporary file, then move it in
+    local log st
+    log=$(mktemp) || return 1
+    meson setup "$dir" "$@" >"$log" 2>&1
+    st=$?
+    if [ -d "$dir" ] && mv "$log" "$dir/setup.log"; then log="$dir/setup.log"; fi
+    [ "$st" -eq 0 ] || { cat "$log"; return 1; }
   fi
-  ninja -C "$dir" -j "$jobs" >"$dir.ninja.log" 2>&1 || { tail -50 "$dir.ninja.log"; return 1; }
+  ninja -C "$dir" -j "$jobs" >"$dir/ninja.log" 2>&1 || { tail -50 "$dir/ninja.log"; return 1; }
 }
 build build-test -Dbuildtype=release || fail_build=1
 build build-asan -Dbuildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false || fail_build=1
@@ -32,10 +42,9 @@ for dir in build-test build-asan; do
 done
 # Integration tests: the real server driven by the OpenAI Node SDK and raw
 # HTTP, once with the release binary and once with the ASan/UBSan one.
-: > integration.log
 for dir in build-test build-asan; do
   echo "=== integration tests with $dir/kvpark ==="
-  KVPARK_BIN="$dir/kvpark" bash tests/integration/run.sh 2>&1 | tee -a integration.log | grep -E "^(not ok|integration:)" || true
+  KVPARK_BIN="$dir/kvpark" bash tests/integration/run.sh 2>&1 | tee "$dir/integration.log" | grep -E "^(not ok|integration:)" || true
 done
 # Count individual cmocka test cases from meson's JSON logs; a program that
 # crashed or failed without cmocka's summary counts as one failure.
@@ -61,14 +70,15 @@ for d in ("build-test", "build-asan"):
             if r["result"] == "OK": cp = 1
             elif r["result"] == "SKIP": cs = 1
         p, f, s = p + cp, f + cf, s + cs
-try:
-    runs = re.findall(r"^integration: (\d+) passed, (\d+) failed", open("integration.log").read(), re.M)
-except FileNotFoundError:
-    runs = []
-if len(runs) != 2:
-    f += 1  # an integration run did not finish
-for ip, ifl in runs:
-    p, f = p + int(ip), f + int(ifl)
+for d in ("build-test", "build-asan"):
+    try:
+        runs = re.findall(r"^integration: (\d+) passed, (\d+) failed", open(f"{d}/integration.log").read(), re.M)
+    except FileNotFoundError:
+        runs = []
+    if len(runs) != 1:
+        f += 1  # the integration run did not finish
+    for ip, ifl in runs:
+        p, f = p + int(ip), f + int(ifl)
 print(f"{p} passed, {f} failed, {s} skipped")
 sys.exit(1 if f else 0)
 PY

@@ -688,8 +688,8 @@ static void test_api_models_and_utf8(void **state) {
     free(s);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_api_chat_defaults),
         cmocka_unit_test(test_api_chat_all_fields),

@@ -106,10 +106,10 @@ static void test_bench_codec(void **state) {
     free(text);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bench_codec),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("bench_codec", tests, NULL, NULL);
 }

@@ -111,8 +111,8 @@ static void test_bad_codec(void **state) {
     free(model);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_csv_and_tokens),
         cmocka_unit_test(test_usage),

@@ -351,7 +351,7 @@ static void test_real_server(void **state) {
     free(dir);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_url),
         cmocka_unit_test(test_chunked),
@@ -359,6 +359,6 @@ int main(void) {
         cmocka_unit_test(test_mock_server),
         cmocka_unit_test(test_real_server),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

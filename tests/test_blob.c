@@ -11,7 +11,6 @@
 #include "tests/testutil.h"
 
 #include <fcntl.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,12 +83,6 @@ static int kv_rows_equal(const kv_cache *a, const kv_cache *b, int n) {
     return eq;
 }
 
-static int rm_cb(const char *p, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb; (void)flag; (void)ftw;
-    return remove(p);
-}
-static void rm_rf(const char *dir) { nftw(dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS); }
-
 static char *path_join(const char *a, const char *b) {
     char *p = malloc(strlen(a) + strlen(b) + 2);
     assert_non_null(p);
@@ -97,22 +90,10 @@ static char *path_join(const char *a, const char *b) {
     return p;
 }
 
-static int file_exists(const char *p) {
-    struct stat sb;
-    return stat(p, &sb) == 0;
-}
-
 static uint64_t file_size(const char *p) {
     struct stat sb;
     assert_int_equal(stat(p, &sb), 0);
     return (uint64_t)sb.st_size;
-}
-
-static void write_file(const char *p, const void *data, size_t n) {
-    FILE *f = fopen(p, "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(data, 1, n, f), n);
-    fclose(f);
 }
 
 static void fill_tokens(int32_t *t, int n, int seed) {
@@ -147,7 +128,7 @@ static void roundtrip_one(int type, int n_tokens) {
     memset(&st, 0, sizeof st);
     assert_int_equal(write_blob(path, FP_A, kv, tokens, extra, sizeof extra, &st), 0);
     char *tmp = path_join(dir, "s.kvps.tmp");
-    assert_false(file_exists(tmp));
+    assert_false(tu_file_exists(tmp));
     free(tmp);
 
     /* stats */
@@ -194,7 +175,7 @@ static void roundtrip_one(int type, int n_tokens) {
 
     kv_free(kv);
     kv_free(kv2);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(path);
     free(dir);
     kp_backend_free(be);
@@ -249,7 +230,7 @@ static void test_chunk_sizes(void **state) {
     m.n_tokens = 77;
     assert_int_equal(blob_write(path, &m, tokens, NULL, 0, kv, NULL, &err), KP_EUNSUP);
     kv_free(kv);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(path);
     free(dir);
     kp_backend_free(be);
@@ -297,7 +278,7 @@ static void test_mismatch(void **state) {
     assert_int_equal(blob_read_meta(missing, NULL, NULL, NULL, NULL, &err), KP_ENOTFOUND);
     free(missing);
     kv_free(kv);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(path);
     free(dir);
     kp_backend_free(be);
@@ -336,7 +317,7 @@ static void small_blob_free(small_blob *b) {
     kv_free(b->target);
     kv_free(b->snapshot);
     free(b->bytes);
-    rm_rf(b->dir);
+    tu_rm_rf(b->dir);
     free(b->path);
     free(b->dir);
     kp_backend_free(b->be);
@@ -438,7 +419,7 @@ static void test_bad_lz4_with_valid_checksums(void **state) {
     memcpy(e + 24, &h, 8);
     h = XXH64(b.bytes, meta - 8, 0);
     memcpy(b.bytes + meta - 8, &h, 8);
-    write_file(b.path, b.bytes, b.n);
+    tu_write_file(b.path, b.bytes, b.n);
     kp_err err = {0};
     assert_int_equal(blob_read_meta(b.path, NULL, NULL, NULL, NULL, &err), 0);
     assert_int_equal(blob_read_kv(b.path, FP_A, b.target, &err), KP_EFORMAT);
@@ -447,7 +428,7 @@ static void test_bad_lz4_with_valid_checksums(void **state) {
     small_blob_free(&b);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_chunk_sizes),
@@ -456,6 +437,6 @@ int main(void) {
         cmocka_unit_test(test_truncate_and_extend),
         cmocka_unit_test(test_bad_lz4_with_valid_checksums),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("blob", tests, NULL, NULL);
 }

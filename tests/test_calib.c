@@ -684,8 +684,8 @@ static void test_max_dppl(void **state) {
     }
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_jacobi_known),
         cmocka_unit_test(test_unpack_reference),

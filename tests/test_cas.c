@@ -15,7 +15,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,13 +32,6 @@
 
 /* ---- helpers --------------------------------------------------------------- */
 
-static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *f) {
-    (void)sb; (void)type; (void)f;
-    remove(p);
-    return 0;
-}
-static void rm_rf(const char *dir) { nftw(dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS); }
-
 static cas_key key_n(int i) {
     char id[32];
     snprintf(id, sizeof id, "test-key-%d", i);
@@ -56,12 +48,6 @@ static uint8_t *obj_bytes(int i, size_t n) {
         b[j] = (uint8_t)(s >> 32);
     }
     return b;
-}
-
-static void obj_path(const char *dir, cas_key k, char *out, size_t cap) {
-    char hex[33];
-    cas_key_hex(k, hex);
-    snprintf(out, cap, "%s/objects/%.2s/%s.kvo", dir, hex, hex);
 }
 
 static long file_size(const char *p) {
@@ -84,13 +70,6 @@ static int count_quarantine(const char *dir) {
     char q[1024];
     snprintf(q, sizeof q, "%s/quarantine", dir);
     return count_files(q);
-}
-
-static void write_file(const char *p, const void *b, size_t n) {
-    FILE *f = fopen(p, "wb");
-    assert_non_null(f);
-    if (n) assert_int_equal(fwrite(b, 1, n, f), n);
-    assert_int_equal(fclose(f), 0);
 }
 
 static cas *open_cas(const char *dir, uint64_t warm, uint64_t cold,
@@ -202,7 +181,7 @@ static void test_durable_reopen(void **state) {
     put_ok(c, 1, 5000, true);
     put_ok(c, 2, 3000, false); /* warm only: gone after close */
     char p[1024];
-    obj_path(dir, key_n(1), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(1), p, sizeof p);
     assert_int_equal(file_size(p), HDR + 5000);
     size_t n = 0;
     char *f = tu_read_file(p, &n);
@@ -230,7 +209,7 @@ static void test_durable_reopen(void **state) {
     assert_int_equal(cas_ref(c, key_n(1)), 0);
     assert_int_equal(cas_refcount(c, key_n(1)), 1);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -259,14 +238,14 @@ static void test_warm_spill(void **state) {
     assert_int_equal(st.hits_warm + st.hits_cold, 12);
     /* spilled objects are files, not durable-put ones only */
     char p[1024];
-    obj_path(dir, key_n(0), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(0), p, sizeof p);
     assert_int_equal(file_size(p), HDR + 4000);
     cas_close(c);
     /* spilled objects survive a restart */
     c = open_cas(dir, 0, 0, NULL, NULL);
     for (int i = 0; i < 8; i++) get_ok(c, i, 4000);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -293,7 +272,7 @@ static void test_cold_budget(void **state) {
     assert_int_equal(st.dropped, 0);
     assert_int_equal(lr.n, 0);
     char p[1024];
-    obj_path(dir, key_n(1), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(1), p, sizeof p);
     assert_int_equal(file_size(p), -1);
     /* E: only referenced ones left; the least recently used (A) is dropped */
     put_ok(c, 4, 1000, false);
@@ -326,7 +305,7 @@ static void test_cold_budget(void **state) {
     assert_int_equal(st.dropped, 2);
     assert_int_equal(lr.n, 2);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -354,7 +333,7 @@ static void test_refcount_collect(void **state) {
     assert_int_equal(cas_collect(c), 1); /* 3 */
     assert_false(cas_has(c, key_n(3)));
     char p[1024];
-    obj_path(dir, key_n(3), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(3), p, sizeof p);
     assert_int_equal(file_size(p), -1);
     assert_int_equal(cas_collect(c), 0);
     assert_int_equal(cas_unref(c, key_n(2)), 0);
@@ -371,10 +350,10 @@ static void test_refcount_collect(void **state) {
     c = open_cas(dir, 0, 0, NULL, NULL);
     assert_int_equal(cas_refcount(c, key_n(1)), 0);
     assert_int_equal(cas_collect(c), 1);
-    obj_path(dir, key_n(1), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(1), p, sizeof p);
     assert_int_equal(file_size(p), -1);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -396,7 +375,7 @@ static void test_same_key_once(void **state) {
     snprintf(sub, sizeof sub, "%s/objects/%.2s", dir, hex);
     assert_int_equal(count_files(sub), 1);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -410,12 +389,12 @@ static void test_corrupt_payload(void **state) {
     put_ok(c, 2, 3000, true);
     cas_close(c);
     char p[1024];
-    obj_path(dir, key_n(1), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(1), p, sizeof p);
     size_t n = 0;
     char *f = tu_read_file(p, &n);
     assert_non_null(f);
     f[HDR + 1234] ^= 0x10;
-    write_file(p, f, n);
+    tu_write_file(p, f, n);
     free(f);
 
     c = open_cas(dir, 0, 0, log_cb, &lr);
@@ -442,12 +421,12 @@ static void test_corrupt_payload(void **state) {
 
     /* truncated while the store runs (the object is cold-only) */
     c = open_cas(dir, 0, 0, NULL, NULL);
-    obj_path(dir, key_n(2), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(2), p, sizeof p);
     assert_int_equal(truncate(p, HDR + 100), 0);
     assert_int_equal(get_rc(c, 2, &err), KP_EFORMAT);
     assert_int_equal(count_quarantine(dir), 2);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -461,7 +440,7 @@ static void test_bad_files_at_open(void **state) {
     put_ok(c, 2, 300, true);
     cas_close(c);
     char p[1024];
-    obj_path(dir, key_n(1), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(1), p, sizeof p);
     size_t n = 0;
     char *good = tu_read_file(p, &n);
     assert_non_null(good);
@@ -481,7 +460,7 @@ static void test_bad_files_at_open(void **state) {
                 len = (size_t)cuts[i];
                 if (len > n) bad[n] = 0;
             }
-            write_file(p, bad, len);
+            tu_write_file(p, bad, len);
             c = open_cas(dir, 0, 0, NULL, NULL);
             expect_q++;
             cas_stats st;
@@ -498,7 +477,7 @@ static void test_bad_files_at_open(void **state) {
     }
     free(bad);
     free(good);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -509,37 +488,37 @@ static void test_tmp_and_names(void **state) {
     put_ok(c, 1, 500, true);
     cas_close(c);
     char p[1024], hex[33], q[1100];
-    obj_path(dir, key_n(1), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(1), p, sizeof p);
     size_t n = 0;
     char *good = tu_read_file(p, &n);
     assert_non_null(good);
     cas_key_hex(key_n(1), hex);
     /* torn writes */
     snprintf(q, sizeof q, "%s.tmp", p);
-    write_file(q, good, n / 2);
+    tu_write_file(q, good, n / 2);
     snprintf(q, sizeof q, "%s/objects/00", dir);
     mkdir(q, 0755);
     snprintf(q, sizeof q, "%s/objects/00/whatever.tmp", dir);
-    write_file(q, "x", 1);
+    tu_write_file(q, "x", 1);
     /* not ours: left alone */
     snprintf(q, sizeof q, "%s/objects/00/README", dir);
-    write_file(q, "hello", 5);
+    tu_write_file(q, "hello", 5);
     /* a good file under another key's name, in the wrong KK dir, in upper case */
     char hex2[33];
     cas_key_hex(key_n(2), hex2);
     snprintf(q, sizeof q, "%s/objects/%.2s", dir, hex2);
     mkdir(q, 0755);
     snprintf(q, sizeof q, "%s/objects/%.2s/%s.kvo", dir, hex2, hex2);
-    write_file(q, good, n);
+    tu_write_file(q, good, n);
     const char *kk = strncmp(hex, "00", 2) ? "00" : "01";
     snprintf(q, sizeof q, "%s/objects/%s", dir, kk);
     mkdir(q, 0755);
     snprintf(q, sizeof q, "%s/objects/%s/%s.kvo", dir, kk, hex);
-    write_file(q, good, n);
+    tu_write_file(q, good, n);
     char up[33];
     for (int i = 0; i < 33; i++) up[i] = (char)(hex[i] >= 'a' ? hex[i] - 32 : hex[i]);
     snprintf(q, sizeof q, "%s/objects/%.2s/%s.kvo", dir, hex, up);
-    if (strcmp(up, hex)) write_file(q, good, n);
+    if (strcmp(up, hex)) tu_write_file(q, good, n);
     int n_bad = strcmp(up, hex) ? 3 : 2;
 
     c = open_cas(dir, 0, 0, NULL, NULL);
@@ -557,7 +536,7 @@ static void test_tmp_and_names(void **state) {
     assert_int_equal(file_size(q), 5);
     cas_close(c);
     free(good);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -569,7 +548,7 @@ static void test_disk_full(void **state) {
     assert_int_equal(mkdir(mnt, 0755), 0);
     if (mount("tmpfs", mnt, "tmpfs", 0, "size=64k")) {
         print_message("SKIP: cannot mount a 64 KiB tmpfs (%s); needs root\n", strerror(errno));
-        rm_rf(dir);
+        tu_rm_rf(dir);
         free(dir);
         skip();
     }
@@ -611,7 +590,7 @@ static void test_disk_full(void **state) {
     for (int i = 0; i < failed_at; i++) get_ok(c, i, 16384);
     cas_close(c);
     umount(mnt);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -627,7 +606,7 @@ static void test_where_and_persist(void **state) {
     assert_int_equal(cas_where(c, key_n(1)), CAS_IN_WARM);
     assert_int_equal(cas_where(c, key_n(2)), CAS_IN_WARM | CAS_IN_COLD);
     char p[1200];
-    obj_path(dir, key_n(1), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(1), p, sizeof p);
     assert_int_equal(file_size(p), -1);
     kp_err err = {0};
     assert_int_equal(cas_persist(c, key_n(1), &err), 0);
@@ -668,7 +647,7 @@ static void test_where_and_persist(void **state) {
     assert_non_null(strstr(err.msg, "File too large"));
     assert_int_equal(lr.n, 1);
     assert_int_equal(cas_where(c, key_n(4)), CAS_IN_WARM);
-    obj_path(dir, key_n(4), p, sizeof p);
+    tu_cas_obj_path(dir, key_n(4), p, sizeof p);
     assert_int_equal(file_size(p), -1);
     char t[1300];
     snprintf(t, sizeof t, "%s.tmp", p);
@@ -683,7 +662,7 @@ static void test_where_and_persist(void **state) {
     put_ok(c, 1, 10, false);
     assert_int_equal(cas_persist(c, key_n(1), &err), KP_EINVAL);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -789,12 +768,12 @@ static void test_concurrency(void **state) {
     }
     assert_int_equal(present, referenced);
     cas_close(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key),
         cmocka_unit_test(test_warm_roundtrip),

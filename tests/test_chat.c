@@ -201,7 +201,8 @@ static void test_names(void **state) {
     assert_string_equal(chat_template_name((enum chat_template)42), "unknown");
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_chatml),          cmocka_unit_test(test_llama2),
         cmocka_unit_test(test_llama3),          cmocka_unit_test(test_plain),

@@ -230,6 +230,6 @@ int main(void) {
         cmocka_unit_test(test_device_cuda),
         cmocka_unit_test(test_bad_values),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);
 }

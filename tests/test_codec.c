@@ -524,7 +524,7 @@ static void test_bench(void **state) {
     free(ref);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open),
         cmocka_unit_test(test_roundtrip),
@@ -535,6 +535,6 @@ int main(void) {
         cmocka_unit_test(test_mismatch),
         cmocka_unit_test(test_bench),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("codec", tests, NULL, NULL);
 }

@@ -1039,8 +1039,8 @@ static void test_gpu_pipeline(void **state) {
     kp_backend_free(d.be);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_view_reference),
         cmocka_unit_test(test_emulated_kernels),

@@ -486,8 +486,8 @@ static void test_attention(void **state) {
         }
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_device),
         cmocka_unit_test(test_get_rows),

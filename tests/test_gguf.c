@@ -1128,7 +1128,8 @@ static void test_synth_quant(void **state) {
         synth_vs_real("tiny-llama-256-shape", "models/tiny-llama-256.gguf", "llama", types[i]);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stories260k),
         cmocka_unit_test(test_all_shared_files),

@@ -389,7 +389,7 @@ static void test_missing_model(void **state) {
     assert_true(strlen(err.msg) > 0);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stories_logits),
         cmocka_unit_test(test_tiny_llama_f32),
@@ -408,6 +408,6 @@ int main(void) {
         cmocka_unit_test(test_probe_and_wo),
         cmocka_unit_test(test_missing_model),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("golden", tests, NULL, NULL);
 }

@@ -159,13 +159,13 @@ static void test_read_write_rows(void **state) {
     kp_backend_free(be);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_copy_rows_types),
         cmocka_unit_test(test_copy_rows_same_type_exact),
         cmocka_unit_test(test_copy_rows_refuses),
         cmocka_unit_test(test_read_write_rows),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("kv", tests, NULL, NULL);
 }

@@ -229,13 +229,13 @@ static void test_grid(void **state) {
     print_message("%d layouts checked\n", cases);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_cases),
         cmocka_unit_test(test_bad_args),
         cmocka_unit_test(test_grid),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("layout", tests, NULL, NULL);
 }

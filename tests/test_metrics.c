@@ -527,8 +527,8 @@ static void test_concurrency(void **state) {
     metrics_free(reg);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_format_double),
         cmocka_unit_test(test_registration_errors),

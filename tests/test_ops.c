@@ -953,7 +953,8 @@ static void test_bench(void **state) {
     free(q), free(kv), free(o);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_new),
         cmocka_unit_test(test_pool_range),

@@ -24,7 +24,6 @@
  */
 #include "tests/testutil.h"
 
-#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,13 +42,6 @@
 #define FP_A 0x1234567890abcdefull
 
 /* ---- helpers --------------------------------------------------------------- */
-
-static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *f) {
-    (void)sb; (void)type; (void)f;
-    remove(p);
-    return 0;
-}
-static void rm_rf(const char *dir) { nftw(dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS); }
 
 typedef struct fx {
     kp_backend *be;
@@ -77,28 +69,7 @@ static int teardown(void **state) {
     return 0;
 }
 
-static kv_cache *new_kv(fx *f, int type) {
-    kv_cache *kv = NULL;
-    kp_err err = {0};
-    if (kv_new(&kv, f->be, type, NL, NCTX, NKV, HD, &err)) fail_msg("kv_new: %s", err.msg);
-    return kv;
-}
-
-/* Fill rows [from, n) of every layer's K and V with random values; n_pos = n. */
-static void fill_kv(kv_cache *kv, int from, int n, uint64_t seed) {
-    const kp_ops *ops = kp_backend_ops(kv->be);
-    int d = NKV * HD;
-    float *x = malloc((size_t)NCTX * d * sizeof *x);
-    for (int l = 0; l < NL; l++)
-        for (int v = 0; v < 2; v++) {
-            uint64_t s = seed * 1000003u + (uint64_t)(l * 2 + v) + 1;
-            tu_rand_floats(x, (size_t)(n - from) * d, 2.0f, &s);
-            uint8_t *dst = (uint8_t *)(v ? kv->v[l] : kv->k[l]) + (size_t)from * kv->row_bytes;
-            if (n > from) ops->kv_store(kv->be, dst, kv->kv_type, x, n - from, d);
-        }
-    kv->n_pos = n;
-    free(x);
-}
+static kv_cache *new_kv(fx *f, int type) { return tu_kv_new(f->be, type, NL, NCTX, NKV, HD); }
 
 /* Copy rows [0, n) of every layer from a to b. */
 static void copy_rows(kv_cache *b, const kv_cache *a, int n) {
@@ -146,15 +117,6 @@ static cas *open_cas(const char *dir) {
     return c;
 }
 
-static int32_t *make_tokens(int n, uint64_t seed) {
-    int32_t *t = malloc((size_t)(n ? n : 1) * sizeof *t);
-    for (int i = 0; i < n; i++) {
-        seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
-        t[i] = (int32_t)(seed % 512);
-    }
-    return t;
-}
-
 static void save_ok(cas *st, const codec *c, uint64_t fp, const park_layout *lay,
                     const kv_cache *kv, const int32_t *tok, int n, bool durable, park_manifest *m,
                     park_stats *ps) {
@@ -191,8 +153,8 @@ static void test_roundtrip_none(void **state) {
     const int types[] = {KP_TYPE_F32, KP_TYPE_F16};
     for (size_t ti = 0; ti < 2; ti++) {
         kv_cache *src = new_kv(f, types[ti]);
-        fill_kv(src, 0, 200, 1 + ti);
-        int32_t *tok = make_tokens(200, 7);
+        tu_kv_fill(src, 0, 200, 1 + ti);
+        int32_t *tok = tu_make_tokens(200, 7);
         for (size_t li = 0; li < KP_ARRAY_LEN(lays); li++) {
             const park_layout *lay = &lays[li];
             int ns[] = {0, 1, lay->sink + lay->window - 1, 150, 200};
@@ -231,8 +193,8 @@ static void test_roundtrip_int8(void **state) {
     lay.window = 32;
     for (size_t ti = 0; ti < 2; ti++) {
         kv_cache *src = new_kv(f, types[ti]);
-        fill_kv(src, 0, 200, 11 + ti);
-        int32_t *tok = make_tokens(200, 3);
+        tu_kv_fill(src, 0, 200, 11 + ti);
+        int32_t *tok = tu_make_tokens(200, 3);
         cas *st = open_cas(NULL);
         park_manifest m;
         park_stats ps;
@@ -273,10 +235,10 @@ static void test_prefix_sharing(void **state) {
     fx *f = *state;
     park_layout lay = park_default_layout(); /* S 4, W 64, C 64 */
     kv_cache *a = new_kv(f, KP_TYPE_F16), *b = new_kv(f, KP_TYPE_F16);
-    fill_kv(a, 0, 200, 21);
-    fill_kv(b, 0, 200, 22);
+    tu_kv_fill(a, 0, 200, 21);
+    tu_kv_fill(b, 0, 200, 22);
     copy_rows(b, a, 130);
-    int32_t *ta = make_tokens(200, 5), *tb = make_tokens(200, 6);
+    int32_t *ta = tu_make_tokens(200, 5), *tb = tu_make_tokens(200, 6);
     memcpy(tb, ta, 130 * sizeof *ta);
     cas *st = open_cas(NULL);
     park_manifest ma, mb;
@@ -353,8 +315,8 @@ static void test_keys(void **state) {
     fx *f = *state;
     park_layout lay = park_default_layout();
     kv_cache *a = new_kv(f, KP_TYPE_F32);
-    fill_kv(a, 0, 150, 31);
-    int32_t *t = make_tokens(150, 9);
+    tu_kv_fill(a, 0, 150, 31);
+    int32_t *t = tu_make_tokens(150, 9);
     cas *st = open_cas(NULL);
     park_manifest m0, m1, m2, m3, m4;
     kp_err err = {0};
@@ -385,19 +347,13 @@ static void test_keys(void **state) {
 
 /* ---- durability, corruption ---------------------------------------------------- */
 
-static void obj_path(const char *dir, cas_key k, char *out, size_t cap) {
-    char hex[33];
-    cas_key_hex(k, hex);
-    snprintf(out, cap, "%s/objects/%.2s/%s.kvo", dir, hex, hex);
-}
-
 static void test_durable_reopen_and_cold_corruption(void **state) {
     fx *f = *state;
     char *dir = tu_tmpdir();
     park_layout lay = {4, 32, 32};
     kv_cache *a = new_kv(f, KP_TYPE_F16);
-    fill_kv(a, 0, 180, 41);
-    int32_t *t = make_tokens(180, 11);
+    tu_kv_fill(a, 0, 180, 41);
+    int32_t *t = tu_make_tokens(180, 11);
     cas *st = open_cas(dir);
     park_manifest m;
     save_ok(st, f->none, FP_A, &lay, a, t, 180, true, &m, NULL);
@@ -420,7 +376,7 @@ static void test_durable_reopen_and_cold_corruption(void **state) {
 
     /* flip a payload byte of span 2's cold file: restore fails naming span 2 */
     char p[1024];
-    obj_path(dir, r.spans[2].key, p, sizeof p);
+    tu_cas_obj_path(dir, r.spans[2].key, p, sizeof p);
     FILE *fp = fopen(p, "r+b");
     assert_non_null(fp);
     fseek(fp, 300, SEEK_SET);
@@ -448,7 +404,7 @@ static void test_durable_reopen_and_cold_corruption(void **state) {
     kv_free(b);
     kv_free(c);
     free(t);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -475,8 +431,8 @@ static void test_warm_corruption_every_byte(void **state) {
     fx *f = *state;
     park_layout lay = {2, 3, 4};
     kv_cache *a = new_kv(f, KP_TYPE_F32);
-    fill_kv(a, 0, 12, 51);
-    int32_t *t = make_tokens(12, 13);
+    tu_kv_fill(a, 0, 12, 51);
+    int32_t *t = tu_make_tokens(12, 13);
     cas *st = open_cas(NULL);
     park_manifest m;
     save_ok(st, f->int8, FP_A, &lay, a, t, 12, false, &m, NULL);
@@ -544,8 +500,8 @@ static void test_manifest_bytes(void **state) {
     fx *f = *state;
     park_layout lay = {4, 16, 16};
     kv_cache *a = new_kv(f, KP_TYPE_F16);
-    fill_kv(a, 0, 70, 61);
-    int32_t *t = make_tokens(70, 17);
+    tu_kv_fill(a, 0, 70, 61);
+    int32_t *t = tu_make_tokens(70, 17);
     cas *st = open_cas(NULL);
     park_manifest m;
     kp_err err = {0};
@@ -623,8 +579,8 @@ static void test_restore_by_layer(void **state) {
     fx *f = *state;
     park_layout lay = {4, 16, 16};
     kv_cache *src = new_kv(f, KP_TYPE_F16);
-    fill_kv(src, 0, 150, 71);
-    int32_t *tok = make_tokens(150, 71);
+    tu_kv_fill(src, 0, 150, 71);
+    int32_t *tok = tu_make_tokens(150, 71);
     cas *st = open_cas(NULL);
     park_manifest m;
     save_ok(st, f->int8, FP_A, &lay, src, tok, 150, false, &m, NULL);
@@ -709,12 +665,12 @@ static void test_codec_hash(void **state) {
     assert_true(ha != 0 && hb != 0 && ha != hb);
     assert_true(park_codec_hash(p) == ha);
     assert_int_equal(park_codec_hash(dir), 0); /* a directory is not a codec file */
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_roundtrip_none),
         cmocka_unit_test(test_roundtrip_int8),

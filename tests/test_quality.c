@@ -287,6 +287,6 @@ int main(void) {
         cmocka_unit_test(test_none_is_exact), cmocka_unit_test(test_codec_ordering),
         cmocka_unit_test(test_sink_window),   cmocka_unit_test(test_bad_opts),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("quality", tests, setup, teardown);
 }

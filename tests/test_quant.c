@@ -1065,7 +1065,8 @@ static void test_bench(void **state) {
     }
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_type_table),
         cmocka_unit_test(test_fp16_known),

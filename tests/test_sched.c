@@ -426,6 +426,6 @@ int main(void) {
         cmocka_unit_test(test_shutdown),
         cmocka_unit_test(test_copies_on_sched_thread),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
 }

@@ -290,8 +290,8 @@ static void test_stop_fuzz(void **state) {
     assert_true(n_stopped > 500); /* the fuzz really exercises stopping */
 }
 
-int main(void) {
-    tu_apply_filter();
+int main(int argc, char **argv) {
+    tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stop_split_everywhere),
         cmocka_unit_test(test_stop_overlapping_prefix),

@@ -33,7 +33,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -62,37 +61,9 @@
 
 /* ---- helpers --------------------------------------------------------------- */
 
-static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *f) {
-    (void)sb; (void)type; (void)f;
-    remove(p);
-    return 0;
-}
-static void rm_rf(const char *dir) { nftw(dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS); }
-
 static kp_backend *g_be; /* one CPU backend for the whole program */
 
-static kv_cache *new_kv(int type) {
-    kv_cache *kv = NULL;
-    kp_err err = {0};
-    if (kv_new(&kv, g_be, type, NL, NCTX, NKV, HD, &err)) fail_msg("kv_new: %s", err.msg);
-    return kv;
-}
-
-/* Rows [from, n) of every layer's K and V: random values of seed; n_pos = n. */
-static void fill_kv(kv_cache *kv, int from, int n, uint64_t seed) {
-    const kp_ops *ops = kp_backend_ops(kv->be);
-    int d = NKV * HD;
-    float *x = malloc((size_t)NCTX * d * sizeof *x);
-    for (int l = 0; l < NL; l++)
-        for (int v = 0; v < 2; v++) {
-            uint64_t s = seed * 1000003u + (uint64_t)(l * 2 + v) + 1;
-            tu_rand_floats(x, (size_t)(n - from) * d, 2.0f, &s);
-            uint8_t *dst = (uint8_t *)(v ? kv->v[l] : kv->k[l]) + (size_t)from * kv->row_bytes;
-            if (n > from) ops->kv_store(kv->be, dst, kv->kv_type, x, n - from, d);
-        }
-    kv->n_pos = n;
-    free(x);
-}
+static kv_cache *new_kv(int type) { return tu_kv_new(g_be, type, NL, NCTX, NKV, HD); }
 
 static int rows_equal(const kv_cache *a, const kv_cache *b, int n) {
     for (int l = 0; l < NL; l++) {
@@ -100,15 +71,6 @@ static int rows_equal(const kv_cache *a, const kv_cache *b, int n) {
         if (memcmp(a->v[l], b->v[l], (size_t)n * a->row_bytes)) return 0;
     }
     return 1;
-}
-
-static int32_t *make_tokens(int n, uint64_t seed) {
-    int32_t *t = malloc((size_t)(n ? n : 1) * sizeof *t);
-    for (int i = 0; i < n; i++) {
-        seed ^= seed << 13; seed ^= seed >> 7; seed ^= seed << 17;
-        t[i] = (int32_t)(seed % 512);
-    }
-    return t;
 }
 
 /* What the store reported through its callbacks. */
@@ -189,8 +151,8 @@ static store *open_store(const char *dir, logrec *lr) {
 static void save_ok(store *s, const char *id, int type, int n, uint64_t tseed, uint64_t rseed,
                     bool durable, store_save_stats *st) {
     kv_cache *kv = new_kv(type);
-    fill_kv(kv, 0, n, rseed);
-    int32_t *tok = make_tokens(n, tseed);
+    tu_kv_fill(kv, 0, n, rseed);
+    int32_t *tok = tu_make_tokens(n, tseed);
     char extra[32];
     snprintf(extra, sizeof extra, "extra-%s-%d", id, n);
     store_item it = {.tokens = tok, .n_tokens = n, .extra = extra, .extra_len = strlen(extra),
@@ -205,8 +167,8 @@ static void save_ok(store *s, const char *id, int type, int n, uint64_t tseed, u
 /* Load id and compare with what save_ok(n, tseed, rseed) saved (bit-exact). */
 static void load_check(store *s, const char *id, int type, int n, uint64_t tseed, uint64_t rseed) {
     kv_cache *want = new_kv(type), *got = new_kv(type);
-    fill_kv(want, 0, n, rseed);
-    fill_kv(got, 0, NCTX, 999); /* other data everywhere */
+    tu_kv_fill(want, 0, n, rseed);
+    tu_kv_fill(got, 0, NCTX, 999); /* other data everywhere */
     got->n_pos = 3;
     kp_err err = {0};
     int rc = store_load_kv(s, id, got, &err);
@@ -219,7 +181,7 @@ static void load_check(store *s, const char *id, int type, int n, uint64_t tseed
     size_t xl = 0;
     assert_int_equal(store_load_meta(s, id, &nt, &tok, &x, &xl, &err), 0);
     assert_int_equal(nt, n);
-    int32_t *t2 = make_tokens(n, tseed);
+    int32_t *t2 = tu_make_tokens(n, tseed);
     assert_memory_equal(tok, t2, (size_t)n * sizeof *tok);
     char extra[32];
     snprintf(extra, sizeof extra, "extra-%s-%d", id, n);
@@ -234,11 +196,6 @@ static void load_check(store *s, const char *id, int type, int n, uint64_t tseed
 
 static void rec_file(const char *dir, const char *id, char *out) {
     snprintf(out, PATHN, "%s/sessions/%s.kvpm", dir, id);
-}
-
-static int file_exists(const char *p) {
-    struct stat sb;
-    return stat(p, &sb) == 0;
 }
 
 /* The manifest in a record file (offset 64, length at 16). */
@@ -293,13 +250,6 @@ static int count_quarantine(const char *dir) {
     return count_files(p, NULL);
 }
 
-static void write_bytes(const char *p, const void *b, size_t n) {
-    FILE *f = fopen(p, "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(b, 1, n, f), n);
-    fclose(f);
-}
-
 /* ---- ids ------------------------------------------------------------------------ */
 
 static void test_ids(void **state) {
@@ -324,8 +274,8 @@ static void test_ids(void **state) {
     char *dir = tu_tmpdir();
     store *s = open_store(dir, NULL);
     kv_cache *kv = new_kv(KP_TYPE_F32);
-    fill_kv(kv, 0, 10, 1);
-    int32_t *tok = make_tokens(10, 1);
+    tu_kv_fill(kv, 0, 10, 1);
+    int32_t *tok = tu_make_tokens(10, 1);
     store_item it = {.tokens = tok, .n_tokens = 10, .kv = kv};
     kp_err err = {0};
     for (size_t i = 0; i < KP_ARRAY_LEN(bad); i++) {
@@ -338,7 +288,7 @@ static void test_ids(void **state) {
     }
     char p[PATHN];
     snprintf(p, sizeof p, "%s/x.kvpm", dir);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     assert_int_equal(count_files(dir, NULL), 0);
     assert_int_equal(store_load_kv(s, "nope", kv, &err), KP_ENOTFOUND);
     assert_int_equal(store_delete(s, "nope", &err), KP_ENOTFOUND);
@@ -361,7 +311,7 @@ static void test_ids(void **state) {
     store_close(s);
     kv_free(kv);
     free(tok);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -399,9 +349,9 @@ static void test_roundtrip(void **state) {
         assert_string_equal(e.tier, "warm");
         char p[PATHN];
         rec_file(dir, "warm1", p);
-        assert_false(file_exists(p));
+        assert_false(tu_file_exists(p));
         rec_file(dir, "dur", p);
-        assert_true(file_exists(p));
+        assert_true(tu_file_exists(p));
 
         /* refused: other shape, other type, too little room; n_pos unchanged */
         kp_err err = {0};
@@ -442,7 +392,7 @@ static void test_roundtrip(void **state) {
         assert_int_equal(ss.loads, 3);
         assert_int_equal(ss.quarantined, 0);
         store_close(s);
-        rm_rf(dir);
+        tu_rm_rf(dir);
         free(dir);
     }
 }
@@ -468,7 +418,7 @@ static void test_int8_and_lazy_codec(void **state) {
     save_ok(s, "q", KP_TYPE_F32, 120, 5, 5, true, &st);
     assert_true(st.bytes_total < st.fp16_bytes); /* really coded */
     kv_cache *want = new_kv(KP_TYPE_F32), *got = new_kv(KP_TYPE_F32);
-    fill_kv(want, 0, 120, 5);
+    tu_kv_fill(want, 0, 120, 5);
     kp_err err = {0};
     assert_int_equal(store_load_kv(s, "q", got, &err), 0);
     assert_int_equal(got->n_pos, 120);
@@ -482,7 +432,7 @@ static void test_int8_and_lazy_codec(void **state) {
     /* a store whose own codec is "none" opens int8 for this session lazily */
     s = open_store(dir, NULL);
     assert_true(store_has(s, "q"));
-    fill_kv(got, 0, NCTX, 9);
+    tu_kv_fill(got, 0, NCTX, 9);
     kv_cache *got2 = new_kv(KP_TYPE_F32);
     assert_int_equal(store_load_kv(s, "q", got2, &err), 0);
     assert_int_equal(store_load_kv(s, "q", got, &err), 0);
@@ -492,7 +442,7 @@ static void test_int8_and_lazy_codec(void **state) {
     kv_free(want);
     kv_free(got);
     kv_free(got2);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -513,11 +463,11 @@ static void test_reopen_and_flush(void **state) {
     assert_true(e.durable);
     char p[PATHN];
     rec_file(dir, "f", p);
-    assert_true(file_exists(p));
+    assert_true(tu_file_exists(p));
     rec_file(dir, "w", p);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     store_close(s); /* flushes "w" */
-    assert_true(file_exists(p));
+    assert_true(tu_file_exists(p));
 
     s = open_store(dir, NULL);
     store_stats ss;
@@ -542,8 +492,8 @@ static void test_reopen_and_flush(void **state) {
     if (pid == 0) {
         store *s2 = open_store(dir, NULL);
         kv_cache *kv = new_kv(KP_TYPE_F32);
-        fill_kv(kv, 0, 130, 1);
-        int32_t *tok = make_tokens(130, 1);
+        tu_kv_fill(kv, 0, 130, 1);
+        int32_t *tok = tu_make_tokens(130, 1);
         store_item it = {.tokens = tok, .n_tokens = 130, .kv = kv};
         int rc = store_save(s2, "d", &it, false, NULL, NULL);
         _exit(rc == 0 && store_has(s2, "d") ? 0 : 1); /* no close: a crash */
@@ -563,7 +513,7 @@ static void test_reopen_and_flush(void **state) {
     store_get_stats(s, &ss);
     assert_int_equal(ss.quarantined, 0);
     store_close(s);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -572,8 +522,8 @@ static void test_reopen_and_flush(void **state) {
 static void write_blob(const char *dir, const char *id, uint64_t fp, int type, int n, uint64_t tseed,
                        uint64_t rseed) {
     kv_cache *kv = new_kv(type);
-    fill_kv(kv, 0, n, rseed);
-    int32_t *tok = make_tokens(n, tseed);
+    tu_kv_fill(kv, 0, n, rseed);
+    int32_t *tok = tu_make_tokens(n, tseed);
     char extra[32], p[PATHN];
     snprintf(extra, sizeof extra, "extra-%s-%d", id, n);
     snprintf(p, sizeof p, "%s/%s.kvps", dir, id);
@@ -611,20 +561,20 @@ static void test_legacy_import(void **state) {
     assert_int_equal(ss.n_entries, 2);
     assert_non_null(strstr(lr->all, "imported legacy session 'L1'"));
     snprintf(p, sizeof p, "%s/L1.kvps", dir);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     snprintf(p, sizeof p, "%s/L2.kvps", dir);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     snprintf(p, sizeof p, "%s/Lforeign.kvps", dir);
-    assert_true(file_exists(p));
+    assert_true(tu_file_exists(p));
     snprintf(p, sizeof p, "%s/Lbad.kvps", dir);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     assert_int_equal(count_quarantine(dir), 1);
     rec_file(dir, "L1", p);
-    assert_true(file_exists(p)); /* durable */
+    assert_true(tu_file_exists(p)); /* durable */
     load_check(s, "L1", KP_TYPE_F32, 100, 11, 11);
     /* L2 was F16: converted to the store's F32, exactly */
     kv_cache *h = new_kv(KP_TYPE_F16), *want = new_kv(KP_TYPE_F32), *got = new_kv(KP_TYPE_F32);
-    fill_kv(h, 0, 70, 12);
+    tu_kv_fill(h, 0, 70, 12);
     for (int l = 0; l < NL; l++)
         for (size_t i = 0; i < 70 * NKV * HD; i++) {
             ((float *)want->k[l])[i] = kp_fp16_to_f32(((uint16_t *)h->k[l])[i]);
@@ -647,7 +597,7 @@ static void test_legacy_import(void **state) {
     load_check(s, "L1", KP_TYPE_F32, 100, 11, 11);
     store_close(s);
     logrec_free(lr);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -661,14 +611,14 @@ static void test_dedup_and_delete(void **state) {
     /* A: 100 tokens. B: the same first 36 tokens and rows (sink [0,4) and two
      * coded chunks [4,20) [20,36)), then its own. */
     kv_cache *kv = new_kv(KP_TYPE_F32);
-    fill_kv(kv, 0, 100, 1);
-    int32_t *ta = make_tokens(100, 1), *tb = make_tokens(90, 1);
+    tu_kv_fill(kv, 0, 100, 1);
+    int32_t *ta = tu_make_tokens(100, 1), *tb = tu_make_tokens(90, 1);
     for (int i = 36; i < 90; i++) tb[i] = 600 + i;
     store_item ia = {.tokens = ta, .n_tokens = 100, .kv = kv};
     store_save_stats sa, sb;
     kp_err err = {0};
     assert_int_equal(store_save(s, "A", &ia, true, &sa, &err), 0);
-    fill_kv(kv, 36, 90, 2);
+    tu_kv_fill(kv, 36, 90, 2);
     store_item ib = {.tokens = tb, .n_tokens = 90, .kv = kv};
     assert_int_equal(store_save(s, "B", &ib, true, &sb, &err), 0);
     assert_int_equal(sa.spans_reused, 0);
@@ -698,15 +648,15 @@ static void test_dedup_and_delete(void **state) {
     assert_int_equal(store_delete(s, "A", &err), KP_ENOTFOUND);
     char p[PATHN];
     rec_file(dir, "A", p);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     for (int i = 0; i < 3; i++) assert_int_equal(cas_refcount(c, ma.spans[i].key), 1);
     for (int i = 3; i < ma.n_spans; i++) {
         obj_file(dir, ma.spans[i].key, p);
-        assert_false(file_exists(p));
+        assert_false(tu_file_exists(p));
         assert_false(cas_has(c, ma.spans[i].key));
     }
     assert_int_equal(count_objects(dir), mb.n_spans);
-    fill_kv(got, 0, NCTX, 5);
+    tu_kv_fill(got, 0, NCTX, 5);
     assert_int_equal(store_load_kv(s, "B", got, &err), 0);
     assert_true(rows_equal(kv, got, 90));
     assert_int_equal(store_delete(s, "B", &err), 0);
@@ -721,7 +671,7 @@ static void test_dedup_and_delete(void **state) {
     free(tb);
     kv_free(kv);
     kv_free(got);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -748,7 +698,7 @@ static void test_resave_longer(void **state) {
     assert_false(cas_has(c, old_win));
     char p[PATHN];
     obj_file(dir, old_win, p);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     assert_int_equal(count_objects(dir), m2.n_spans);
     for (int i = 0; i < m2.n_spans; i++) assert_int_equal(cas_refcount(c, m2.spans[i].key), 1);
     load_check(s, "X", KP_TYPE_F32, 140, 1, 1);
@@ -769,7 +719,7 @@ static void test_resave_longer(void **state) {
     park_manifest_free(&m1);
     park_manifest_free(&m2);
     park_manifest_free(&m3);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -803,7 +753,7 @@ static void test_foreign_records(void **state) {
     load_check(s, "mine", KP_TYPE_F32, 100, 1, 1);
     store_close(s);
     logrec_free(lr);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -817,7 +767,7 @@ static void test_cold_budget(void **state) {
     store_save_stats st;
     save_ok(s, "m", KP_TYPE_F32, 100, 1, 1, true, &st);
     store_close(s);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     uint64_t one = st.bytes_total, budget = one * 3 + one / 2;
 
     logrec *lr = logrec_new();
@@ -838,7 +788,7 @@ static void test_cold_budget(void **state) {
     assert_false(store_has(s, "s2"));
     char p[PATHN];
     rec_file(dir, "s2", p);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     store_stats ss;
     store_get_stats(s, &ss);
     assert_int_equal(ss.dropped, 1);
@@ -880,7 +830,7 @@ static void test_cold_budget(void **state) {
     assert_true(ss.cold_bytes <= b2);
     load_check(s, "big", KP_TYPE_F32, 250, 6, 6);
     store_close(s);
-    rm_rf(dir);
+    tu_rm_rf(dir);
 
     /* a session bigger than the whole budget is refused; the previous
      * version stays and nothing leaks */
@@ -889,8 +839,8 @@ static void test_cold_budget(void **state) {
     cas_stats c0, c1;
     cas_get_stats(store_cas(s), &c0);
     kv_cache *kb = new_kv(KP_TYPE_F32);
-    fill_kv(kb, 0, 256, 8);
-    int32_t *tok = make_tokens(256, 8);
+    tu_kv_fill(kb, 0, 256, 8);
+    int32_t *tok = tu_make_tokens(256, 8);
     store_item it = {.tokens = tok, .n_tokens = 256, .kv = kb};
     int rc = store_save(s, "v", &it, true, NULL, &err);
     assert_int_equal(rc, KP_ERANGE);
@@ -910,7 +860,7 @@ static void test_cold_budget(void **state) {
     kv_free(kb);
     kv_free(kv);
     logrec_free(lr);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -921,7 +871,7 @@ static void test_warm_budget(void **state) {
     store_save_stats st;
     save_ok(s, "m", KP_TYPE_F32, 100, 1, 1, false, &st);
     store_close(s);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     uint64_t warm = st.bytes_total + st.bytes_total / 2;
     s = open_store_o(dir, (sopts){.kv_type = KP_TYPE_F32, .warm = warm});
     for (int i = 0; i < 4; i++) {
@@ -954,7 +904,7 @@ static void test_warm_budget(void **state) {
     assert_int_equal(ss.n_entries, 4);
     load_check(s, "w0", KP_TYPE_F32, 100, 10, 10);
     store_close(s);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -965,7 +915,7 @@ static void expect_quarantined(const char *dir, const uint8_t *b, size_t n, cons
                                size_t off) {
     char p[PATHN];
     rec_file(dir, "A", p);
-    write_bytes(p, b, n);
+    tu_write_file(p, b, n);
     logrec *lr = logrec_new();
     store *s = open_store(dir, lr);
     store_stats ss;
@@ -973,7 +923,7 @@ static void expect_quarantined(const char *dir, const uint8_t *b, size_t n, cons
     if (store_has(s, "A") || ss.quarantined != 1)
         fail_msg("%s at %zu: not quarantined (has %d, quarantined %llu)", what, off,
                  store_has(s, "A"), (unsigned long long)ss.quarantined);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     assert_true(store_has(s, "B"));
     assert_non_null(strstr(lr->all, "session 'A'"));
     store_close(s);
@@ -1018,30 +968,30 @@ static void test_corrupt_records(void **state) {
     assert_int_equal(count_quarantine(dir), tried + (int)KP_ARRAY_LEN(cuts) + 1);
 
     /* the pristine bytes come back, plus a torn .tmp and junk are handled */
-    write_bytes(p, good, n);
+    tu_write_file(p, good, n);
     char t[PATHN + 8];
     snprintf(t, sizeof t, "%s.tmp", p);
-    write_bytes(t, good, n / 2);
+    tu_write_file(t, good, n / 2);
     char junk[PATHN];
     snprintf(junk, sizeof junk, "%s/sessions/junk.kvpm", dir);
-    write_bytes(junk, "hello", 5);
+    tu_write_file(junk, "hello", 5);
     char other[PATHN];
     snprintf(other, sizeof other, "%s/sessions/README", dir);
-    write_bytes(other, "hi", 2);
+    tu_write_file(other, "hi", 2);
     s = open_store(dir, NULL);
     store_stats ss;
     store_get_stats(s, &ss);
     assert_int_equal(ss.quarantined, 1);
     assert_int_equal(ss.tmp_removed, 1);
-    assert_false(file_exists(t));
-    assert_true(file_exists(other)); /* not ours: left alone */
-    assert_false(file_exists(junk));
+    assert_false(tu_file_exists(t));
+    assert_true(tu_file_exists(other)); /* not ours: left alone */
+    assert_false(tu_file_exists(junk));
     load_check(s, "A", KP_TYPE_F32, 100, 1, 1);
     load_check(s, "B", KP_TYPE_F32, 100, 1, 1);
     store_close(s);
     free(b);
     free(good);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -1053,9 +1003,9 @@ static void test_corrupt_object(void **state) {
     save_ok(s, "A", KP_TYPE_F32, 100, 1, 1, true, NULL);
     save_ok(s, "B", KP_TYPE_F32, 100, 2, 2, true, NULL);
     kv_cache *kv = new_kv(KP_TYPE_F32);
-    fill_kv(kv, 0, 100, 1);
-    fill_kv(kv, 20, 60, 3);
-    int32_t *tc = make_tokens(60, 1);
+    tu_kv_fill(kv, 0, 100, 1);
+    tu_kv_fill(kv, 20, 60, 3);
+    int32_t *tc = tu_make_tokens(60, 1);
     for (int i = 20; i < 60; i++) tc[i] = 700 + i;
     store_item ic = {.tokens = tc, .n_tokens = 60, .kv = kv};
     kp_err err = {0};
@@ -1088,7 +1038,7 @@ static void test_corrupt_object(void **state) {
     assert_false(store_has(s, "A"));
     assert_int_equal(store_load_kv(s, "A", got, &err), KP_ENOTFOUND);
     rec_file(dir, "A", p);
-    assert_false(file_exists(p));
+    assert_false(tu_file_exists(p));
     assert_int_equal(lr->n_drop, 1);
     assert_string_equal(lr->dropped[0], "A");
     store_stats ss;
@@ -1122,7 +1072,7 @@ static void test_corrupt_object(void **state) {
     free(tc);
     kv_free(kv);
     kv_free(got);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -1136,21 +1086,21 @@ static void test_torn_tmp(void **state) {
     store_close(s);
     char p[PATHN], t[PATHN + 8];
     snprintf(t, sizeof t, "%s/sessions/Z.kvpm.tmp", dir);
-    write_bytes(t, "torn", 4);
+    tu_write_file(t, "torn", 4);
     obj_file(dir, m.spans[0].key, p);
     char t2[PATHN + 8];
     snprintf(t2, sizeof t2, "%s.tmp", p);
-    write_bytes(t2, "torn", 4);
+    tu_write_file(t2, "torn", 4);
     s = open_store(dir, NULL);
     store_stats ss;
     store_get_stats(s, &ss);
     assert_int_equal(ss.tmp_removed, 2);
-    assert_false(file_exists(t));
-    assert_false(file_exists(t2));
+    assert_false(tu_file_exists(t));
+    assert_false(tu_file_exists(t2));
     load_check(s, "A", KP_TYPE_F32, 50, 1, 1);
     store_close(s);
     park_manifest_free(&m);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -1161,8 +1111,8 @@ static void test_torn_tmp(void **state) {
 static int save_limited(store *s, const char *id, int n, uint64_t seed, bool durable, rlim_t limit,
                         kp_err *err) {
     kv_cache *kv = new_kv(KP_TYPE_F32);
-    fill_kv(kv, 0, n, seed);
-    int32_t *tok = make_tokens(n, seed);
+    tu_kv_fill(kv, 0, n, seed);
+    int32_t *tok = tu_make_tokens(n, seed);
     char extra[32];
     snprintf(extra, sizeof extra, "extra-%s-%d", id, n);
     store_item it = {.tokens = tok, .n_tokens = n, .extra = extra, .extra_len = strlen(extra),
@@ -1223,7 +1173,7 @@ static void test_disk_full(void **state) {
     free(rec1);
     char t[PATHN + 8];
     snprintf(t, sizeof t, "%s.tmp", p);
-    assert_false(file_exists(t));
+    assert_false(tu_file_exists(t));
 
     /* 3: a new session: nothing left behind */
     rc = save_limited(s, "Y", 60, 2, true, 512, &err);
@@ -1261,7 +1211,7 @@ static void test_disk_full(void **state) {
     free(rec0);
     park_manifest_free(&m1);
     logrec_free(lr);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -1318,7 +1268,7 @@ static void test_pipelined(void **state) {
     kv_free(a);
     kv_free(b);
     kv_free(c);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -1353,8 +1303,8 @@ static void *th_main(void *p) {
         if (what < 4) {
             int v = a->tid * 1000 + op;
             int n = th_len(v);
-            fill_kv(kv, 0, n, (uint64_t)v);
-            int32_t *tok = make_tokens(n, (uint64_t)v);
+            tu_kv_fill(kv, 0, n, (uint64_t)v);
+            int32_t *tok = tu_make_tokens(n, (uint64_t)v);
             tok[0] = v;
             store_item it = {.tokens = tok, .n_tokens = n, .kv = kv};
             int rc = store_save(a->s, id, &it, (r >> 40) & 1, NULL, &err);
@@ -1377,7 +1327,7 @@ static void *th_main(void *p) {
             for (int v0 = 0; v0 < TH_N * 1000 && found < 0; v0 += 1000)
                 for (int v = v0; v < v0 + TH_OPS; v++) {
                     if (th_len(v) != kv->n_pos) continue;
-                    fill_kv(want, 0, 1, (uint64_t)v);
+                    tu_kv_fill(want, 0, 1, (uint64_t)v);
                     if (!memcmp(want->k[0], kv->k[0], want->row_bytes)) {
                         found = v;
                         break;
@@ -1388,7 +1338,7 @@ static void *th_main(void *p) {
                 snprintf(a->msg, sizeof a->msg, "load %s: rows of no known version", id);
                 break;
             }
-            fill_kv(want, 0, th_len(found), (uint64_t)found);
+            tu_kv_fill(want, 0, th_len(found), (uint64_t)found);
             if (!rows_equal(want, kv, th_len(found))) {
                 a->bad = 1;
                 snprintf(a->msg, sizeof a->msg, "load %s: version %d rows differ", id, found);
@@ -1476,7 +1426,7 @@ static void threads_run(uint64_t cold_budget) {
     assert_int_equal(count_objects(dir), 0);
     store_close(s);
     logrec_free(lr);
-    rm_rf(dir);
+    tu_rm_rf(dir);
     free(dir);
 }
 
@@ -1501,7 +1451,7 @@ static int teardown(void **state) {
     return 0;
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ids),
         cmocka_unit_test(test_roundtrip),
@@ -1520,6 +1470,6 @@ int main(void) {
         cmocka_unit_test(test_pipelined),
         cmocka_unit_test(test_threads),
     };
-    tu_apply_filter();
+    tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("store", tests, setup, teardown);
 }

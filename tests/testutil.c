@@ -3,6 +3,7 @@
  */
 #include "tests/testutil.h"
 
+#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +67,26 @@ char *tu_tmpdir(void) {
     return strdup(d);
 }
 
+static int rm_cb(const char *p, const struct stat *sb, int type, struct FTW *f) {
+    (void)sb, (void)type, (void)f;
+    remove(p);
+    return 0;
+}
+
+void tu_rm_rf(const char *dir) { nftw(dir, rm_cb, 16, FTW_DEPTH | FTW_PHYS); }
+
+int tu_file_exists(const char *path) {
+    struct stat sb;
+    return stat(path, &sb) == 0;
+}
+
+void tu_write_file(const char *path, const void *data, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) fail_msg("cannot create %s", path);
+    if (n) assert_int_equal(fwrite(data, 1, n, f), n);
+    assert_int_equal(fclose(f), 0);
+}
+
 double tu_max_abs_diff(const float *a, const float *b, size_t n) {
     double m = 0;
     for (size_t i = 0; i < n; i++) {
@@ -97,7 +118,57 @@ void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state) {
     *state = s;
 }
 
+kv_cache *tu_kv_new(kp_backend *be, int kv_type, int n_layer, int n_ctx, int n_kv_heads,
+                    int head_dim) {
+    kv_cache *kv = NULL;
+    kp_err err = {0};
+    if (kv_new(&kv, be, kv_type, n_layer, n_ctx, n_kv_heads, head_dim, &err))
+        fail_msg("kv_new: %s", err.msg);
+    return kv;
+}
+
+void tu_kv_fill(kv_cache *kv, int from, int n, uint64_t seed) {
+    const kp_ops *ops = kp_backend_ops(kv->be);
+    int d = kv->n_kv_heads * kv->head_dim;
+    float *x = malloc((size_t)kv->n_ctx * d * sizeof *x); /* [n - from][n_kv_heads][head_dim] */
+    assert_non_null(x);
+    for (int l = 0; l < kv->n_layer; l++)
+        for (int v = 0; v < 2; v++) {
+            uint64_t s = seed * 1000003u + (uint64_t)(l * 2 + v) + 1;
+            tu_rand_floats(x, (size_t)(n - from) * d, 2.0f, &s);
+            uint8_t *dst = (uint8_t *)(v ? kv->v[l] : kv->k[l]) + (size_t)from * kv->row_bytes;
+            if (n > from) ops->kv_store(kv->be, dst, kv->kv_type, x, n - from, d);
+        }
+    kv->n_pos = n;
+    free(x);
+}
+
+int32_t *tu_make_tokens(int n, uint64_t seed) {
+    int32_t *t = malloc((size_t)(n ? n : 1) * sizeof *t);
+    assert_non_null(t);
+    for (int i = 0; i < n; i++) {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        t[i] = (int32_t)(seed % 512);
+    }
+    return t;
+}
+
+void tu_cas_obj_path(const char *dir, cas_key k, char *out, size_t cap) {
+    char hex[33];
+    cas_key_hex(k, hex);
+    snprintf(out, cap, "%s/objects/%.2s/%s.kvo", dir, hex, hex);
+}
+
 void tu_apply_filter(void) {
     const char *f = getenv("KVPARK_TEST_FILTER");
     if (f && *f) cmocka_set_test_filter(f);
+}
+
+void tu_apply_filter_args(int argc, char **argv) {
+    if (argc > 1 && argv[1] && *argv[1])
+        cmocka_set_test_filter(argv[1]);
+    else
+        tu_apply_filter();
 }

@@ -1,6 +1,7 @@
 /*
  * testutil.h — helpers shared by the tests: where the shared test data is,
- * reading files and JSON, float comparisons.
+ * reading files and JSON, float comparisons, temporary directories, and the
+ * random KV caches, token lists and files the storage tests build.
  *
  * Tests find ../shared through $KVPARK_SHARED (set by tests/meson.build). A
  * test whose data is missing calls skip() with a message, never passes
@@ -16,6 +17,10 @@
 #include <cmocka.h>
 #include <jansson.h>
 
+#include "engine/kv.h"
+#include "kernels/kernels.h"
+#include "storage/cas.h"
+
 /* Path under the shared data dir (static buffer per call site is NOT used:
  * returns a malloc'd string; free it). */
 char *tu_shared_path(const char *rel);
@@ -27,14 +32,38 @@ char *tu_read_file(const char *path, size_t *len);
 json_t *tu_load_json(const char *rel);
 /* A fresh temporary directory (mkdtemp under $TMPDIR or /tmp); malloc'd. */
 char *tu_tmpdir(void);
+/* Remove dir and everything below it (links not followed); errors ignored. */
+void tu_rm_rf(const char *dir);
+/* 1 if path exists (stat). */
+int tu_file_exists(const char *path);
+/* Write n bytes to path (created or truncated); fails the test on error. */
+void tu_write_file(const char *path, const void *data, size_t n);
 /* Max |a[i]-b[i]| and max relative error |a-b| / max(|b|, floor). */
 double tu_max_abs_diff(const float *a, const float *b, size_t n);
 double tu_max_rel_err(const float *a, const float *b, size_t n, double floor);
 /* Deterministic random floats in [-scale, scale) (xorshift). */
 void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state);
 
-/* Honour $KVPARK_TEST_FILTER (a cmocka pattern such as "test_ppl*") so one
- * test can be run alone: KVPARK_TEST_FILTER='*ppl*' build/tests/test_golden */
+/* A KV cache of kv_type on be, [n_layer] x [n_ctx][n_kv_heads][head_dim];
+ * fails the test on error. Free with kv_free. */
+kv_cache *tu_kv_new(kp_backend *be, int kv_type, int n_layer, int n_ctx, int n_kv_heads,
+                    int head_dim);
+/* Rows [from, n) of every layer's K and V: random values in [-2, 2) drawn
+ * from seed (the same seed gives the same rows); then n_pos = n. */
+void tu_kv_fill(kv_cache *kv, int from, int n, uint64_t seed);
+/* n token ids in [0, 512) drawn from seed (xorshift); malloc'd, never NULL. */
+int32_t *tu_make_tokens(int n, uint64_t seed);
+/* The file of object k in the chunk store at dir: dir/objects/HH/HEX.kvo. */
+void tu_cas_obj_path(const char *dir, cas_key k, char *out, size_t cap);
+
+/* Run only the cases whose name matches a cmocka pattern ("test_ppl*",
+ * "*ppl*"), so one test can be run alone. tu_apply_filter_args() takes the
+ * pattern from the program's first argument, else from $KVPARK_TEST_FILTER:
+ *   build-test/tests/test_golden '*ppl*'
+ *   KVPARK_TEST_FILTER='*ppl*' meson test -C build-test golden
+ * Call it first thing in main(int argc, char **argv). tu_apply_filter() is
+ * the environment-only form. */
+void tu_apply_filter_args(int argc, char **argv);
 void tu_apply_filter(void);
 
 #define TU_SKIP_UNLESS_SHARED(rel)                                                   \
