@@ -66,6 +66,7 @@
 
 typedef struct br_opts {
     const char *model, *file, *csv, *plot, *dir;
+    const char *device;               /* --device: cpu (default) | cuda | auto */
     char *codec_list;                 /* strdup of --codec, split in place */
     const char *codecs[BR_MAX_CODECS];
     int n_codecs;
@@ -670,7 +671,7 @@ static void br_write_plot(const br_opts *o, const char *model_name, const br_row
 static const char br_help[] =
     "usage: kvpark bench resume [-m MODEL] [--codec none,int8,FILE...] [--ctx 128,256,...]\n"
     "       [--repeats 3] [--csv FILE] [--plot FILE.png] [--dir DIR] [-f TEXTFILE]\n"
-    "       [-t THREADS] [--kv-type f16|f32|bf16] [--turn 16]\n"
+    "       [-t THREADS] [--kv-type f16|f32|bf16] [--turn 16] [--device cpu|cuda|auto]\n"
     "Time-to-first-token of one new user turn (--turn tokens: prefill them and get the\n"
     "first token's logits) for a session of L tokens that is (a) re-prefilled from\n"
     "text, (b) hot (KV resident), (c) warm (parked in the RAM tier, restored), (d) cold\n"
@@ -689,7 +690,7 @@ static int br_usage(const char *msg, const char *arg) {
 }
 
 enum { BR_OPT_CODEC = 3000, BR_OPT_CTX, BR_OPT_REPEATS, BR_OPT_CSV, BR_OPT_PLOT, BR_OPT_DIR,
-       BR_OPT_KV_TYPE, BR_OPT_TURN };
+       BR_OPT_KV_TYPE, BR_OPT_TURN, BR_OPT_DEVICE };
 
 static int br_parse(int argc, char **argv, br_opts *o) {
     static const struct option lo[] = {
@@ -698,7 +699,8 @@ static int br_parse(int argc, char **argv, br_opts *o) {
         {"ctx", required_argument, 0, BR_OPT_CTX}, {"repeats", required_argument, 0, BR_OPT_REPEATS},
         {"csv", required_argument, 0, BR_OPT_CSV}, {"plot", required_argument, 0, BR_OPT_PLOT},
         {"dir", required_argument, 0, BR_OPT_DIR}, {"kv-type", required_argument, 0, BR_OPT_KV_TYPE},
-        {"turn", required_argument, 0, BR_OPT_TURN}, {"help", no_argument, 0, 'h'},
+        {"turn", required_argument, 0, BR_OPT_TURN}, {"device", required_argument, 0, BR_OPT_DEVICE},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *codec_arg = "none,int8";
     int c;
@@ -742,6 +744,11 @@ static int br_parse(int argc, char **argv, br_opts *o) {
         case BR_OPT_TURN:
             if (cli_parse_int(optarg, 1, 4096, &o->turn)) return br_usage("bad --turn", optarg);
             break;
+        case BR_OPT_DEVICE:
+            if (strcmp(optarg, "cpu") && strcmp(optarg, "cuda") && strcmp(optarg, "auto"))
+                return br_usage("bad --device (cpu, cuda or auto)", optarg);
+            o->device = optarg;
+            break;
         case 'h': fputs(br_help, stdout); return 0;
         default: return br_usage("unknown option", NULL);
         }
@@ -777,6 +784,7 @@ int bench_resume_main(int argc, char **argv) {
     char path[1024];
     model_opts mo = model_default_opts();
     mo.n_threads = o.threads;
+    if (o.device) mo.backend = o.device;
     if ((rc = model_resolve(o.model, path, sizeof path, &err))) goto out;
     if ((rc = model_load(&m, path, &mo, &err))) goto out;
     const model_hparams *hp = model_hp(m);

@@ -37,6 +37,24 @@ int kp_cuda_device_count(const char **why);
 int kp_cuda_init(kp_backend *be, int device, kp_err *err);
 void kp_cuda_release(kp_backend *be);
 
+/* ---- the device's copy ceilings (kernels/cuda/copybench.cu), for
+ * `kvpark bench gpu` ----------------------------------------------------------
+ *   - kp_cuda_device_info: name (cap bytes, NUL-terminated), compute
+ *     capability and global memory of `device`; any out pointer may be NULL.
+ *   - kp_cuda_copy_times: ms[0..repeats) = the time of one copy of `bytes`
+ *     bytes of `kind` (H2D and D2H from page-locked host memory, D2D between
+ *     two device buffers), measured with CUDA events on a stream of its own
+ *     after one untimed warm-up copy. Allocates and frees its own buffers.
+ *   - Both return KP_EUNSUP "no CUDA device: ..." without a device or
+ *     driver, KP_EINVAL for a device that does not exist, KP_ENOMEM when the
+ *     buffers cannot be allocated, KP_EIO on any other CUDA error; never
+ *     abort. Not for concurrent use with other work on the device (it would
+ *     share the bandwidth it measures). */
+enum { KP_CUDA_COPY_H2D = 0, KP_CUDA_COPY_D2H = 1, KP_CUDA_COPY_D2D = 2 };
+int kp_cuda_device_info(int device, char *name, size_t cap, int *cc_major, int *cc_minor,
+                        size_t *mem_bytes, kp_err *err);
+int kp_cuda_copy_times(int device, int kind, size_t bytes, int repeats, double *ms, kp_err *err);
+
 #ifdef __cplusplus
 }
 #endif
