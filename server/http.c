@@ -546,8 +546,10 @@ done:
     atomic_store(&s->ready, false);
     if (s->sch) sched_stop(s->sch); /* cancels generations: readers finish */
     if (d) MHD_stop_daemon(d);       /* joins every connection thread */
-    sched_free(s->sch);
+    /* sessions close before the scheduler is freed: a background park still
+     * running hands its device copies to the (stopped) scheduler */
     sess_close(s->sessions); /* hot sessions are parked to disk: a restart loses nothing */
+    sched_free(s->sch);
     model_free(s->m);
     metrics_free(s->reg);
     free(s);

@@ -281,7 +281,6 @@ static int park_bufs_init(park_bufs *b, const codec *c, const codec *none, const
 /* Encode span [start, start + n) of every layer into b->obj; *len its size. */
 static int park_obj_build(park_bufs *b, const codec *cc, const kv_cache *kv, int start, int n,
                           bool coded, size_t *len, kp_err *err) {
-    const kp_ops *ops = kp_backend_ops(kv->be);
     const uint32_t E = 2u * (uint32_t)kv->n_layer;
     const size_t table_end = PARK_OBJ_HDR + (size_t)E * PARK_OBJ_ENTRY;
     uint8_t *o = b->obj;
@@ -299,9 +298,7 @@ static int park_obj_build(park_bufs *b, const codec *cc, const kv_cache *kv, int
     size_t pos = table_end + 8;
     for (int l = 0; l < kv->n_layer; l++) {
         for (int is_v = 0; is_v < 2; is_v++) {
-            const uint8_t *dev = is_v ? kv->v[l] : kv->k[l];
-            int rc = ops->download(kv->be, b->rows, dev + (size_t)start * kv->row_bytes,
-                                   (size_t)n * kv->row_bytes);
+            int rc = kv_read_rows(kv, l, is_v, start, n, b->rows, NULL);
             if (rc)
                 return kp_errf(err, rc, "park: cannot read layer %d %s rows %d..%d of the KV "
                                "cache", l, is_v ? "V" : "K", start, start + n - 1);
@@ -629,7 +626,6 @@ int park_restore_layer(park_restorer *r, int l, kp_err *err) {
         return kp_errf(err, KP_EINVAL, "park: restore layer %d out of order (expected %d of %d)",
                        l, r->next_layer, kv->n_layer);
     const size_t E = 2u * (size_t)kv->n_layer;
-    const kp_ops *ops = kp_backend_ops(kv->be);
     int rc = 0;
     for (int i = 0; i < r->ns; i++) {
         const park_span *ps = &r->spans[i];
@@ -664,9 +660,7 @@ int park_restore_layer(park_restorer *r, int l, kp_err *err) {
                              sp->start + sp->n - 1, e2.msg);
                 goto fail;
             }
-            uint8_t *dev = is_v ? kv->v[l] : kv->k[l];
-            if ((rc = ops->upload(kv->be, dev + (size_t)sp->start * kv->row_bytes, r->b.rows,
-                                  (size_t)sp->n * kv->row_bytes))) {
+            if ((rc = kv_write_rows(kv, l, is_v, sp->start, sp->n, r->b.rows, NULL))) {
                 rc = kp_errf(err, rc, "park: span %d (tokens %d..%d): cannot write layer %d of "
                              "the KV cache", i, sp->start, sp->start + sp->n - 1, l);
                 goto fail;

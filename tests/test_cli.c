@@ -219,7 +219,7 @@ static void test_bad_values(void **state) {
     }
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_greedy_ids_match_golden),
         cmocka_unit_test(test_run_seed_reproducible),

@@ -281,7 +281,7 @@ static void test_bad_opts(void **state) {
     codec_free(c);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout_in_eval),
         cmocka_unit_test(test_none_is_exact), cmocka_unit_test(test_codec_ordering),

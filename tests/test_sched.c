@@ -417,7 +417,7 @@ static void test_copies_on_sched_thread(void **state) {
     model_free(m);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_single_matches_golden),
         cmocka_unit_test(test_concurrent_equals_alone),
