@@ -1,6 +1,6 @@
 /*
  * calib.h — fit the learned KV encoder of a model on calibration text and
- * write the codec file (issue 4).
+ * write the codec file.
  *
  * Method (DESIGN.md "The KV codec"): run the model over calibration text
  * with a probe (model_set_probe) collecting, per layer, keys BEFORE RoPE,

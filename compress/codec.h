@@ -15,7 +15,7 @@
  *   int4    the same with 4-bit values (like q4_0: scale = max/-8)
  *   kivi2   KIVI: 2-bit; keys quantised per channel (over the chunk's tokens),
  *           values per token, each group with fp16 scale and minimum
- *   pca, learned   (issue 4) from a codec file
+ *   pca, learned   from a codec file
  *
  * Contract
  *   - codec_encode writes a self-describing chunk: a 16-byte header

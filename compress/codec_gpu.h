@@ -2,7 +2,7 @@
  * codec_gpu.h — KV codec chunks decoded (and encoded) on a CUDA device,
  * from and to the exact bitstream of the CPU codec (codec.h), plus the
  * host-side pieces of a pipelined restore: a pinned staging pool and a
- * two-stream copy/decode pipeline with per-layer readiness (issue 6).
+ * two-stream copy/decode pipeline with per-layer readiness.
  *
  * Plain C, no CUDA headers: streams are passed as `void *` (a cudaStream_t;
  * NULL = the context's own stream). The implementation is

@@ -1,5 +1,5 @@
 /*
- * codec_learned.c — the fitted KV codecs 'learned' and 'pca' (issue 4):
+ * codec_learned.c — the fitted KV codecs 'learned' and 'pca':
  * a linear encoder per layer and per K/V, read from a codec file
  * (codecfile.c) and fitted by calib.c.
  *

@@ -1,6 +1,6 @@
 /*
  * codecfile.h — the in-memory form of a fitted KV codec ('pca' or
- * 'learned', issue 4) and its file: a GGUF container (engine/gguf.h) with
+ * 'learned') and its file: a GGUF container (engine/gguf.h) with
  * `kvpark.codec.*` keys and per-layer F32 tensors, bound to one model by its
  * fingerprint. calib.c fits and writes it; codec_open(path) reads it.
  *

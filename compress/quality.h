@@ -2,7 +2,7 @@
  * quality.h — how a KV codec feels to a user: perplexity, top-1 agreement
  * and KL divergence when the context's KV is parked (encoded, LZ4'd) and
  * resumed (decoded) every N tokens, against the uncompressed run; and the
- * achieved size, counting every stored byte (issue 4).
+ * achieved size, counting every stored byte.
  *
  * Method: the text is cut into windows of n_ctx tokens as llama-perplexity
  * does (eval.h). Each window is fed park_every tokens at a time; after each

@@ -1,6 +1,6 @@
 /*
- * park.h — park a sequence's KV cache into the chunk store and bring it back
- * (issue 5). The bridge between the live KV (engine/kv.h), the codec
+ * park.h — park a sequence's KV cache into the chunk store and bring it back.
+ * The bridge between the live KV (engine/kv.h), the codec
  * (compress/codec.h) and the content-addressed store (storage/cas.h).
  *
  * Layout (compress/layout.h layout_spans): rows [0, S) lossless, coded

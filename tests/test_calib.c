@@ -1,5 +1,5 @@
 /*
- * test_calib.c — the fitted KV codecs 'learned' and 'pca' (issue 4):
+ * test_calib.c — the fitted KV codecs 'learned' and 'pca':
  * calibration of stories260K on the calibration text, codec files written
  * and re-opened, and round trips of REAL KV from the evaluation text (never
  * the calibration text): weighted error falls as bits rise, keys' is small

@@ -1,5 +1,5 @@
 /*
- * cuda.h — what kernels/backend.c needs from the CUDA backend (issue 6).
+ * cuda.h — what kernels/backend.c needs from the CUDA backend.
  *
  * Plain C, no CUDA headers: backend.c is compiled by the C compiler and only
  * sees these extern "C" entry points, which exist when the build defines
