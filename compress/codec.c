@@ -44,7 +44,6 @@
 
 #include "kernels/types.h"
 
-#define CODEC_HDR_BYTES 16
 #define CODEC_MAX_ROWS 65535
 #define CODEC_FLAG_V 1u
 
@@ -129,7 +128,7 @@ size_t codec_chunk_bytes(const codec *c, int n, int kv_type, int is_v) {
     if (!c || n < 1 || n > CODEC_MAX_ROWS || codec_elem_size(kv_type) == 0) return 0;
     size_t p = c->ops->payload_bytes(c, n, kv_type, is_v != 0);
     if (p == 0 || p > UINT32_MAX) return 0;
-    return CODEC_HDR_BYTES + p;
+    return CODEC_CHUNK_HEADER_BYTES + p;
 }
 
 size_t codec_chunk_bytes_at(const codec *c, int n, int kv_type, int is_v, int layer) {
@@ -139,7 +138,7 @@ size_t codec_chunk_bytes_at(const codec *c, int n, int kv_type, int is_v, int la
         return 0;
     size_t p = c->layer_payload_bytes(c, n, kv_type, is_v != 0, layer);
     if (p == 0 || p > UINT32_MAX) return 0;
-    return CODEC_HDR_BYTES + p;
+    return CODEC_CHUNK_HEADER_BYTES + p;
 }
 
 size_t codec_max_bytes(const codec *c, int n) {
@@ -180,20 +179,85 @@ int codec_encode(const codec *c, const codec_chunk *ch, const void *rows, uint8_
                        "codec '%s' encode: output buffer holds %zu bytes, the chunk needs %zu "
                        "(allocate codec_max_bytes())",
                        c->ops->name, cap, total);
-    uint8_t *payload = out + CODEC_HDR_BYTES;
+    uint8_t *payload = out + CODEC_CHUNK_HEADER_BYTES;
     rc = c->ops->encode(c, ch, rows, payload, err);
     if (rc) return rc;
 
-    size_t plen = total - CODEC_HDR_BYTES;
-    out[0] = 'K';
-    out[1] = 'C';
-    out[2] = (uint8_t)c->ops->id;
-    out[3] = (uint8_t)ch->kv_type;
-    kp_put_u16(out + 4, (uint16_t)ch->n);
-    kp_put_u16(out + 6, ch->is_v ? CODEC_FLAG_V : 0);
-    kp_put_u32(out + 8, (uint32_t)plen);
-    kp_put_u32(out + 12, codec_checksum(out, payload, plen));
+    codec_chunk_seal(c, ch, out, total - CODEC_CHUNK_HEADER_BYTES);
     if (out_len) *out_len = total;
+    return 0;
+}
+
+int codec_chunk_peek(const uint8_t *in, size_t len, codec_chunk_info *out, kp_err *err) {
+    if (!in || len < CODEC_CHUNK_HEADER_BYTES)
+        return kp_errf(err, KP_EFORMAT, "codec: chunk of %zu bytes is shorter than its 16-byte header (truncated)",
+                       in ? len : 0);
+    if (in[0] != 'K' || in[1] != 'C')
+        return kp_errf(err, KP_EFORMAT, "codec: bad chunk magic %02x %02x (want 'KC')", in[0], in[1]);
+    if (out)
+        *out = (codec_chunk_info){.codec_id = in[2], .kv_type = in[3], .n = kp_get_u16(in + 4),
+                                  .flags = kp_get_u16(in + 6), .payload_bytes = kp_get_u32(in + 8),
+                                  .checksum = kp_get_u32(in + 12)};
+    return 0;
+}
+
+void codec_chunk_seal(const codec *c, const codec_chunk *ch, uint8_t *chunk, size_t payload_len) {
+    chunk[0] = 'K';
+    chunk[1] = 'C';
+    chunk[2] = (uint8_t)c->ops->id;
+    chunk[3] = (uint8_t)ch->kv_type;
+    kp_put_u16(chunk + 4, (uint16_t)ch->n);
+    kp_put_u16(chunk + 6, ch->is_v ? CODEC_FLAG_V : 0);
+    kp_put_u32(chunk + 8, (uint32_t)payload_len);
+    kp_put_u32(chunk + 12, codec_checksum(chunk, chunk + CODEC_CHUNK_HEADER_BYTES, payload_len));
+}
+
+int codec_chunk_verify(const codec *c, const codec_chunk *ch, const uint8_t *in, size_t len, const char *what,
+                       kp_err *err) {
+    int rc = codec_check_chunk(c, ch, what, err);
+    if (rc) return rc;
+    const char *nm = c->ops->name;
+    if (!in || len < CODEC_CHUNK_HEADER_BYTES)
+        return kp_errf(err, KP_EFORMAT, "codec '%s' %s: chunk of %zu bytes is shorter than its "
+                       "16-byte header (truncated)", nm, what, in ? len : 0);
+    if (in[0] != 'K' || in[1] != 'C')
+        return kp_errf(err, KP_EFORMAT, "codec '%s' %s: bad chunk magic %02x %02x (want 'KC')",
+                       nm, what, in[0], in[1]);
+    uint32_t plen = kp_get_u32(in + 8);
+    if ((size_t)plen != len - CODEC_CHUNK_HEADER_BYTES)
+        return kp_errf(err, KP_EFORMAT,
+                       "codec '%s' %s: chunk is %zu bytes but its header says 16 + %u "
+                       "(truncated or padded)", nm, what, len, plen);
+    uint32_t want = kp_get_u32(in + 12), got = codec_checksum(in, in + CODEC_CHUNK_HEADER_BYTES, plen);
+    if (want != got)
+        return kp_errf(err, KP_EFORMAT,
+                       "codec '%s' %s: chunk checksum mismatch (stored %08x, computed %08x); "
+                       "the chunk is corrupt", nm, what, want, got);
+    uint16_t flags = kp_get_u16(in + 6);
+    if (flags & ~CODEC_FLAG_V)
+        return kp_errf(err, KP_EFORMAT, "codec '%s' %s: unknown chunk flags %04x", nm, what, flags);
+
+    if (in[2] != c->ops->id)
+        return kp_errf(err, KP_EMISMATCH, "codec '%s' %s: chunk was written by codec id %u, "
+                       "this codec is id %d", nm, what, in[2], c->ops->id);
+    if (in[3] != ch->kv_type)
+        return kp_errf(err, KP_EMISMATCH, "codec '%s' %s: chunk holds KV type %u, caller expects %d",
+                       nm, what, in[3], ch->kv_type);
+    if (kp_get_u16(in + 4) != ch->n)
+        return kp_errf(err, KP_EMISMATCH, "codec '%s' %s: chunk holds %u rows, caller expects %d",
+                       nm, what, kp_get_u16(in + 4), ch->n);
+    if (((flags & CODEC_FLAG_V) != 0) != (ch->is_v != 0))
+        return kp_errf(err, KP_EMISMATCH, "codec '%s' %s: chunk holds %s, caller expects %s", nm, what,
+                       (flags & CODEC_FLAG_V) ? "values" : "keys", ch->is_v ? "values" : "keys");
+    if (c->layer_payload_bytes && (ch->layer < 0 || ch->layer >= c->shape.n_layer))
+        return kp_errf(err, KP_EINVAL, "codec '%s' %s: layer %d outside 0..%d", nm, what, ch->layer,
+                       c->shape.n_layer - 1);
+    size_t expect = codec_chunk_bytes_at(c, ch->n, ch->kv_type, ch->is_v, ch->layer);
+    if (expect != len)
+        return kp_errf(err, KP_EMISMATCH,
+                       "codec '%s' %s: chunk is %zu bytes, %d rows of %d heads x %d dims need %zu "
+                       "(made for another KV shape?)",
+                       nm, what, len, ch->n, c->shape.n_kv_heads, c->shape.head_dim, expect);
     return 0;
 }
 
@@ -203,46 +267,6 @@ int codec_decode(const codec *c, const codec_chunk *ch, const uint8_t *in, size_
     if (rc) return rc;
     const char *nm = c->ops->name;
     if (!rows) return kp_errf(err, KP_EINVAL, "codec '%s' decode: rows is NULL", nm);
-    if (!in || len < CODEC_HDR_BYTES)
-        return kp_errf(err, KP_EFORMAT, "codec '%s' decode: chunk of %zu bytes is shorter than its "
-                       "16-byte header (truncated)", nm, in ? len : 0);
-    if (in[0] != 'K' || in[1] != 'C')
-        return kp_errf(err, KP_EFORMAT, "codec '%s' decode: bad chunk magic %02x %02x (want 'KC')",
-                       nm, in[0], in[1]);
-    uint32_t plen = kp_get_u32(in + 8);
-    if ((size_t)plen != len - CODEC_HDR_BYTES)
-        return kp_errf(err, KP_EFORMAT,
-                       "codec '%s' decode: chunk is %zu bytes but its header says 16 + %u "
-                       "(truncated or padded)", nm, len, plen);
-    uint32_t want = kp_get_u32(in + 12), got = codec_checksum(in, in + CODEC_HDR_BYTES, plen);
-    if (want != got)
-        return kp_errf(err, KP_EFORMAT,
-                       "codec '%s' decode: chunk checksum mismatch (stored %08x, computed %08x); "
-                       "the chunk is corrupt", nm, want, got);
-    uint16_t flags = kp_get_u16(in + 6);
-    if (flags & ~CODEC_FLAG_V)
-        return kp_errf(err, KP_EFORMAT, "codec '%s' decode: unknown chunk flags %04x", nm, flags);
-
-    if (in[2] != c->ops->id)
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk was written by codec id %u, "
-                       "this codec is id %d", nm, in[2], c->ops->id);
-    if (in[3] != ch->kv_type)
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk holds KV type %u, caller expects %d",
-                       nm, in[3], ch->kv_type);
-    if (kp_get_u16(in + 4) != ch->n)
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk holds %u rows, caller expects %d",
-                       nm, kp_get_u16(in + 4), ch->n);
-    if (((flags & CODEC_FLAG_V) != 0) != (ch->is_v != 0))
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' decode: chunk holds %s, caller expects %s", nm,
-                       (flags & CODEC_FLAG_V) ? "values" : "keys", ch->is_v ? "values" : "keys");
-    if (c->layer_payload_bytes && (ch->layer < 0 || ch->layer >= c->shape.n_layer))
-        return kp_errf(err, KP_EINVAL, "codec '%s' decode: layer %d outside 0..%d", nm, ch->layer,
-                       c->shape.n_layer - 1);
-    size_t expect = codec_chunk_bytes_at(c, ch->n, ch->kv_type, ch->is_v, ch->layer);
-    if (expect != len)
-        return kp_errf(err, KP_EMISMATCH,
-                       "codec '%s' decode: chunk is %zu bytes, %d rows of %d heads x %d dims need %zu "
-                       "(made for another KV shape?)",
-                       nm, len, ch->n, c->shape.n_kv_heads, c->shape.head_dim, expect);
-    return c->ops->decode(c, ch, in + CODEC_HDR_BYTES, rows, err);
+    if ((rc = codec_chunk_verify(c, ch, in, len, "decode", err))) return rc;
+    return c->ops->decode(c, ch, in + CODEC_CHUNK_HEADER_BYTES, rows, err);
 }

@@ -98,4 +98,24 @@ int codec_encode(const codec *c, const codec_chunk *ch, const void *rows, uint8_
 int codec_decode(const codec *c, const codec_chunk *ch, const uint8_t *in, size_t len, void *rows,
                  kp_err *err);
 
+/* The chunk header (byte map at the top of codec.c): its size, and its fields
+ * read without decoding (what a store checks before it keeps or ships a
+ * chunk). codec_chunk_peek checks only the length and the magic (KP_EFORMAT);
+ * codec_chunk_verify makes every check codec_decode makes before it writes a
+ * row (length, magic, payload size, checksum, flags, then codec, type, rows,
+ * K/V and size against c and ch), its messages naming `what` ("decode",
+ * "check"); codec_chunk_seal writes the header of a payload already in place
+ * at chunk + CODEC_CHUNK_HEADER_BYTES (as codec_encode does). */
+#define CODEC_CHUNK_HEADER_BYTES 16
+typedef struct codec_chunk_info {
+    int codec_id, kv_type, n; /* enum codec_id, KP_TYPE_*, rows */
+    uint16_t flags;           /* bit 0: values (1) or keys (0) */
+    uint32_t payload_bytes;   /* bytes after the header */
+    uint32_t checksum;        /* as stored */
+} codec_chunk_info;
+int codec_chunk_peek(const uint8_t *in, size_t len, codec_chunk_info *out, kp_err *err);
+int codec_chunk_verify(const codec *c, const codec_chunk *ch, const uint8_t *in, size_t len, const char *what,
+                       kp_err *err);
+void codec_chunk_seal(const codec *c, const codec_chunk *ch, uint8_t *chunk, size_t payload_len);
+
 #endif

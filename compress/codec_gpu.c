@@ -7,8 +7,8 @@
  * KP_EUNSUP saying how to get them. With CUDA they live in
  * compress/codec_gpu.cu.
  *
- * The header's byte map and the order of the checks are codec.c's (its
- * comment is the reference); tests/test_codec_cuda.c checks that both
+ * Both are codec.c's own header code (codec_chunk_verify, codec_chunk_seal),
+ * so the two paths cannot drift apart; tests/test_codec_cuda.c checks that both
  * functions agree with codec_encode / codec_decode on every codec, and on
  * damaged and mismatched chunks.
  */
@@ -16,77 +16,17 @@
 
 #include <string.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
-
 #include "compress/codec_impl.h"
 #include "kernels/types.h"
-
-#define CG_HDR 16
-#define CG_FLAG_V 1u
-
-static uint32_t cg_checksum(const uint8_t *hdr, const uint8_t *payload, size_t len) {
-    return XXH32(payload, len, XXH32(hdr, 12, 0));
-}
 
 int codec_gpu_check_chunk(const codec *c, const codec_chunk *ch, const uint8_t *in, size_t len,
                           kp_err *err) {
     if (!c || !ch) return kp_errf(err, KP_EINVAL, "codec check: codec or chunk is NULL");
-    const char *nm = codec_name(c);
-    if (ch->n < 1 || ch->n > 65535)
-        return kp_errf(err, KP_EINVAL, "codec '%s' check: chunk of %d rows (must be 1..65535)", nm, ch->n);
-    if (codec_elem_size(ch->kv_type) == 0)
-        return kp_errf(err, KP_EUNSUP, "codec '%s' check: KV element type %d is not F32, F16 or BF16", nm,
-                       ch->kv_type);
-    if (!in || len < CG_HDR)
-        return kp_errf(err, KP_EFORMAT, "codec '%s' check: chunk of %zu bytes is shorter than its 16-byte "
-                       "header (truncated)", nm, in ? len : 0);
-    if (in[0] != 'K' || in[1] != 'C')
-        return kp_errf(err, KP_EFORMAT, "codec '%s' check: bad chunk magic %02x %02x (want 'KC')", nm, in[0],
-                       in[1]);
-    const uint32_t plen = kp_get_u32(in + 8);
-    if ((size_t)plen != len - CG_HDR)
-        return kp_errf(err, KP_EFORMAT, "codec '%s' check: chunk is %zu bytes but its header says 16 + %u "
-                       "(truncated or padded)", nm, len, plen);
-    const uint32_t want = kp_get_u32(in + 12), got = cg_checksum(in, in + CG_HDR, plen);
-    if (want != got)
-        return kp_errf(err, KP_EFORMAT, "codec '%s' check: chunk checksum mismatch (stored %08x, computed "
-                       "%08x); the chunk is corrupt", nm, want, got);
-    const uint16_t flags = kp_get_u16(in + 6);
-    if (flags & ~CG_FLAG_V)
-        return kp_errf(err, KP_EFORMAT, "codec '%s' check: unknown chunk flags %04x", nm, flags);
-    if (in[2] != codec_id_of(c))
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk was written by codec id %u, this codec is "
-                       "id %d", nm, in[2], codec_id_of(c));
-    if (in[3] != ch->kv_type)
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk holds KV type %u, caller expects %d", nm,
-                       in[3], ch->kv_type);
-    if (kp_get_u16(in + 4) != ch->n)
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk holds %u rows, caller expects %d", nm,
-                       kp_get_u16(in + 4), ch->n);
-    if (((flags & CG_FLAG_V) != 0) != (ch->is_v != 0))
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk holds %s, caller expects %s", nm,
-                       (flags & CG_FLAG_V) ? "values" : "keys", ch->is_v ? "values" : "keys");
-    if (c->layer_payload_bytes && (ch->layer < 0 || ch->layer >= c->shape.n_layer))
-        return kp_errf(err, KP_EINVAL, "codec '%s' check: layer %d outside 0..%d", nm, ch->layer,
-                       c->shape.n_layer - 1);
-    const size_t expect = codec_chunk_bytes_at(c, ch->n, ch->kv_type, ch->is_v, ch->layer);
-    if (expect != len)
-        return kp_errf(err, KP_EMISMATCH, "codec '%s' check: chunk is %zu bytes, %d rows of %d heads x %d dims "
-                       "need %zu (made for another KV shape?)", nm, len, ch->n, c->shape.n_kv_heads,
-                       c->shape.head_dim, expect);
-    return 0;
+    return codec_chunk_verify(c, ch, in, len, "check", err);
 }
 
 void codec_gpu_seal_chunk(const codec *c, const codec_chunk *ch, uint8_t *chunk, size_t payload_len) {
-    chunk[0] = 'K';
-    chunk[1] = 'C';
-    chunk[2] = (uint8_t)codec_id_of(c);
-    chunk[3] = (uint8_t)ch->kv_type;
-    kp_put_u16(chunk + 4, (uint16_t)ch->n);
-    kp_put_u16(chunk + 6, ch->is_v ? CG_FLAG_V : 0);
-    kp_put_u32(chunk + 8, (uint32_t)payload_len);
-    kp_put_u32(chunk + 12, cg_checksum(chunk, chunk + CG_HDR, payload_len));
+    codec_chunk_seal(c, ch, chunk, payload_len);
 }
 
 #ifndef KP_HAVE_CUDA

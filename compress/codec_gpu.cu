@@ -715,13 +715,13 @@ extern "C" int codec_gpu_encode_to_host(codec_gpu_ctx *g, const codec_chunk *ch,
                        ch->n, ch->kv_type);
     if (cap < total)
         return kp_errf(err, KP_ERANGE, "codec gpu encode: output holds %zu bytes, the chunk needs %zu", cap, total);
-    const size_t plen = total - 16;
+    const size_t plen = total - CODEC_CHUNK_HEADER_BYTES;
     CG_TRY(cudaSetDevice(g->device), "select the device");
     void *pay = NULL;
     CG_TRY(cudaMallocAsync(&pay, plen, g->stream), "allocate the payload");
     codec_gpu_chunk gc = {*ch, pay, (void *)d_rows};
     int rc = codec_gpu_encode_batch(g, 1, &gc, NULL, err);
-    cudaError_t e = rc ? cudaSuccess : cudaMemcpyAsync(out + 16, pay, plen, cudaMemcpyDeviceToHost, g->stream);
+    cudaError_t e = rc ? cudaSuccess : cudaMemcpyAsync(out + CODEC_CHUNK_HEADER_BYTES, pay, plen, cudaMemcpyDeviceToHost, g->stream);
     cudaFreeAsync(pay, g->stream);
     if (e == cudaSuccess) e = cudaStreamSynchronize(g->stream);
     if (rc) return rc;
@@ -926,7 +926,7 @@ extern "C" int codec_gpu_restore_layer(codec_gpu_restore *r, int layer, int n, c
                            hc->desc.layer, layer);
         int rc = codec_gpu_check_chunk(c, &hc->desc, hc->bytes, hc->len, err);
         if (rc) return rc;
-        if (hc->len - 16 > r->cap)
+        if (hc->len - CODEC_CHUNK_HEADER_BYTES > r->cap)
             return kp_errf(err, KP_ERANGE,
                            "codec gpu restore: a chunk of %zu bytes does not fit a staging buffer of %zu bytes",
                            hc->len, r->cap);
@@ -941,7 +941,7 @@ extern "C" int codec_gpu_restore_layer(codec_gpu_restore *r, int layer, int n, c
     int k = 0;
     size_t used = 0;
     for (int i = 0; i < n; i++) {
-        const size_t plen = chunks[i].len - 16;
+        const size_t plen = chunks[i].len - CODEC_CHUNK_HEADER_BYTES;
         if (!s || used + plen > r->cap) {
             if (s) {
                 int rc = cg_restore_flush(r, s, k, used, err);
@@ -952,7 +952,7 @@ extern "C" int codec_gpu_restore_layer(codec_gpu_restore *r, int layer, int n, c
             CG_TRY(cudaEventSynchronize(s->copied), "wait for a staging buffer"); /* its last copy is done */
             k = 0, used = 0;
         }
-        memcpy(s->host + used, chunks[i].bytes + 16, plen);
+        memcpy(s->host + used, chunks[i].bytes + CODEC_CHUNK_HEADER_BYTES, plen);
         r->batch[k].desc = chunks[i].desc;
         r->batch[k].payload = (uint8_t *)s->dev + used;
         r->batch[k].rows = chunks[i].rows;

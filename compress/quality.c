@@ -61,7 +61,6 @@
 #include "engine/kv.h"
 #include "engine/tok.h"
 
-#define QUALITY_HDR_BYTES 16 /* codec.c's chunk header */
 
 quality_opts quality_default_opts(void) {
     quality_opts o = {.n_ctx = 256, .park_every = 64, .chunk = LAYOUT_DEFAULT_CHUNK,
@@ -105,17 +104,17 @@ typedef struct quality_park {
 /* Bytes one encoded chunk takes in storage: raw header + LZ4'd payload
  * (counted by kind: coded or lossless payload, header, LZ4 savings). */
 static size_t quality_stored_bytes(quality_park *p, const uint8_t *enc, size_t len, int coded) {
-    if (len <= QUALITY_HDR_BYTES) {
+    if (len <= CODEC_CHUNK_HEADER_BYTES) {
         p->st_hdr += (double)len;
         return len;
     }
-    int pay = (int)(len - QUALITY_HDR_BYTES);
-    int z = LZ4_compress_default((const char *)enc + QUALITY_HDR_BYTES, p->lz, pay, p->lz_cap);
+    int pay = (int)(len - CODEC_CHUNK_HEADER_BYTES);
+    int z = LZ4_compress_default((const char *)enc + CODEC_CHUNK_HEADER_BYTES, p->lz, pay, p->lz_cap);
     const int kept = z > 0 && z < pay ? z : pay;
-    p->st_hdr += QUALITY_HDR_BYTES;
+    p->st_hdr += CODEC_CHUNK_HEADER_BYTES;
     *(coded ? &p->st_coded : &p->st_lossless) += kept;
     p->lz4_saved += pay - kept;
-    return QUALITY_HDR_BYTES + (size_t)kept;
+    return CODEC_CHUNK_HEADER_BYTES + (size_t)kept;
 }
 
 /* Park and resume the cache: every span (layout_spans) of every

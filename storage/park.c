@@ -112,7 +112,6 @@
 #define PARK_MAN_SPAN 32
 #define PARK_MAX_TOKENS (1 << 24)
 #define PARK_MAX_LAYERS 4096
-#define PARK_CODEC_HDR 16 /* codec.c's chunk header */
 
 park_layout park_default_layout(void) { return layout_default(); }
 
@@ -213,22 +212,23 @@ static int park_obj_check(const uint8_t *buf, size_t len, const kv_cache *kv, in
         /* codec_chunk_bytes is the exact size for the baselines and the
          * largest over layers for per-layer codecs (learned); codec_decode
          * checks the exact size later. */
-        if (enc < PARK_CODEC_HDR || enc > codec_chunk_bytes(cc, n, kv->kv_type, (int)(e % 2)) ||
+        if (enc < CODEC_CHUNK_HEADER_BYTES || enc > codec_chunk_bytes(cc, n, kv->kv_type, (int)(e % 2)) ||
             enc > LZ4_MAX_INPUT_SIZE || (!(fl & 1) && stored != enc))
             PARK_BAD("entry %u has a bad encoded size %u", e, enc);
         if (XXH64(buf + pos, stored, 0) != kp_get_u64(t + 16))
             PARK_BAD("layer %u %s checksum mismatch (corrupt object)", e / 2, e % 2 ? "V" : "K");
-        uint8_t ch[PARK_CODEC_HDR];
+        uint8_t ch[CODEC_CHUNK_HEADER_BYTES];
         if (fl & 1) {
             int got = LZ4_decompress_safe_partial((const char *)buf + pos, (char *)ch, (int)stored,
-                                                  PARK_CODEC_HDR, PARK_CODEC_HDR);
-            if (got != PARK_CODEC_HDR) PARK_BAD("layer %u %s: bad LZ4 stream", e / 2, e % 2 ? "V" : "K");
+                                                  CODEC_CHUNK_HEADER_BYTES, CODEC_CHUNK_HEADER_BYTES);
+            if (got != CODEC_CHUNK_HEADER_BYTES) PARK_BAD("layer %u %s: bad LZ4 stream", e / 2, e % 2 ? "V" : "K");
         } else {
-            memcpy(ch, buf + pos, PARK_CODEC_HDR);
+            memcpy(ch, buf + pos, CODEC_CHUNK_HEADER_BYTES);
         }
-        if (ch[0] != 'K' || ch[1] != 'C' || ch[2] != (uint8_t)codec_id ||
-            ch[3] != (uint8_t)kv->kv_type || kp_get_u16(ch + 4) != (uint16_t)n ||
-            kp_get_u16(ch + 6) != (e % 2) || kp_get_u32(ch + 8) != enc - PARK_CODEC_HDR)
+        codec_chunk_info hi;
+        if (codec_chunk_peek(ch, sizeof ch, &hi, NULL) || hi.codec_id != (uint8_t)codec_id ||
+            hi.kv_type != (uint8_t)kv->kv_type || hi.n != (uint16_t)n || hi.flags != (e % 2) ||
+            hi.payload_bytes != enc - CODEC_CHUNK_HEADER_BYTES)
             PARK_BAD("layer %u %s: codec chunk header does not match the span", e / 2,
                      e % 2 ? "V" : "K");
         off[e] = pos;

@@ -441,6 +441,44 @@ static void test_mismatch(void **state) {
     free(out);
 }
 
+/* codec_chunk_peek reads back what codec_encode wrote (the header's byte
+ * map), and refuses a short or foreign buffer; codec_chunk_verify is the
+ * check codec_decode makes, naming the caller's step. */
+static void test_peek_verify(void **state) {
+    (void)state;
+    const int H = 2, D = 8, n = 5;
+    float rows[5 * 2 * 8];
+    uint64_t rng = 11;
+    tu_rand_floats(rows, KP_ARRAY_LEN(rows), 1.0f, &rng);
+    codec_shape shape = {.n_kv_heads = H, .head_dim = D};
+    codec *c = NULL;
+    assert_int_equal(codec_open(&c, "int8", &shape, NULL), 0);
+    codec_chunk ch = {.n = n, .kv_type = KP_TYPE_F16, .is_v = 1};
+    uint16_t h[5 * 2 * 8];
+    for (size_t i = 0; i < KP_ARRAY_LEN(h); i++) h[i] = kp_f32_to_fp16(rows[i]);
+    uint8_t buf[1024];
+    size_t len = 0;
+    kp_err err = {0};
+    assert_int_equal(codec_encode(c, &ch, h, buf, sizeof buf, &len, &err), 0);
+    codec_chunk_info hi;
+    assert_int_equal(codec_chunk_peek(buf, len, &hi, &err), 0);
+    assert_int_equal(hi.codec_id, codec_id_of(c));
+    assert_int_equal(hi.kv_type, KP_TYPE_F16);
+    assert_int_equal(hi.n, n);
+    assert_int_equal(hi.flags, 1);
+    assert_int_equal(hi.payload_bytes, len - CODEC_CHUNK_HEADER_BYTES);
+    assert_int_equal(codec_chunk_peek(buf, CODEC_CHUNK_HEADER_BYTES - 1, &hi, &err), KP_EFORMAT);
+    assert_non_null(strstr(err.msg, "shorter"));
+    assert_int_equal(codec_chunk_verify(c, &ch, buf, len, "check", &err), 0);
+    buf[len - 1] ^= 1;
+    assert_int_equal(codec_chunk_verify(c, &ch, buf, len, "check", &err), KP_EFORMAT);
+    assert_non_null(strstr(err.msg, "' check: chunk checksum mismatch"));
+    buf[0] = 'X';
+    assert_int_equal(codec_chunk_peek(buf, len, &hi, &err), KP_EFORMAT);
+    assert_non_null(strstr(err.msg, "magic"));
+    codec_free(c);
+}
+
 static void test_open(void **state) {
     codec_shape shape = {.n_kv_heads = 8, .head_dim = 128};
     codec *c = (codec *)&shape;
@@ -527,6 +565,7 @@ static void test_bench(void **state) {
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_open),
+        cmocka_unit_test(test_peek_verify),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_fp16_rounding),
         cmocka_unit_test(test_zero_and_constant),
