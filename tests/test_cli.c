@@ -208,6 +208,9 @@ static void test_bad_values(void **state) {
         {"bench resume --ctx 128,abc", "bad --ctx"},
         {"bench resume --turn 0", "bad --turn"},
         {"calibrate -f x -o y --max-dppl 1x", "--max-dppl must be a percentage > 0"},
+        {"calibrate -f x -o y --chunk 64x", "bad --chunk value"},
+        {"calibrate -f x -o y --ratio 8q", "bad --ratio value"},
+        {"calibrate -f x -o y --max-tokens 1e6", "bad --max-tokens value"},
         {"bench", "usage: kvpark bench engine"},
         {"bench nosuch", "usage: kvpark bench engine"},
     };

@@ -8,6 +8,7 @@
  * read. Exit status 0, 1 on a runtime error, 2 on bad usage.
  */
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -52,14 +53,31 @@ int cmd_calibrate(int argc, char **argv) {
         }                                                                     \
         i++;                                                                  \
     } while (0)
+/* A whole-string number or bad usage (2), as every command parses them. */
+#define INTV(dst)                                                                       \
+    do {                                                                                \
+        NEEDV;                                                                          \
+        if (cli_parse_int(v, INT_MIN, INT_MAX, &(dst))) {                               \
+            fprintf(stderr, "kvpark calibrate: bad %s value '%s' (want an integer)\n", a, v); \
+            return 2;                                                                   \
+        }                                                                               \
+    } while (0)
+#define FLTV(dst)                                                                       \
+    do {                                                                                \
+        NEEDV;                                                                          \
+        if (cli_parse_float(v, -HUGE_VAL, HUGE_VAL, &(dst))) {                          \
+            fprintf(stderr, "kvpark calibrate: bad %s value '%s' (want a number)\n", a, v); \
+            return 2;                                                                   \
+        }                                                                               \
+    } while (0)
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             calib_usage();
             return 0;
         } else if (!strcmp(a, "-m") || !strcmp(a, "--model")) { NEEDV; mpath = v; }
         else if (!strcmp(a, "-f") || !strcmp(a, "--file")) { NEEDV; text = v; }
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { NEEDV; outp = v; }
-        else if (!strcmp(a, "--bits")) { NEEDV; o.bits = atof(v); }
-        else if (!strcmp(a, "--ratio")) { NEEDV; o.bits = atof(v) > 0 ? 16.0 / atof(v) : -1; }
+        else if (!strcmp(a, "--bits")) FLTV(o.bits);
+        else if (!strcmp(a, "--ratio")) { double r; FLTV(r); o.bits = r > 0 ? 16.0 / r : -1; }
         else if (!strcmp(a, "--max-dppl")) {
             NEEDV;
             if (cli_parse_float(v, 0, HUGE_VAL, &o.max_dppl) || !(o.max_dppl > 0)) {
@@ -72,9 +90,9 @@ int cmd_calibrate(int argc, char **argv) {
         else if (!strcmp(a, "--attn")) o.attn = 1;
         else if (!strcmp(a, "--no-attn")) o.attn = 0;
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) quiet = 1;
-        else if (!strcmp(a, "--park-every")) { NEEDV; o.park_every = atoi(v); }
-        else if (!strcmp(a, "--chunk")) { NEEDV; o.chunk = atoi(v); }
-        else if (!strcmp(a, "--k-weight")) { NEEDV; o.k_weight = atof(v); }
+        else if (!strcmp(a, "--park-every")) INTV(o.park_every);
+        else if (!strcmp(a, "--chunk")) INTV(o.chunk);
+        else if (!strcmp(a, "--k-weight")) FLTV(o.k_weight);
         else if (!strcmp(a, "--ranges")) {
             NEEDV;
             if (!strcmp(v, "fixed")) o.ranges = 1;
@@ -84,11 +102,19 @@ int cmd_calibrate(int argc, char **argv) {
                 return 2;
             }
         }
-        else if (!strcmp(a, "--sink")) { NEEDV; o.sink = atoi(v); }
-        else if (!strcmp(a, "--window")) { NEEDV; o.window = atoi(v); }
-        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) { NEEDV; o.n_ctx = atoi(v); }
-        else if (!strcmp(a, "--max-tokens")) { NEEDV; o.max_tokens = atoll(v); }
-        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) { NEEDV; threads = atoi(v); }
+        else if (!strcmp(a, "--sink")) INTV(o.sink);
+        else if (!strcmp(a, "--window")) INTV(o.window);
+        else if (!strcmp(a, "-c") || !strcmp(a, "--ctx")) INTV(o.n_ctx);
+        else if (!strcmp(a, "--max-tokens")) {
+            NEEDV;
+            long t;
+            if (cli_parse_long(v, LONG_MIN, LONG_MAX, &t)) {
+                fprintf(stderr, "kvpark calibrate: bad %s value '%s' (want an integer)\n", a, v);
+                return 2;
+            }
+            o.max_tokens = t;
+        }
+        else if (!strcmp(a, "-t") || !strcmp(a, "--threads")) INTV(threads);
         else if (!strcmp(a, "--kind")) {
             NEEDV;
             if (!strcmp(v, "learned")) o.kind = CODEC_LEARNED;
