@@ -14,20 +14,6 @@
 #include "tests/testutil.h"
 
 /* Run a shell command, capture stdout (and stderr if merge), return exit status. */
-static int run_cmd(const char *cmd, char *out, size_t cap) {
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t n = fread(out, 1, cap - 1, p);
-    out[n] = 0;
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-static const char *bin(void) {
-    const char *b = getenv("KVPARK_BIN");
-    return b && *b ? b : "build/kvpark";
-}
-
 static char out[1 << 16];
 
 static void test_run_greedy_ids_match_golden(void **state) {
@@ -40,8 +26,8 @@ static void test_run_greedy_ids_match_golden(void **state) {
     char *model = tu_shared_path("models/stories260K.gguf");
     char cmd[2048];
     snprintf(cmd, sizeof cmd, "%s run -m '%s' -p '%s' -n 64 --temp 0 --ids --ignore-eos 2>/dev/null",
-             bin(), model, prompt);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+             tu_kvpark_bin(), model, prompt);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
     char *s = out;
     for (size_t i = 0; i < json_array_size(gids); i++) {
         char *end;
@@ -51,9 +37,9 @@ static void test_run_greedy_ids_match_golden(void **state) {
         s = end;
     }
     /* text mode prints the golden continuation text */
-    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p '%s' -n 64 --temp 0 --ignore-eos 2>/dev/null", bin(),
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p '%s' -n 64 --temp 0 --ignore-eos 2>/dev/null", tu_kvpark_bin(),
              model, prompt);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
     const char *text = json_string_value(json_object_get(json_object_get(c, "greedy"), "text"));
     assert_non_null(strstr(out, text));
     free(model);
@@ -66,13 +52,13 @@ static void test_run_seed_reproducible(void **state) {
     char *model = tu_shared_path("models/stories260K.gguf");
     char cmd[2048], a[4096], b[4096];
     snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'Once upon a time' -n 40 --seed 7 --ids 2>/dev/null",
-             bin(), model);
-    assert_int_equal(run_cmd(cmd, a, sizeof a), 0);
-    assert_int_equal(run_cmd(cmd, b, sizeof b), 0);
+             tu_kvpark_bin(), model);
+    assert_int_equal(tu_run_cmd(cmd, a, sizeof a), 0);
+    assert_int_equal(tu_run_cmd(cmd, b, sizeof b), 0);
     assert_string_equal(a, b);
     snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'Once upon a time' -n 40 --seed 8 --ids 2>/dev/null",
-             bin(), model);
-    assert_int_equal(run_cmd(cmd, b, sizeof b), 0);
+             tu_kvpark_bin(), model);
+    assert_int_equal(tu_run_cmd(cmd, b, sizeof b), 0);
     assert_string_not_equal(a, b);
     free(model);
 }
@@ -83,11 +69,11 @@ static void test_tokenize_matches_golden(void **state) {
     char *model = tu_shared_path("models/stories260K.gguf");
     char cmd[2048];
     snprintf(cmd, sizeof cmd, "%s tokenize -m '%s' 'Once upon a time, there was a little girl named Lily.'",
-             bin(), model);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+             tu_kvpark_bin(), model);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
     assert_string_equal(out, "1 403 407 261 378 432 383 286 261 376 298 315 421 395 317 426\n");
-    snprintf(cmd, sizeof cmd, "%s tokenize --no-bos -m '%s' 'Once upon a time'", bin(), model);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    snprintf(cmd, sizeof cmd, "%s tokenize --no-bos -m '%s' 'Once upon a time'", tu_kvpark_bin(), model);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
     assert_string_equal(out, "403 407 261 378\n");
     free(model);
 }
@@ -98,8 +84,8 @@ static void test_ppl_output(void **state) {
     char *model = tu_shared_path("models/stories260K.gguf");
     char *text = tu_shared_path("golden/stories260K/ppl_excerpt.txt");
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' -c 128 2>/dev/null", bin(), model, text);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+    snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' -c 128 2>/dev/null", tu_kvpark_bin(), model, text);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
     const char *line = strstr(out, "ppl = ");
     assert_non_null(line);
     double ppl = atof(line + 6);
@@ -129,8 +115,8 @@ static void test_errors(void **state) {
         {"run -p hi --device tpu", 2, "bad option value"},
     };
     for (size_t i = 0; i < KP_ARRAY_LEN(cases); i++) {
-        snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin(), cases[i].args);
-        int st = run_cmd(cmd, out, sizeof out);
+        snprintf(cmd, sizeof cmd, "%s %s 2>&1", tu_kvpark_bin(), cases[i].args);
+        int st = tu_run_cmd(cmd, out, sizeof out);
         if (st != cases[i].status || !strstr(out, cases[i].needle))
             fail_msg("'%s': status %d (want %d), output: %s", cases[i].args, st, cases[i].status, out);
     }
@@ -138,8 +124,8 @@ static void test_errors(void **state) {
     char *dir = tu_tmpdir();
     char *model = tu_shared_path("models/stories260K.gguf");
     snprintf(cmd, sizeof cmd, "head -c 100000 '%s' > '%s/trunc.gguf' && %s run -m '%s/trunc.gguf' -p hi 2>&1",
-             model, dir, bin(), dir);
-    int st = run_cmd(cmd, out, sizeof out);
+             model, dir, tu_kvpark_bin(), dir);
+    int st = tu_run_cmd(cmd, out, sizeof out);
     assert_int_equal(st, 1);
     assert_non_null(strstr(out, "gguf"));
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
@@ -154,8 +140,8 @@ static void test_device_cuda(void **state) {
     TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
     char *model = tu_shared_path("models/stories260K.gguf");
     char cmd[2048];
-    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'Once upon a time' -n 8 --temp 0 --device cuda 2>&1", bin(), model);
-    int st = run_cmd(cmd, out, sizeof out);
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'Once upon a time' -n 8 --temp 0 --device cuda 2>&1", tu_kvpark_bin(), model);
+    int st = tu_run_cmd(cmd, out, sizeof out);
     if (kp_cuda_available()) {
         assert_int_equal(st, 0);
         assert_non_null(strstr(out, ", there was a little girl"));
@@ -173,8 +159,8 @@ static void test_synthetic_model(void **state) {
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
              "TMPDIR='%s' %s run -m synthetic:stories260k-shape:q8_0 -p 'Once upon' -n 4 --temp 0 --ids "
-             "--ignore-eos 2>&1 && ls '%s'", dir, bin(), dir);
-    int st = run_cmd(cmd, out, sizeof out);
+             "--ignore-eos 2>&1 && ls '%s'", dir, tu_kvpark_bin(), dir);
+    int st = tu_run_cmd(cmd, out, sizeof out);
     if (st != 0) fail_msg("status %d: %s", st, out);
     assert_non_null(strstr(out, "kvpark-synthetic-stories260k-shape-q8_0.gguf"));
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
@@ -215,8 +201,8 @@ static void test_bad_values(void **state) {
         {"bench nosuch", "usage: kvpark bench engine"},
     };
     for (size_t i = 0; i < KP_ARRAY_LEN(cases); i++) {
-        snprintf(cmd, sizeof cmd, "%s %s 2>&1", bin(), cases[i].args);
-        int st = run_cmd(cmd, out, sizeof out);
+        snprintf(cmd, sizeof cmd, "%s %s 2>&1", tu_kvpark_bin(), cases[i].args);
+        int st = tu_run_cmd(cmd, out, sizeof out);
         if (st != 2 || !strstr(out, cases[i].needle))
             fail_msg("'%s': status %d (want 2), output: %s", cases[i].args, st, out);
     }

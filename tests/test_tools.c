@@ -22,20 +22,6 @@
 #include "tools/cli.h"
 
 /* Run a shell command, capture stdout (and stderr if merge), return exit status. */
-static int run_cmd(const char *cmd, char *out, size_t cap) {
-    FILE *p = popen(cmd, "r");
-    assert_non_null(p);
-    size_t n = fread(out, 1, cap - 1, p);
-    out[n] = 0;
-    int st = pclose(p);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-}
-
-static const char *bin(void) {
-    const char *b = getenv("KVPARK_BIN");
-    return b && *b ? b : "build/kvpark";
-}
-
 static char out[1 << 16];
 
 /* `kvpark ppl --codec`: the lines scripts read (the last four in this order,
@@ -50,8 +36,8 @@ static void test_ppl_codec(void **state) {
     char cmd[2048];
     snprintf(cmd, sizeof cmd,
              "%s ppl -m '%s' -f '%s' -c 128 --chunks 2 --codec int8 --park-every 32 --chunk 16 "
-             "--sink 4 --window 16 -t 1 2>/dev/null", bin(), mpath, text);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 0);
+             "--sink 4 --window 16 -t 1 2>/dev/null", tu_kvpark_bin(), mpath, text);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
     print_message("%s", out);
     char *lines[64];
     int nl = 0;
@@ -98,10 +84,10 @@ static void test_ppl_codec(void **state) {
     model_free(m);
 
     /* usage errors: missing --codec, unknown codec */
-    snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' --park-every 8 2>&1", bin(), mpath, text);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 2);
-    snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' --codec int3 2>&1", bin(), mpath, text);
-    assert_int_equal(run_cmd(cmd, out, sizeof out), 1);
+    snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' --park-every 8 2>&1", tu_kvpark_bin(), mpath, text);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 2);
+    snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' --codec int3 2>&1", tu_kvpark_bin(), mpath, text);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 1);
     free(mpath);
     free(text);
 }

@@ -6,6 +6,7 @@
 #include <ftw.h>
 #include <math.h>
 #include <stdio.h>
+#include <sys/wait.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -171,4 +172,18 @@ void tu_apply_filter_args(int argc, char **argv) {
         cmocka_set_test_filter(argv[1]);
     else
         tu_apply_filter();
+}
+
+int tu_run_cmd(const char *cmd, char *out, size_t cap) {
+    FILE *p = popen(cmd, "r");
+    assert_non_null(p);
+    size_t n = fread(out, 1, cap - 1, p);
+    out[n] = 0;
+    int st = pclose(p);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+const char *tu_kvpark_bin(void) {
+    const char *b = getenv("KVPARK_BIN");
+    return b && *b ? b : "build/kvpark";
 }

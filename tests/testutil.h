@@ -75,4 +75,10 @@ void tu_apply_filter(void);
         }                                                                            \
     } while (0)
 
+/* Run a shell command, its stdout (NUL-terminated, at most cap - 1 bytes)
+ * into out; the exit status, or 128 + the signal that ended it. */
+int tu_run_cmd(const char *cmd, char *out, size_t cap);
+/* The kvpark binary under test: $KVPARK_BIN, else build/kvpark. */
+const char *tu_kvpark_bin(void);
+
 #endif
