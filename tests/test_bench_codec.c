@@ -16,26 +16,6 @@
 #define MODEL_REL "models/stories260K.gguf"
 #define TEXT_REL "golden/stories260K/ppl_excerpt.txt"
 
-/* Run a CLI entry point with stdout redirected to a file; returns its
- * status and the captured text (malloc'd) in *out. */
-static int run_captured(int (*fn)(int, char **), int argc, char **argv, char **out) {
-    char path[] = "/tmp/kvpark-test-quality-XXXXXX";
-    int fd = mkstemp(path);
-    assert_true(fd >= 0);
-    fflush(stdout);
-    int saved = dup(1);
-    dup2(fd, 1);
-    int rc = fn(argc, argv);
-    fflush(stdout);
-    dup2(saved, 1);
-    close(saved);
-    close(fd);
-    *out = tu_read_file(path, NULL);
-    unlink(path);
-    assert_non_null(*out);
-    return rc;
-}
-
 static void test_bench_codec(void **state) {
     (void)state;
     TU_SKIP_UNLESS_SHARED(MODEL_REL);
@@ -50,7 +30,7 @@ static void test_bench_codec(void **state) {
                     "--chunks", "1", "--park-every", "32", "--chunk", "16", "--window", "16",
                     "--sink", "4", "--csv", csv, "--plot", png, NULL};
     char *out = NULL;
-    int rc = run_captured(bench_codec_main, 25, argv, &out);
+    int rc = tu_run_captured(bench_codec_main, 25, argv, &out);
     print_message("%s", out);
     assert_int_equal(rc, 0);
     assert_non_null(strstr(out, "| codec | bits/value |"));
@@ -69,7 +49,7 @@ static void test_bench_codec(void **state) {
      * nothing (baselines only) */
     char *argv_d[] = {"codec", "-m", mpath, "-f", text, "--calib", text, "--bits", "0",
                       "--chunks", "1", NULL};
-    rc = run_captured(bench_codec_main, 11, argv_d, &out);
+    rc = tu_run_captured(bench_codec_main, 11, argv_d, &out);
     assert_int_equal(rc, 0);
     assert_non_null(strstr(out, "f16 cache: ctx 512, parked every 64 tokens, chunk 64, sink 0 "
                                 "and window 8"));

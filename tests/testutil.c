@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static const char *shared_dir(void) {
     const char *d = getenv("KVPARK_SHARED");
@@ -186,4 +187,22 @@ int tu_run_cmd(const char *cmd, char *out, size_t cap) {
 const char *tu_kvpark_bin(void) {
     const char *b = getenv("KVPARK_BIN");
     return b && *b ? b : "build/kvpark";
+}
+
+int tu_run_captured(int (*fn)(int, char **), int argc, char **argv, char **out) {
+    char path[] = "/tmp/kvpark-test-captured-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    fflush(stdout);
+    int saved = dup(1);
+    dup2(fd, 1);
+    int rc = fn(argc, argv);
+    fflush(stdout);
+    dup2(saved, 1);
+    close(saved);
+    close(fd);
+    *out = tu_read_file(path, NULL);
+    unlink(path);
+    assert_non_null(*out);
+    return rc;
 }

@@ -80,5 +80,8 @@ void tu_apply_filter(void);
 int tu_run_cmd(const char *cmd, char *out, size_t cap);
 /* The kvpark binary under test: $KVPARK_BIN, else build/kvpark. */
 const char *tu_kvpark_bin(void);
+/* Call a CLI entry point (argv[0] = its name) with stdout redirected to a
+ * temporary file; returns its status, the captured text (malloc'd) in *out. */
+int tu_run_captured(int (*fn)(int, char **), int argc, char **argv, char **out);
 
 #endif

@@ -11,6 +11,7 @@
 
 #include "bench/bench_codec.h"
 #include "bench/bench_engine.h"
+#include "bench/bench_gpu.h"
 #include "bench/bench_resume.h"
 #include "bench/bench_serve.h"
 #include "kernels/kp.h"
@@ -27,6 +28,7 @@ static const struct {
     {"serve", bench_serve_main},
     {"codec", bench_codec_main},
     {"resume", bench_resume_main},
+    {"gpu", bench_gpu_main},
 };
 
 static const char bench_usage[] =
@@ -34,7 +36,8 @@ static const char bench_usage[] =
     "       [--threads-list 1,2] [--kv-type f16] [--csv FILE]\n"
     "       kvpark bench serve [-m MODEL] [--clients 1,8,32] ... (--help)\n"
     "       kvpark bench codec [-m MODEL] -f EVALTEXT [--calib TEXT] ... (--help)\n"
-    "       kvpark bench resume [-m MODEL] [--codec none,int8,FILE] ... (--help)\n";
+    "       kvpark bench resume [-m MODEL] [--codec none,int8,FILE] ... (--help)\n"
+    "       kvpark bench gpu [-m MODEL] [--codec int8,...] [--tokens 4096] ... (--help)\n";
 
 int cmd_bench(int argc, char **argv) {
     if (argc >= 2)
