@@ -89,17 +89,20 @@ static void bc_plot_script(FILE *f, const char *term, void *ud) {
     fprintf(f,
             "set terminal %s noenhanced size 900,600\n"
             "set output '%s'\n"
-            "set title 'KV codecs: perplexity cost vs size'\n"
+            "set title 'KV codecs: distance to the uncompressed model vs size'\n"
             "set xlabel 'compression ratio vs fp16 (all stored bytes, after LZ4)'\n"
-            "set ylabel 'Δppl %%'\n"
-            "set grid\n"
+            "set ylabel 'KL(uncompressed || parked), nats per token'\n"
+            "set logscale xy\n"
+            "set grid xtics ytics mxtics mytics\n"
             "plot '%s' using 1:2 with points pt 7 ps 1.3 notitle, \\\n"
             "     '%s' using 1:2:3 with labels offset char 0,1 notitle\n",
             term, p->png, p->dat, p->dat);
 }
 
-/* Δppl % against ratio, one labelled point per codec, via gnuplot; the data
- * and the script are temporary files. */
+/* KL against ratio on log scales, one labelled point per codec, via gnuplot
+ * (KL, not Δppl: perplexity can fall under lossy coding, KL cannot); a
+ * lossless codec's KL of 0 is drawn at 1e-7, the plot's floor. The data and
+ * the script are temporary files. */
 static int bc_plot(const char *png, const bc_row *rows, int n, kp_err *err) {
     if (!plot_available()) {
         fprintf(stderr, "kvpark: note: %s not found, no plot written (apt-get install gnuplot)\n",
@@ -116,8 +119,8 @@ static int bc_plot(const char *png, const bc_row *rows, int n, kp_err *err) {
         return kp_errf(err, KP_EIO, "plot: cannot write a temporary file");
     }
     for (int i = 0; i < n; i++)
-        fprintf(f, "%.6f %.6f \"%s\"\n", rows[i].r.ratio,
-                100.0 * (rows[i].r.ppl - rows[i].r.ppl_ref) / rows[i].r.ppl_ref, rows[i].name);
+        fprintf(f, "%.6f %.6g \"%s\"\n", rows[i].r.ratio, rows[i].r.kl > 1e-7 ? rows[i].r.kl : 1e-7,
+                rows[i].name);
     fclose(f);
     int rc = 0, gfd = mkstemp(gp);
     if (gfd < 0) {

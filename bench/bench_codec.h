@@ -18,7 +18,7 @@
  *     ~1). Prints a markdown table (bits/value, ratio vs fp16, delta ppl %,
  *     top-1 agreement, KL, encode and decode GB/s), a table of where the
  *     stored bits go (lossless rows, coded chunks, headers, LZ4 savings),
- *     writes the CSV and a gnuplot PNG of delta ppl vs ratio when asked.
+ *     writes the CSV and a gnuplot PNG of KL vs ratio (log scales) when asked.
  *     --help prints the usage. Returns 0, 1 on a runtime error (message on
  *     stderr), 2 on bad usage. getopt is fully reset first.
  */
