@@ -200,8 +200,12 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
       `RSS ${(rssWarm / 1048576).toFixed(1)} MiB at ${warmAt} -> ${(rssEnd / 1048576).toFixed(1)} MiB at the end ` +
       `(MiB each second: ${trace.join(' ')})`);
 
+    /* Stop it first: LeakSanitizer reports at exit. */
+    const exit = await srv.stop({ graceMs: 20000 });
     assert.deepEqual(errors.slice(0, 10), [], `${errors.length} errors`);
     assert.equal(sanitizerReport, '', 'sanitizer report on the server\'s output');
+    assert.deepEqual({ code: exit.code, signal: exit.signal, killed: !!exit.killed }, { code: 0, signal: null, killed: false },
+      `unclean exit; log tail:\n${srv.log().slice(-3000)}`);
     assert.ok(count.cycles >= CLIENTS / 2, `only ${count.cycles} conversations completed`);
     assert.ok(count.anon >= CLIENTS / 2, `only ${count.anon} anonymous requests completed`);
     /* The idle gap is past --idle-park, so (nearly) every second turn resumed a parked session. */
@@ -216,9 +220,5 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
     assert.ok(rssEnd <= rssWarm * 1.1,
       `RSS grew after warm-up: ${rssWarm} -> ${rssEnd} bytes (+${(100 * (rssEnd / rssWarm - 1)).toFixed(1)} %)`);
 
-    const exit = await srv.stop({ graceMs: 20000 });
-    assert.equal(sanitizerReport, '', 'sanitizer report at exit');
-    assert.deepEqual({ code: exit.code, signal: exit.signal, killed: !!exit.killed }, { code: 0, signal: null, killed: false },
-      `unclean exit; log tail:\n${srv.log().slice(-3000)}`);
   });
 });
