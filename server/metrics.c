@@ -12,6 +12,10 @@
  * Locking: reg->mu guards the family array; f->mu guards f's children and
  * their values. Updates take only f->mu. Render takes reg->mu, runs the
  * collect callbacks, then takes each f->mu in turn.
+ *
+ * At the end: metrics_kvpark_series, every label tuple the server's families
+ * take, which the server declares at 0 at startup (a series that first
+ * appears with its first increment hides that increment from rate()).
  */
 #include "server/metrics.h"
 

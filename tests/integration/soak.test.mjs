@@ -7,8 +7,8 @@
  * Passes only with 0 errors, every text equal to what one client alone gets
  * from a server that never parks (greedy), sessions really parked and
  * resumed, kvpark_requests_total equal to the requests made, the server's
- * RSS flat after warm-up (end <= 110 % of the sample at 8 s), no sanitizer
- * report on its stderr, and a clean exit.
+ * RSS flat after warm-up (end <= 110 % of the RSS at 8 s and 600 requests),
+ * no sanitizer report on its output, and a clean exit.
  *
  * Why: parking bugs show up only under load and over time: a restore racing
  * a park, a KV slot reused too early, memory that grows per request.
@@ -164,26 +164,36 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
       }
     };
 
-    /* RSS every second (printed, for a look at the trend); the check uses
-     * the sample after warm-up and the one at the end. */
-    let rssWarm = null;
-    let warmAt = '';
+    /* RSS every second. The check compares the median of the three samples
+     * around the end of warm-up with the median of the last three (RSS
+     * moves by a few MiB from one second to the next with the requests in
+     * flight). Measured here: the release build grows ~3 % and levels off;
+     * an ASan build creeps 4-9 % in 30 s while the heap in use stays flat
+     * (__sanitizer_get_current_allocated_bytes read with gdb: 13-18 MB
+     * throughout): that is the sanitizer's own pools and shadow, which is
+     * why the limit is the issue's 10 % and not tighter. A leak of 32 KiB
+     * per request is caught by this check in a release build and by
+     * LeakSanitizer (exit status, stderr) in an ASan one. */
     const trace = [];
+    let warmIdx = -1;
+    let warmAt = '';
     const sampler = (async () => {
-      for (let s = 1; Date.now() < deadline; s++) {
+      while (Date.now() < deadline) {
         await sleep(Math.min(1000, Math.max(0, deadline - Date.now())));
-        const v = rssBytes(srv.proc.pid);
-        trace.push((v / 1048576).toFixed(0));
+        trace.push(rssBytes(srv.proc.pid));
         const ms = Date.now() - t0;
-        if (rssWarm === null && ((ms >= WARMUP_MS && count.chat >= WARMUP_REQUESTS) || ms >= SOAK_MS / 2)) {
-          rssWarm = v;
+        if (warmIdx < 0 && ((ms >= WARMUP_MS && count.chat >= WARMUP_REQUESTS) || ms >= SOAK_MS / 2)) {
+          warmIdx = trace.length - 1;
           warmAt = `${(ms / 1000).toFixed(0)} s, ${count.chat} requests`;
         }
       }
     })();
     await Promise.all(Array.from({ length: CLIENTS }, (_, i) => (i % 2 ? anonymous(i) : conversation(i))));
     await sampler;
-    const rssEnd = rssBytes(srv.proc.pid);
+    trace.push(rssBytes(srv.proc.pid));
+    const median3 = (v) => [...v].sort((x, y) => x - y)[Math.floor(v.length / 2)];
+    const rssWarm = warmIdx >= 0 ? median3(trace.slice(Math.max(0, warmIdx - 1), warmIdx + 2)) : null;
+    const rssEnd = median3(trace.slice(-3));
     const secs = (Date.now() - t0) / 1000;
 
     /* every request counted once its connection is done */
@@ -198,7 +208,7 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
     console.log(`# soak: ${CLIENTS} clients, ${secs.toFixed(1)} s: ${count.chat} chat requests, ${count.cycles} park/resume ` +
       `cycles, ${count.anon} anonymous; restores ${restores} (${restoresCold} from disk); ` +
       `RSS ${(rssWarm / 1048576).toFixed(1)} MiB at ${warmAt} -> ${(rssEnd / 1048576).toFixed(1)} MiB at the end ` +
-      `(MiB each second: ${trace.join(' ')})`);
+      `(MiB each second: ${trace.map((v) => (v / 1048576).toFixed(0)).join(' ')})`);
 
     /* Stop it first: LeakSanitizer reports at exit. */
     const exit = await srv.stop({ graceMs: 20000 });
@@ -211,8 +221,11 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
     /* The idle gap is past --idle-park, so (nearly) every second turn resumed a parked session. */
     assert.ok(restores >= count.cycles / 2, `${restores} restores for ${count.cycles} conversations: sessions were not parked`);
     assert.equal(series.get('kvpark_requests_total{endpoint="chat_completions",status="200"}'), count.chat, 'kvpark_requests_total');
+    /* nothing but 200s (/health answers 503 while the model loads: startServer polls it) */
     for (const [k, v] of series) {
-      if (k.startsWith('kvpark_requests_total{') && !/status="200"/.test(k)) assert.equal(v, 0, `${k} is ${v}`);
+      if (k.startsWith('kvpark_requests_total{') && !/status="200"/.test(k) && !/endpoint="health"/.test(k)) {
+        assert.equal(v, 0, `${k} is ${v}`);
+      }
     }
     assert.equal(series.get('kvpark_requests_running'), 0);
     assert.equal(series.get('kvpark_requests_waiting'), 0);
