@@ -5,7 +5,9 @@
  * half of the clients run conversations (create a session, chat, stay idle
  * until it is parked, chat again, delete it), half send anonymous requests.
  * Passes only with 0 errors, every text equal to what one client alone gets
- * from a server that never parks (greedy), sessions really parked and
+ * from a server that never parks (greedy) and every token's logprob within
+ * 1e-3 of it (a KV row zeroed on restore leaves most greedy texts intact but
+ * moves logprobs by ~5e-2; clean runs differ by < 1e-5), sessions really parked and
  * resumed, kvpark_requests_total equal to the requests made, the server's
  * RSS flat after warm-up (end <= 110 % of the RSS at 8 s and 600 requests),
  * no sanitizer report on its output, and a clean exit.
@@ -40,35 +42,49 @@ const SANITIZER = /ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|T
 
 const body = (messages, max, extra = {}) => ({ model: 'm', temperature: 0, max_tokens: max, messages, ...extra });
 
-/* One streamed chat; resolves its text, or throws with what went wrong. */
+/* One streamed chat; resolves { text, lp: the chosen tokens' logprobs }, or
+ * throws with what went wrong. */
 async function streamChat(srv, messages, max, extra = {}) {
-  const r = await sse(srv.baseURL + '/chat/completions', body(messages, max, { ...extra, stream: true }), { timeoutMs: 60000 });
+  const r = await sse(srv.baseURL + '/chat/completions', body(messages, max, { ...extra, stream: true, logprobs: true }), { timeoutMs: 60000 });
   if (r.status !== 200) throw new Error(`status ${r.status}: ${r.raw.slice(0, 300)}`);
   if (!r.done) throw new Error(`stream ended without [DONE]: ${r.raw.slice(-300)}`);
   let text = '';
   let finish = null;
+  const lp = [];
   for (const e of r.events) {
     if (e.error) throw new Error(`error event: ${JSON.stringify(e.error)}`);
     for (const c of e.choices || []) {
       if (typeof c.delta?.content === 'string') text += c.delta.content;
+      for (const t of c.logprobs?.content || []) lp.push(t.logprob);
       if (c.finish_reason) finish = c.finish_reason;
     }
   }
   if (!finish) throw new Error('no finish_reason');
-  return text;
+  if (lp.length !== max) throw new Error(`${lp.length} logprobs for ${max} tokens`);
+  return { text, lp };
 }
 
-/* The single-client texts: first turn, second turn, anonymous. */
+/* The single-client answers (text and logprobs), by the same path as in the
+ * soak (a session's two turns, an anonymous request) on a server that never
+ * parks. */
 async function reference(srv) {
   const ref = {};
   for (const p of PROMPTS) {
-    const t1 = await streamChat(srv, [{ role: 'user', content: p }], TURN_TOKENS);
-    const t2 = await streamChat(srv, [{ role: 'user', content: p }, { role: 'assistant', content: t1 }, { role: 'user', content: NEXT }], TURN_TOKENS);
+    const c = await jfetch(srv.url + '/v1/sessions', { body: {} });
+    assert.equal(c.status, 200, c.text);
+    const t1 = await streamChat(srv, [{ role: 'user', content: p }], TURN_TOKENS, { session_id: c.json.id });
+    const t2 = await streamChat(srv, [{ role: 'user', content: p }, { role: 'assistant', content: t1.text }, { role: 'user', content: NEXT }],
+      TURN_TOKENS, { session_id: c.json.id });
     const anon = await streamChat(srv, [{ role: 'user', content: p }], ANON_TOKENS);
     ref[p] = { t1, t2, anon };
   }
   return ref;
 }
+
+/* Logprobs may differ by float rounding (a restored KV is bit-exact with the
+ * lossless default codec, but batching can change the summation order);
+ * anything past this is a different computation. */
+const LOGPROB_TOL = 1e-3;
 
 describe('soak', { timeout: SOAK_MS + 150000 }, () => {
   let ref;
@@ -120,8 +136,20 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
     const errors = [];
     const count = { chat: 0, cycles: 0, anon: 0 };
     const fail = (who, what, e) => { errors.push(`${who} ${what}: ${e.message ?? e}`); };
+    let maxDelta = 0;
     const expect = (who, what, got, want) => {
-      if (got !== want) errors.push(`${who} ${what}: got ${JSON.stringify(got)}, want ${JSON.stringify(want)}`);
+      if (got.text !== want.text) {
+        errors.push(`${who} ${what}: got ${JSON.stringify(got.text)}, want ${JSON.stringify(want.text)}`);
+        return;
+      }
+      for (let j = 0; j < want.lp.length; j++) {
+        const d = Math.abs(got.lp[j] - want.lp[j]);
+        maxDelta = Math.max(maxDelta, d);
+        if (!(d <= LOGPROB_TOL)) {
+          errors.push(`${who} ${what}: token ${j} logprob ${got.lp[j]}, want ${want.lp[j]} (same text)`);
+          return;
+        }
+      }
     };
     const t0 = Date.now();
     const deadline = t0 + SOAK_MS;
@@ -139,7 +167,7 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
           count.chat++;
           expect(who, 'turn 1', t1, ref[p].t1);
           await sleep(300 + Math.floor(Math.random() * 500)); /* idle: past --idle-park */
-          const t2 = await streamChat(srv, [...m1, { role: 'assistant', content: t1 }, { role: 'user', content: NEXT }], TURN_TOKENS, { session_id: sid });
+          const t2 = await streamChat(srv, [...m1, { role: 'assistant', content: t1.text }, { role: 'user', content: NEXT }], TURN_TOKENS, { session_id: sid });
           count.chat++;
           expect(who, 'turn 2 (resumed)', t2, ref[p].t2);
           const d = await jfetch(srv.url + `/v1/sessions/${sid}`, { method: 'DELETE' });
@@ -206,7 +234,7 @@ describe('soak', { timeout: SOAK_MS + 150000 }, () => {
     const restores = metricValue(metrics, 'kvpark_session_events_total', { event: 'restore' });
     const restoresCold = metricValue(metrics, 'kvpark_session_events_total', { event: 'restore', tier: 'cold' });
     console.log(`# soak: ${CLIENTS} clients, ${secs.toFixed(1)} s: ${count.chat} chat requests, ${count.cycles} park/resume ` +
-      `cycles, ${count.anon} anonymous; restores ${restores} (${restoresCold} from disk); ` +
+      `cycles, ${count.anon} anonymous; largest logprob difference ${maxDelta.toExponential(1)}; restores ${restores} (${restoresCold} from disk); ` +
       `RSS ${(rssWarm / 1048576).toFixed(1)} MiB at ${warmAt} -> ${(rssEnd / 1048576).toFixed(1)} MiB at the end ` +
       `(MiB each second: ${trace.map((v) => (v / 1048576).toFixed(0)).join(' ')})`);
 
