@@ -9,7 +9,7 @@
  * 1e-3 of it (a KV row zeroed on restore leaves most greedy texts intact but
  * moves logprobs by ~5e-2; clean runs differ by < 1e-5), sessions really parked and
  * resumed, kvpark_requests_total equal to the requests made, the server's
- * RSS flat after warm-up (end <= 110 % of the RSS at 8 s and 600 requests),
+ * RSS flat after warm-up (end <= 110 % of the RSS at 8 s and 1000 requests),
  * no sanitizer report on its output, and a clean exit.
  *
  * Why: parking bugs show up only under load and over time: a restore racing
@@ -28,12 +28,12 @@ import {
 
 const SOAK_MS = 1000 * Number(process.env.KVPARK_SOAK_S || 30);
 const CLIENTS = Number(process.env.KVPARK_SOAK_CLIENTS || 32);
-/* The RSS baseline is taken after warm-up: 8 s and 600 chat requests (an
+/* The RSS baseline is taken after warm-up: 8 s and 1000 chat requests (an
  * ASan build does the same work about 4x slower, and its allocator's
  * per-size-class pools fill with work, not time), or half the run at the
  * latest on a slow machine. */
 const WARMUP_MS = Math.min(8000, SOAK_MS / 3);
-const WARMUP_REQUESTS = 600;
+const WARMUP_REQUESTS = 1000;
 const PROMPTS = ['Once upon a time', 'Lily wanted to', 'The cat sat on', 'Tom had a big', 'One day a bird'];
 const NEXT = 'What happened next?';
 const TURN_TOKENS = 16;
