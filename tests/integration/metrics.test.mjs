@@ -140,12 +140,25 @@ describe('metrics', { timeout: 120000 }, () => {
       ].map((p) => p.then((r) => r.status)));
       assert.ok(statuses.includes(200) && statuses.includes(400) && statuses.includes(404), String(statuses));
       assert.equal((await jfetch(srv.baseURL + `/sessions/${sid}`, { method: 'DELETE' })).status, 200);
+      /* a stream the client leaves after its first chunk: counted as 499
+       * (top_logprobs make it ~2 KB a token, more than the socket buffers
+       * hold, so the server cannot have sent it all before the client left) */
+      const ac = new AbortController();
+      const res = await fetch(srv.baseURL + '/chat/completions', {
+        method: 'POST', headers: { 'content-type': 'application/json' }, signal: ac.signal,
+        body: JSON.stringify(chatBody(ONCE, { max_tokens: 220, stream: true, logprobs: true, top_logprobs: 20 })),
+      });
+      const rd = res.body.getReader();
+      await rd.read();
+      ac.abort();
+      await rd.read().catch(() => {});
       /* a request counts once its connection is done: wait for all of them */
       const end = await waitFor('every request counted', async () => {
         const e = exposedSeries(parseExposition((await jfetch(srv.url + '/metrics', { method: 'GET' })).text));
         let n = 0;
         for (const [k, v] of e) if (k.startsWith('kvpark_requests_total{') && !/"(metrics|health)"/.test(k)) n += v;
-        return n >= statuses.length - 2 + 2 ? e : null; /* health and metrics aside; the session create and delete */
+        /* health and metrics aside; the session create and delete, the aborted stream */
+        return n >= statuses.length - 2 + 2 + 1 && e.get('kvpark_requests_total{endpoint="chat_completions",status="499"}') >= 1 ? e : null;
       });
       const added = [...end.keys()].filter((k) => !start.has(k));
       assert.deepEqual(added, [], 'series that were not declared at start (add them to metrics_kvpark_series)');
