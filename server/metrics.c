@@ -630,29 +630,33 @@ int metrics_declare_sets(metrics_registry *reg, const metrics_series_set *sets, 
     return 0;
 }
 
-/* kvpark's label tuples (metrics.h). Statuses per route, from the server:
- *   every route   401 bad key (health and metrics: only with --metrics-key),
- *                 404 unknown route or method, 413 body too large
+/* kvpark's label tuples (metrics.h). Statuses per route, from the server
+ * (with the connection and tenant work of issue 11 merged):
+ *   every route   400 request smuggling (Content-Length with Transfer-Encoding),
+ *                 401 bad key (health and metrics: only with --metrics-key),
+ *                 404 unknown route or method, 413 body too large,
+ *                 499 client gone before the answer
  *   /v1/...       503 while the model loads
  *   generation    200, 400 bad request / context, 404 unknown session,
- *                 409 session busy, 429 queue full, 499 client gone,
- *                 500 failed during generation
- *   sessions      200, 400, 404, 409, 429 too many sessions, 500 failed save */
+ *                 409 session busy, 429 queue full, 500 failed during generation
+ *   sessions      200, 400, 404, 409, 429 too many sessions, 500 failed save,
+ *                 507 disk full on save */
 #define S_(...) ((const char *const[]){__VA_ARGS__, NULL})
 static const char *const gen_statuses[] = {"200", "400", "401", "404", "409", "413", "429", "499", "500",
                                            "503", NULL};
 
 const metrics_series_set metrics_kvpark_series[] = {
     {"kvpark_requests_total", S_("chat_completions", "completions"), gen_statuses},
-    {"kvpark_requests_total", S_("sessions"), S_("200", "400", "401", "404", "409", "413", "429", "500", "503")},
-    {"kvpark_requests_total", S_("models"), S_("200", "401", "404", "413", "503")},
-    {"kvpark_requests_total", S_("health"), S_("200", "401", "404", "413", "503")},
-    {"kvpark_requests_total", S_("metrics"), S_("200", "401", "404", "413")},
-    {"kvpark_requests_total", S_("other"), S_("401", "404", "413", "503")},
+    {"kvpark_requests_total", S_("sessions"),
+     S_("200", "400", "401", "404", "409", "413", "429", "499", "500", "503", "507")},
+    {"kvpark_requests_total", S_("models", "health"), S_("200", "400", "401", "404", "413", "499", "503")},
+    {"kvpark_requests_total", S_("metrics"), S_("200", "400", "401", "404", "413", "499")},
+    {"kvpark_requests_total", S_("other"), S_("400", "401", "404", "413", "499", "503")},
     /* park: the tier it went to (empty: it had no tokens); restore: the tier
-     * it came from; error: either */
+     * it came from; error: either; expire: the tier it was deleted from */
     {"kvpark_session_events_total", S_("park", "restore", "error"), S_("warm", "cold")},
     {"kvpark_session_events_total", S_("park", "error"), S_("empty")},
+    {"kvpark_session_events_total", S_("expire"), S_("empty", "hot", "warm", "cold")},
     {"kvpark_session_events_total", S_("save", "drop"), S_("cold")},
     {"kvpark_session_restore_seconds", S_("warm", "cold"), NULL},
     {"kvpark_sessions", S_("empty", "hot", "warm", "cold"), NULL},

@@ -543,6 +543,8 @@ static void test_declared_series(void **state) {
     assert_has_line(text, "kvpark_session_events_total{event=\"park\",tier=\"warm\"} 0");
     assert_has_line(text, "kvpark_session_events_total{event=\"restore\",tier=\"cold\"} 0");
     assert_has_line(text, "kvpark_session_events_total{event=\"save\",tier=\"cold\"} 0");
+    assert_has_line(text, "kvpark_session_events_total{event=\"expire\",tier=\"hot\"} 0");
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"sessions\",status=\"507\"} 0");
     assert_has_line(text, "kvpark_session_restore_seconds_bucket{tier=\"warm\",le=\"+Inf\"} 0");
     assert_has_line(text, "kvpark_session_restore_seconds_count{tier=\"cold\"} 0");
     assert_has_line(text, "kvpark_sessions{tier=\"hot\"} 0");
