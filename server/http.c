@@ -432,8 +432,10 @@ static int setup_metrics(server *s, kp_err *err) {
                                      "Time to make a parked session resident, by source tier.", NULL, 0, "tier",
                                      NULL, err);
     s->m_session_events = metrics_counter(reg, "kvpark_session_events_total",
-                                          "Session moves between tiers: park (to tier), restore (from tier), "
-                                          "save, drop (cold tier full), error.",
+                                          "Session moves between tiers: park (tier: where the parked copy went; "
+                                          "cold when it is durable on disk, even while it is also cached in RAM; "
+                                          "empty for a session with no tokens), restore (tier: where it came from, "
+                                          "as in kvpark_sessions), save (cold), drop (cold tier full), error.",
                                           "event", "tier", err);
     if (!s->m_requests || !s->m_ttft || !s->m_tpot || !s->m_duration || !s->m_prompt_tokens ||
         !s->m_gen_tokens || !s->m_cache_hits || !s->m_restore || !s->m_session_events)
@@ -442,13 +444,25 @@ static int setup_metrics(server *s, kp_err *err) {
                           collect_running, s, err) ||
         !metrics_gauge_fn(reg, "kvpark_requests_waiting", "Requests queued.", NULL, NULL, collect_waiting, s,
                           err) ||
-        !metrics_gauge_fn(reg, "kvpark_sessions", "Sessions by tier.", "tier", NULL, collect_sessions, s, err) ||
-        !metrics_gauge_fn(reg, "kvpark_kv_bytes", "KV bytes held, by tier.", "tier", NULL, collect_kv_bytes, s,
-                          err) ||
+        !metrics_gauge_fn(reg, "kvpark_sessions",
+                          "Sessions, each counted once, in the fastest tier it can be resumed from: hot (KV "
+                          "resident), warm (every chunk in RAM, even if a saved copy is also on disk), cold (some "
+                          "chunk only on disk), empty (no tokens yet).",
+                          "tier", NULL, collect_sessions, s, err) ||
+        !metrics_gauge_fn(reg, "kvpark_kv_bytes",
+                          "Bytes held in each tier, as the budgets count them: hot = KV cache reserved by resident "
+                          "sessions (--hot-budget); warm = coded chunks in RAM (--warm-budget); cold = coded "
+                          "chunks in files on disk, headers excluded (--cold-budget). A chunk can be in warm and "
+                          "cold at once (a saved or spilled session cached in RAM), and a prefix shared by "
+                          "sessions is stored once, so these do not split kvpark_sessions' sessions by tier.",
+                          "tier", NULL, collect_kv_bytes, s, err) ||
         !metrics_gauge_fn(reg, "kvpark_store_events", "Session store events since start: sessions dropped "
                           "(cold tier full), files quarantined, write errors, foreign records, torn writes removed.",
                           "event", NULL, collect_store, s, err))
         return KP_EINVAL;
+    /* Every known series at 0 from the first scrape, so rate() sees its first increase. */
+    int rc = metrics_declare_sets(reg, metrics_kvpark_series, metrics_n_kvpark_series, err);
+    if (rc) return rc;
     return metrics_info(reg, "kvpark_build_info", "kvpark version and backend.", "version", KVPARK_VERSION,
                         "backend", s->o.device && !strcmp(s->o.device, "cuda") ? "cuda"
                                    : (s->o.device && !strcmp(s->o.device, "cpu")) || !kp_cuda_available() ? "cpu"

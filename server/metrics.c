@@ -12,6 +12,10 @@
  * Locking: reg->mu guards the family array; f->mu guards f's children and
  * their values. Updates take only f->mu. Render takes reg->mu, runs the
  * collect callbacks, then takes each f->mu in turn.
+ *
+ * At the end: metrics_kvpark_series, every label tuple the server's families
+ * take, which the server declares at 0 at startup (a series that first
+ * appears with its first increment hides that increment from rate()).
  */
 #include "server/metrics.h"
 
@@ -589,3 +593,75 @@ char *metrics_render(metrics_registry *reg) {
     }
     return b.s;
 }
+
+/* ------------------------------------------------------ declared children */
+
+int metrics_declare(metrics_family *f, const char *l0, const char *l1) {
+    if (!f) return KP_EINVAL;
+    pthread_mutex_lock(&f->mu);
+    metrics_child *c = get_child(f, l0, l1);
+    pthread_mutex_unlock(&f->mu);
+    return c ? 0 : KP_ENOMEM;
+}
+
+int metrics_declare_sets(metrics_registry *reg, const metrics_series_set *sets, int n, kp_err *err) {
+    if (!reg || (n > 0 && !sets)) return kp_errf(err, KP_EINVAL, "metrics: registry or label sets are NULL");
+    static const char *const none[] = {NULL, NULL};
+    for (int i = 0; i < n; i++) {
+        const metrics_series_set *ss = &sets[i];
+        pthread_mutex_lock(&reg->mu);
+        int idx = ss->family ? find_family(reg, ss->family) : -1;
+        metrics_family *f = idx >= 0 ? reg->families[idx] : NULL;
+        pthread_mutex_unlock(&reg->mu);
+        if (!f)
+            return kp_errf(err, KP_ENOTFOUND,
+                           "metrics: label sets name the family '%s', which is not registered "
+                           "(metrics_kvpark_series and the registrations disagree)",
+                           ss->family ? ss->family : "(null)");
+        /* An absent list stands for one NULL value, so the loops run once. */
+        const char *const *v0 = ss->l0 ? ss->l0 : none;
+        const char *const *v1 = ss->l1 ? ss->l1 : none;
+        for (int a = 0; a == 0 || v0[a]; a++)
+            for (int b = 0; b == 0 || v1[b]; b++)
+                if (metrics_declare(f, v0[a], v1[b]))
+                    return kp_errf(err, KP_ENOMEM, "metrics: out of memory declaring %s{%s,%s}",
+                                   ss->family, v0[a] ? v0[a] : "", v1[b] ? v1[b] : "");
+    }
+    return 0;
+}
+
+/* kvpark's label tuples (metrics.h). Statuses per route, from the server
+ * (with the connection and tenant work of issue 11 merged):
+ *   every route   400 request smuggling (Content-Length with Transfer-Encoding),
+ *                 401 bad key (health and metrics: only with --metrics-key),
+ *                 404 unknown route or method, 413 body too large,
+ *                 499 client gone before the answer
+ *   /v1/...       503 while the model loads
+ *   generation    200, 400 bad request / context, 404 unknown session,
+ *                 409 session busy, 429 queue full, 500 failed during generation
+ *   sessions      200, 400, 404, 409, 429 too many sessions, 500 failed save,
+ *                 507 disk full on save */
+#define S_(...) ((const char *const[]){__VA_ARGS__, NULL})
+static const char *const gen_statuses[] = {"200", "400", "401", "404", "409", "413", "429", "499", "500",
+                                           "503", NULL};
+
+const metrics_series_set metrics_kvpark_series[] = {
+    {"kvpark_requests_total", S_("chat_completions", "completions"), gen_statuses},
+    {"kvpark_requests_total", S_("sessions"),
+     S_("200", "400", "401", "404", "409", "413", "429", "499", "500", "503", "507")},
+    {"kvpark_requests_total", S_("models", "health"), S_("200", "400", "401", "404", "413", "499", "503")},
+    {"kvpark_requests_total", S_("metrics"), S_("200", "400", "401", "404", "413", "499")},
+    {"kvpark_requests_total", S_("other"), S_("400", "401", "404", "413", "499", "503")},
+    /* park: the tier it went to (empty: it had no tokens); restore: the tier
+     * it came from; error: either; expire: the tier it was deleted from */
+    {"kvpark_session_events_total", S_("park", "restore", "error"), S_("warm", "cold")},
+    {"kvpark_session_events_total", S_("park", "error"), S_("empty")},
+    {"kvpark_session_events_total", S_("expire"), S_("empty", "hot", "warm", "cold")},
+    {"kvpark_session_events_total", S_("save", "drop"), S_("cold")},
+    {"kvpark_session_restore_seconds", S_("warm", "cold"), NULL},
+    {"kvpark_sessions", S_("empty", "hot", "warm", "cold"), NULL},
+    {"kvpark_kv_bytes", S_("hot", "warm", "cold"), NULL},
+    {"kvpark_store_events", S_("dropped", "quarantined", "io_error", "foreign", "torn_write_removed"), NULL},
+};
+const int metrics_n_kvpark_series = (int)KP_ARRAY_LEN(metrics_kvpark_series);
+#undef S_

@@ -25,6 +25,12 @@
  *     Updates never fail loudly: a call on the wrong type, a negative counter
  *     increment or a child that cannot be allocated (out of memory, or more
  *     than METRICS_MAX_CHILDREN distinct label tuples) is dropped.
+ *   - A labelled child that is only created by its first update makes
+ *     Prometheus miss that first burst: rate() and increase() need a sample
+ *     before the change. So declare every label tuple a family can take at
+ *     startup (metrics_declare / metrics_declare_sets): it renders at 0 (an
+ *     empty histogram) from the first scrape. metrics_kvpark_series lists the
+ *     server's tuples.
  *
  * Thread safety: every function may be called from any thread at any time
  * (one mutex per family, one for the registry's family list). Updates are a
@@ -101,6 +107,34 @@ int metrics_info(metrics_registry *reg, const char *name, const char *help,
 /* Fill out[0..n) with start * factor^i (start > 0, factor > 1). Returns 0 or
  * KP_EINVAL. */
 int metrics_exp_buckets(double start, double factor, int n, double *out, kp_err *err);
+
+/* Create the child (l0, l1) at zero if it does not exist yet (an existing
+ * child keeps its value). 0, KP_EINVAL (f NULL) or KP_ENOMEM (also past
+ * METRICS_MAX_CHILDREN). */
+int metrics_declare(metrics_family *f, const char *l0, const char *l1);
+
+/* A family's label tuples, as a product: every value of l0 with every value
+ * of l1. Both lists end with NULL; l0 NULL for a family without labels, l1
+ * NULL for one with a single label. */
+typedef struct metrics_series_set {
+    const char *family;
+    const char *const *l0;
+    const char *const *l1;
+} metrics_series_set;
+
+/* metrics_declare for every tuple of sets[0..n). A family name that is not
+ * registered is KP_ENOTFOUND, naming it (the table and the registrations have
+ * drifted apart: fix the table); KP_ENOMEM as for metrics_declare. */
+int metrics_declare_sets(metrics_registry *reg, const metrics_series_set *sets, int n, kp_err *err);
+
+/* kvpark's label tuples: every route (the endpoint label of
+ * kvpark_requests_total) with each status it can answer, every session event
+ * with the tiers it names, every tier of the per-tier families, every store
+ * event. The server declares them at startup. When a new label value is
+ * emitted somewhere, add it here (tests/test_metrics.c and
+ * tests/integration/metrics.test.mjs check the table against the server). */
+extern const metrics_series_set metrics_kvpark_series[];
+extern const int metrics_n_kvpark_series;
 
 /* Counter: add v >= 0 (others dropped). Gauge: add v (may be negative). */
 void metrics_add(metrics_family *f, double v, const char *l0, const char *l1);

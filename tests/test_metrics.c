@@ -3,7 +3,8 @@
  * checks, number formatting, the exact text of counters, gauges, histograms
  * (cumulative buckets, +Inf, _sum, _count) and escaped label values, the full
  * set of kvpark metrics validated by `promtool check metrics`, callback
- * gauges, and exact totals under 4 concurrent writer threads.
+ * gauges, the server's label tuples declared at 0 before any update
+ * (metrics_kvpark_series), and exact totals under 4 concurrent writer threads.
  */
 #include "tests/testutil.h"
 
@@ -464,6 +465,138 @@ static void test_kvpark_metrics_promtool(void **state) {
     metrics_free(reg);
 }
 
+/* ---- declared series: present at 0 before the first update ---- */
+
+static void noop_collect(metrics_family *f, void *ctx) {
+    (void)f;
+    (void)ctx;
+}
+
+/* The labelled families the server registers (server/http.c setup_metrics):
+ * names and label names, so each tuple of metrics_kvpark_series finds its
+ * family and the test knows how its lines read. */
+typedef struct {
+    const char *name, *label0, *label1;
+    metrics_type type;
+} family_shape;
+
+static const family_shape server_families[] = {
+    {"kvpark_requests_total", "endpoint", "status", METRICS_COUNTER},
+    {"kvpark_session_events_total", "event", "tier", METRICS_COUNTER},
+    {"kvpark_session_restore_seconds", "tier", NULL, METRICS_HISTOGRAM},
+    {"kvpark_sessions", "tier", NULL, METRICS_GAUGE},
+    {"kvpark_kv_bytes", "tier", NULL, METRICS_GAUGE},
+    {"kvpark_store_events", "event", NULL, METRICS_GAUGE},
+};
+
+static const family_shape *shape_of(const char *name) {
+    for (size_t i = 0; i < KP_ARRAY_LEN(server_families); i++)
+        if (!strcmp(server_families[i].name, name)) return &server_families[i];
+    print_message("metrics_kvpark_series names '%s', which the server does not register\n", name);
+    fail();
+    return NULL;
+}
+
+static metrics_family *register_like_server(metrics_registry *reg) {
+    kp_err err = {0};
+    metrics_family *requests = NULL;
+    for (size_t i = 0; i < KP_ARRAY_LEN(server_families); i++) {
+        const family_shape *fs = &server_families[i];
+        metrics_family *f =
+            fs->type == METRICS_HISTOGRAM
+                ? metrics_histogram(reg, fs->name, "h", NULL, 0, fs->label0, fs->label1, &err)
+            : fs->type == METRICS_COUNTER ? metrics_counter(reg, fs->name, "h", fs->label0, fs->label1, &err)
+                                          : metrics_gauge_fn(reg, fs->name, "h", fs->label0, fs->label1,
+                                                             noop_collect, NULL, &err);
+        assert_non_null(f);
+        if (i == 0) requests = f;
+    }
+    return requests;
+}
+
+static void test_declared_series(void **state) {
+    (void)state;
+    metrics_registry *reg = metrics_new();
+    kp_err err = {0};
+    metrics_family *requests = register_like_server(reg);
+
+    /* Before declaring: labelled families have no samples (what Prometheus
+     * saw before the fix: no series until the first increment). */
+    char *text = metrics_render(reg);
+    assert_no_substr(text, "kvpark_requests_total{");
+    free(text);
+
+    /* A child updated before the declaration keeps its value. */
+    metrics_inc(requests, "chat_completions", "500");
+    assert_int_equal(metrics_declare_sets(reg, metrics_kvpark_series, metrics_n_kvpark_series, &err), 0);
+    /* Declaring twice changes nothing. */
+    assert_int_equal(metrics_declare_sets(reg, metrics_kvpark_series, metrics_n_kvpark_series, &err), 0);
+    text = metrics_render(reg);
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"chat_completions\",status=\"500\"} 1");
+    /* The series a user looks for first. */
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"chat_completions\",status=\"200\"} 0");
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"chat_completions\",status=\"400\"} 0");
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"completions\",status=\"429\"} 0");
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"sessions\",status=\"404\"} 0");
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"health\",status=\"200\"} 0");
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"other\",status=\"404\"} 0");
+    assert_has_line(text, "kvpark_session_events_total{event=\"park\",tier=\"warm\"} 0");
+    assert_has_line(text, "kvpark_session_events_total{event=\"restore\",tier=\"cold\"} 0");
+    assert_has_line(text, "kvpark_session_events_total{event=\"save\",tier=\"cold\"} 0");
+    assert_has_line(text, "kvpark_session_events_total{event=\"expire\",tier=\"hot\"} 0");
+    assert_has_line(text, "kvpark_requests_total{endpoint=\"sessions\",status=\"507\"} 0");
+    assert_has_line(text, "kvpark_session_restore_seconds_bucket{tier=\"warm\",le=\"+Inf\"} 0");
+    assert_has_line(text, "kvpark_session_restore_seconds_count{tier=\"cold\"} 0");
+    assert_has_line(text, "kvpark_sessions{tier=\"hot\"} 0");
+    assert_has_line(text, "kvpark_kv_bytes{tier=\"cold\"} 0");
+    assert_has_line(text, "kvpark_store_events{event=\"dropped\"} 0");
+    /* Per route, not one product of every route and every status. */
+    assert_no_substr(text, "endpoint=\"metrics\",status=\"503\"");
+
+    /* Every tuple of the table renders at 0 (the 500 above aside). */
+    int n_lines = 0;
+    for (int i = 0; i < metrics_n_kvpark_series; i++) {
+        const metrics_series_set *ss = &metrics_kvpark_series[i];
+        const family_shape *fs = shape_of(ss->family);
+        assert_non_null(ss->l0);
+        assert_true((ss->l1 != NULL) == (fs->label1 != NULL));
+        for (int a = 0; ss->l0[a]; a++) {
+            for (int b = 0; b == 0 || (ss->l1 && ss->l1[b]); b++) {
+                char line[400];
+                if (fs->label1 && !strcmp(ss->l0[a], "chat_completions") && !strcmp(ss->l1[b], "500"))
+                    continue;
+                if (fs->label1)
+                    snprintf(line, sizeof line, "%s{%s=\"%s\",%s=\"%s\"} 0", fs->name, fs->label0, ss->l0[a],
+                             fs->label1, ss->l1[b]);
+                else
+                    snprintf(line, sizeof line, "%s%s{%s=\"%s\"} 0", fs->name,
+                             fs->type == METRICS_HISTOGRAM ? "_count" : "", fs->label0, ss->l0[a]);
+                assert_has_line(text, line);
+                n_lines++;
+            }
+        }
+    }
+    assert_true(n_lines >= 60);
+
+    /* promtool accepts it (each declared child is a complete series). */
+    char *out = NULL;
+    int rc = promtool_check(text, &out);
+    if (rc != -1) {
+        if (rc != 0 || (out && *out)) print_message("promtool (rc %d):\n%s\n%s", rc, out, text);
+        assert_int_equal(rc, 0);
+    }
+    free(out);
+    free(text);
+
+    /* A table naming a family nobody registered is an error naming it. */
+    static const char *const vals[] = {"x", NULL};
+    const metrics_series_set bad[] = {{"kvpark_renamed_total", vals, NULL}};
+    assert_int_equal(metrics_declare_sets(reg, bad, 1, &err), KP_ENOTFOUND);
+    assert_non_null(strstr(err.msg, "kvpark_renamed_total"));
+    assert_int_equal(metrics_declare(NULL, "a", "b"), KP_EINVAL);
+    metrics_free(reg);
+}
+
 /* ---- concurrency: 4 threads x 100k increments on shared families ---- */
 
 #define N_THREADS 4
@@ -536,6 +669,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_histogram_text),
         cmocka_unit_test(test_escaping),
         cmocka_unit_test(test_kvpark_metrics_promtool),
+        cmocka_unit_test(test_declared_series),
         cmocka_unit_test(test_concurrency),
     };
     return cmocka_run_group_tests_name("metrics", tests, NULL, NULL);

@@ -380,3 +380,191 @@ export async function waitFor(what, fn, ms = 10000) {
     await sleep(25);
   }
 }
+
+/* ---- Prometheus exposition, checked strictly ---------------------------- */
+
+const METRIC_NAME = /^[a-zA-Z_:][a-zA-Z0-9_:]*/;
+const LABEL_NAME = /^[a-zA-Z_][a-zA-Z0-9_]*/;
+const PROM_VALUE = /^(?:[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?Inf|NaN)$/;
+const PROM_TYPES = new Set(['counter', 'gauge', 'histogram', 'summary', 'untyped']);
+const promNumber = (s) => (s === '+Inf' || s === 'Inf' ? Infinity : s === '-Inf' ? -Infinity : Number(s));
+
+/* Undo the escapes of a label value (\\ \" \n) or HELP text (\\ \n); any
+ * other backslash sequence is an error. */
+function promUnescape(s, quote, where) {
+  let out = '';
+  for (let i = 0; i < s.length; i++) {
+    if (s[i] !== '\\') { out += s[i]; continue; }
+    const n = s[++i];
+    if (n === '\\') out += '\\';
+    else if (n === 'n') out += '\n';
+    else if (quote && n === '"') out += '"';
+    else throw new Error(`${where}: bad escape "\\${n ?? ''}"`);
+  }
+  return out;
+}
+
+/*
+ * Parse Prometheus text format 0.0.4 the strict way and throw on anything a
+ * scraper could misread: # HELP and # TYPE at most once per family and
+ * before its samples; every sample in a family with a # TYPE (and # HELP);
+ * a family's samples contiguous; metric and label names valid, no label
+ * twice, values quoted with only \\ \" \n escapes; numbers Prometheus parses
+ * (+Inf, -Inf, NaN); no duplicate series (same name and label set); counters
+ * >= 0; histograms with increasing le, cumulative buckets ending at +Inf equal
+ * to _count, and a _sum. Blank lines and a missing final newline are refused
+ * too (the format tolerates them; kvpark never writes them).
+ * Returns Map name -> { help, type, samples: [{ name, labels, value }] }.
+ */
+export function parseExposition(text) {
+  if (text.length && !text.endsWith('\n')) throw new Error('exposition does not end with a newline');
+  if (text.includes('\r')) throw new Error('exposition contains \\r');
+  const fams = new Map();
+  const closed = new Set();
+  const series = new Set();
+  let current = null;
+  const fam = (name) => {
+    if (!fams.has(name)) fams.set(name, { help: undefined, type: undefined, samples: [], started: false });
+    return fams.get(name);
+  };
+  const familyOf = (name) => {
+    if (fams.get(name)?.type) return name;
+    for (const [suffix, types] of [['_bucket', ['histogram']], ['_sum', ['histogram', 'summary']], ['_count', ['histogram', 'summary']]]) {
+      if (!name.endsWith(suffix)) continue;
+      const base = name.slice(0, -suffix.length);
+      if (types.includes(fams.get(base)?.type)) return base;
+    }
+    return null;
+  };
+  const lines = text.split('\n');
+  lines.pop();
+  lines.forEach((line, i) => {
+    const at = `line ${i + 1} "${line.slice(0, 120)}"`;
+    if (line === '') throw new Error(`${at}: blank line`);
+    if (line.startsWith('#')) {
+      const m = line.match(/^# (HELP|TYPE) ([^ ]+)(?: (.*))?$/);
+      if (!m) {
+        const bad = line.match(/^#\s*(HELP|TYPE)\b/);
+        if (bad) throw new Error(`${at}: malformed ${bad[1]} line`);
+        return; /* a plain comment */
+      }
+      const [, kind, name, rest = ''] = m;
+      if (!METRIC_NAME.test(name) || name.match(METRIC_NAME)[0] !== name) throw new Error(`${at}: bad metric name`);
+      const f = fam(name);
+      if (f.started) throw new Error(`${at}: # ${kind} after samples of ${name}`);
+      if (kind === 'HELP') {
+        if (f.help !== undefined) throw new Error(`${at}: second # HELP for ${name}`);
+        f.help = promUnescape(rest, false, at);
+      } else {
+        if (f.type !== undefined) throw new Error(`${at}: second # TYPE for ${name}`);
+        if (!PROM_TYPES.has(rest)) throw new Error(`${at}: unknown type "${rest}"`);
+        f.type = rest;
+      }
+      return;
+    }
+    /* name{labels} value [timestamp] */
+    const nm = line.match(METRIC_NAME);
+    if (!nm) throw new Error(`${at}: no metric name`);
+    const name = nm[0];
+    let p = name.length;
+    const labels = {};
+    if (line[p] === '{') {
+      p++;
+      while (line[p] !== '}') {
+        const ln = line.slice(p).match(LABEL_NAME);
+        if (!ln) throw new Error(`${at}: bad label name at column ${p + 1}`);
+        const lname = ln[0];
+        if (lname.startsWith('__')) throw new Error(`${at}: reserved label name ${lname}`);
+        if (lname in labels) throw new Error(`${at}: label ${lname} twice`);
+        p += lname.length;
+        if (line.slice(p, p + 2) !== '="') throw new Error(`${at}: expected =" after ${lname}`);
+        p += 2;
+        let raw = '';
+        while (p < line.length && line[p] !== '"') {
+          if (line[p] === '\\') { raw += line.slice(p, p + 2); p += 2; } else raw += line[p++];
+        }
+        if (line[p] !== '"') throw new Error(`${at}: unterminated value of ${lname}`);
+        p++;
+        labels[lname] = promUnescape(raw, true, at);
+        if (line[p] === ',') {
+          p++;
+          if (line[p] === '}') throw new Error(`${at}: trailing comma in labels`);
+        } else if (line[p] !== '}') throw new Error(`${at}: expected , or } at column ${p + 1}`);
+      }
+      p++;
+    }
+    const tail = line.slice(p);
+    const vm = tail.match(/^ ([^ ]+)(?: (-?\d+))?$/);
+    if (!vm || !PROM_VALUE.test(vm[1])) throw new Error(`${at}: bad value`);
+    const value = promNumber(vm[1]);
+    const base = familyOf(name);
+    if (!base) throw new Error(`${at}: sample without a # TYPE for its family`);
+    const f = fams.get(base);
+    if (f.help === undefined) throw new Error(`${at}: family ${base} has no # HELP`);
+    if (current !== base) {
+      if (closed.has(base)) throw new Error(`${at}: samples of ${base} are not contiguous`);
+      if (current) closed.add(current);
+      current = base;
+    }
+    f.started = true;
+    const key = name + JSON.stringify(Object.entries(labels).sort(([a], [b]) => (a < b ? -1 : 1)));
+    if (series.has(key)) throw new Error(`${at}: duplicate series`);
+    series.add(key);
+    if (f.type === 'counter' && !(value >= 0)) throw new Error(`${at}: counter value ${vm[1]} is not >= 0`);
+    if ('le' in labels && !(f.type === 'histogram' && name === base + '_bucket')) throw new Error(`${at}: le outside a histogram bucket`);
+    if (f.type === 'histogram' && name === base + '_bucket' && !('le' in labels)) throw new Error(`${at}: bucket without le`);
+    f.samples.push({ name, labels, value });
+  });
+  /* histogram shape, per label set */
+  for (const [name, f] of fams) {
+    if (f.type !== 'histogram') continue;
+    const groups = new Map();
+    for (const s of f.samples) {
+      const { le, ...rest } = s.labels;
+      const k = JSON.stringify(Object.entries(rest).sort());
+      if (!groups.has(k)) groups.set(k, { buckets: [], sum: undefined, count: undefined });
+      const g = groups.get(k);
+      if (s.name === name + '_bucket') {
+        if (!PROM_VALUE.test(le)) throw new Error(`${name}${k}: bad le "${le}"`);
+        g.buckets.push([promNumber(le), s.value]);
+      } else if (s.name === name + '_sum') g.sum = s.value;
+      else if (s.name === name + '_count') g.count = s.value;
+      else throw new Error(`${name}: sample ${s.name} in a histogram`);
+    }
+    for (const [k, g] of groups) {
+      const where = `${name}${k}`;
+      if (g.sum === undefined || g.count === undefined) throw new Error(`${where}: _sum or _count missing`);
+      if (!g.buckets.length || g.buckets[g.buckets.length - 1][0] !== Infinity) throw new Error(`${where}: no le="+Inf" bucket last`);
+      for (let i = 1; i < g.buckets.length; i++) {
+        if (!(g.buckets[i][0] > g.buckets[i - 1][0])) throw new Error(`${where}: le not increasing`);
+        if (g.buckets[i][1] < g.buckets[i - 1][1]) throw new Error(`${where}: buckets not cumulative`);
+      }
+      if (g.buckets[g.buckets.length - 1][1] !== g.count) throw new Error(`${where}: +Inf bucket != _count`);
+    }
+  }
+  for (const [name, f] of fams) {
+    if (f.type === undefined) throw new Error(`# HELP for ${name} without a # TYPE`);
+    delete f.started;
+  }
+  return fams;
+}
+
+/* Every series of a parsed exposition as 'name{a="x",b="y"}' -> value. */
+export function exposedSeries(fams) {
+  const out = new Map();
+  for (const f of fams.values()) {
+    for (const s of f.samples) {
+      const l = Object.entries(s.labels).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(',');
+      out.set(l ? `${s.name}{${l}}` : s.name, s.value);
+    }
+  }
+  return out;
+}
+
+/* VmRSS of a process in bytes (Linux /proc), or null when unreadable. */
+export function rssBytes(pid) {
+  try {
+    const m = fs.readFileSync(`/proc/${pid}/status`, 'utf8').match(/^VmRSS:\s+(\d+) kB$/m);
+    return m ? Number(m[1]) * 1024 : null;
+  } catch { return null; }
+}
