@@ -84,6 +84,7 @@ calib_opts calib_default_opts(void) {
     calib_opts o = {.n_ctx = 256,
                     .max_tokens = 131072,
                     .bits = 2.0,
+                    .ratio = 0,
                     .chunk = LAYOUT_DEFAULT_CHUNK,
                     .sink = LAYOUT_DEFAULT_SINK,
                     .window = LAYOUT_DEFAULT_WINDOW,
@@ -853,6 +854,38 @@ static int cal_ctx_init(cal_ctx *x, int NC, int d, int hd, int nkv) {
     return 0;
 }
 
+/* The bits per value in coded chunks that make one n_ctx-token cache parked
+ * under lay come out at `ratio` end to end, from the layout's fixed bytes
+ * (lossless rows, headers) and its coded values; the fit then lands within
+ * a few per cent (scales, rounding of the allocation) and calib_run corrects
+ * once. KP_ERANGE, saying what is reachable, when the fixed bytes alone
+ * exceed the target or it would need more than the codec's 8 bits. */
+static int cal_bits_for_ratio(const codec_shape *sh, const layout *lay, int n_ctx, double ratio, double *bits,
+                              kp_err *err) {
+    codec *none = NULL;
+    double ignored, fixed, vals;
+    int rc = codec_open(&none, "none", sh, err);
+    if (!rc) rc = quality_layout_ratio(none, sh, lay, n_ctx, KP_TYPE_F16, &ignored, &fixed, &vals, err);
+    codec_free(none);
+    if (rc) return rc;
+    const double fp16 = 2.0 * n_ctx * (double)sh->n_kv_heads * sh->head_dim * 2.0 * sh->n_layer;
+    if (vals <= 0)
+        return kp_errf(err, KP_ERANGE, "calibrate: --ratio: with sink %d and window %d a %d-token context has "
+                       "no coded rows (everything is lossless, 1x): lower --sink/--window or raise -c",
+                       lay->sink, lay->window, n_ctx);
+    const double budget = fp16 / ratio - fixed;
+    if (budget <= 0)
+        return kp_errf(err, KP_ERANGE, "calibrate: --ratio %g cannot be reached with sink %d and window %d at "
+                       "%d tokens: the lossless rows and chunk headers alone give at most %.2fx; lower "
+                       "--window/--sink or raise -c", ratio, lay->sink, lay->window, n_ctx, fp16 / fixed);
+    *bits = 8.0 * budget / vals;
+    if (*bits > CODECFILE_MAX_BITS)
+        return kp_errf(err, KP_ERANGE, "calibrate: --ratio %g needs %.2f bits/value, more than the learned "
+                       "codec's %d: use codec int8 or fp16 for so little compression", ratio, *bits,
+                       CODECFILE_MAX_BITS);
+    return 0;
+}
+
 int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts *o,
               const char *out_path, calib_report *rep, kp_err *err) {
     const double t0 = kp_now();
@@ -865,6 +898,8 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
         o->window < 0 || !(o->k_weight > 0 && o->k_weight < 1e6) || !(o->max_dppl >= 0) || o->park_every < 1)
         return kp_errf(err, KP_EINVAL, "calibrate: bad options (n_ctx %d, chunk %d, bits %g, max_dppl %g, "
                        "park_every %d)", o->n_ctx, o->chunk, o->bits, o->max_dppl, o->park_every);
+    if (!(o->ratio >= 0) || (o->ratio > 0 && o->max_dppl > 0))
+        return kp_errf(err, KP_EINVAL, "calibrate: give one of --bits, --ratio (> 0) and --max-dppl");
     if (o->max_dppl > 0 && o->kind != CODEC_LEARNED)
         return kp_errf(err, KP_EINVAL, "calibrate: --max-dppl needs --kind learned");
     const int L = hp->n_layer, hd = hp->head_dim, nkv = hp->n_kv_heads, d = hd * nkv, NC = 2 * L;
@@ -892,6 +927,15 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
     const int64_t cap_f = learned ? KP_MIN(n_fit, KP_MIN((int64_t)CAL_MAX_ROWS, KP_MAX((int64_t)64,
                                                  (int64_t)CAL_ROW_FLOATS / ((int64_t)NC * d)))) : 0;
     const int64_t cap_v = learned ? KP_MIN(n_val, cap_f) : 0;
+    const layout lay = {.sink = o->sink, .window = o->window, .chunk = o->chunk};
+    double bits0 = o->bits;
+    if (o->ratio > 0) {
+        int rc0 = cal_bits_for_ratio(&shape, &lay, n_ctx, o->ratio, &bits0, err);
+        if (rc0) return rc0;
+        if (o->log)
+            fprintf(o->log, "ratio %g end to end (a %d-token cache, sink %d, window %d, chunk %d): start at "
+                    "%.4f bits/value in coded chunks\n", o->ratio, n_ctx, o->sink, o->window, o->chunk, bits0);
+    }
     cal_stats st, sv;
     memset(&sv, 0, sizeof sv);
     if (cal_stats_init(&st, hp, &shape, o->kind, 1, cap_f, cap_f ? (n_fit + cap_f - 1) / cap_f : 1))
@@ -951,11 +995,11 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
         x.qo.window = o->window, x.qo.kv_type = KP_TYPE_F16;
     }
     const int sens = learned && o->sens && qual;
-    if (sens && (rc = cal_sensitivity(&x, o->bits, err))) goto done;
+    if (sens && (rc = cal_sensitivity(&x, bits0, err))) goto done;
     if (o->sens_scale)
         for (int ci = 0; ci < NC; ci++) x.cc[ci].weight *= o->sens_scale[ci];
 
-    double target = o->bits;
+    double target = bits0;
     quality_result qr = {0};
     int have_q = 0;
     if (o->max_dppl > 0) {
@@ -1002,8 +1046,29 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
         quality_result q;
         int measured = 0;
         if ((rc = cal_fit_target(&x, target, o->refine, &c, &q, &measured, err))) goto done;
+        if (o->ratio > 0) {
+            /* the coded bytes scale with the bit budget: one correction
+             * from the achieved end-to-end ratio, then the fit that is kept */
+            double got, fixed, vals;
+            if ((rc = quality_layout_ratio(c, &shape, &lay, n_ctx, KP_TYPE_F16, &got, &fixed, &vals, err)))
+                goto done;
+            const double fp16 = 4.0 * n_ctx * d * L, want_coded = fp16 / o->ratio - fixed,
+                         got_coded = fp16 / got - fixed;
+            if (fabs(got / o->ratio - 1) > 0.01 && got_coded > 0) {
+                const double t2 = KP_MIN((double)CODECFILE_MAX_BITS, target * want_coded / got_coded);
+                if (o->log)
+                    fprintf(o->log, "ratio: %.4f bits/value gave %.3fx end to end; refit at %.4f\n", target, got,
+                            t2);
+                codec_free(c), c = NULL;
+                target = t2, measured = 0;
+                if ((rc = cal_fit_target(&x, target, o->refine, &c, &q, &measured, err))) goto done;
+            }
+        }
         if (!have_q && measured) qr = q, have_q = 1;
     }
+    if ((rc = quality_layout_ratio(c, &shape, &lay, n_ctx, KP_TYPE_F16, &r.ratio_e2e, NULL, NULL, err)))
+        goto done;
+    r.n_ctx = n_ctx;
     r.target_bits = target;
     r.tokens_used = n_fit, r.bits_per_value = ((codec_learned *)c)->achieved_bits;
     if (qual && !have_q) {

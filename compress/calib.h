@@ -33,7 +33,11 @@ typedef struct calib_opts {
     int n_ctx;            /* calibration window (default 256) */
     int64_t max_tokens;   /* calibration tokens used at most (default 131072) */
     double bits;          /* target average bits per KV value in coded chunks (default 2.0);
-                             --ratio R sets bits = 16 / R (before overheads) */
+                             ignored when ratio > 0 */
+    double ratio;         /* > 0: the end-to-end target instead: fp16 bytes / stored bytes of one
+                             n_ctx-token cache parked under this layout (quality_layout_ratio:
+                             lossless sink and window rows, headers, scales, codes); the bits
+                             follow from it, and one refit corrects them. 0: use bits */
     /* the parking layout the codec is fitted for (compress/layout.h; written into the codec file) */
     int chunk;            /* tokens per chunk (default LAYOUT_DEFAULT_CHUNK) */
     int sink;             /* first S tokens kept lossless (default LAYOUT_DEFAULT_SINK) */
@@ -74,6 +78,9 @@ typedef struct calib_report {
     double rel_err_k_pca, rel_err_v_pca; /* the same for the PCA start (before refinement;
                                             equal to the above when refinement kept nothing) */
     double target_bits;    /* the bit budget used (max_dppl: the one the search chose) */
+    double ratio_e2e;      /* what a user reads: fp16 bytes / stored bytes of one n_ctx-token cache
+                              parked with the written codec under its layout, before LZ4 */
+    int n_ctx;             /* the context ratio_e2e is for (o->n_ctx capped by the model's) */
     int64_t heldout_start, heldout_tokens; /* the held-out slice: tokens[start, start + n) */
     /* held-out quality of the written codec (quality_eval with chunk, sink, window,
      * park_every, F16 cache; measured for 'learned' when the held-out slice has a whole

@@ -69,6 +69,37 @@ quality_opts quality_default_opts(void) {
     return o;
 }
 
+int quality_layout_ratio(const codec *c, const codec_shape *sh, const layout *lay, int n_pos, int kv_type,
+                         double *ratio, double *fixed_bytes, double *coded_values, kp_err *err) {
+    if (n_pos < 1) return kp_errf(err, KP_EINVAL, "quality: a parked cache needs at least one row");
+    layout_span *sp = NULL;
+    int n_sp = 0, rc = layout_spans_alloc(lay, n_pos, &sp, &n_sp, err);
+    if (rc) return rc;
+    codec *none = NULL;
+    if ((rc = codec_open(&none, "none", sh, err))) {
+        free(sp);
+        return rc;
+    }
+    const double row_values = (double)sh->n_kv_heads * sh->head_dim;
+    double stored = 0, fixed = 0, coded = 0;
+    for (int l = 0; l < sh->n_layer; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int i = 0; i < n_sp; i++) {
+                const codec *by = sp[i].coded ? c : none;
+                double b = (double)codec_chunk_bytes_at(by, sp[i].n, kv_type, kv, l);
+                stored += b;
+                if (sp[i].coded) fixed += CODEC_CHUNK_HEADER_BYTES, coded += sp[i].n * row_values;
+                else fixed += b;
+            }
+    codec_free(none);
+    free(sp);
+    const double fp16 = 2.0 * (double)n_pos * row_values * 2.0 * sh->n_layer;
+    *ratio = stored > 0 ? fp16 / stored : 0;
+    if (fixed_bytes) *fixed_bytes = fixed;
+    if (coded_values) *coded_values = coded;
+    return 0;
+}
+
 codec_shape quality_codec_shape(model *m) {
     const model_hparams *hp = model_hp(m);
     codec_shape s = {.n_layer = hp->n_layer, .n_kv_heads = hp->n_kv_heads, .head_dim = hp->head_dim,

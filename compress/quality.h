@@ -53,6 +53,16 @@ typedef struct quality_result {
 quality_opts quality_default_opts(void);
 int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_tokens,
                  const quality_opts *o, quality_result *res, kp_err *err);
+/* What parking one cache of n_pos rows under layout lay stores, before LZ4
+ * (which can only make it smaller): coded spans through c, lossless spans
+ * through codec "none" at kv_type, one chunk header per span, for every
+ * layer's K and V of shape sh. *ratio = fp16 bytes of those rows / stored
+ * bytes; *fixed_bytes (may be NULL) = the bytes that do not depend on c
+ * (lossless rows and every header), *coded_values (may be NULL) = values in
+ * coded spans. This is the end-to-end ratio a user reads off a parked
+ * session of n_pos tokens. KP_EINVAL for a bad layout or n_pos < 1. */
+int quality_layout_ratio(const codec *c, const codec_shape *sh, const layout *lay, int n_pos, int kv_type,
+                         double *ratio, double *fixed_bytes, double *coded_values, kp_err *err);
 /* The codec shape of a model (for codec_open). */
 codec_shape quality_codec_shape(model *m);
 

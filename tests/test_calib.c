@@ -623,6 +623,66 @@ static void test_sensitive_layer(void **state) {
     free(scale);
 }
 
+/* --ratio is end to end: a parked CTX-token cache, every stored byte counted
+ * (lossless sink and window rows through "none", headers, scales, codes), is
+ * R times smaller than fp16 -- checked by really encoding such a cache span
+ * by span, not by the formula calibration used. A ratio the layout's
+ * lossless rows forbid is refused with what is reachable. */
+static void test_ratio_end_to_end(void **state) {
+    NEED_FX(f);
+    const double want = 6.0;
+    calib_opts o = calib_default_opts();
+    o.ratio = want, o.sink = 0, o.window = 8, o.sens = 0, o.refine = 0;
+    char p[600];
+    snprintf(p, sizeof p, "%s/ratio.gguf", f->dir);
+    calib_report rep;
+    kp_err err = {0};
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o, p, &rep, &err), 0);
+    assert_int_equal(rep.n_ctx, CTX);
+    codec *c = open_ok(p, &f->shape), *none = open_ok("none", &f->shape);
+    /* park a CTX-row F16 cache of random rows under the codec file's layout */
+    int chunk, sink, window;
+    assert_int_equal(codec_layout(c, &chunk, &sink, &window), 0);
+    assert_true(sink == 0 && window == 8);
+    const layout lay = {.sink = sink, .window = window, .chunk = chunk};
+    layout_span sp[64];
+    int n_sp = layout_spans(&lay, CTX, sp, 64);
+    assert_true(n_sp > 0 && n_sp <= 64);
+    const size_t rv = (size_t)f->shape.n_kv_heads * f->shape.head_dim;
+    uint16_t *rows = malloc((size_t)chunk * rv * sizeof *rows);
+    uint8_t *out = malloc(codec_max_bytes(c, chunk) + codec_max_bytes(none, chunk));
+    uint64_t x = 88172645463325252ull;
+    double stored = 0;
+    for (int l = 0; l < f->shape.n_layer; l++)
+        for (int kv = 0; kv < 2; kv++)
+            for (int i = 0; i < n_sp; i++) {
+                for (size_t j = 0; j < (size_t)sp[i].n * rv; j++) {
+                    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+                    rows[j] = kp_f32_to_fp16((float)((double)(x >> 11) / 9007199254740992.0 - 0.5));
+                }
+                codec_chunk ch = {.layer = l, .is_v = kv, .pos0 = sp[i].start, .n = sp[i].n,
+                                  .kv_type = KP_TYPE_F16};
+                const codec *by = sp[i].coded ? c : none;
+                size_t len = 0;
+                assert_int_equal(codec_encode(by, &ch, rows, out, codec_max_bytes(by, chunk), &len, &err), 0);
+                stored += (double)len;
+            }
+    const double fp16 = 2.0 * CTX * (double)rv * 2.0 * f->shape.n_layer, got = fp16 / stored;
+    print_message("# --ratio %.1f: parked %d tokens end to end %.3fx (reported %.3fx), %.3f coded bits/value\n",
+                  want, CTX, got, rep.ratio_e2e, rep.bits_per_value);
+    assert_true(fabs(got - rep.ratio_e2e) < 1e-9 * got);
+    assert_true(fabs(got / want - 1) < 0.03);
+    free(rows), free(out);
+    codec_free(c), codec_free(none);
+    unlink(p);
+    /* the default layout keeps 68 of 256 rows lossless: at most ~3.7x */
+    o = calib_default_opts();
+    o.ratio = 8, o.sens = 0, o.refine = 0;
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o, p, &rep, &err), KP_ERANGE);
+    assert_non_null(strstr(err.msg, "cannot be reached with sink 4 and window 64"));
+    assert_false(tu_file_exists(p));
+}
+
 /* A window as long as the context: no query meets a row coded, so there
  * are no attention weights; the fit falls back to unweighted rows. */
 static void test_window_covers_context(void **state) {
@@ -698,6 +758,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_sensitive_layer),
         cmocka_unit_test(test_max_dppl),
         cmocka_unit_test(test_window_covers_context),
+        cmocka_unit_test(test_ratio_end_to_end),
     };
     return cmocka_run_group_tests(tests, fx_setup, fx_teardown);
 }

@@ -196,6 +196,8 @@ static void test_bad_values(void **state) {
         {"calibrate -f x -o y --max-dppl 1x", "--max-dppl must be a percentage > 0"},
         {"calibrate -f x -o y --chunk 64x", "bad --chunk value"},
         {"calibrate -f x -o y --ratio 8q", "bad --ratio value"},
+        {"calibrate -f x -o y --ratio 0.5", "--ratio must be > 1"},
+        {"calibrate -f x -o y --ratio 8 --max-dppl 1", "give --ratio or --max-dppl, not both"},
         {"calibrate -f x -o y --max-tokens 1e6", "bad --max-tokens value"},
         {"bench", "usage: kvpark bench engine"},
         {"bench nosuch", "usage: kvpark bench engine"},

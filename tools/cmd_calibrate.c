@@ -29,7 +29,9 @@ static void calib_usage(void) {
             "                        [--no-refine] [--no-sens] [--park-every N] [-q]\n"
             "  fits the KV codec of MODEL on TEXT and writes the codec file CODEC\n"
             "  (use it with: kvpark ppl --codec CODEC, or codec = CODEC in the server config).\n"
-            "  --bits B       coded bits per value (default 2); --ratio R means bits = 16/R\n"
+            "  --bits B       coded bits per value in coded chunks (default 2)\n"
+            "  --ratio R      instead: a parked -c-token session is R times smaller than fp16, end to\n"
+            "                 end (lossless sink and window rows, headers, scales and codes counted)\n"
             "  --max-dppl P   the smallest codec whose delta perplexity on the held-out last 10%%\n"
             "                 of TEXT is <= P %% (bisection over the bit budget; --bits is ignored)\n"
             "  --no-refine    PCA start only (no quantiser scales, no decoder/encoder refits)\n"
@@ -77,7 +79,13 @@ int cmd_calibrate(int argc, char **argv) {
         else if (!strcmp(a, "-f") || !strcmp(a, "--file")) { NEEDV; text = v; }
         else if (!strcmp(a, "-o") || !strcmp(a, "--output")) { NEEDV; outp = v; }
         else if (!strcmp(a, "--bits")) FLTV(o.bits);
-        else if (!strcmp(a, "--ratio")) { double r; FLTV(r); o.bits = r > 0 ? 16.0 / r : -1; }
+        else if (!strcmp(a, "--ratio")) {
+            FLTV(o.ratio);
+            if (!(o.ratio > 1)) {
+                fprintf(stderr, "kvpark calibrate: --ratio must be > 1 (fp16 bytes / parked bytes), not '%s'\n", v);
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--max-dppl")) {
             NEEDV;
             if (cli_parse_float(v, 0, HUGE_VAL, &o.max_dppl) || !(o.max_dppl > 0)) {
@@ -139,9 +147,13 @@ int cmd_calibrate(int argc, char **argv) {
         fprintf(stderr, "kvpark calibrate: --park-every must be >= 1\n");
         return 2;
     }
+    if (o.ratio > 0 && o.max_dppl > 0) {
+        fprintf(stderr, "kvpark calibrate: give --ratio or --max-dppl, not both\n");
+        return 2;
+    }
     if (!quiet) o.log = stdout;
     if (!(o.bits > 0 && o.bits <= 16)) {
-        fprintf(stderr, "kvpark calibrate: --bits must be in (0, 16] (--ratio R means bits = 16/R)\n");
+        fprintf(stderr, "kvpark calibrate: --bits must be in (0, 16]\n");
         return 2;
     }
     kp_err err = {0};
@@ -184,7 +196,10 @@ int cmd_calibrate(int argc, char **argv) {
     free(buf);
     calib_report rep = {0};
     if (!rc) {
-        if (o.max_dppl > 0)
+        if (o.ratio > 0)
+            fprintf(stderr, "calibrate: %s, %zu tokens of %s, kind %s, target %.3gx end to end\n", model_desc(m),
+                    n_ids, text, o.kind == CODEC_PCA ? "pca" : "learned", o.ratio);
+        else if (o.max_dppl > 0)
             fprintf(stderr, "calibrate: %s, %zu tokens of %s, kind %s, target: held-out Δppl <= %g%%\n",
                     model_desc(m), n_ids, text, o.kind == CODEC_PCA ? "pca" : "learned", o.max_dppl);
         else
@@ -198,8 +213,11 @@ int cmd_calibrate(int argc, char **argv) {
         fprintf(stderr, "kvpark calibrate: %s\n", err.msg);
         return 1;
     }
-    printf("tokens = %lld\ntarget_bits = %.4f\nbits = %.4f\nratio = %.3f\n", (long long)rep.tokens_used,
-           rep.target_bits, rep.bits_per_value, 16.0 / rep.bits_per_value);
+    /* ratio: end to end, what a parked session of ratio_ctx tokens stores
+     * (before LZ4); coded_ratio: the coded chunks' payloads alone */
+    printf("tokens = %lld\ntarget_bits = %.4f\nbits = %.4f\ncoded_ratio = %.3f\nratio = %.3f\nratio_ctx = %d\n",
+           (long long)rep.tokens_used, rep.target_bits, rep.bits_per_value, 16.0 / rep.bits_per_value,
+           rep.ratio_e2e, rep.n_ctx);
     printf("rel_err_k_pca = %.6f\nrel_err_v_pca = %.6f\nrel_err_k = %.6f\nrel_err_v = %.6f\n", rep.rel_err_k_pca,
            rep.rel_err_v_pca, rep.rel_err_k, rep.rel_err_v);
     if (rep.heldout_ratio > 0)
