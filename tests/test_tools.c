@@ -94,6 +94,40 @@ static void test_ppl_codec(void **state) {
 
 /* The one strict parser set of every command (tools/cli.h): the whole
  * string must be a number in range; sizes take K/M/G/T (powers of 1024). */
+/* `ppl --codec FILE` measures a codec file under the layout it was
+ * calibrated for (sink, window, chunk in the file) unless the command line
+ * says otherwise, option by option. */
+static void test_ppl_codec_file_layout(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("data/tinystories-train-calib.txt");
+    TU_SKIP_UNLESS_SHARED("golden/stories260K/ppl_excerpt.txt");
+    char *mpath = tu_shared_path("models/stories260K.gguf");
+    char *calib = tu_shared_path("data/tinystories-train-calib.txt");
+    char *text = tu_shared_path("golden/stories260K/ppl_excerpt.txt");
+    char *dir = tu_tmpdir(), cpath[1024], cmd[4096];
+    snprintf(cpath, sizeof cpath, "%s/c.kpc", dir);
+    snprintf(cmd, sizeof cmd,
+             "%s calibrate -m '%s' -f '%s' -o '%s' --bits 2 --sink 0 --window 8 --chunk 32 -c 128 "
+             "--max-tokens 4096 --no-sens --no-refine -q -t 1 >/dev/null 2>&1", tu_kvpark_bin(), mpath, calib,
+             cpath);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
+    static const struct {
+        const char *extra, *want;
+    } cases[] = {
+        {"", "chunk 32, sink 0, window 8 (the codec file's layout where not given)"},
+        {"--window 16", "chunk 32, sink 0, window 16 (the codec file's layout where not given)"},
+        {"--sink 0 --window 8 --chunk 32", "chunk 32, sink 0, window 8\n"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(cmd, sizeof cmd, "%s ppl -m '%s' -f '%s' -c 128 --chunks 1 --codec '%s' %s -t 1 2>&1 >/dev/null",
+                 tu_kvpark_bin(), mpath, text, cpath, cases[i].extra);
+        assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
+        if (!strstr(out, cases[i].want)) fail_msg("ppl --codec FILE %s: no '%s' in: %s", cases[i].extra, cases[i].want, out);
+    }
+    tu_rm_rf(dir);
+    free(dir), free(mpath), free(calib), free(text);
+}
+
 static void test_parsers(void **state) {
     (void)state;
     long v = 7;
@@ -172,6 +206,7 @@ int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parsers),
         cmocka_unit_test(test_ppl_codec),
+        cmocka_unit_test(test_ppl_codec_file_layout),
     };
     tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("tools", tests, NULL, NULL);

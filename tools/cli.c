@@ -158,12 +158,21 @@ int cli_quality_opt(int c, const char *arg, cli_quality *q) {
     case 'b': { int b; return cli_parse_int(arg, 1, 1 << 20, &b) ? -1 : 1; } /* accepted, unused */
     case CLI_QOPT_CHUNKS: return cli_parse_int(arg, 0, 1 << 30, &q->qo.max_chunks) ? -1 : 1;
     case CLI_QOPT_PARK_EVERY: return cli_parse_int(arg, 1, 1 << 24, &q->qo.park_every) ? -1 : 1;
-    case CLI_QOPT_SINK: return cli_parse_int(arg, 0, 1 << 24, &q->qo.sink) ? -1 : 1;
-    case CLI_QOPT_WINDOW: return cli_parse_int(arg, 0, 1 << 24, &q->qo.window) ? -1 : 1;
-    case CLI_QOPT_CHUNK: return cli_parse_int(arg, 1, 65535, &q->qo.chunk) ? -1 : 1;
+    case CLI_QOPT_SINK: q->set_sink = true; return cli_parse_int(arg, 0, 1 << 24, &q->qo.sink) ? -1 : 1;
+    case CLI_QOPT_WINDOW: q->set_window = true; return cli_parse_int(arg, 0, 1 << 24, &q->qo.window) ? -1 : 1;
+    case CLI_QOPT_CHUNK: q->set_chunk = true; return cli_parse_int(arg, 1, 65535, &q->qo.chunk) ? -1 : 1;
     case CLI_QOPT_KV_TYPE: q->qo.kv_type = kv_type_from_name(arg); return q->qo.kv_type < 0 ? -1 : 1;
     }
     return 0;
+}
+
+int cli_quality_codec_layout(cli_quality *q, const codec *c) {
+    int chunk, sink, window, took = 0;
+    if (codec_layout(c, &chunk, &sink, &window)) return 0; /* a built-in codec: no preferred layout */
+    if (!q->set_sink && q->qo.sink != sink) q->qo.sink = sink, took = 1;
+    if (!q->set_window && q->qo.window != window) q->qo.window = window, took = 1;
+    if (!q->set_chunk && q->qo.chunk != chunk) q->qo.chunk = chunk, took = 1;
+    return took;
 }
 
 int cli_quality_load_model(const cli_quality *q, model **m, kp_err *err) {

@@ -24,6 +24,7 @@
 #define KP_TOOLS_CLI_H
 
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "compress/quality.h"
@@ -97,6 +98,7 @@ typedef struct cli_quality {
     const char *model, *file;
     int threads;
     quality_opts qo;
+    bool set_sink, set_window, set_chunk; /* given on the command line */
 } cli_quality;
 
 /* -m, -f, -t, -c, -b (accepted, unused), --chunks, --park-every, --sink,
@@ -113,6 +115,12 @@ int cli_quality_opt(int c, const char *arg, cli_quality *q);
         {"park-every", required_argument, 0, CLI_QOPT_PARK_EVERY},                                \
         {"sink", required_argument, 0, CLI_QOPT_SINK}, {"window", required_argument, 0, CLI_QOPT_WINDOW}, \
         {"chunk", required_argument, 0, CLI_QOPT_CHUNK}, {"help", no_argument, 0, 'h'}
+
+/* The parking layout a codec file carries (codec_layout) for every one of
+ * --sink, --window, --chunk not given on the command line: a codec is
+ * measured the way it was calibrated and the server parks with it. Returns
+ * 1 when anything was taken from the file, else 0. */
+int cli_quality_codec_layout(cli_quality *q, const codec *c);
 
 /* Load q->model on the CPU with q->threads. */
 int cli_quality_load_model(const cli_quality *q, model **m, kp_err *err);

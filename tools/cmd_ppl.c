@@ -48,7 +48,9 @@ static int ppl_codec(int argc, char **argv) {
                  "Perplexity with the KV cache parked and resumed through a codec every N tokens\n"
                  "(default 64): the first S (4) and the last W (64) tokens stay lossless at the\n"
                  "cache's type, the rest goes through the codec in chunks of C (64) aligned after\n"
-                 "the sink (the last one may be partial); compared with the uncompressed run. Codecs: none, fp16, int8, int4, kivi2, or a codec file.\n"
+                 "the sink (the last one may be partial); compared with the uncompressed run.\n"
+                 "Codecs: none, fp16, int8, int4, kivi2, or a codec file, whose own sink, window\n"
+                 "and chunk (the layout it was calibrated for) are used unless given here.\n"
                  "Ends with 'ppl = X', 'ratio = R' (fp16 bytes / stored bytes after LZ4),\n"
                  "'agree = A' (top-1 agreement) and 'kl = K' (mean KL(p_ref || p), nats).");
             return 0;
@@ -65,10 +67,11 @@ static int ppl_codec(int argc, char **argv) {
     if (rc) return cli_die(&err, rc);
     codec_shape shape = quality_codec_shape(m);
     if ((rc = codec_open(&c, codec_arg, &shape, &err))) goto out;
+    const int from_file = cli_quality_codec_layout(&q, c);
     if ((rc = cli_tokenize_file(m, q.file, &ids, &n, &err))) goto out;
     fprintf(stderr, "kvpark: %s: %zu tokens; model %s; codec %s, park every %d, chunk %d, sink %d, "
-            "window %d\n", q.file, n, model_desc(m), codec_name(c), q.qo.park_every, q.qo.chunk,
-            q.qo.sink, q.qo.window);
+            "window %d%s\n", q.file, n, model_desc(m), codec_name(c), q.qo.park_every, q.qo.chunk,
+            q.qo.sink, q.qo.window, from_file ? " (the codec file's layout where not given)" : "");
     quality_result r;
     double t0 = kp_now();
     if ((rc = quality_eval(m, c, ids, (int64_t)n, &q.qo, &r, &err))) goto out;
