@@ -65,7 +65,7 @@
 quality_opts quality_default_opts(void) {
     quality_opts o = {.n_ctx = 256, .park_every = 64, .chunk = LAYOUT_DEFAULT_CHUNK,
                       .sink = LAYOUT_DEFAULT_SINK, .window = LAYOUT_DEFAULT_WINDOW,
-                      .max_chunks = 0, .kv_type = KP_TYPE_F32};
+                      .max_chunks = 0, .kv_type = KP_TYPE_F16};
     return o;
 }
 

@@ -30,7 +30,7 @@ typedef struct quality_opts {
     int sink;         /* default LAYOUT_DEFAULT_SINK */
     int window;       /* default LAYOUT_DEFAULT_WINDOW */
     int max_chunks;   /* windows evaluated at most (0 = all) */
-    int kv_type;      /* default F32 */
+    int kv_type;      /* default F16: the server's and llama.cpp's cache, so codec "none" is ~1x */
 } quality_opts;
 
 typedef struct quality_result {

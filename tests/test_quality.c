@@ -74,9 +74,11 @@ static int teardown(void **state) {
     }
 
 /* The small setting of these tests: windows of 128 tokens, parked every 32,
- * chunks of 16, 4 sink and 16 window tokens lossless. */
+ * chunks of 16, 4 sink and 16 window tokens lossless, an F32 cache (the
+ * sizes below are worked out for it; F16 where a test says so). */
 static quality_opts small_opts(void) {
     quality_opts o = quality_default_opts();
+    o.kv_type = KP_TYPE_F32;
     o.n_ctx = 128;
     o.park_every = 32;
     o.chunk = 16;

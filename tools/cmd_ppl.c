@@ -45,6 +45,7 @@ static int ppl_codec(int argc, char **argv) {
             puts("usage: kvpark ppl [-m MODEL] -f TEXTFILE --codec NAME|FILE [-c CTX] [--chunks N]\n"
                  "       [--park-every N] [--sink S] [--window W] [--chunk C]\n"
                  "       [--kv-type f32|f16|bf16] [-t THREADS]\n"
+                 "(--kv-type defaults to f16 here, the server's and llama.cpp's cache; plain ppl: f32)\n"
                  "Perplexity with the KV cache parked and resumed through a codec every N tokens\n"
                  "(default 64): the first S (4) and the last W (64) tokens stay lossless at the\n"
                  "cache's type, the rest goes through the codec in chunks of C (64) aligned after\n"
