@@ -15,8 +15,9 @@
  *
  * HTTP is done by hand over POSIX sockets: HTTP/1.1 with "Connection: close",
  * chunked or Content-Length or read-to-EOF bodies. Only 127.0.0.0/8 is ever
- * contacted (bench_url_parse refuses anything else), every socket has 30 s
- * timeouts and the run has a global deadline, so it always ends by itself.
+ * contacted (bench_url_parse refuses anything else), every socket has
+ * --idle-timeout (30 s) timeouts and the run has a global deadline, so it
+ * always ends by itself.
  *
  * Without --url the tool starts `kvpark serve` as a child on a free port
  * (binary: /proc/self/exe or --server-bin), waits for GET /health = 200 and
@@ -54,7 +55,7 @@
 
 #define BENCH_MAX_LEVELS 16
 #define BENCH_MAX_CLIENTS 1024
-#define BENCH_SOCK_TIMEOUT_S 30
+#define BENCH_IDLE_DEFAULT_S 30 /* --idle-timeout: no data for this long fails a request */
 #define BENCH_MAX_HEADER 16384
 #define BENCH_MAX_LINE (1 << 20) /* longest SSE line we accept */
 
@@ -238,6 +239,7 @@ typedef struct bench_cfg {
     const char *text;       /* prompt source text (file or built-in) */
     size_t text_len;
     double deadline;        /* kp_now() after which everything stops */
+    int idle_s;             /* --idle-timeout: a request with no data for this long fails */
 } bench_cfg;
 
 typedef struct bench_req {
@@ -360,13 +362,13 @@ static void stream_bytes(bench_stream *s, const char *p, size_t n) {
 /* ------------------------------------------------------------------ */
 /* Sockets                                                              */
 
-static int sock_connect(const struct sockaddr_in *addr, char *why, size_t why_n) {
+static int sock_connect(const struct sockaddr_in *addr, int idle_s, char *why, size_t why_n) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         snprintf(why, why_n, "socket: %s", strerror(errno));
         return -1;
     }
-    struct timeval tv = {.tv_sec = BENCH_SOCK_TIMEOUT_S};
+    struct timeval tv = {.tv_sec = idle_s};
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
@@ -422,7 +424,7 @@ static int parse_head(const char *h, int *status, int *chunked, long long *clen)
  */
 static int http_exchange(const bench_cfg *cfg, const char *req, size_t req_len, bench_stream *s,
                          char *errbuf, size_t errbuf_n, char *why, size_t why_n) {
-    int fd = sock_connect(&cfg->addr, why, why_n);
+    int fd = sock_connect(&cfg->addr, cfg->idle_s, why, why_n);
     if (fd < 0) return -1;
     int status = -1, chunked = 0, in_body = 0;
     long long clen = -1, got = 0;
@@ -439,21 +441,22 @@ static int http_exchange(const bench_cfg *cfg, const char *req, size_t req_len, 
         goto fail;
     }
     for (;;) {
-        /* wait at most 30 s for data, and never past the run deadline */
+        /* wait at most --idle-timeout for data, and never past the run deadline */
         double left = cfg->deadline - kp_now();
         struct pollfd pfd = {.fd = fd, .events = POLLIN};
-        int pr = left > 0 ? poll(&pfd, 1, (int)(KP_MIN(left, BENCH_SOCK_TIMEOUT_S) * 1000) + 1) : 0;
+        int pr = left > 0 ? poll(&pfd, 1, (int)(KP_MIN(left, (double)cfg->idle_s) * 1000) + 1) : 0;
         if (pr < 0 && errno == EINTR) continue;
         if (pr == 0) {
-            snprintf(why, why_n, kp_now() >= cfg->deadline ? "run deadline (--max-time) reached"
-                                                            : "no data from the server for 30 s");
+            if (kp_now() >= cfg->deadline) snprintf(why, why_n, "run deadline (--max-time) reached");
+            else snprintf(why, why_n, "no data from the server for %d s (--idle-timeout)", cfg->idle_s);
             goto fail;
         }
         ssize_t k = recv(fd, buf, 16384, 0);
         if (k < 0 && errno == EINTR) continue;
         if (k < 0) {
-            snprintf(why, why_n, "recv: %s", errno == EAGAIN || errno == EWOULDBLOCK
-                                                 ? "timed out after 30 s" : strerror(errno));
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                snprintf(why, why_n, "recv: no data for %d s (--idle-timeout)", cfg->idle_s);
+            else snprintf(why, why_n, "recv: %s", strerror(errno));
             goto fail;
         }
         if (k == 0) { /* EOF */
@@ -959,10 +962,12 @@ static const char bench_serve_help[] =
     "      --csv FILE          CSV output (default bench-out/serve.csv)\n"
     "      --plot              also write FILE.png with gnuplot (TTFT and tok/s vs clients)\n"
     "      --max-time S        stop everything after S seconds (default 900)\n"
+    "      --idle-timeout S    a request that gets no data for S seconds fails (default 30;\n"
+    "                          raise it for a slow server or a long prompt)\n"
     "Exit status: 0, 1 on failure or if any request failed, 2 on bad usage.\n";
 
 enum { OPT_URL = 256, OPT_CLIENTS, OPT_MAXTOK, OPT_PTOK, OPT_TEMP, OPT_CSV, OPT_PLOT, OPT_PAR,
-       OPT_BIN, OPT_MAXTIME };
+       OPT_BIN, OPT_MAXTIME, OPT_IDLE };
 
 static int bad_usage(const char *msg, const char *arg) {
     fprintf(stderr, "kvpark bench serve: %s%s%s (see 'kvpark bench serve --help')\n", msg,
@@ -1009,7 +1014,7 @@ static char *read_text_file(const char *path, size_t *len, kp_err *err) {
 
 int bench_serve_main(int argc, char **argv) {
     bench_cfg cfg = {.n_requests = 64, .max_tokens = 64, .prompt_tokens = 128,
-                     .chars_per_token = 4.0, .temp = 0};
+                     .chars_per_token = 4.0, .temp = 0, .idle_s = BENCH_IDLE_DEFAULT_S};
     const char *url = NULL, *file = NULL, *csv = "bench-out/serve.csv", *bin = NULL;
     const char *clients = "1,8,32";
     long parallel = 4, max_time = 900, v;
@@ -1023,7 +1028,8 @@ int bench_serve_main(int argc, char **argv) {
         {"temp", required_argument, 0, OPT_TEMP},   {"csv", required_argument, 0, OPT_CSV},
         {"plot", no_argument, 0, OPT_PLOT},         {"parallel", required_argument, 0, OPT_PAR},
         {"server-bin", required_argument, 0, OPT_BIN},
-        {"max-time", required_argument, 0, OPT_MAXTIME}, {"help", no_argument, 0, 'h'},
+        {"max-time", required_argument, 0, OPT_MAXTIME}, {"idle-timeout", required_argument, 0, OPT_IDLE},
+        {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     int c;
     optind = 1;
@@ -1057,6 +1063,10 @@ int bench_serve_main(int argc, char **argv) {
         case OPT_BIN: bin = optarg; break;
         case OPT_MAXTIME:
             if (cli_parse_long(optarg, 1, 7 * 86400, &max_time)) return bad_usage("bad --max-time", optarg);
+            break;
+        case OPT_IDLE:
+            if (cli_parse_long(optarg, 1, 7 * 86400, &v)) return bad_usage("bad --idle-timeout", optarg);
+            cfg.idle_s = (int)v;
             break;
         case 'h': fputs(bench_serve_help, stdout); return 0;
         default: return bad_usage("unknown option", NULL);

@@ -147,12 +147,15 @@ static void test_percentile(void **state) {
 /* A scripted mock server: chat request k (1-based, counting the warm-up)
  * gets mode k % 4: 1 good stream, 2 HTTP 500, 3 malformed JSON, 0 stream cut
  * before [DONE]. A good stream has 2 content deltas but reports 5 completion
- * tokens in its usage chunk, split over odd chunk boundaries. */
+ * tokens in its usage chunk, split over odd chunk boundaries. With
+ * all_good every chat request gets the good stream, after silent_ms of
+ * silence (a slow server). */
 
 typedef struct mock_srv {
     int lfd, port;
     atomic_int stop;
     int n_chat, n_health, n_bad;
+    int all_good, silent_ms;
     pthread_t th;
 } mock_srv;
 
@@ -192,6 +195,10 @@ static void mock_handle(mock_srv *m, int fd) {
         !strstr(req, "\"max_tokens\":7") || !strstr(req, "\"model\":\"mock.gguf\""))
         m->n_bad++;
     int mode = ++m->n_chat % 4;
+    if (m->all_good) {
+        mode = 1;
+        usleep((useconds_t)m->silent_ms * 1000);
+    }
     if (mode == 2) {
         mock_send(fd, "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\n"
                       "Content-Length: 33\r\nConnection: close\r\n\r\n{\"error\":{\"message\":\"mock 500\"}}");
@@ -227,8 +234,9 @@ static void *mock_thread(void *arg) {
     return NULL;
 }
 
-static void mock_start(mock_srv *m) {
+static void mock_start(mock_srv *m, int all_good, int silent_ms) {
     memset(m, 0, sizeof *m);
+    m->all_good = all_good, m->silent_ms = silent_ms;
     m->lfd = socket(AF_INET, SOCK_STREAM, 0);
     assert_true(m->lfd >= 0);
     struct sockaddr_in a = {.sin_family = AF_INET};
@@ -270,7 +278,7 @@ static int read_csv(const char *path, char rows[][32][32], int max_rows) {
 static void test_mock_server(void **state) {
     (void)state;
     mock_srv m;
-    mock_start(&m);
+    mock_start(&m, 0, 0);
     char *dir = tu_tmpdir();
     char csv[512], url[64];
     snprintf(csv, sizeof csv, "%s/out/serve.csv", dir);
@@ -307,6 +315,39 @@ static void test_mock_server(void **state) {
     unlink(csv);
     snprintf(csv, sizeof csv, "%s/out", dir);
     rmdir(csv);
+    rmdir(dir);
+    free(dir);
+}
+
+/* A server that thinks 1.5 s before each answer: --idle-timeout 1 fails
+ * every request, --idle-timeout 4 waits and all succeed. */
+static void test_idle_timeout(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    char csv[512], url[64];
+    snprintf(csv, sizeof csv, "%s/serve.csv", dir);
+    for (int k = 0; k < 2; k++) {
+        mock_srv m;
+        mock_start(&m, 1, 1500);
+        snprintf(url, sizeof url, "http://127.0.0.1:%d", m.port);
+        char *argv[] = {"serve", "--url", url, "--clients", "1", "-n", "2", "--max-tokens", "7",
+                        "--prompt-tokens", "20", "--csv", csv, "-m", "/x/mock.gguf", "--idle-timeout",
+                        k == 0 ? "1" : "4", NULL};
+        int rc = bench_serve_main((int)(sizeof argv / sizeof *argv) - 1, argv);
+        mock_stop(&m);
+        assert_int_equal(m.n_bad, 0);
+        if (k == 0) {
+            assert_int_equal(rc, 1);
+        } else {
+            assert_int_equal(rc, 0);
+            char rows[2][32][32];
+            assert_int_equal(read_csv(csv, rows, 2), 1);
+            assert_string_equal(rows[0][3], "2"); /* both requests good */
+        }
+        unlink(csv);
+    }
+    char *bad[] = {"serve", "--idle-timeout", "0", NULL};
+    assert_int_equal(bench_serve_main(3, bad), 2);
     rmdir(dir);
     free(dir);
 }
@@ -357,6 +398,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_chunked),
         cmocka_unit_test(test_percentile),
         cmocka_unit_test(test_mock_server),
+        cmocka_unit_test(test_idle_timeout),
         cmocka_unit_test(test_real_server),
     };
     tu_apply_filter_args(argc, argv);
