@@ -42,7 +42,9 @@ int eval_ppl(model *m, const int32_t *tokens, int64_t n_tokens, const eval_ppl_o
     kv_cache **kv = calloc((size_t)per_batch, sizeof *kv);
     model_seq *seqs = calloc((size_t)per_batch, sizeof *seqs);
     int32_t *buf = malloc(sizeof *buf * (size_t)per_batch * n_ctx);
-    float *logits = malloc(sizeof *logits * (size_t)per_batch * n_ctx * nv);
+    const int first = n_ctx / 2; /* only the second half of each window is scored */
+    /* logits of the scored positions only: [per_batch][n_ctx - first][n_vocab] */
+    float *logits = malloc(sizeof *logits * (size_t)per_batch * (size_t)(n_ctx - first) * nv);
     int rc = 0;
     if (!kv || !seqs || !buf || !logits) {
         rc = kp_errf(err, KP_ENOMEM, "ppl: out of memory for %d x %d logits", per_batch * n_ctx, nv);
@@ -51,7 +53,6 @@ int eval_ppl(model *m, const int32_t *tokens, int64_t n_tokens, const eval_ppl_o
     for (int i = 0; i < per_batch; i++)
         if ((rc = model_kv_new(m, &kv[i], o.kv_type, n_ctx, err))) goto done;
 
-    const int first = n_ctx / 2;
     double nll_total = 0;
     int64_t count = 0;
     double t0 = kp_now();
@@ -63,14 +64,14 @@ int eval_ppl(model *m, const int32_t *tokens, int64_t n_tokens, const eval_ppl_o
             if (bos >= 0) t[0] = bos;
             kv_truncate(kv[i], 0);
             seqs[i] = (model_seq){.kv = kv[i], .tokens = t, .n_tokens = n_ctx, .all_logits = true,
-                                  .logits = logits + (size_t)i * n_ctx * nv};
+                                  .logits_from = first, .logits = logits + (size_t)i * (n_ctx - first) * nv};
         }
         if ((rc = model_forward(m, seqs, nb, err))) goto done;
         for (int i = 0; i < nb; i++) {
             const int32_t *orig = tokens + (size_t)(c0 + i) * n_ctx;
             double nll = 0;
             for (int j = first; j < n_ctx - 1; j++)
-                nll -= eval_log_softmax_at(seqs[i].logits + (size_t)j * nv, nv, orig[j + 1]);
+                nll -= eval_log_softmax_at(seqs[i].logits + (size_t)(j - first) * nv, nv, orig[j + 1]);
             nll_total += nll;
             count += n_ctx - 1 - first;
             if (o.on_chunk) o.on_chunk(o.ud, c0 + i, n_chunks, nll, n_ctx - 1 - first);

@@ -28,6 +28,11 @@
 #include "kernels/cpu/quant.h"
 
 /* xxhash as a header-only library (XXH_INLINE_ALL): no link dependency. */
+/* Rows of logits computed at once: bounds the logits scratch at
+ * [64][n_vocab] (8 MB for a 32K vocabulary) instead of [n_batch][n_vocab]
+ * (64 MB at 512), at no cost in speed (the output matmul is already wide). */
+#define MODEL_LOGIT_ROWS 64
+
 #define XXH_INLINE_ALL
 #include <xxhash.h>
 
@@ -346,7 +351,7 @@ static int ensure_scratch(model *m, int n, kp_err *err) {
         {&s->v, N * kvd},              {&s->qkv, N * (hp->dim + 2 * kvd)},
         {&s->att, N * hp->dim},        {&s->ff_a, N * hp->ffn},
         {&s->ff_b, N * hp->ffn},       {&s->last, N * hp->dim},
-        {&s->logits, N * hp->n_vocab},
+        {&s->logits, (size_t)KP_MIN(n, MODEL_LOGIT_ROWS) * hp->n_vocab},
     };
     for (size_t i = 0; i < KP_ARRAY_LEN(want); i++) {
         *want[i].p = m->ops->alloc(m->be, want[i].floats * sizeof(float));
@@ -647,8 +652,8 @@ static int forward_ubatch(model *m, const ubatch_seq *us, int n_us, int n) {
     return 0;
 }
 
-/* Final norm + logits for `n_rows` rows of s->x listed in rows[]; result in
- * s->logits [n_rows][n_vocab]. */
+/* Final norm + logits for `n_rows` (<= MODEL_LOGIT_ROWS) rows of s->x listed
+ * in rows[]; result in s->logits [n_rows][n_vocab]. */
 static void compute_logits(model *m, const int *rows, int n_rows) {
     const kp_ops *ops = m->ops;
     scratch *s = &m->s;
@@ -671,6 +676,9 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err) {
         const model_seq *q = &seqs[i];
         if (q->n_tokens < 0 || (q->n_tokens > 0 && !q->tokens))
             return kp_errf(err, KP_EINVAL, "model: sequence %d: bad token array", i);
+        if (q->logits_from < 0 || (q->all_logits && q->n_tokens > 0 && q->logits_from >= q->n_tokens))
+            return kp_errf(err, KP_EINVAL, "model: sequence %d: logits_from %d is outside its %d tokens", i,
+                           q->logits_from, q->n_tokens);
         if (q->kv->n_pos + q->n_tokens > q->kv->n_ctx)
             return kp_errf(err, KP_ERANGE,
                            "model: sequence %d: %d cached + %d new tokens exceed the context of %d "
@@ -741,18 +749,21 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err) {
             int first_tok = done[u->seq] - u->n; /* index in q->tokens of row t0 */
             for (int t = 0; t < u->n; t++) {
                 int tok_i = first_tok + t;
-                if (q->all_logits || tok_i == q->n_tokens - 1) {
+                if (q->all_logits ? tok_i >= q->logits_from : tok_i == q->n_tokens - 1) {
                     rows[n_rows] = u->t0 + t;
                     row_seq[n_rows] = u->seq;
-                    row_dst[n_rows] = q->all_logits ? tok_i : 0;
+                    row_dst[n_rows] = q->all_logits ? tok_i - q->logits_from : 0;
                     n_rows++;
                 }
             }
         }
-        if (n_rows) {
-            compute_logits(m, rows, n_rows);
-            for (int r = 0; r < n_rows; r++)
-                m->ops->download(m->be, seqs[row_seq[r]].logits + (size_t)row_dst[r] * nv,
+        /* in blocks of MODEL_LOGIT_ROWS: the logits scratch stays small
+         * ([MODEL_LOGIT_ROWS][n_vocab], not [n_batch][n_vocab]) */
+        for (int r0 = 0; r0 < n_rows; r0 += MODEL_LOGIT_ROWS) {
+            const int nr = KP_MIN(MODEL_LOGIT_ROWS, n_rows - r0);
+            compute_logits(m, rows + r0, nr);
+            for (int r = 0; r < nr; r++)
+                m->ops->download(m->be, seqs[row_seq[r0 + r]].logits + (size_t)row_dst[r0 + r] * nv,
                                  m->s.logits + (size_t)r * nv, nv * sizeof(float));
         }
         if (cur >= n_seqs) break;

@@ -84,8 +84,10 @@ typedef struct model_seq {
     kv_cache *kv;           /* appended to at kv->n_pos */
     const int32_t *tokens;  /* [n_tokens] */
     int n_tokens;
-    bool all_logits;        /* logits for every token, else only the last */
-    float *logits;          /* out (host memory): [n_tokens or 1][n_vocab]; may be NULL */
+    bool all_logits;        /* logits for every token from logits_from on, else only the last */
+    int logits_from;        /* all_logits: the first token index that gets logits (0: all;
+                               perplexity scores only the second half of a window) */
+    float *logits;          /* out (host memory): [n_tokens - logits_from or 1][n_vocab]; may be NULL */
 } model_seq;
 
 /* Returns KP_ERANGE (sequence untouched) if a sequence would exceed its
