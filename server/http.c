@@ -391,6 +391,15 @@ static void *watchdog_main(void *ud) {
     return NULL;
 }
 
+/* Connections with a request in progress (received, not yet answered). */
+static int busy_conns(server *s) {
+    int n = 0;
+    pthread_mutex_lock(&s->conns_mu);
+    for (conn_rec *cr = s->conns; cr; cr = cr->next) n += !cr->waiting;
+    pthread_mutex_unlock(&s->conns_mu);
+    return n;
+}
+
 /* ---- the handler ----------------------------------------------------- */
 
 /* A request that frames its body twice (Content-Length and
@@ -454,7 +463,7 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
         *upload_size = 0;
         return MHD_YES;
     }
-    if (r->gen) return http_gen_reply(c, r); /* resumed: the generation has ended */
+    if (r->gen) return http_gen_reply(c, r); /* a non-streaming generation: wait, or answer */
     if (!r->received) {
         r->received = true;
         conn_set_waiting(s, c, false);
@@ -753,6 +762,8 @@ done:
     /* sched_stop cancels every generation; each one's on_done resumes its
      * suspended connection (libmicrohttpd must not stop with one suspended) */
     if (s->sch) sched_stop(s->sch);
+    /* let those answers (a 503, the end of a stream) go out: at most 2 s */
+    for (int i = 0; d && i < 40 && busy_conns(s) > 0; i++) nanosleep(&(struct timespec){0, 50 * 1000000L}, NULL);
     if (watchdog) {
         pthread_mutex_lock(&s->conns_mu);
         s->watchdog_stop = true;

@@ -594,16 +594,13 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         return http_reply_error(c, &e);
     }
     r->gen = true;
-    if (!r->g->stream) { /* wait for the outcome without a thread: resumed by the last on_done */
-        pthread_mutex_lock(&r->g->mu);
-        bool wait = !r->g->finished;
-        if (wait) {
-            r->g->suspended = true;
-            MHD_suspend_connection(c);
-        }
-        pthread_mutex_unlock(&r->g->mu);
-        return wait ? MHD_YES : http_gen_reply(c, r);
-    }
+    /* Non-streaming: no answer yet. libmicrohttpd calls the handler again
+     * on its next turn (http_gen_reply suspends there until the outcome).
+     * Not suspending here, in the pass that read the request, matters:
+     * libmicrohttpd 0.9.75 keeps that pass's "read" interest across a
+     * suspension, and a resumed connection whose client half-closed would
+     * read the end of stream and be dropped as gone. */
+    if (!r->g->stream) return MHD_YES;
     struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, gen_reader, r, NULL);
     if (!resp) return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", r->g->stream ? "text/event-stream" : "application/json");
@@ -620,7 +617,13 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
 
 enum MHD_Result http_gen_reply(struct MHD_Connection *c, req_ctx *r) {
     gen_req *g = r->g;
-    pthread_mutex_lock(&g->mu); /* finished: the jobs are done with it, the lock is for form */
+    pthread_mutex_lock(&g->mu);
+    if (!g->finished) { /* wait without a thread: the last on_done resumes the connection */
+        g->suspended = true;
+        MHD_suspend_connection(c);
+        pthread_mutex_unlock(&g->mu);
+        return MHD_YES;
+    }
     struct MHD_Response *resp = MHD_create_response_from_buffer(g->out_len, g->out ? g->out : (char *)"",
                                                                 MHD_RESPMEM_MUST_COPY);
     sess *x = take_session(r); /* unpinned before the client sees the answer (see gen_reader) */

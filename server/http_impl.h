@@ -142,13 +142,15 @@ void http_req_finish(req_ctx *r);
 /* POST /v1/chat/completions and /v1/completions: parse the body, tokenise,
  * take the session, submit one scheduler job per prompt; then either queue
  * the SSE response (streamed from the jobs' output, the connection suspended
- * whenever no bytes are ready) or suspend the connection until every job has
- * ended (http_gen_reply then queues the one JSON body with its real status);
+ * whenever no bytes are ready) or return with no answer yet (http_gen_reply,
+ * on the handler's next call, waits for the outcome and queues the one JSON
+ * body with its real status);
  * or queue an error answer. Sets r->gen once the jobs run and r->g as soon
  * as any generation state exists. */
 enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, enum api_kind kind);
-/* The handler is called again on a resumed non-streaming generation (every
- * job has ended): queue its response with its real status. */
+/* The handler is called again for a non-streaming generation: suspend the
+ * connection until every job has ended (the last on_done resumes it), then
+ * queue the response with its real status. */
 enum MHD_Result http_gen_reply(struct MHD_Connection *c, req_ctx *r);
 /* The connection's side of the request ended (completed_ok: the response
  * was sent whole). Returns true when the request is over (the caller calls
