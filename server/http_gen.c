@@ -14,12 +14,16 @@
  * request's output under gen_req.mu. Nothing here waits for a token on a
  * libmicrohttpd thread: a streaming response's reader (gen_reader) hands
  * over what is there and suspends the connection when nothing is; a
- * non-streaming request suspends its connection right after submitting. The
- * scheduler's callbacks resume it when bytes or the outcome arrive. Who
+ * non-streaming request suspends its connection (on the handler's call after
+ * the one that submitted, see http_gen_start) until every job has ended, and
+ * only then queues its status line and body. The scheduler's callbacks
+ * resume the connection when bytes or the outcome arrive. Who
  * suspended is recorded under the mutex (gen_req.suspended); whoever clears
  * that flag resumes the connection, after unlocking. A client that left is
  * noticed by libmicrohttpd (a reset, a failed write), never by peeking at
- * the socket: a half-close after the request is a normal client.
+ * the socket: a half-close after the request is a normal client. When the
+ * connection ends first, its jobs are cancelled and the last on_done
+ * finishes the request (http_req_finish), so no thread waits for them.
  */
 #include <jansson.h>
 #include <microhttpd.h>
