@@ -4,8 +4,10 @@
  *
  *   1. With `--timeout 1`, non-streaming requests of 2,000 tokens (several at
  *      once) come back complete: status 200, 2,000 tokens, the same text as a
- *      streamed run of the same greedy request. (Before: the status line went
- *      out before generation and the idle timer could cut the body.)
+ *      streamed run of the same greedy request; a stream that waits in the
+ *      queue for seconds meanwhile is not cut either. (Before: the status
+ *      line went out before generation and the idle timer could cut the
+ *      body.)
  *   2. A non-streaming request whose generation fails (here: the server is
  *      stopped under it) answers its real status with an OpenAI error body,
  *      not a 200 with an error inside.
@@ -77,14 +79,23 @@ describe('long, half-closed and counted responses', { timeout: 170000 }, () => {
   });
   after(async () => { if (server) await server.stop(); });
 
-  it('--timeout 1: 2000-token non-streaming answers are complete and equal the streamed text', async () => {
+  it('--timeout 1: 2000-token non-streaming answers are complete and equal the streamed text; a queued stream too', async () => {
     const ref = await sse(server.baseURL + '/completions', { ...LONG, stream: true }, { timeoutMs: 120000 });
     assert.equal(ref.status, 200);
     assert.ok(ref.done, 'the reference stream ended without [DONE]');
     const refText = ref.events.map((e) => e.choices[0]?.text ?? '').join('');
     assert.ok(refText.length > 2000, `reference text only ${refText.length} chars`);
-    const res = await Promise.all(Array.from({ length: 3 }, () =>
-      jfetch(server.baseURL + '/completions', { body: LONG, timeoutMs: 120000 })));
+    const longs = Array.from({ length: 3 }, () =>
+      jfetch(server.baseURL + '/completions', { body: LONG, timeoutMs: 120000 }));
+    await sleep(300); /* the three hold 3 of the 4 slots: of two streams, one waits for seconds */
+    const streams = Array.from({ length: 2 }, () => sse(server.baseURL + '/completions',
+      { prompt: ONCE, max_tokens: 64, temperature: 0, stream: true }, { timeoutMs: 120000 }));
+    for (const st of await Promise.all(streams)) {
+      assert.equal(st.status, 200);
+      assert.ok(st.done, 'a stream that waited in the queue was cut before [DONE]');
+      assert.equal(st.events.map((e) => e.choices[0]?.text ?? '').join(''), GOLDEN[ONCE]);
+    }
+    const res = await Promise.all(longs);
     for (const r of res) {
       assert.equal(r.status, 200, r.text.slice(0, 300));
       assert.ok(r.json, `body is not JSON (${r.text.length} bytes): ${r.text.slice(-200)}`);
