@@ -39,6 +39,7 @@
 #include <microhttpd.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -400,6 +401,30 @@ static int busy_conns(server *s) {
     return n;
 }
 
+/* libmicrohttpd's own messages (a connection refused at a limit, one cut at
+ * its deadline, a write to a client that left), at most one a second: under
+ * an attack of thousands of sockets they would flood the log. */
+static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
+    server *s = cls;
+    double now = kp_now();
+    pthread_mutex_lock(&s->conns_mu);
+    bool show = now - s->log_t >= 1.0;
+    int dropped = s->log_dropped;
+    if (show) {
+        s->log_t = now;
+        s->log_dropped = 0;
+    } else {
+        s->log_dropped++;
+    }
+    pthread_mutex_unlock(&s->conns_mu);
+    if (!show) return;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    msg[strcspn(msg, "\r\n")] = 0;
+    if (dropped) fprintf(stderr, "kvpark: http: %s (%d more such messages in the last second not shown)\n", msg, dropped);
+    else fprintf(stderr, "kvpark: http: %s\n", msg);
+}
+
 /* ---- the handler ----------------------------------------------------- */
 
 /* A request that frames its body twice (Content-Length and
@@ -692,7 +717,8 @@ int http_serve(const http_opts *opts, kp_err *err) {
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned pool = (unsigned)KP_MAX(1, KP_MIN(4, cores));
     d = MHD_start_daemon(MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | v6,
-                         (uint16_t)s->o.port, NULL, NULL, handle, s, MHD_OPTION_SOCK_ADDR, &addr,
+                         (uint16_t)s->o.port, NULL, NULL, handle, s, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, s,
+                         MHD_OPTION_SOCK_ADDR, &addr,
                          MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
                          MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_CONNECTION_TIMEOUT,
                          (unsigned)s->o.timeout_s, MHD_OPTION_CONNECTION_LIMIT, (unsigned)s->o.max_conns,

@@ -75,6 +75,8 @@ typedef struct server {
     pthread_t watchdog;       /* closes connections past their deadline */
     pthread_cond_t watchdog_cv;
     bool watchdog_stop;       /* under conns_mu */
+    double log_t;             /* libmicrohttpd's messages: when the last was shown (under conns_mu) */
+    int log_dropped;          /* and how many since were not (under conns_mu) */
 
     metrics_registry *reg;
     metrics_family *m_requests, *m_ttft, *m_tpot, *m_duration, *m_prompt_tokens, *m_gen_tokens,
