@@ -154,7 +154,6 @@ if (process.env.KVPARK_SLOWLORIS_ATTACK) {
       });
       child.stderr.on('data', (d) => { err += d; });
       const exited = new Promise((res) => child.once('exit', res));
-      let watch = null;
       try {
         for (let i = 0; i < 600 && !ready && child.exitCode === null; i++) await sleep(100);
         assert.ok(ready, `the attacker did not get its sockets open: ${JSON.stringify(last)} ${err}`);
@@ -163,8 +162,6 @@ if (process.env.KVPARK_SLOWLORIS_ATTACK) {
         for (let i = 0; i < 150 && open() < (N_SLOW + N_IDLE) * 0.9; i++) await sleep(100);
         assert.ok(open() >= (N_SLOW + N_IDLE) * 0.9,
           `only ${last.slowOpen} slow and ${last.idleOpen} idle sockets open: ${JSON.stringify(last)}`);
-        let maxOpen = open();
-        watch = setInterval(() => { maxOpen = Math.max(maxOpen, open()); }, 100);
 
         const bad = [];
         let n = 0;
@@ -188,13 +185,11 @@ if (process.env.KVPARK_SLOWLORIS_ATTACK) {
           await sleep(250);
         }
         assert.deepEqual(bad, [], `${bad.length} of ${n} probes failed under the attack (${JSON.stringify(last)})`);
-        assert.ok(maxOpen >= (N_SLOW + N_IDLE) * 0.9, `the attack fell to ${maxOpen} sockets`);
         /* the deadline, not the idle timer (60 s), closed the slow sockets */
         assert.ok(last.slowCut >= N_SLOW * 0.9, `only ${last.slowCut} slowloris sockets were closed in ${OBSERVE_MS} ms ` +
           `with --request-timeout 4: ${JSON.stringify(last)}`);
         assert.equal(server.exited(), null, 'the server died');
       } finally {
-        if (watch) clearInterval(watch);
         child.kill('SIGTERM');
         await exited;
       }
