@@ -31,6 +31,7 @@
 
 #include <errno.h>
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -660,34 +661,42 @@ static void raise_fd_limit(int max_conns) {
                 (unsigned long long)(rl.rlim_cur > 256 ? rl.rlim_cur - 256 : 0));
 }
 
-/* --host as a socket address: IPv4 or IPv6 ("::1", "[::1]", "::" for every
- * address of both families). *flags gets the libmicrohttpd IPv6 flags. */
+/* --host as a socket address: a dotted-quad IPv4 address, or a numeric IPv6
+ * one ("::1", "[::1]", "fe80::1%eth0" through getaddrinfo for the scope;
+ * "::" for every address of both families). *flags gets the libmicrohttpd
+ * IPv6 flags. */
 static int parse_host(const char *host, int port, struct sockaddr_storage *ss, unsigned *flags, kp_err *err) {
     memset(ss, 0, sizeof *ss);
     *flags = 0;
-    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
-    if (inet_pton(AF_INET, host, &a4->sin_addr) == 1) {
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons((uint16_t)port);
-        return 0;
-    }
-    char h[INET6_ADDRSTRLEN + 2];
+    char h[256];
     size_t n = strlen(host);
     if (n >= 2 && host[0] == '[' && host[n - 1] == ']' && n - 2 < sizeof h) {
         memcpy(h, host + 1, n - 2);
         h[n - 2] = 0;
+    } else if (n < sizeof h) {
+        memcpy(h, host, n + 1);
     } else {
-        snprintf(h, sizeof h, "%s", host);
+        h[0] = 0;
     }
-    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
-    if (strlen(host) < sizeof h && inet_pton(AF_INET6, h, &a6->sin6_addr) == 1) {
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons((uint16_t)port);
-        *flags = IN6_IS_ADDR_UNSPECIFIED(&a6->sin6_addr) ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    if (inet_pton(AF_INET, h, &a4->sin_addr) == 1) { /* strict dotted quad (getaddrinfo takes "1.2.3") */
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
         return 0;
     }
-    return kp_errf(err, KP_EINVAL, "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1, 0.0.0.0, ::1 or ::)",
-                   host);
+    struct addrinfo hints = {.ai_family = AF_INET6, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICHOST | AI_PASSIVE}, *ai = NULL;
+    if (!h[0] || getaddrinfo(h, NULL, &hints, &ai) != 0 || !ai || ai->ai_addrlen > sizeof *ss) {
+        if (ai) freeaddrinfo(ai);
+        return kp_errf(err, KP_EINVAL,
+                       "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1, 0.0.0.0, ::1 or ::)", host);
+    }
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    a6->sin6_port = htons((uint16_t)port);
+    *flags = IN6_IS_ADDR_UNSPECIFIED(&a6->sin6_addr) ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
+    return 0;
 }
 
 int http_serve(const http_opts *opts, kp_err *err) {
