@@ -91,7 +91,6 @@ typedef struct gen_req gen_req; /* a generation's state, in http_gen.c */
 /* One request, from its headers to its end. */
 typedef struct req_ctx {
     server *s;
-    struct MHD_Connection *c;
     /* request body */
     char *body;
     size_t len, cap;
