@@ -15,18 +15,32 @@
  *   5. routing (handle), request end (completed), metrics and the daemon's
  *      life                                           (http_serve)
  *
- * Threads: libmicrohttpd runs one thread per connection (so a handler may
- * wait for its generation), the scheduler thread owns the model, and the
- * main thread waits for SIGINT/SIGTERM. The sessions table has one mutex.
+ * Threads: libmicrohttpd runs event-driven (epoll) on a small pool of
+ * threads (min(4, cores)); a connection is a socket and a little memory, not
+ * a thread, so thousands of idle or slow clients cannot lock anyone out. No
+ * handler waits for tokens: a generation suspends its connection, and the
+ * scheduler's callbacks resume it when bytes or the outcome arrive
+ * (http_gen.c). The scheduler thread owns the model and does every device
+ * copy. A watchdog thread closes connections whose request has not fully
+ * arrived by --request-timeout (libmicrohttpd has only an idle timeout, which
+ * a client sending one byte a second never trips). The main thread waits for
+ * SIGINT/SIGTERM. The sessions table has one mutex, the connection records
+ * another.
  */
 #include "server/http.h"
 
 #include <errno.h>
 #include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <jansson.h>
 #include <microhttpd.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,8 +61,8 @@
 /* ------------------------------------------------------------------ */
 /* 2. HTTP helpers                                                     */
 
-/* The status of the last reply queued on this connection's thread (one
- * thread per connection), read back by handle() for logs and metrics. */
+/* The status of the last reply queued by this thread, read back by handle()
+ * for logs and metrics (a handler runs start to end on one pool thread). */
 static _Thread_local int tls_status;
 
 static enum MHD_Result reply_raw(struct MHD_Connection *c, int status, const char *ctype,
@@ -294,11 +308,155 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
     return http_reply_error(c, &e);
 }
 
+/* The request target as a path: an absolute-URI ("http://host:port/v1/...",
+ * which HTTP/1.1 servers must accept) loses its scheme and authority. */
+static const char *target_path(const char *url) {
+    size_t n = !strncasecmp(url, "http://", 7) ? 7 : !strncasecmp(url, "https://", 8) ? 8 : 0;
+    if (!n) return url;
+    const char *p = strchr(url + n, '/');
+    return p ? p : "/";
+}
+
+/* ---- connection records: the request deadline ---------------------- */
+
+static conn_rec *conn_rec_of(struct MHD_Connection *c) {
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+/* The connection's request is in (waiting false), or a new one may start
+ * (waiting true: the deadline runs from now). */
+static void conn_set_waiting(server *s, struct MHD_Connection *c, bool waiting) {
+    conn_rec *cr = conn_rec_of(c);
+    if (!cr) return;
+    pthread_mutex_lock(&s->conns_mu);
+    cr->waiting = waiting;
+    cr->deadline = kp_now() + s->o.request_timeout_s;
+    pthread_mutex_unlock(&s->conns_mu);
+}
+
+/* libmicrohttpd tells us when a connection opens and closes (it closes the
+ * socket only after CLOSED, so a record's fd is valid while it is listed). */
+static void on_connection(void *cls, struct MHD_Connection *c, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code) {
+    server *s = cls;
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+        conn_rec *cr = calloc(1, sizeof *cr);
+        if (!cr || !ci) { /* no record: no deadline for this one, nothing else lost */
+            free(cr);
+            return;
+        }
+        cr->fd = ci->connect_fd;
+        cr->waiting = true;
+        cr->deadline = kp_now() + s->o.request_timeout_s;
+        pthread_mutex_lock(&s->conns_mu);
+        cr->next = s->conns;
+        if (s->conns) s->conns->prev = cr;
+        s->conns = cr;
+        pthread_mutex_unlock(&s->conns_mu);
+        *socket_context = cr;
+    } else if (code == MHD_CONNECTION_NOTIFY_CLOSED && *socket_context) {
+        conn_rec *cr = *socket_context;
+        pthread_mutex_lock(&s->conns_mu);
+        if (cr->prev) cr->prev->next = cr->next;
+        else s->conns = cr->next;
+        if (cr->next) cr->next->prev = cr->prev;
+        pthread_mutex_unlock(&s->conns_mu);
+        free(cr);
+        *socket_context = NULL;
+    }
+}
+
+/* Every 250 ms: shut down the sockets of connections past their request
+ * deadline; libmicrohttpd then sees the end of the stream and closes them. */
+static void *watchdog_main(void *ud) {
+    server *s = ud;
+    pthread_mutex_lock(&s->conns_mu);
+    while (!s->watchdog_stop) {
+        double now = kp_now();
+        for (conn_rec *cr = s->conns; cr; cr = cr->next)
+            if (cr->waiting && !cr->cut && now > cr->deadline) {
+                shutdown(cr->fd, SHUT_RDWR);
+                cr->cut = true;
+            }
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += 250 * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&s->watchdog_cv, &s->conns_mu, &ts);
+    }
+    pthread_mutex_unlock(&s->conns_mu);
+    return NULL;
+}
+
+/* Connections with a request in progress (received, not yet answered). */
+static int busy_conns(server *s) {
+    int n = 0;
+    pthread_mutex_lock(&s->conns_mu);
+    for (conn_rec *cr = s->conns; cr; cr = cr->next) n += !cr->waiting;
+    pthread_mutex_unlock(&s->conns_mu);
+    return n;
+}
+
+/* libmicrohttpd's own messages (a connection refused at a limit, one cut at
+ * its deadline, a write to a client that left), at most one a second: under
+ * an attack of thousands of sockets they would flood the log. */
+static void on_mhd_log(void *cls, const char *fmt, va_list ap) {
+    server *s = cls;
+    double now = kp_now();
+    pthread_mutex_lock(&s->conns_mu);
+    bool show = now - s->log_t >= 1.0;
+    int dropped = s->log_dropped;
+    if (show) {
+        s->log_t = now;
+        s->log_dropped = 0;
+    } else {
+        s->log_dropped++;
+    }
+    pthread_mutex_unlock(&s->conns_mu);
+    if (!show) return;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    msg[strcspn(msg, "\r\n")] = 0;
+    if (dropped) fprintf(stderr, "kvpark: http: %s (%d more such messages in the last second not shown)\n", msg, dropped);
+    else fprintf(stderr, "kvpark: http: %s\n", msg);
+}
+
+/* ---- the handler ----------------------------------------------------- */
+
+/* A request that frames its body twice (Content-Length and
+ * Transfer-Encoding) is how requests are smuggled past a proxy that reads
+ * the other header: refuse it and close the connection. */
+static enum MHD_Result reply_ambiguous_length(struct MHD_Connection *c, req_ctx *r) {
+    api_error e;
+    api_error_set(&e, 400, "invalid_request_error", "invalid_request", NULL,
+                  "the request has both Content-Length and Transfer-Encoding: send one of them");
+    char *json = api_error_json(&e);
+    if (!json) return MHD_NO;
+    struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(json), json, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(json);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    MHD_add_response_header(resp, "Connection", "close");
+    r->status = 400;
+    r->answered = true; /* the body (if any) is not ours to read */
+    enum MHD_Result ok = MHD_queue_response(c, 400, resp);
+    MHD_destroy_response(resp);
+    return ok;
+}
+
 static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *url, const char *method,
                               const char *version, const char *upload, size_t *upload_size, void **con_cls) {
     (void)version;
     server *s = cls;
     req_ctx *r = *con_cls;
+    url = target_path(url);
     if (!r) { /* first call: headers only */
         r = calloc(1, sizeof *r);
         if (!r) return MHD_NO;
@@ -306,10 +464,17 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
         r->t0 = kp_now();
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->url, sizeof r->url, "%s", url);
+        *con_cls = r;
+        if (MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length") &&
+            MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Transfer-Encoding"))
+            return reply_ambiguous_length(c, r);
         r->owner = check_key(s, c);
         const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > s->o.max_body) r->too_large = true;
-        *con_cls = r;
+        return MHD_YES;
+    }
+    if (r->answered) { /* answered at the headers (ambiguous length) */
+        *upload_size = 0;
         return MHD_YES;
     }
     if (*upload_size) { /* body bytes */
@@ -322,6 +487,11 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
         if (!r->too_large && buf_append(&r->body, &r->len, &r->cap, upload, *upload_size)) r->too_large = true;
         *upload_size = 0;
         return MHD_YES;
+    }
+    if (r->gen) return http_gen_reply(c, r); /* a non-streaming generation: wait, or answer */
+    if (!r->received) {
+        r->received = true;
+        conn_set_waiting(s, c, false);
     }
     api_error e;
     enum MHD_Result res;
@@ -337,21 +507,29 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
     return res;
 }
 
-/* Per-request cleanup; for generations, waits until the job has ended. */
-static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
-    (void)c;
-    server *s = cls;
-    req_ctx *r = *con_cls;
-    if (!r) return;
-    http_gen_end(r, toe == MHD_REQUEST_TERMINATED_COMPLETED_OK);
+void http_req_finish(req_ctx *r) {
+    server *s = r->s;
     char st[8];
-    snprintf(st, sizeof st, "%d", r->status ? r->status : (toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? 200 : 499));
+    snprintf(st, sizeof st, "%d", r->status ? r->status : 499);
     metrics_inc(s->m_requests, endpoint_label(r->url), st);
     if (strcmp(r->url, "/health") != 0 && strcmp(r->url, "/metrics") != 0) http_gen_log_request(r);
     http_gen_free(r);
     free(r->body);
     free(r);
+}
+
+/* The connection's side of a request ended (sent, or the client left). A
+ * generation still running is cancelled and finished by its last on_done:
+ * nothing waits here. */
+static void completed(void *cls, struct MHD_Connection *c, void **con_cls, enum MHD_RequestTerminationCode toe) {
+    server *s = cls;
+    req_ctx *r = *con_cls;
     *con_cls = NULL;
+    conn_set_waiting(s, c, true); /* a kept-alive connection's next request has a deadline too */
+    if (!r) return;
+    bool ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK;
+    if (!r->status && !r->gen) r->status = ok ? 200 : 499;
+    if (http_gen_end(r, ok)) http_req_finish(r);
 }
 
 /* Gauges computed at scrape time. */
@@ -473,8 +651,65 @@ static int setup_metrics(server *s, kp_err *err) {
 http_opts http_default_opts(void) {
     http_opts o = {.host = "127.0.0.1", .port = 8080, .n_parallel = 4, .queue_max = 64,
                    .kv_type = KP_TYPE_F32, .max_body = 8u << 20, .timeout_s = 60,
+                   .request_timeout_s = 10, .max_conns = 16384, .max_conns_per_ip = 64,
                    .session_dir = "sessions", .max_sessions = 1024, .hot_budget = 2ull << 30};
     return o;
+}
+
+/* Every connection is a file descriptor: raise the soft limit to the hard
+ * one, and say so when even that is short of --max-conns. */
+static void raise_fd_limit(int max_conns) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    rlim_t need = (rlim_t)max_conns + 256; /* model, sessions, logs */
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < need)
+        fprintf(stderr, "kvpark: warning: the open-file limit is %llu, below --max-conns %d + 256: "
+                "connections past ~%llu will be refused (raise it: ulimit -n, LimitNOFILE=)\n",
+                (unsigned long long)rl.rlim_cur, max_conns,
+                (unsigned long long)(rl.rlim_cur > 256 ? rl.rlim_cur - 256 : 0));
+}
+
+/* --host as a socket address: a dotted-quad IPv4 address, or a numeric IPv6
+ * one ("::1", "[::1]", "fe80::1%eth0" through getaddrinfo for the scope;
+ * "::" for every address of both families). *flags gets the libmicrohttpd
+ * IPv6 flags. */
+static int parse_host(const char *host, int port, struct sockaddr_storage *ss, unsigned *flags, kp_err *err) {
+    memset(ss, 0, sizeof *ss);
+    *flags = 0;
+    char h[256];
+    size_t n = strlen(host);
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']' && n - 2 < sizeof h) {
+        memcpy(h, host + 1, n - 2);
+        h[n - 2] = 0;
+    } else if (n < sizeof h) {
+        memcpy(h, host, n + 1);
+    } else {
+        h[0] = 0;
+    }
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    if (inet_pton(AF_INET, h, &a4->sin_addr) == 1) { /* strict dotted quad (getaddrinfo takes "1.2.3") */
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons((uint16_t)port);
+        return 0;
+    }
+    struct addrinfo hints = {.ai_family = AF_INET6, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICHOST | AI_PASSIVE}, *ai = NULL;
+    if (!h[0] || getaddrinfo(h, NULL, &hints, &ai) != 0 || !ai || ai->ai_addrlen > sizeof *ss) {
+        if (ai) freeaddrinfo(ai);
+        return kp_errf(err, KP_EINVAL,
+                       "--host '%s' is not an IPv4 or IPv6 address (e.g. 127.0.0.1, 0.0.0.0, ::1 or ::)", host);
+    }
+    memcpy(ss, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    a6->sin6_port = htons((uint16_t)port);
+    *flags = IN6_IS_ADDR_UNSPECIFIED(&a6->sin6_addr) ? MHD_USE_DUAL_STACK : MHD_USE_IPv6;
+    return 0;
 }
 
 int http_serve(const http_opts *opts, kp_err *err) {
@@ -482,6 +717,9 @@ int http_serve(const http_opts *opts, kp_err *err) {
     if (!s) return kp_errf(err, KP_ENOMEM, "out of memory");
     s->o = *opts;
     s->created = (int64_t)unix_now();
+    pthread_mutex_init(&s->conns_mu, NULL);
+    pthread_cond_init(&s->watchdog_cv, NULL);
+    bool watchdog = false;
     for (int i = 0; i < s->o.n_keys; i++) s->key_hash[i] = key_hash_of(s->o.keys[i]);
     int rc = setup_metrics(s, err);
     struct MHD_Daemon *d = NULL;
@@ -494,20 +732,29 @@ int http_serve(const http_opts *opts, kp_err *err) {
     signal(SIGXFSZ, SIG_IGN); /* a file-size limit makes writes fail (EFBIG), reported like a full disk */
     if (rc) goto done;
 
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s->o.port)};
-    if (inet_pton(AF_INET, s->o.host, &addr.sin_addr) != 1) {
-        rc = kp_errf(err, KP_EINVAL, "--host '%s' is not an IPv4 address (e.g. 127.0.0.1 or 0.0.0.0)", s->o.host);
-        goto done;
-    }
-    d = MHD_start_daemon(MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_ERROR_LOG,
-                         (uint16_t)s->o.port, NULL, NULL, handle, s, MHD_OPTION_SOCK_ADDR, &addr,
-                         MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_TIMEOUT,
-                         (unsigned)s->o.timeout_s, MHD_OPTION_CONNECTION_LIMIT, 1024u, MHD_OPTION_END);
+    struct sockaddr_storage addr;
+    unsigned v6 = 0;
+    if ((rc = parse_host(s->o.host, s->o.port, &addr, &v6, err))) goto done;
+    raise_fd_limit(s->o.max_conns);
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned pool = (unsigned)KP_MAX(1, KP_MIN(4, cores));
+    d = MHD_start_daemon(MHD_USE_EPOLL_INTERNAL_THREAD | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | v6,
+                         (uint16_t)s->o.port, NULL, NULL, handle, s, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, s,
+                         MHD_OPTION_SOCK_ADDR, &addr,
+                         MHD_OPTION_THREAD_POOL_SIZE, pool, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
+                         MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_CONNECTION_TIMEOUT,
+                         (unsigned)s->o.timeout_s, MHD_OPTION_CONNECTION_LIMIT, (unsigned)s->o.max_conns,
+                         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)s->o.max_conns_per_ip, MHD_OPTION_END);
     if (!d) {
         rc = kp_errf(err, KP_EIO, "cannot listen on %s:%d (%s): is the port in use?", s->o.host, s->o.port,
                      strerror(errno));
         goto done;
     }
+    if (pthread_create(&s->watchdog, NULL, watchdog_main, s) != 0) {
+        rc = kp_errf(err, KP_ENOMEM, "cannot start the connection watchdog thread");
+        goto done;
+    }
+    watchdog = true;
     fprintf(stderr, "kvpark: loading %s\n", s->o.model);
     /* Tests only: hold the "loading" state so the 503 answers can be checked
      * (a tiny model loads in milliseconds). */
@@ -551,21 +798,36 @@ int http_serve(const http_opts *opts, kp_err *err) {
     atomic_store(&s->ready, true);
     fprintf(stderr, "kvpark: model %s; template %s; context %d; %d parallel; sessions in %s\n",
             model_desc(s->m), chat_template_name(s->tmpl), s->n_ctx, s->o.n_parallel, s->o.session_dir);
-    fprintf(stderr, "kvpark: listening on http://%s:%d\n", s->o.host, s->o.port);
+    bool bracket = strchr(s->o.host, ':') && s->o.host[0] != '[';
+    fprintf(stderr, "kvpark: listening on http://%s%s%s:%d\n", bracket ? "[" : "", s->o.host, bracket ? "]" : "",
+            s->o.port);
     int sig = 0;
     sigwait(&sigs, &sig);
     fprintf(stderr, "kvpark: signal %d: shutting down\n", sig);
     rc = 0;
 done:
     atomic_store(&s->ready, false);
-    if (s->sch) sched_stop(s->sch); /* cancels generations: readers finish */
-    if (d) MHD_stop_daemon(d);       /* joins every connection thread */
+    /* sched_stop cancels every generation; each one's on_done resumes its
+     * suspended connection (libmicrohttpd must not stop with one suspended) */
+    if (s->sch) sched_stop(s->sch);
+    /* let those answers (a 503, the end of a stream) go out: at most 2 s */
+    for (int i = 0; d && i < 40 && busy_conns(s) > 0; i++) nanosleep(&(struct timespec){0, 50 * 1000000L}, NULL);
+    if (watchdog) {
+        pthread_mutex_lock(&s->conns_mu);
+        s->watchdog_stop = true;
+        pthread_cond_signal(&s->watchdog_cv);
+        pthread_mutex_unlock(&s->conns_mu);
+        pthread_join(s->watchdog, NULL);
+    }
+    if (d) MHD_stop_daemon(d); /* joins the pool; every connection is closed (records freed) */
     /* sessions close before the scheduler is freed: a background park still
      * running hands its device copies to the (stopped) scheduler */
     sess_close(s->sessions); /* hot sessions are parked to disk: a restart loses nothing */
     sched_free(s->sch);
     model_free(s->m);
     metrics_free(s->reg);
+    pthread_cond_destroy(&s->watchdog_cv);
+    pthread_mutex_destroy(&s->conns_mu);
     free(s);
     return rc;
 }

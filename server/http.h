@@ -1,8 +1,10 @@
 /*
  * http.h — `kvpark serve`: the OpenAI-compatible HTTP server.
  *
- * libmicrohttpd serves each connection on its own thread; JSON goes through
- * server/api.c; generation runs on the engine's scheduler (continuous
+ * libmicrohttpd serves every connection from a small pool of event-driven
+ * (epoll) threads, so an idle or slow connection costs a socket, not a thread;
+ * a request waiting for its tokens is a suspended connection. JSON goes
+ * through server/api.c; generation runs on the engine's scheduler (continuous
  * batching); sessions move between hot (live KV), warm (RAM) and cold (disk)
  * tiers through server/sessions.h and the session store (storage/store.h);
  * /metrics speaks Prometheus.
@@ -14,6 +16,15 @@
  *     negative code with a message (port in use, model not found, ...).
  *   - $KVPARK_TEST_LOAD_DELAY_MS (tests only) holds the loading state that
  *     long before the model loads, so the 503 answers can be tested.
+ *   - Connections: at most max_conns open (RLIMIT_NOFILE is raised to its
+ *     hard limit at start, with a warning when that is lower than needed),
+ *     max_conns_per_ip from one client address; a connection whose request
+ *     (head and body) has not fully arrived request_timeout_s after it opened
+ *     or after its previous response is closed; an idle one after timeout_s.
+ *     A request being generated is never timed out: its status line waits
+ *     for the outcome (non-streaming) or streams as tokens come (SSE).
+ *   - Only a reset or a failed write means the client left (its generation
+ *     is then cancelled); a half-close after the request is not.
  *   - Every error a client can cause is answered in OpenAI's error shape with
  *     the right status; nothing a client sends can crash the server.
  */
@@ -29,7 +40,7 @@
 
 typedef struct http_opts {
     const char *model;        /* path or synthetic:NAME (resolved by the caller) */
-    const char *host;         /* default 127.0.0.1 */
+    const char *host;         /* IPv4 or IPv6 address, default 127.0.0.1 (:: listens on both) */
     int port;                 /* default 8080 */
     int n_threads;            /* CPU threads for the model (<= 0: all) */
     const char *device;       /* cpu | cuda | auto (NULL = auto) */
@@ -40,6 +51,9 @@ typedef struct http_opts {
     int max_tokens_default;   /* when a request gives none (default: until EOS/context) */
     size_t max_body;          /* bytes (default 8 MiB) */
     int timeout_s;            /* idle connection timeout (default 60) */
+    int request_timeout_s;    /* a request's head and body must arrive within this (default 10) */
+    int max_conns;            /* open connections at most (default 16384) */
+    int max_conns_per_ip;     /* open connections per client address at most (default 64; 0: no limit) */
     const char *session_dir;  /* cold tier directory, --cold-dir (alias --session-dir); default ./sessions */
     const char *codec;        /* codec for parked sessions: none, int8, ... or a codec file (NULL: none) */
     int max_sessions;         /* sessions held in all tiers at most (default 1024) */

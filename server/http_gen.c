@@ -11,13 +11,22 @@
  * model can change without touching how tokens are generated.
  *
  * Threads: on_token / on_done run on the scheduler thread and append to the
- * request's output under gen_req.mu; gen_reader runs on the connection's
- * thread (libmicrohttpd pulls the body from it), waits on gen_req.cv, and
- * notices a client that hung up.
+ * request's output under gen_req.mu. Nothing here waits for a token on a
+ * libmicrohttpd thread: a streaming response's reader (gen_reader) hands
+ * over what is there and suspends the connection when nothing is; a
+ * non-streaming request suspends its connection (on the handler's call after
+ * the one that submitted, see http_gen_start) until every job has ended, and
+ * only then queues its status line and body. The scheduler's callbacks
+ * resume the connection when bytes or the outcome arrive. Who
+ * suspended is recorded under the mutex (gen_req.suspended); whoever clears
+ * that flag resumes the connection, after unlocking. A client that left is
+ * noticed by libmicrohttpd (a reset, a failed write), never by peeking at
+ * the socket: a half-close after the request is a normal client. When the
+ * connection ends first, its jobs are cancelled and the last on_done
+ * finishes the request (http_req_finish), so no thread waits for them.
  */
 #include <jansson.h>
 #include <microhttpd.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -66,8 +75,8 @@ typedef struct gen_part {
 } gen_part;
 
 /* A generation request's state (r->g), guarded by mu from the moment its
- * jobs are submitted: the scheduler thread adds output, the connection
- * thread hands it to libmicrohttpd. */
+ * jobs are submitted: the scheduler thread adds output, a libmicrohttpd
+ * thread hands it to the client. */
 struct gen_req {
     bool stream;
     enum api_kind kind;
@@ -79,12 +88,26 @@ struct gen_req {
     char id[64];
     int64_t created;
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv;      /* n_done changed (only an aborted start waits on it) */
     bool finished;          /* every part ended and the output is complete */
     char *out;              /* bytes to send */
     size_t out_len, out_cap, out_pos;
-    int fd;                 /* the client socket, to notice a hang-up */
+    struct MHD_Connection *conn;
+    bool suspended;         /* conn waits for output: whoever clears this resumes it */
+    bool conn_closed;       /* the connection is gone: the last on_done finishes the request */
+    bool client_left;       /* it ended before the whole response was sent */
 };
+
+/* Under mu: the connection to resume once mu is released, if it waits and
+ * there is something for it (new bytes or the end); NULL otherwise. A
+ * suspended connection cannot close, so it is still there after unlocking. */
+static struct MHD_Connection *take_wakeup(gen_req *g) {
+    if (!g->suspended || (g->out_pos == g->out_len && !g->finished)) return NULL;
+    g->suspended = false;
+    return g->conn;
+}
+
+static void settle(req_ctx *r);
 
 static void totals(const req_ctx *r, int *in, int *cached, int *out, double *ttft) {
     *in = *cached = *out = 0;
@@ -241,19 +264,22 @@ static int on_token(sched_job *job, int32_t id, const float *logits) {
     size_t emit_len;
     int stopped = stop_feed(&p->stop, piece, (size_t)len, &emit, &emit_len);
     emit_text(p, emit, emit_len);
-    pthread_cond_broadcast(&r->g->cv);
+    struct MHD_Connection *wake = take_wakeup(r->g);
     pthread_mutex_unlock(&r->g->mu);
+    if (wake) MHD_resume_connection(wake);
     return stopped;
 }
 
 /* The whole non-streaming response once every part has ended (r->g->mu held). */
 static void finish_response(req_ctx *r) {
-    if (r->status >= 500) {
+    if (r->status >= 400) { /* 500: a job failed; 499 with the client still here: the server stops */
         api_error e;
         const char *msg = "generation failed";
         for (int i = 0; i < r->g->n_parts; i++)
             if (r->g->parts[i].job.finish == SCHED_ERROR && r->g->parts[i].job.err.msg[0]) msg = r->g->parts[i].job.err.msg;
-        api_error_server(&e, msg);
+        if (r->status >= 500) api_error_server(&e, msg);
+        else api_error_not_ready(&e, "the server is shutting down");
+        r->status = e.http_status;
         char *json = api_error_json(&e);
         if (json) buf_append(&r->g->out, &r->g->out_len, &r->g->out_cap, json, strlen(json));
         free(json);
@@ -343,59 +369,61 @@ static void on_done(sched_job *job) {
         }
         r->g->finished = true;
     }
+    bool last = r->g->finished;
+    bool orphan = last && r->g->conn_closed;
+    struct MHD_Connection *wake = take_wakeup(r->g);
     pthread_cond_broadcast(&r->g->cv);
     pthread_mutex_unlock(&r->g->mu);
+    /* From here r is the connection's again (or ours alone, if it is gone). */
+    if (wake) MHD_resume_connection(wake);
+    if (orphan) { /* the client left first: nobody else will end the request */
+        settle(r);
+        http_req_finish(r);
+    }
 }
 
 static void cancel_all(req_ctx *r) {
     for (int i = 0; i < r->g->n_parts; i++) atomic_store(&r->g->parts[i].job.cancel, true);
 }
 
-static bool client_gone(int fd) {
-    if (fd < 0) return false;
-    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
-    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+/* Unpin the session (r->g->mu held by the caller, or the jobs ended and the
+ * connection is gone); returns it for sess_release after unlocking. */
+static sess *take_session(req_ctx *r) {
+    sess *x = r->g->sess;
+    r->g->sess = NULL;
+    return x;
 }
 
-/* libmicrohttpd pulls the response body from here (on the connection's own
- * thread): wait for bytes, hand them over; notice a client that left. */
+/* libmicrohttpd pulls the SSE body from here (on a pool thread): hand over
+ * the bytes that are there; with none yet, suspend the connection and
+ * return 0 (on_token / on_done resume it). */
 static ssize_t gen_reader(void *cls, uint64_t pos, char *buf, size_t max) {
     (void)pos;
     req_ctx *r = cls;
-    pthread_mutex_lock(&r->g->mu);
-    for (;;) {
-        if (r->g->out_pos < r->g->out_len) {
-            size_t n = KP_MIN(max, r->g->out_len - r->g->out_pos);
-            memcpy(buf, r->g->out + r->g->out_pos, n);
-            r->g->out_pos += n;
-            pthread_mutex_unlock(&r->g->mu);
-            return (ssize_t)n;
-        }
-        if (r->g->finished) {
-            /* Every byte is handed over: unpin the session now, before the
-             * client can see the end of the response, so that its next
-             * request (a DELETE, a save) does not find it "in use". */
-            sess *x = r->g->sess;
-            r->g->sess = NULL;
-            pthread_mutex_unlock(&r->g->mu);
-            if (x) sess_release(r->s->sessions, x, true);
-            return r->status >= 500 && r->g->stream ? MHD_CONTENT_READER_END_WITH_ERROR
-                                                 : MHD_CONTENT_READER_END_OF_STREAM;
-        }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 100 * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&r->g->cv, &r->g->mu, &ts);
-        if (!r->g->finished && r->g->out_pos == r->g->out_len && client_gone(r->g->fd)) {
-            cancel_all(r);
-            pthread_mutex_unlock(&r->g->mu);
-            return MHD_CONTENT_READER_END_WITH_ERROR;
-        }
+    gen_req *g = r->g;
+    pthread_mutex_lock(&g->mu);
+    if (g->out_pos < g->out_len) {
+        size_t n = KP_MIN(max, g->out_len - g->out_pos);
+        memcpy(buf, g->out + g->out_pos, n);
+        g->out_pos += n;
+        pthread_mutex_unlock(&g->mu);
+        return (ssize_t)n;
     }
+    if (g->finished) {
+        /* Every byte is handed over: unpin the session now, before the
+         * client can see the end of the response, so that its next
+         * request (a DELETE, a save) does not find it "in use". */
+        sess *x = take_session(r);
+        pthread_mutex_unlock(&g->mu);
+        if (x) sess_release(r->s->sessions, x, true);
+        return r->status >= 500 ? MHD_CONTENT_READER_END_WITH_ERROR : MHD_CONTENT_READER_END_OF_STREAM;
+    }
+    /* Suspend under the mutex: a callback sees `suspended` only once the
+     * connection really is suspended, so its resume always matches. */
+    g->suspended = true;
+    MHD_suspend_connection(g->conn);
+    pthread_mutex_unlock(&g->mu);
+    return 0;
 }
 
 /* Tokenise prompt i of the request into p->prompt; an api_error on failure. */
@@ -445,7 +473,7 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         api_error_server(&e, "out of memory");
         return http_reply_error(c, &e);
     }
-    r->g->fd = -1;
+    r->g->conn = c;
     pthread_mutex_init(&r->g->mu, NULL);
     pthread_cond_init(&r->g->cv, NULL);
     api_limits lim = {.max_tokens_limit = 0, .max_messages = 0};
@@ -512,8 +540,6 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
     if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) rnd[0] = (uint64_t)(kp_now() * 1e9);
     api_make_id(r->g->id, sizeof r->g->id, kind == API_CHAT ? "chatcmpl-" : "cmpl-", rnd[0], rnd[1]);
     r->g->created = (int64_t)unix_now();
-    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
-    r->g->fd = ci ? ci->connect_fd : -1;
     r->status = 200;
 
     /* one scheduler job per part */
@@ -534,13 +560,19 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         j->on_done = on_done;
         j->ud = p;
         atomic_init(&j->cancel, false);
-        if (r->g->stream) {
-            pthread_mutex_lock(&r->g->mu);
-            push_chunk(p, API_CHUNK_ROLE, "", 0, false);
-            pthread_mutex_unlock(&r->g->mu);
-        }
-        if ((rc = sched_submit(s->sch, j, &err))) break;
+        /* Mark the part submitted before it is: its on_done may run before
+         * sched_submit returns, and the usage it reports counts the
+         * submitted parts. */
+        pthread_mutex_lock(&r->g->mu);
+        if (r->g->stream) push_chunk(p, API_CHUNK_ROLE, "", 0, false);
         p->submitted = true;
+        pthread_mutex_unlock(&r->g->mu);
+        if ((rc = sched_submit(s->sch, j, &err))) {
+            pthread_mutex_lock(&r->g->mu);
+            p->submitted = false;
+            pthread_mutex_unlock(&r->g->mu);
+            break;
+        }
         submitted++;
     }
     if (rc) {
@@ -566,6 +598,13 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         return http_reply_error(c, &e);
     }
     r->gen = true;
+    /* Non-streaming: no answer yet. libmicrohttpd calls the handler again
+     * on its next turn (http_gen_reply suspends there until the outcome).
+     * Not suspending here, in the pass that read the request, matters:
+     * libmicrohttpd 0.9.75 keeps that pass's "read" interest across a
+     * suspension, and a resumed connection whose client half-closed would
+     * read the end of stream and be dropped as gone. */
+    if (!r->g->stream) return MHD_YES;
     struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, gen_reader, r, NULL);
     if (!resp) return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", r->g->stream ? "text/event-stream" : "application/json");
@@ -580,18 +619,47 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
 /* ------------------------------------------------------------------ */
 /* the request's end                                                   */
 
-void http_gen_end(req_ctx *r, bool completed_ok) {
-    if (!r->gen) return;
-    server *s = r->s;
-    pthread_mutex_lock(&r->g->mu);
-    if (!r->g->finished) {
-        cancel_all(r);
-        while (!r->g->finished) pthread_cond_wait(&r->g->cv, &r->g->mu);
+enum MHD_Result http_gen_reply(struct MHD_Connection *c, req_ctx *r) {
+    gen_req *g = r->g;
+    pthread_mutex_lock(&g->mu);
+    if (!g->finished) { /* wait without a thread: the last on_done resumes the connection */
+        g->suspended = true;
+        MHD_suspend_connection(c);
+        pthread_mutex_unlock(&g->mu);
+        return MHD_YES;
     }
+    struct MHD_Response *resp = MHD_create_response_from_buffer(g->out_len, g->out ? g->out : (char *)"",
+                                                                MHD_RESPMEM_MUST_COPY);
+    sess *x = take_session(r); /* unpinned before the client sees the answer (see gen_reader) */
+    pthread_mutex_unlock(&g->mu);
+    if (x) sess_release(r->s->sessions, x, true);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, "Content-Type", "application/json");
+    if (g->sess_id[0]) MHD_add_response_header(resp, "X-Session-Id", g->sess_id);
+    enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
+    MHD_destroy_response(resp);
+    return ok;
+}
+
+/* The request is over on both sides: its final status, the session back,
+ * the duration. */
+static void settle(req_ctx *r) {
+    if (r->g->client_left && r->status == 200) r->status = 499;
+    sess *x = take_session(r);
+    if (x) sess_release(r->s->sessions, x, true);
+    metrics_observe(r->s->m_duration, kp_now() - r->t0, NULL, NULL);
+}
+
+bool http_gen_end(req_ctx *r, bool completed_ok) {
+    if (!r->gen) return true;
+    pthread_mutex_lock(&r->g->mu);
+    r->g->conn_closed = true;
+    r->g->client_left = !completed_ok;
+    bool done = r->g->finished;
+    if (!done) cancel_all(r); /* the last on_done settles and finishes it */
     pthread_mutex_unlock(&r->g->mu);
-    if (!completed_ok && r->status == 200) r->status = 499;
-    if (r->g->sess) sess_release(s->sessions, r->g->sess, true);
-    metrics_observe(s->m_duration, kp_now() - r->t0, NULL, NULL);
+    if (done) settle(r);
+    return done;
 }
 
 void http_gen_free(req_ctx *r) {

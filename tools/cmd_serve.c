@@ -21,7 +21,8 @@ static const char *serve_help =
     "OpenAI-compatible HTTP server (chat/completions, completions, models, sessions,\n"
     "health, metrics). Stops cleanly on SIGINT/SIGTERM.\n"
     "  -m, --model PATH         GGUF model (default lookup as for 'kvpark run')\n"
-    "      --host ADDR          IPv4 address to listen on (default 127.0.0.1)\n"
+    "      --host ADDR          IPv4 or IPv6 address to listen on (default 127.0.0.1;\n"
+    "                           :: listens on every address of both families)\n"
     "      --port N             TCP port (default 8080)\n"
     "      --parallel N         sequences decoded together (default 4)\n"
     "      --queue N            requests waiting before 429 (default 64)\n"
@@ -52,7 +53,13 @@ static const char *serve_help =
     "      --max-sessions N     sessions held in all tiers at most (default 1024), then 429\n"
     "  SIZE: bytes, or a number with K, M, G or T (powers of 1024), e.g. 512M\n"
     "      --chat-template T    chatml | llama2 | llama3 | plain (default: from the model)\n"
-    "      --timeout S          idle connection timeout in seconds (default 60)\n"
+    "      --timeout S          idle connection timeout in seconds (default 60); a request\n"
+    "                           being generated or streamed is never cut by it\n"
+    "      --request-timeout S  a request's head and body must arrive within S seconds of\n"
+    "                           its connection opening or of the previous response (default 10)\n"
+    "      --max-conns N        open connections at most (default 16384)\n"
+    "      --max-conns-per-ip N open connections from one client address at most\n"
+    "                           (default 64; 0: no limit)\n"
     "      --quiet              no per-request log lines\n";
 
 /* Read --api-key-file into o->keys; the copies go to key_store (freed by the caller). */
@@ -83,6 +90,9 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
     return 0;
 }
 
+/* Options of serve alone (past tools/cli.h's shared codes). */
+enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP };
+
 int cmd_serve(int argc, char **argv) {
     cli_model_opts co = {.kv_type = KP_TYPE_F32};
     http_opts ho = http_default_opts();
@@ -109,6 +119,9 @@ int cmd_serve(int argc, char **argv) {
         {"chat-template", required_argument, 0, CLI_OPT_CHAT_TEMPLATE},
         {"timeout", required_argument, 0, CLI_OPT_TIMEOUT}, {"quiet", no_argument, 0, CLI_OPT_QUIET},
         {"device", required_argument, 0, CLI_OPT_DEVICE},
+        {"request-timeout", required_argument, 0, OPT_REQUEST_TIMEOUT},
+        {"max-conns", required_argument, 0, OPT_MAX_CONNS},
+        {"max-conns-per-ip", required_argument, 0, OPT_MAX_CONNS_PER_IP},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c;
     optind = 1;
@@ -176,6 +189,18 @@ int cmd_serve(int argc, char **argv) {
         case CLI_OPT_TIMEOUT:
             if (cli_parse_long(optarg, 1, 86400, &v)) return cli_usage_error("serve", "bad --timeout");
             ho.timeout_s = (int)v;
+            break;
+        case OPT_REQUEST_TIMEOUT:
+            if (cli_parse_long(optarg, 1, 86400, &v)) return cli_usage_error("serve", "bad --request-timeout");
+            ho.request_timeout_s = (int)v;
+            break;
+        case OPT_MAX_CONNS:
+            if (cli_parse_long(optarg, 1, 1 << 20, &v)) return cli_usage_error("serve", "bad --max-conns");
+            ho.max_conns = (int)v;
+            break;
+        case OPT_MAX_CONNS_PER_IP:
+            if (cli_parse_long(optarg, 0, 1 << 20, &v)) return cli_usage_error("serve", "bad --max-conns-per-ip");
+            ho.max_conns_per_ip = (int)v;
             break;
         case CLI_OPT_QUIET: ho.quiet = 1; break;
         case 'h': fputs(serve_help, stdout); return 0;

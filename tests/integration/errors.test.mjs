@@ -3,18 +3,48 @@
  * status of the contract (400, 401, 404, 413) in the OpenAI error shape,
  * hostile bodies (invalid UTF-8, 100k-deep nesting, 10 MB uploads with and
  * without Content-Length), and that the server keeps answering afterwards.
+ * The request line and framing too: a request with both Content-Length and
+ * Transfer-Encoding is refused (400, connection closed: the classic request
+ * smuggling setup behind a proxy), an absolute-URI request line
+ * ("POST http://host:port/v1/...", which HTTP/1.1 servers must accept)
+ * routes like its path, and --host takes IPv6 (::1, and :: for both
+ * families; skipped where the machine has no ::1).
  *
  * Why: a public endpoint meets these inputs daily; each must end in a clear
  * error, never a crash, a hang, or a silently accepted request.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import OpenAI from 'openai';
 import {
-  GOLDEN, ONCE, assertErrorShape, chatBody, jfetch, rawRequest, startServer, tmpDir,
+  BIN, GOLDEN, MODEL, ONCE, assertErrorShape, chatBody, freePort, jfetch, rawRequest, sleep, startServer, tmpDir,
 } from './helpers.mjs';
+
+/* Write raw bytes on a fresh socket to host:port and read until the server
+ * closes (or timeoutMs: then resolves what came, with closed false). */
+function rawExchange(port, bytes, { host = '127.0.0.1', timeoutMs = 10000 } = {}) {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, host);
+    const parts = [];
+    const done = (closed) => { clearTimeout(timer); sock.destroy(); resolve({ text: Buffer.concat(parts).toString('utf8'), closed }); };
+    const timer = setTimeout(() => done(false), timeoutMs);
+    sock.on('connect', () => sock.write(bytes));
+    sock.on('data', (d) => parts.push(d));
+    sock.on('error', (e) => { clearTimeout(timer); reject(e); });
+    sock.on('close', () => done(true));
+  });
+}
+
+/* The body of the first response in a raw HTTP/1.1 exchange (Content-Length framed). */
+function firstBody(text) {
+  const sep = text.indexOf('\r\n\r\n');
+  const len = Number(/content-length:\s*(\d+)/i.exec(text.slice(0, sep))?.[1] ?? -1);
+  return len >= 0 ? text.slice(sep + 4, sep + 4 + len) : text.slice(sep + 4);
+}
 
 const KEY = 'k-alpha-0123456789';
 const FILE_KEY = 'k-beta-from-file';
@@ -247,9 +277,87 @@ describe('errors', { timeout: 90000 }, () => {
     }
   });
 
+  /* ---- the request line and framing ---- */
+
+  it('400 and a closed connection for Content-Length together with Transfer-Encoding (no smuggling)', async () => {
+    const port = Number(new URL(server.url).port);
+    const body = JSON.stringify(chatBody(ONCE, { max_tokens: 2 }));
+    const chunked = `${Buffer.byteLength(body).toString(16)}\r\n${body}\r\n0\r\n\r\n`;
+    const smuggled = `GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEY}\r\n\r\n`;
+    const req = `POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${KEY}\r\n` +
+      `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\n` +
+      `Transfer-Encoding: chunked\r\n\r\n${chunked}${smuggled}`;
+    const r = await rawExchange(port, req);
+    assert.match(r.text, /^HTTP\/1\.1 400 /, r.text.slice(0, 200));
+    assertErrorShape(assert, JSON.parse(firstBody(r.text)), { type: 'invalid_request_error' });
+    assert.equal(r.text.match(/HTTP\/1\.1 \d{3}/g).length, 1, `more than one response: ${r.text}`);
+    assert.ok(r.closed, 'the connection stayed open after an ambiguous request');
+  });
+
+  it('an absolute-URI request line routes like its path', async () => {
+    const port = Number(new URL(server.url).port);
+    const body = JSON.stringify(chatBody(ONCE, { max_tokens: 64 }));
+    const r = await rawExchange(port, `POST http://127.0.0.1:${port}/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n` +
+      `Authorization: Bearer ${KEY}\r\nContent-Type: application/json\r\nConnection: close\r\n` +
+      `Content-Length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+    assert.match(r.text, /^HTTP\/1\.1 200 /, r.text.slice(0, 300));
+    assert.equal(JSON.parse(firstBody(r.text)).choices[0].message.content, GOLDEN[ONCE]);
+    const h = await rawExchange(port, `GET HTTP://localhost:${port}/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    assert.match(h.text, /^HTTP\/1\.1 200 /, h.text.slice(0, 300));
+    assert.deepEqual(JSON.parse(firstBody(h.text)), { status: 'ok' });
+  });
+
   it('the server still answers correctly after all of the above', async () => {
     assert.equal(server.exited(), null, 'server died');
     const r = await server.client(KEY).chat.completions.create(chatBody(ONCE, { max_tokens: 64 }));
     assert.equal(r.choices[0].message.content, GOLDEN[ONCE]);
+  });
+});
+
+/* --host with IPv6: ::1 alone, and :: for both families. */
+describe('IPv6 listening', { timeout: 60000 }, () => {
+  const has6 = () => new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.once('error', () => resolve(false));
+    srv.listen(0, '::1', () => srv.close(() => resolve(true)));
+  });
+
+  async function serveOn(host) {
+    const port = await freePort();
+    const dir = tmpDir('ipv6');
+    const proc = spawn(BIN, ['serve', '-m', MODEL, '--host', host, '--port', String(port), '--session-dir', dir],
+      { stdio: ['ignore', 'ignore', 'pipe'] });
+    let log = '';
+    proc.stderr.on('data', (d) => { log += d; });
+    const exited = new Promise((res) => proc.once('exit', (code) => res(code)));
+    const stop = async () => { proc.kill('SIGTERM'); await exited; fs.rmSync(dir, { recursive: true, force: true }); };
+    for (let i = 0; i < 200; i++) {
+      if (proc.exitCode !== null) break;
+      try {
+        const r = await fetch(`http://[::1]:${port}/health`, { signal: AbortSignal.timeout(2000) });
+        if (r.status === 200) return { port, stop, log: () => log };
+      } catch { /* not yet */ }
+      await sleep(50);
+    }
+    await stop();
+    throw new Error(`kvpark serve --host ${host} did not answer on [::1]:${port}:\n${log}`);
+  }
+
+  it('--host ::1 and --host :: serve over IPv6 (and :: over IPv4 too)', async (t) => {
+    if (!(await has6())) { t.skip('this machine has no IPv6 loopback (::1)'); return; }
+    const one = await serveOn('::1');
+    try {
+      const r = await jfetch(`http://[::1]:${one.port}/v1/chat/completions`, { body: chatBody(ONCE, { max_tokens: 64 }) });
+      assert.equal(r.status, 200, r.text);
+      assert.equal(r.json.choices[0].message.content, GOLDEN[ONCE]);
+      assert.match(one.log(), /listening on http:\/\/\[::1\]:/);
+    } finally { await one.stop(); }
+    const both = await serveOn('::');
+    try {
+      for (const base of [`http://[::1]:${both.port}`, `http://127.0.0.1:${both.port}`]) {
+        const r = await jfetch(base + '/health', { method: 'GET' });
+        assert.equal(r.status, 200, `${base}: ${r.text}`);
+      }
+    } finally { await both.stop(); }
   });
 });
