@@ -12,6 +12,7 @@
  *   RESTORING   a thread is bringing it back from the store
  *   PARKING     a thread is writing it to the store (then drops the KV)
  *   SAVING      a thread is writing it to the store durably (keeps the KV)
+ *   EXPIRING    the loop thread is deleting it for idleness (then it is gone)
  *
  * and independently it holds one tier (what tier_of reports): `hot` (seq set:
  * a live KV), `warm` or `cold` (stored: the store's tier of its record),
@@ -54,9 +55,11 @@
  *   hot              -> hot             : store_dropped (stored = saved =
  *                                         false, dirty = true)
  *   any IDLE         -> gone            : sess_delete (users == 0, else EBUSY)
- *   any IDLE         -> gone            : expire_idle, the loop thread's timer
+ *   any IDLE         -> EXPIRING        : expire_idle, the loop thread's timer
  *                                         (users == 0, refs == 0, unused for
- *                                         session_ttl_s): every tier deleted
+ *                                         session_ttl_s)
+ *   EXPIRING         -> gone            : expire_idle, its stored copy deleted
+ *                                         (logged and counted first)
  *   hot              -> (saved, freed)  : sess_close (durable store_hot of
  *                                         each dirty or unstored hot session)
  *
@@ -106,7 +109,7 @@
 #define SESS_EXTRA_BYTES 12
 #define SESS_PARK_RETRY_S 10         /* a session that failed to park waits this long */
 
-enum sess_state { SS_IDLE = 0, SS_RESTORING, SS_PARKING, SS_SAVING };
+enum sess_state { SS_IDLE = 0, SS_RESTORING, SS_PARKING, SS_SAVING, SS_EXPIRING };
 
 struct sess {
     char id[STORE_ID_MAX + 1];
@@ -506,7 +509,10 @@ static void on_wake(uv_async_t *a) {
 }
 
 /* Delete every session idle for session_ttl_s that nobody holds or moves
- * (loop thread). Each goes from every tier, with a log line and a count. */
+ * (loop thread). Each goes from every tier, with a log line and a count;
+ * while its stored copy is deleted it is EXPIRING (requests for it wait),
+ * and it leaves the table only once the log line and the count are out, so
+ * whoever sees it gone also sees why. */
 static void expire_idle(sess_table *t) {
     if (t->o.session_ttl_s <= 0 || atomic_load(&t->stopping)) return;
     for (;;) {
@@ -520,31 +526,33 @@ static void expire_idle(sess_table *t) {
             pthread_mutex_unlock(&t->mu);
             return;
         }
-        char tier[STORE_TIER_MAX], id[STORE_ID_MAX + 1];
+        char tier[STORE_TIER_MAX];
         tier_of(x, NULL, tier);
-        snprintf(id, sizeof id, "%s", x->id);
         double idle = now - x->last_use;
         bool stored = x->stored;
         x->refs++;
-        unlink_locked(t, x);
-        x->stored = false;
-        t->n_expired++;
+        x->state = SS_EXPIRING;
         pthread_mutex_unlock(&t->mu);
         kp_err err = {0};
         store_entry e;
-        if (stored && strcmp(tier, "hot") != 0 && !store_stat(t->st, id, &e)) snprintf(tier, sizeof tier, "%s", e.tier);
-        int rc = stored ? store_delete(t->st, id, &err) : 0;
+        if (stored && strcmp(tier, "hot") != 0 && !store_stat(t->st, x->id, &e)) snprintf(tier, sizeof tier, "%s", e.tier);
+        int rc = stored ? store_delete(t->st, x->id, &err) : 0;
         if (rc == KP_ENOTFOUND) rc = 0;
-        pthread_mutex_lock(&t->mu);
-        unref(t, x); /* frees it, and its hot KV */
-        pthread_mutex_unlock(&t->mu);
         if (rc)
             sess_log(t, "sessions: session %s expired (idle %.0f s, --session-ttl %g) but its stored copy "
-                     "cannot be deleted: %s", id, idle, t->o.session_ttl_s, err.msg);
+                     "cannot be deleted: %s", x->id, idle, t->o.session_ttl_s, err.msg);
         else
             sess_log(t, "sessions: session %s expired: idle %.0f s, over --session-ttl %g s; deleted from "
-                     "every tier (it was %s)", id, idle, t->o.session_ttl_s, tier);
+                     "every tier (it was %s)", x->id, idle, t->o.session_ttl_s, tier);
         event(t, "expire", tier, 0);
+        pthread_mutex_lock(&t->mu);
+        t->n_expired++;
+        x->stored = false;
+        if (!x->gone) unlink_locked(t, x);
+        x->state = SS_IDLE;
+        pthread_cond_broadcast(&t->cv);
+        unref(t, x); /* frees it, and its hot KV */
+        pthread_mutex_unlock(&t->mu);
     }
 }
 
