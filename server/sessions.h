@@ -133,7 +133,9 @@ int sess_create(sess_table *t, uint64_t owner, sess_info *info, kp_err *err);
 /* Make the session hot and pin it. KP_ENOTFOUND: no such session for this
  * owner (owner_check false: any owner). KP_EFORMAT / KP_ERANGE: it cannot be
  * restored (message names it; a corrupt one is gone). *from: the tier it came
- * from; *ms: restore time. */
+ * from; *ms: restore time. A sequence built here carries `owner` as its
+ * sched_seq.owner: the jobs run on it must carry the same sched_job.owner
+ * or the scheduler treats its KV as another tenant's (nothing reused). */
 int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess **out,
                  char from[STORE_TIER_MAX], double *ms, kp_err *err);
 sched_seq *sess_seq(sess *x);
