@@ -335,8 +335,9 @@ static int staging_new(sess_table *t, const kv_cache *like, int n, kv_cache **ou
 static int store_hot(sess_table *t, sched *sch, sess *x, bool durable, store_save_stats *st, kp_err *err) {
     uint8_t extra[SESS_EXTRA_BYTES];
     make_extra(t, x, extra);
+    /* scope = owner: stored spans are shared between sessions of one key only */
     store_item it = {.tokens = x->seq->tokens, .n_tokens = x->seq->n_tokens, .extra = extra,
-                     .extra_len = sizeof extra, .kv = x->seq->kv};
+                     .extra_len = sizeof extra, .kv = x->seq->kv, .scope = t->test_legacy ? 0 : x->owner};
     if (t->host_kv) return store_save(t->st, x->id, &it, durable, st, err);
     kv_cache *h = NULL;
     int rc = staging_new(t, x->seq->kv, it.n_tokens, &h, err);

@@ -556,8 +556,8 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     const char *id = e->id;
     park_manifest nm;
     park_stats ps;
-    int rc = park_save(s->cas, s->codec, s->codec_hash, s->codec_label,
-                       s->o.shape.model_fingerprint, &s->o.layout, it->kv, it->tokens,
+    int rc = park_save_scoped(s->cas, s->codec, s->codec_hash, s->codec_label,
+                       s->o.shape.model_fingerprint, it->scope, &s->o.layout, it->kv, it->tokens,
                        it->n_tokens, durable, &nm, &ps, err);
     if (rc) {
         cas_collect(s->cas); /* objects put before the failure */

@@ -104,6 +104,8 @@ typedef struct store_item {
     const void *extra;     /* opaque (sampler state, server data), may be NULL */
     size_t extra_len;      /* <= 1 MiB */
     const kv_cache *kv;    /* rows 0 .. n_tokens-1 are saved */
+    uint64_t scope;        /* spans are shared only with sessions of the same scope
+                            * (park_save_scoped: the server passes the owner); 0: all */
 } store_item;
 
 typedef struct store_entry {

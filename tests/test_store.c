@@ -26,6 +26,7 @@
  *   - the per-store secret: created once with mode 0600, read back the same,
  *     a damaged one refused (never replaced); store_set_extra rewrites a
  *     durable record's extra bytes (survives reopen) and a warm one's;
+ *   - scopes: spans are shared within one scope only;
  *   - pipelined begin/layer/end equals store_load_kv; abandoned keeps n_pos;
  *   - 8 threads saving / loading / deleting overlapping ids (with and
  *     without a cold budget): every load self-consistent, and no reference
@@ -1218,6 +1219,46 @@ static void test_disk_full(void **state) {
     free(dir);
 }
 
+/* Scopes: sessions share stored spans only within one scope (the server's
+ * owner): B's save of exactly A's session stores everything anew; A's second
+ * session reuses all of A's; both restore; the scope survives a reopen. */
+static void test_scopes(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    store *s = open_store(dir, NULL);
+    kv_cache *kv = new_kv(KP_TYPE_F32);
+    tu_kv_fill(kv, 0, 100, 5);
+    int32_t *tok = tu_make_tokens(100, 5);
+    const char *ids[] = {"A1", "B1", "A2"};
+    uint64_t scopes[] = {7, 9, 7};
+    store_save_stats st[3];
+    kp_err err = {0};
+    for (int i = 0; i < 3; i++) {
+        char extra[32];
+        snprintf(extra, sizeof extra, "extra-%s-%d", ids[i], 100);
+        store_item it = {.tokens = tok, .n_tokens = 100, .extra = extra, .extra_len = strlen(extra), .kv = kv,
+                         .scope = scopes[i]};
+        if (store_save(s, ids[i], &it, true, &st[i], &err)) fail_msg("store_save: %s", err.msg);
+    }
+    assert_int_equal(st[0].spans_reused, 0);
+    assert_int_equal(st[1].spans_reused, 0);
+    assert_int_equal(st[1].bytes_new, st[0].bytes_new);
+    assert_true(st[2].spans_reused > 0);
+    assert_int_equal(st[2].bytes_new, 0);
+    store_close(s);
+    s = open_store(dir, NULL);
+    for (int i = 0; i < 3; i++) load_check(s, ids[i], KP_TYPE_F32, 100, 5, 5);
+    park_manifest m;
+    read_manifest(dir, "B1", &m);
+    assert_int_equal(m.scope, 9);
+    park_manifest_free(&m);
+    store_close(s);
+    free(tok);
+    kv_free(kv);
+    tu_rm_rf(dir);
+    free(dir);
+}
+
 /* ---- the per-store secret, store_set_extra ------------------------------------------ */
 
 static void test_secret(void **state) {
@@ -1556,6 +1597,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_disk_full),
         cmocka_unit_test(test_secret),
         cmocka_unit_test(test_set_extra),
+        cmocka_unit_test(test_scopes),
         cmocka_unit_test(test_pipelined),
         cmocka_unit_test(test_threads),
     };

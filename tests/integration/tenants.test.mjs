@@ -9,6 +9,10 @@
  * cached_tokens whether the guess was right. The scheduler reuses a prefix
  * only from a sequence whose last owner is the asking key (scheduler.h).
  *
+ * The same holds for parked sessions: their stored chunks are shared between
+ * sessions of one key only (a save's bytes_new would otherwise tell B that A
+ * holds the same conversation).
+ *
  * Setup: two keys. --parallel 1 first (one anonymous slot, so every B probe
  * lands on the slot A just filled: the attack's best case), then the
  * default --parallel 4 (each key keeps its own hits side by side).
@@ -82,6 +86,27 @@ describe('tenants: the prefix cache never crosses API keys', { timeout: 120000 }
       assert.equal(b.cached, 0, `B's probe "${probe}" reported ${b.cached} of ${b.prompt} tokens cached`);
       await complete(one, hA, SECRET);
     }
+  });
+
+  it('stored sessions share chunks only within a key: B\'s save of A\'s conversation stores every byte anew', async () => {
+    const saved = async (h) => {
+      const c = await jfetch(four.url + '/v1/sessions', { body: {}, headers: h });
+      assert.equal(c.status, 200, c.text);
+      const sid = c.json.id;
+      const r = await jfetch(four.baseURL + '/chat/completions', {
+        headers: h, body: { model: 'm', temperature: 0, max_tokens: 8, session_id: sid, messages: [{ role: 'user', content: SECRET }] },
+      });
+      assert.equal(r.status, 200, r.text);
+      const sv = await jfetch(four.url + `/v1/sessions/${sid}/save`, { headers: h });
+      assert.equal(sv.status, 200, sv.text);
+      return sv.json;
+    };
+    const a1 = await saved(hA);
+    const a2 = await saved(hA);
+    const b1 = await saved(hB);
+    assert.ok(a1.bytes_new > 0, JSON.stringify(a1));
+    assert.ok(a2.bytes_new < a1.bytes_new, `A's second copy shares A's chunks: ${JSON.stringify([a1, a2])}`);
+    assert.equal(b1.bytes_new, a1.bytes_new, `B's copy shares nothing with A's: ${JSON.stringify([a1, b1])}`);
   });
 
   it('--parallel 4: B gets nothing from A; each key keeps its own hits', async () => {
