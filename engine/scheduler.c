@@ -104,15 +104,23 @@ static int common_prefix(const int32_t *a, int na, const int32_t *b, int nb) {
     return i;
 }
 
-/* Pick the idle anonymous slot with the longest common prefix (ties: least
- * recently used). NULL if all are busy. */
+/* The prefix of q's tokens job j may reuse: none unless q last held j's
+ * owner's tokens (another key's prompt must not show, neither in n_cached
+ * nor in the time the prefill takes). */
+static int reusable_prefix(const sched_seq *q, const sched_job *j) {
+    if (q->owner != j->owner) return 0;
+    return common_prefix(q->tokens, q->n_tokens, j->prompt, j->n_prompt);
+}
+
+/* Pick the idle anonymous slot with the longest prefix the job may reuse
+ * (ties: least recently used). NULL if all are busy. */
 static sched_seq *pick_slot(sched *s, const sched_job *j) {
     sched_seq *best = NULL;
     int best_lcp = -1;
     for (int i = 0; i < s->o.n_parallel; i++) {
         sched_seq *q = s->slots[i];
         if (q->busy) continue;
-        int l = common_prefix(q->tokens, q->n_tokens, j->prompt, j->n_prompt);
+        int l = reusable_prefix(q, j);
         if (l > best_lcp || (l == best_lcp && best && q->last_use < best->last_use)) {
             best = q;
             best_lcp = l;
@@ -133,7 +141,7 @@ static int start_job(sched *s, sched_job *j) {
                 j->n_prompt, q->kv->n_ctx);
         return SCHED_ERROR;
     }
-    int lcp = common_prefix(q->tokens, q->n_tokens, j->prompt, j->n_prompt);
+    int lcp = reusable_prefix(q, j);
     if (lcp == j->n_prompt) lcp--; /* re-run the last token to get its logits */
     kv_truncate(q->kv, lcp);
     q->n_tokens = lcp;
@@ -150,6 +158,7 @@ static int start_job(sched *s, sched_job *j) {
     }
     for (int i = 0; i < j->n_prompt; i++) sample_accept(j->smp, j->prompt[i]);
     q->busy = true;
+    q->owner = j->owner; /* from now on the KV holds this owner's tokens */
     s->running[s->n_running++] = j;
     atomic_store(&s->n_running_pub, s->n_running);
     return 0;

@@ -9,6 +9,12 @@
  *     of anonymous ones (one per parallel slot) used by requests without a
  *     session, and reuses whichever holds the longest common prefix with the
  *     new prompt (a prompt cache).
+ *   - Tenants: a job and a sequence carry an owner (the API key's id). A
+ *     prefix is reused only from a sequence whose owner equals the job's:
+ *     another owner's sequence may be taken for the work, but its KV counts
+ *     as empty (n_cached 0, the whole prompt is prefilled), so neither
+ *     cached_tokens nor the time to first token tells one key anything about
+ *     another key's prompts. The sequence then belongs to the job's owner.
  *   - A job = (sequence or none, full prompt token ids, sampling, limits,
  *     callbacks). On start the sequence keeps its longest common prefix with
  *     the prompt (cached_tokens) and only the rest is prefilled.
@@ -44,6 +50,8 @@ typedef struct sched_seq {
     int cap;
     bool busy;       /* a job is running on it (scheduler-owned flag) */
     double last_use; /* kp_now() of the last step */
+    uint64_t owner;  /* whose tokens the KV holds (sched_job.owner of its last job;
+                      * a session sets it to the session's owner) */
 } sched_seq;
 
 int sched_seq_new(sched_seq **out, const model *m, int kv_type, int n_ctx, kp_err *err);
@@ -61,6 +69,8 @@ typedef struct sched_job sched_job;
 struct sched_job {
     /* in: set by the submitter */
     sched_seq *seq;          /* NULL: use an anonymous slot (prefix cache) */
+    uint64_t owner;          /* who asks (the API key's owner id; 0 without keys): a
+                              * prefix is reused only from a sequence of this owner */
     const int32_t *prompt;   /* [n_prompt] full conversation so far */
     int n_prompt;
     int max_tokens;          /* > 0 */

@@ -38,7 +38,8 @@
     XX(ERANGE, -7, "out of range")      /* a value is out of range (context overflow, ...)     */   \
     XX(EMISMATCH, -8, "mismatch")       /* data made for another model / codec                 */   \
     XX(EBUSY, -9, "busy")               /* queue full, resource in use                         */   \
-    XX(ECANCELED, -10, "canceled")      /* shut down or abandoned before it finished           */
+    XX(ECANCELED, -10, "canceled")      /* shut down or abandoned before it finished           */   \
+    XX(ENOSPC, -11, "no space left")    /* disk full, quota or file-size limit (HTTP 507)      */
 
 enum {
     KP_OK = 0,

@@ -47,8 +47,6 @@
 #include <string.h>
 #include <time.h>
 
-#define XXH_INLINE_ALL
-#include <xxhash.h>
 
 #include "engine/chat.h"
 #include "engine/model.h"
@@ -90,13 +88,8 @@ enum MHD_Result http_reply_error(struct MHD_Connection *c, const api_error *e) {
 }
 
 /* Constant-time comparison of the bearer token with every configured key.
- * Returns the key's hash (owner id), 0 when auth is off, or 1 on failure
- * (hashes 0 and 1 are avoided for real keys by construction below). */
-static uint64_t key_hash_of(const char *key) {
-    uint64_t h = XXH64(key, strlen(key), 0x6b7670);
-    return h < 2 ? h + 2 : h;
-}
-
+ * The owner ids (s->key_hash) are keyed hashes made by sess_key_owners
+ * (never 0 or 1). */
 static bool ct_equal(const char *a, const char *b) {
     size_t la = strlen(a), lb = strlen(b);
     unsigned char d = (unsigned char)(la != lb);
@@ -162,6 +155,9 @@ static enum MHD_Result reply_sess_error(struct MHD_Connection *c, int rc, const 
         api_error_set(&e, 409, "invalid_request_error", "session_busy", NULL, "%s", err->msg);
     else if (rc == KP_EINVAL)
         api_error_set(&e, 400, "invalid_request_error", "invalid_value", NULL, "%s", err->msg);
+    else if (rc == KP_ENOSPC) /* disk full: 507 Insufficient Storage, the reason in the message */
+        api_error_set(&e, 507, "server_error", "insufficient_storage", NULL, "session %s cannot be %s: %s", id,
+                      what, err->msg);
     else if (rc == KP_EFORMAT || rc == KP_ERANGE)
         api_error_set(&e, 409, "invalid_request_error", "session_unavailable", NULL, "session %s cannot be %s: %s",
                       id, what, err->msg);
@@ -652,7 +648,8 @@ http_opts http_default_opts(void) {
     http_opts o = {.host = "127.0.0.1", .port = 8080, .n_parallel = 4, .queue_max = 64,
                    .kv_type = KP_TYPE_F32, .max_body = 8u << 20, .timeout_s = 60,
                    .request_timeout_s = 10, .max_conns = 16384, .max_conns_per_ip = 64,
-                   .session_dir = "sessions", .max_sessions = 1024, .hot_budget = 2ull << 30};
+                   .session_dir = "sessions", .max_sessions = 1024, .session_ttl_s = 86400,
+                   .hot_budget = 2ull << 30};
     return o;
 }
 
@@ -720,8 +717,9 @@ int http_serve(const http_opts *opts, kp_err *err) {
     pthread_mutex_init(&s->conns_mu, NULL);
     pthread_cond_init(&s->watchdog_cv, NULL);
     bool watchdog = false;
-    for (int i = 0; i < s->o.n_keys; i++) s->key_hash[i] = key_hash_of(s->o.keys[i]);
-    int rc = setup_metrics(s, err);
+    /* owner ids before the daemon listens: check_key reads them from the first request on */
+    int rc = sess_key_owners(s->o.session_dir, s->o.keys, s->o.n_keys, s->key_hash, err);
+    if (!rc) rc = setup_metrics(s, err);
     struct MHD_Daemon *d = NULL;
     sigset_t sigs;
     sigemptyset(&sigs);
@@ -792,7 +790,9 @@ int http_serve(const http_opts *opts, kp_err *err) {
                      .dir = s->o.session_dir, .codec = s->o.codec, .hot_sessions = s->o.hot_sessions,
                      .hot_budget = s->o.hot_budget, .warm_budget = s->o.warm_budget,
                      .cold_budget = s->o.cold_budget, .idle_park_s = s->o.idle_park_s,
-                     .max_sessions = s->o.max_sessions, .quiet = s->o.quiet, .on_event = on_sess_event, .ud = s};
+                     .max_sessions = s->o.max_sessions, .max_sessions_per_key = s->o.max_sessions_per_key,
+                     .session_ttl_s = s->o.session_ttl_s, .keys = s->o.keys, .n_keys = s->o.n_keys,
+                     .quiet = s->o.quiet, .on_event = on_sess_event, .ud = s};
     if ((rc = sess_open(&s->sessions, &sso, err))) goto done;
     snprintf(s->codec_name, sizeof s->codec_name, "%s", s->o.codec ? s->o.codec : "none");
     atomic_store(&s->ready, true);

@@ -551,6 +551,7 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         sched_job *j = &p->job;
         memset(j, 0, sizeof *j);
         j->seq = r->g->sess ? sess_seq(r->g->sess) : NULL;
+        j->owner = r->owner; /* prefix reuse stays within this key (scheduler.h) */
         j->prompt = p->prompt;
         j->n_prompt = p->n_prompt;
         j->max_tokens = KP_MIN(max_tokens, s->n_ctx - p->n_prompt);

@@ -12,6 +12,7 @@
  *   RESTORING   a thread is bringing it back from the store
  *   PARKING     a thread is writing it to the store (then drops the KV)
  *   SAVING      a thread is writing it to the store durably (keeps the KV)
+ *   EXPIRING    the loop thread is deleting it for idleness (then it is gone)
  *
  * and independently it holds one tier (what tier_of reports): `hot` (seq set:
  * a live KV), `warm` or `cold` (stored: the store's tier of its record),
@@ -54,6 +55,11 @@
  *   hot              -> hot             : store_dropped (stored = saved =
  *                                         false, dirty = true)
  *   any IDLE         -> gone            : sess_delete (users == 0, else EBUSY)
+ *   any IDLE         -> EXPIRING        : expire_idle, the loop thread's timer
+ *                                         (users == 0, refs == 0, unused for
+ *                                         session_ttl_s)
+ *   EXPIRING         -> gone            : expire_idle, its stored copy deleted
+ *                                         (logged and counted first)
  *   hot              -> (saved, freed)  : sess_close (durable store_hot of
  *                                         each dirty or unstored hot session)
  *
@@ -88,16 +94,22 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sodium.h>
 #include <uv.h>
+#include <xxhash.h>
 
 #include "compress/quality.h"
 #include "kernels/kernels.h"
 
-#define SESS_EXTRA_MAGIC 0x4B505853u /* "SXPK": the server's bytes in a stored session */
-#define SESS_EXTRA_BYTES 12          /* magic u32 + owner u64 */
+/* The server's bytes in a stored session: magic u32 + owner u64. "SXP2": the
+ * owner is keyed (sess_key_owners); "SXPK" (older versions): it is an
+ * unkeyed XXH64 of the key, migrated at open (load_index). */
+#define SESS_EXTRA_MAGIC 0x32505853u
+#define SESS_EXTRA_MAGIC_V1 0x4B505853u
+#define SESS_EXTRA_BYTES 12
 #define SESS_PARK_RETRY_S 10         /* a session that failed to park waits this long */
 
-enum sess_state { SS_IDLE = 0, SS_RESTORING, SS_PARKING, SS_SAVING };
+enum sess_state { SS_IDLE = 0, SS_RESTORING, SS_PARKING, SS_SAVING, SS_EXPIRING };
 
 struct sess {
     char id[STORE_ID_MAX + 1];
@@ -134,6 +146,14 @@ struct sess_table {
     uv_thread_t thr;
     bool uv_running;
     atomic_bool stopping;
+
+    int per_key;            /* sessions of one owner at most (max_sessions without keys) */
+    uint64_t n_expired;     /* deleted for idleness since open (mu) */
+    uint64_t n_migrated;    /* owner ids rewritten keyed at open */
+    uint64_t *key_new;      /* [n_key_ids] the configured keys' owner ids (keyed) */
+    uint64_t *key_old;      /* [n_key_ids] what older versions recorded for them */
+    int n_key_ids;
+    bool test_legacy;       /* KVPARK_TEST_LEGACY_OWNER=1: write records as older versions did */
 };
 
 typedef struct park_req {
@@ -168,6 +188,32 @@ static void event(sess_table *t, const char *kind, const char *tier, double secs
 
 static void kick(sess_table *t) {
     if (t->uv_running && !atomic_load(&t->stopping)) uv_async_send(&t->wake);
+}
+
+/* ---- owner ids -------------------------------------------------------------- */
+
+/* What versions before the keyed ids recorded (http.c's old key_hash_of). */
+static uint64_t legacy_owner(const char *key) {
+    uint64_t h = XXH64(key, strlen(key), 0x6b7670);
+    return h < 2 ? h + 2 : h;
+}
+
+static uint64_t keyed_owner(const uint8_t secret[STORE_SECRET_BYTES], const char *key) {
+    uint8_t h[crypto_generichash_BYTES_MIN]; /* 16: BLAKE2b's shortest output */
+    crypto_generichash(h, sizeof h, (const unsigned char *)key, strlen(key), secret, STORE_SECRET_BYTES);
+    uint64_t v;
+    memcpy(&v, h, sizeof v);
+    return v < 2 ? v + 2 : v;
+}
+
+int sess_key_owners(const char *dir, const char *const *keys, int n_keys, uint64_t *owners, kp_err *err) {
+    if (n_keys <= 0) return 0;
+    uint8_t secret[STORE_SECRET_BYTES];
+    int rc = store_secret(dir, secret, err);
+    if (rc) return rc;
+    for (int i = 0; i < n_keys; i++) owners[i] = keyed_owner(secret, keys[i]);
+    sodium_memzero(secret, sizeof secret);
+    return 0;
 }
 
 /* ---- the table (t->mu held) ------------------------------------------------ */
@@ -260,10 +306,18 @@ static void info_locked(sess_table *t, const sess *x, const store_entry *e, sess
 
 /* ---- store plumbing ------------------------------------------------------- */
 
-static void make_extra(const sess *x, uint8_t extra[SESS_EXTRA_BYTES]) {
+static void make_extra(const sess_table *t, const sess *x, uint8_t extra[SESS_EXTRA_BYTES]) {
     uint32_t magic = SESS_EXTRA_MAGIC;
-    memcpy(extra, &magic, 4);
-    memcpy(extra + 4, &x->owner, 8);
+    uint64_t owner = x->owner;
+    /* Tests only: what an older version wrote (the unkeyed owner id), so the
+     * upgrade of a cold dir can be tested end to end. */
+    for (int i = 0; t->test_legacy && i < t->n_key_ids; i++)
+        if (t->key_new[i] == owner) {
+            magic = SESS_EXTRA_MAGIC_V1;
+            owner = t->key_old[i];
+        }
+    memcpy(extra, &magic, 4); /* host order, as every version wrote it */
+    memcpy(extra + 4, &owner, 8);
 }
 
 /* A host-memory KV of n rows shaped like `like` (staging for a KV that lives
@@ -280,9 +334,10 @@ static int staging_new(sess_table *t, const kv_cache *like, int n, kv_cache **ou
  * sch NULL: the scheduler is gone and the caller is the only thread left). */
 static int store_hot(sess_table *t, sched *sch, sess *x, bool durable, store_save_stats *st, kp_err *err) {
     uint8_t extra[SESS_EXTRA_BYTES];
-    make_extra(x, extra);
+    make_extra(t, x, extra);
+    /* scope = owner: stored spans are shared between sessions of one key only */
     store_item it = {.tokens = x->seq->tokens, .n_tokens = x->seq->n_tokens, .extra = extra,
-                     .extra_len = sizeof extra, .kv = x->seq->kv};
+                     .extra_len = sizeof extra, .kv = x->seq->kv, .scope = t->test_legacy ? 0 : x->owner};
     if (t->host_kv) return store_save(t->st, x->id, &it, durable, st, err);
     kv_cache *h = NULL;
     int rc = staging_new(t, x->seq->kv, it.n_tokens, &h, err);
@@ -454,7 +509,58 @@ static void on_wake(uv_async_t *a) {
     schedule_parks(t);
 }
 
-static void on_timer(uv_timer_t *tm) { schedule_parks(tm->data); }
+/* Delete every session idle for session_ttl_s that nobody holds or moves
+ * (loop thread). Each goes from every tier, with a log line and a count;
+ * while its stored copy is deleted it is EXPIRING (requests for it wait),
+ * and it leaves the table only once the log line and the count are out, so
+ * whoever sees it gone also sees why. */
+static void expire_idle(sess_table *t) {
+    if (t->o.session_ttl_s <= 0 || atomic_load(&t->stopping)) return;
+    for (;;) {
+        pthread_mutex_lock(&t->mu);
+        double now = unix_now();
+        sess *x = t->list;
+        while (x && !(x->state == SS_IDLE && x->users == 0 && x->refs == 0 &&
+                      now - x->last_use >= t->o.session_ttl_s))
+            x = x->next;
+        if (!x) {
+            pthread_mutex_unlock(&t->mu);
+            return;
+        }
+        char tier[STORE_TIER_MAX];
+        tier_of(x, NULL, tier);
+        double idle = now - x->last_use;
+        bool stored = x->stored;
+        x->refs++;
+        x->state = SS_EXPIRING;
+        pthread_mutex_unlock(&t->mu);
+        kp_err err = {0};
+        store_entry e;
+        if (stored && strcmp(tier, "hot") != 0 && !store_stat(t->st, x->id, &e)) snprintf(tier, sizeof tier, "%s", e.tier);
+        int rc = stored ? store_delete(t->st, x->id, &err) : 0;
+        if (rc == KP_ENOTFOUND) rc = 0;
+        if (rc)
+            sess_log(t, "sessions: session %s expired (idle %.0f s, --session-ttl %g) but its stored copy "
+                     "cannot be deleted: %s", x->id, idle, t->o.session_ttl_s, err.msg);
+        else
+            sess_log(t, "sessions: session %s expired: idle %.0f s, over --session-ttl %g s; deleted from "
+                     "every tier (it was %s)", x->id, idle, t->o.session_ttl_s, tier);
+        event(t, "expire", tier, 0);
+        pthread_mutex_lock(&t->mu);
+        t->n_expired++;
+        x->stored = false;
+        if (!x->gone) unlink_locked(t, x);
+        x->state = SS_IDLE;
+        pthread_cond_broadcast(&t->cv);
+        unref(t, x); /* frees it, and its hot KV */
+        pthread_mutex_unlock(&t->mu);
+    }
+}
+
+static void on_timer(uv_timer_t *tm) {
+    expire_idle(tm->data);
+    if (((sess_table *)tm->data)->o.idle_park_s > 0) schedule_parks(tm->data);
+}
 
 static void loop_main(void *arg) {
     sess_table *t = arg;
@@ -463,10 +569,20 @@ static void loop_main(void *arg) {
 
 /* ---- open / close --------------------------------------------------------- */
 
+/* An older version's owner id (unkeyed) -> the keyed id of the same key, or
+ * 0 when no configured key has it. */
+static uint64_t migrate_owner(const uint64_t *old_ids, const uint64_t *new_ids, int n, uint64_t owner) {
+    for (int i = 0; i < n; i++)
+        if (old_ids[i] == owner) return new_ids[i];
+    return 0;
+}
+
 static int load_index(sess_table *t) {
     store_entry *ents = NULL;
     size_t n = 0;
     if (store_list(t->st, &ents, &n)) return 0;
+    int nk = t->n_key_ids, failed = 0;
+    const uint64_t *old_ids = t->key_old, *new_ids = t->key_new;
     for (size_t i = 0; i < n; i++) {
         void *extra = NULL;
         size_t extra_len = 0;
@@ -478,7 +594,22 @@ static int load_index(sess_table *t) {
             uint32_t magic = 0;
             if (extra && extra_len >= SESS_EXTRA_BYTES) {
                 memcpy(&magic, extra, 4);
-                if (magic == SESS_EXTRA_MAGIC) memcpy(&x->owner, (char *)extra + 4, 8);
+                if (magic == SESS_EXTRA_MAGIC || magic == SESS_EXTRA_MAGIC_V1) memcpy(&x->owner, (char *)extra + 4, 8);
+            }
+            uint64_t keyed = magic == SESS_EXTRA_MAGIC_V1 && x->owner >= 2 ? migrate_owner(old_ids, new_ids, nk, x->owner) : 0;
+            if (keyed) { /* rewrite the record with the keyed id; in memory it is keyed either way */
+                x->owner = keyed;
+                uint8_t nx[SESS_EXTRA_BYTES];
+                make_extra(t, x, nx);
+                memcpy(extra, nx, sizeof nx);
+                kp_err e = {0};
+                if (store_set_extra(t->st, x->id, extra, extra_len, &e)) {
+                    failed++;
+                    sess_log(t, "sessions: session %s: cannot rewrite its owner id keyed (tried again at the "
+                             "next start; it stays reachable by its key): %s", x->id, e.msg);
+                } else {
+                    t->n_migrated++;
+                }
             }
             x->n_tokens = n_tokens;
             x->stored = true;
@@ -491,7 +622,40 @@ static int load_index(sess_table *t) {
         free(extra);
     }
     free(ents);
+    if (t->n_migrated || failed)
+        sess_log(t, "sessions: %llu stored sessions of older versions now record their owner as a keyed hash "
+                 "(%d could not be rewritten)", (unsigned long long)t->n_migrated, failed);
     return (int)n;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Loaded sessions over a limit stay (none is ever deleted for a limit): say
+ * so, and that new sessions are refused until the count is under it. */
+static void log_over_caps(sess_table *t) {
+    if (t->n > t->o.max_sessions)
+        sess_log(t, "sessions: %d stored sessions loaded, more than --max-sessions %d: all are kept, and "
+                 "new sessions are refused (429) until fewer than %d remain (delete sessions, let them "
+                 "expire, or raise --max-sessions)", t->n, t->o.max_sessions, t->o.max_sessions);
+    if (t->o.n_keys <= 0) return;
+    /* per owner: count in one pass over a sorted copy of the owners */
+    uint64_t *v = malloc(sizeof *v * (size_t)(t->n > 0 ? t->n : 1));
+    if (!v) return;
+    int n = 0;
+    for (sess *x = t->list; x; x = x->next) v[n++] = x->owner;
+    qsort(v, (size_t)n, sizeof *v, cmp_u64);
+    int over = 0;
+    for (int i = 0, j; i < n; i = j) {
+        for (j = i; j < n && v[j] == v[i]; j++) {}
+        if (j - i > t->per_key) over++;
+    }
+    if (over)
+        sess_log(t, "sessions: %d API keys hold more stored sessions than --max-sessions-per-key %d: all are "
+                 "kept; those keys cannot create sessions until under it", over, t->per_key);
+    free(v);
 }
 
 int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
@@ -534,7 +698,27 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
         free(t);
         return rc;
     }
+    t->per_key = t->o.n_keys <= 0 ? t->o.max_sessions
+                 : t->o.max_sessions_per_key > 0 ? t->o.max_sessions_per_key
+                 : KP_MAX(1, t->o.max_sessions / 4);
+    /* the configured keys' owner ids, keyed and as older versions made them (migration) */
+    if (o->n_keys > 0 && (t->key_new = calloc((size_t)o->n_keys * 2, sizeof *t->key_new))) {
+        t->key_old = t->key_new + o->n_keys;
+        int krc = sess_key_owners(o->dir, o->keys, o->n_keys, t->key_new, err);
+        if (krc) {
+            store_close(t->st);
+            free(t->key_new);
+            kp_backend_free(t->host_be);
+            free(t);
+            return krc;
+        }
+        for (int k = 0; k < o->n_keys; k++) t->key_old[k] = legacy_owner(o->keys[k]);
+        t->n_key_ids = o->n_keys;
+    }
+    const char *legacy = getenv("KVPARK_TEST_LEGACY_OWNER");
+    t->test_legacy = legacy && *legacy == '1';
     int n = load_index(t);
+    log_over_caps(t);
     store_stats ss;
     store_get_stats(t->st, &ss);
     fprintf(stderr,
@@ -548,14 +732,16 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
     if (uv_loop_init(&t->loop) || uv_async_init(&t->loop, &t->wake, on_wake) || uv_timer_init(&t->loop, &t->timer)) {
         store_close(t->st);
         kp_backend_free(t->host_be);
+        free(t->key_new);
         free(t);
         return kp_errf(err, KP_EIO, "cannot start the session parking loop (libuv)");
     }
     t->wake.data = t;
     t->timer.data = t;
-    if (o->idle_park_s > 0) {
-        double every = o->idle_park_s / 4;
-        if (every > 1.0) every = 1.0;
+    if (o->idle_park_s > 0 || o->session_ttl_s > 0) { /* one timer: idle parking and expiry */
+        double every = 1.0;
+        if (o->idle_park_s > 0) every = KP_MIN(every, o->idle_park_s / 4);
+        if (o->session_ttl_s > 0) every = KP_MIN(every, o->session_ttl_s / 4);
         if (every < 0.02) every = 0.02;
         uv_timer_start(&t->timer, on_timer, (uint64_t)(every * 1e3), (uint64_t)(every * 1e3));
     }
@@ -566,6 +752,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
         uv_loop_close(&t->loop);
         store_close(t->st);
         kp_backend_free(t->host_be);
+        free(t->key_new);
         free(t);
         return kp_errf(err, KP_EIO, "cannot start the session parking thread");
     }
@@ -605,6 +792,7 @@ void sess_close(sess_table *t) {
         x = nx;
     }
     kp_backend_free(t->host_be);
+    free(t->key_new);
     pthread_mutex_destroy(&t->mu);
     pthread_cond_destroy(&t->cv);
     free(t);
@@ -630,6 +818,18 @@ int sess_create(sess_table *t, uint64_t owner, sess_info *info, kp_err *err) {
                        "the server holds %d sessions, its limit (--max-sessions %d): delete sessions you no "
                        "longer need",
                        n, t->o.max_sessions);
+    }
+    if (t->o.n_keys > 0) {
+        int mine = 0;
+        for (sess *y = t->list; y; y = y->next) mine += y->owner == owner;
+        if (mine >= t->per_key) {
+            pthread_mutex_unlock(&t->mu);
+            free(x);
+            return kp_errf(err, KP_EBUSY,
+                           "this API key holds %d sessions, its limit (--max-sessions-per-key %d): delete "
+                           "sessions you no longer need",
+                           mine, t->per_key);
+        }
     }
     x->next = t->list;
     t->list = x;
@@ -668,6 +868,7 @@ int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check
     int32_t *tokens = NULL;
     int n_tokens = 0;
     int rc = sched_seq_new(&q, t->o.m, t->o.kv_type, t->o.n_ctx, err);
+    if (!rc) q->owner = owner; /* its jobs' owner (sched_job.owner): the caller passed the check */
     if (!rc && stored) {
         store_entry e;
         if (!store_stat(t->st, id, &e)) snprintf(tier, sizeof tier, "%s", e.tier);
@@ -884,6 +1085,8 @@ void sess_get_counts(sess_table *t, sess_counts *c) {
         else if (e && !strcmp(e->tier, "warm")) c->n_warm++;
         else c->n_cold++;
     }
+    c->expired = t->n_expired;
+    c->migrated = t->n_migrated;
     pthread_mutex_unlock(&t->mu);
     c->warm_bytes = c->store.warm_bytes;
     c->cold_bytes = c->store.cold_bytes;

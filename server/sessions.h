@@ -31,6 +31,11 @@
  *     whose save was acknowledged is still there.
  *   - The store's cold budget may drop whole sessions (LRU, counted, logged):
  *     a dropped session that is not hot disappears from the table.
+ *   - Expiry: a session nobody used for session_ttl_s seconds (0 = never) and
+ *     that nobody holds is deleted from every tier (the scan runs on the
+ *     loop thread's timer), logged one line each, counted (sess_counts
+ *     .expired, event "expire"). After a restart, idleness counts from the
+ *     session's last save.
  *   - A session whose stored data is found corrupt when restoring fails with
  *     KP_EFORMAT and a message naming it; it is removed (its files are in
  *     quarantine); no other session is affected.
@@ -72,6 +77,11 @@ typedef struct sess_opts {
     uint64_t cold_budget;    /* bytes, 0: unlimited */
     double idle_park_s;      /* 0: never park for idleness */
     int max_sessions;        /* sessions in all tiers at most */
+    int max_sessions_per_key;/* sessions of one owner at most (<= 0: max_sessions / 4,
+                              * at least 1); with no keys it is max_sessions */
+    double session_ttl_s;    /* idle sessions expire after this long (0: never) */
+    const char *const *keys; /* the API keys (none: no auth), to migrate the owner ids of */
+    int n_keys;              /*   sessions stored by older versions (see sess_key_owners) */
     bool quiet;              /* fewer log lines */
     sess_event_fn on_event;
     void *ud;
@@ -90,8 +100,21 @@ typedef struct sess_info {
 typedef struct sess_counts {
     int n_empty, n_hot, n_warm, n_cold;
     uint64_t hot_bytes, warm_bytes, cold_bytes;
+    uint64_t expired;        /* sessions deleted for idleness (session_ttl_s) since open */
+    uint64_t migrated;       /* stored sessions whose owner id was rewritten keyed at open */
     store_stats store;
 } sess_counts;
+
+/* The owner ids of API keys: the first 8 bytes of BLAKE2b-128 of the key
+ * (libsodium crypto_generichash) keyed with the store's secret
+ * (storage/store.h store_secret, created in dir on first use), never 0 or 1
+ * (0: no auth, 1: refused). These ids are what stored sessions record, so
+ * the cold dir without its secret reveals nothing about the keys. Sessions
+ * stored by older versions recorded an unkeyed XXH64 of the key: sess_open
+ * rewrites each one whose owner is the old id of a configured key (logged,
+ * counted); one whose key is not configured keeps its old id and is migrated
+ * on a later start that has its key, so access is never lost. */
+int sess_key_owners(const char *dir, const char *const *keys, int n_keys, uint64_t *owners, kp_err *err);
 
 int sess_open(sess_table **out, const sess_opts *o, kp_err *err);
 /* Stops background work, parks every hot session durably, closes the store.
@@ -100,13 +123,19 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err);
  * park still in flight copies through opts.sch until it is joined here. */
 void sess_close(sess_table *t);
 
-/* A new empty session. KP_EBUSY (with a message) when max_sessions are held. */
+/* A new empty session. KP_EBUSY (with a message naming the limit and its
+ * flag) when max_sessions are held, or (with keys) max_sessions_per_key of
+ * this owner. Sessions loaded at open all count, even past a limit (a
+ * smaller --max-sessions on restart): none is deleted for it, new ones are
+ * refused until deletions or expiry bring the count under the limit. */
 int sess_create(sess_table *t, uint64_t owner, sess_info *info, kp_err *err);
 
 /* Make the session hot and pin it. KP_ENOTFOUND: no such session for this
  * owner (owner_check false: any owner). KP_EFORMAT / KP_ERANGE: it cannot be
  * restored (message names it; a corrupt one is gone). *from: the tier it came
- * from; *ms: restore time. */
+ * from; *ms: restore time. A sequence built here carries `owner` as its
+ * sched_seq.owner: the jobs run on it must carry the same sched_job.owner
+ * or the scheduler treats its KV as another tenant's (nothing reused). */
 int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess **out,
                  char from[STORE_TIER_MAX], double *ms, kp_err *err);
 sched_seq *sess_seq(sess *x);

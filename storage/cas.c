@@ -204,13 +204,13 @@ static int write_object(const cas *c, cas_key k, const void *data, uint64_t len,
     bool created = false;
     if (mkdir(kdir, 0755) == 0) created = true;
     else if (errno != EEXIST)
-        return kp_errf(err, KP_EIO, "cas: cannot create '%s' for object %s: %s (the warm copy is "
+        return kp_errf(err, fs_write_errcode(errno), "cas: cannot create '%s' for object %s: %s (the warm copy is "
                        "kept)", kdir, hex, strerror(errno));
     uint8_t h[CAS_HDR_BYTES];
     make_header(h, k, data, len);
     const char *what;
     if (fs_write_replace(tmp, path, h, sizeof h, data, (size_t)len, &what))
-        return kp_errf(err, KP_EIO, "cas: cannot store object %s (%llu bytes): %s of '%s' failed: "
+        return kp_errf(err, fs_write_errcode(errno), "cas: cannot store object %s (%llu bytes): %s of '%s' failed: "
                        "%s (the warm copy is kept)", hex, (unsigned long long)len, what, tmp,
                        strerror(errno));
     if (fs_fsync_dir(kdir) || (created && fs_fsync_dir(odir)))

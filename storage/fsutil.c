@@ -149,3 +149,5 @@ int fs_move_aside(const char *qdir, const char *path, const char *name, uint64_t
     errno = e;
     return rc;
 }
+
+int fs_write_errcode(int e) { return (e == ENOSPC || e == EDQUOT || e == EFBIG) ? KP_ENOSPC : KP_EIO; }

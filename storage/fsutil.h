@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "kernels/kp.h"
+
 /* Write all n bytes at the file offset (pwrite) or the current position (write). */
 int fs_pwrite_all(int fd, const void *buf, size_t n, uint64_t off);
 int fs_write_all(int fd, const void *buf, size_t n);
@@ -34,6 +36,11 @@ bool fs_has_suffix(const char *s, const char *suffix);
  * failed ("create", "write", "fsync", "close", "rename") and errno is set. */
 int fs_write_replace(const char *tmp, const char *path, const void *a, size_t na, const void *b, size_t nb,
                      const char **what);
+/* The KP code of a failed write's errno: KP_ENOSPC when the storage is full
+ * (ENOSPC, EDQUOT) or a file-size limit was hit (EFBIG), so a caller can say
+ * "insufficient storage" (HTTP 507) rather than a generic I/O error; KP_EIO
+ * for anything else. */
+int fs_write_errcode(int e);
 /* Move path (whose file name is name) into directory qdir (created if
  * needed) as NAME.<unix ms>.<n>, n counting up from seq past any existing
  * file: corrupt files are kept as evidence, never overwritten. */

@@ -24,6 +24,9 @@
  *  100  token ids [0, span start + rows)      u32 each
  * Every span's key names the codec, even lossless ones (simpler to reason
  * about: one session, one codec; a mismatch is refused, never guessed).
+ * A scoped save (park_save_scoped, scope != 0) writes fingerprint XOR
+ * XXH64(scope) at offset 8 instead: another scope's keys, so no span is
+ * shared across scopes (tenants); scope 0 keys are exactly the unscoped ones.
  *
  * ---- Object of a span (what goes into the store), little-endian ------------
  *    0  magic "KVPKSPN1"                      8 bytes
@@ -55,7 +58,7 @@
  *
  * ---- Manifest byte form, little-endian -------------------------------------
  *    0  magic "KVPKMAN1"                      8 bytes
- *    8  version (1)                           u32
+ *    8  version (1, or 2 when scoped)         u32
  *   12  header bytes (128)                    u32
  *   16  model fingerprint                     u64
  *   24  codec as given                        64 bytes, NUL-terminated, NUL-padded
@@ -64,7 +67,8 @@
  *  100  sink, window, chunk                   3 x u32
  *  112  n_tokens                              u32
  *  116  n_spans                               u32
- *  120  reserved (0)                          u64
+ *  120  version 1: reserved (0); version 2:    u64
+ *       the scope (never 0)
  *  128  token ids                             n_tokens x u32
  *   ..  spans, 32 bytes each: start u32, n u32, flags u32 (bit 0 coded),
  *       stored bytes u32, key.hi u64, key.lo u64
@@ -108,6 +112,7 @@
 #define PARK_OBJ_ENTRY 24
 #define PARK_MAN_MAGIC "KVPKMAN1"
 #define PARK_MAN_VERSION 1u
+#define PARK_MAN_VERSION_SCOPED 2u
 #define PARK_MAN_HDR 128
 #define PARK_MAN_SPAN 32
 #define PARK_MAX_TOKENS (1 << 24)
@@ -138,7 +143,7 @@ typedef struct park_keyer {
     uint8_t *buf; /* [PARK_KEY_HDR + 4 * n_tokens] */
 } park_keyer;
 
-static int park_keyer_init(park_keyer *kr, uint64_t model_fp, const char *cname,
+static int park_keyer_init(park_keyer *kr, uint64_t model_fp, uint64_t scope, const char *cname,
                            uint64_t codec_hash, int codec_id, int kv_type, int n_layer,
                            int n_kv_heads, int head_dim, const park_layout *lay,
                            const int32_t *tokens, int n_tokens, kp_err *err) {
@@ -146,7 +151,9 @@ static int park_keyer_init(park_keyer *kr, uint64_t model_fp, const char *cname,
     if (!kr->buf) return kp_errf(err, KP_ENOMEM, "park: out of memory (%d tokens)", n_tokens);
     uint8_t *h = kr->buf;
     memcpy(h, PARK_KEY_TAG, 8);
-    kp_put_u64(h + 8, model_fp);
+    uint8_t sb[8];
+    kp_put_u64(sb, scope);
+    kp_put_u64(h + 8, scope ? model_fp ^ XXH64(sb, sizeof sb, 0x73636f7065ull /* "scope" */) : model_fp);
     memcpy(h + 16, cname, strnlen(cname, 31)); /* codec names are short ("learned") */
     kp_put_u64(h + 48, codec_hash);
     kp_put_u32(h + 56, (uint32_t)codec_id);
@@ -337,6 +344,14 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
               uint64_t model_fingerprint, const park_layout *lay, const kv_cache *kv,
               const int32_t *tokens, int n_tokens, bool durable, park_manifest *out,
               park_stats *st, kp_err *err) {
+    return park_save_scoped(store, c, codec_hash, codec_name_given, model_fingerprint, 0, lay, kv, tokens,
+                            n_tokens, durable, out, st, err);
+}
+
+int park_save_scoped(cas *store, const codec *c, uint64_t codec_hash, const char *codec_name_given,
+                     uint64_t model_fingerprint, uint64_t scope, const park_layout *lay, const kv_cache *kv,
+                     const int32_t *tokens, int n_tokens, bool durable, park_manifest *out, park_stats *st,
+                     kp_err *err) {
     double t0 = kp_now();
     if (!store || !c || !lay || !kv || !out)
         return kp_errf(err, KP_EINVAL, "park: save: NULL argument");
@@ -374,7 +389,7 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
         goto fail;
     }
     if ((rc = codec_open(&none, "none", &shape, err))) goto fail;
-    if ((rc = park_keyer_init(&kr, model_fingerprint, codec_name(c), codec_hash, codec_id_of(c),
+    if ((rc = park_keyer_init(&kr, model_fingerprint, scope, codec_name(c), codec_hash, codec_id_of(c),
                               kv->kv_type, kv->n_layer, kv->n_kv_heads, kv->head_dim, lay,
                               tokens, n_tokens, err)))
         goto fail;
@@ -446,6 +461,7 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
 
     if (n_tokens) memcpy(toks, tokens, (size_t)n_tokens * sizeof *toks);
     out->model_fingerprint = model_fingerprint;
+    out->scope = scope;
     strcpy(out->codec, given);
     out->codec_hash = codec_hash;
     out->kv_type = kv->kv_type;
@@ -566,7 +582,7 @@ int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_ca
      * give: that proves the session was parked with this codec. */
     codec_shape shape = {.n_layer = kv->n_layer, .n_kv_heads = kv->n_kv_heads,
                          .head_dim = kv->head_dim, .model_fingerprint = m->model_fingerprint};
-    if ((rc = park_keyer_init(&kr, m->model_fingerprint, codec_name(c), m->codec_hash,
+    if ((rc = park_keyer_init(&kr, m->model_fingerprint, m->scope, codec_name(c), m->codec_hash,
                               codec_id_of(c), kv->kv_type, kv->n_layer, kv->n_kv_heads,
                               kv->head_dim, &m->layout, m->tokens, m->n_tokens, err)))
         goto fail;
@@ -761,7 +777,7 @@ int park_manifest_write(const park_manifest *m, uint8_t **out, size_t *len, kp_e
     uint8_t *b = calloc(1, n);
     if (!b) return kp_errf(err, KP_ENOMEM, "park: out of memory (%zu byte manifest)", n);
     memcpy(b, PARK_MAN_MAGIC, 8);
-    kp_put_u32(b + 8, PARK_MAN_VERSION);
+    kp_put_u32(b + 8, m->scope ? PARK_MAN_VERSION_SCOPED : PARK_MAN_VERSION);
     kp_put_u32(b + 12, PARK_MAN_HDR);
     kp_put_u64(b + 16, m->model_fingerprint);
     memcpy(b + 24, m->codec, strlen(m->codec));
@@ -772,6 +788,7 @@ int park_manifest_write(const park_manifest *m, uint8_t **out, size_t *len, kp_e
     kp_put_u32(b + 108, (uint32_t)m->layout.chunk);
     kp_put_u32(b + 112, (uint32_t)m->n_tokens);
     kp_put_u32(b + 116, (uint32_t)m->n_spans);
+    kp_put_u64(b + 120, m->scope);
     uint8_t *p = b + PARK_MAN_HDR;
     for (int i = 0; i < m->n_tokens; i++, p += 4) kp_put_u32(p, (uint32_t)m->tokens[i]);
     for (int i = 0; i < m->n_spans; i++, p += PARK_MAN_SPAN) {
@@ -796,9 +813,10 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
                        PARK_MAN_HDR + 8);
     if (memcmp(buf, PARK_MAN_MAGIC, 8) != 0)
         return kp_errf(err, KP_EFORMAT, "park: not a session manifest (bad magic)");
-    if (kp_get_u32(buf + 8) != PARK_MAN_VERSION)
-        return kp_errf(err, KP_EUNSUP, "park: manifest version %u is not supported (want %u)",
-                       kp_get_u32(buf + 8), PARK_MAN_VERSION);
+    uint32_t version = kp_get_u32(buf + 8);
+    if (version != PARK_MAN_VERSION && version != PARK_MAN_VERSION_SCOPED)
+        return kp_errf(err, KP_EUNSUP, "park: manifest version %u is not supported (want %u or %u)",
+                       version, PARK_MAN_VERSION, PARK_MAN_VERSION_SCOPED);
     if (kp_get_u32(buf + 12) != PARK_MAN_HDR)
         return kp_errf(err, KP_EFORMAT, "park: manifest header size %u, expected %d",
                        kp_get_u32(buf + 12), PARK_MAN_HDR);
@@ -823,9 +841,13 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
     m.layout.chunk = (int)kp_get_u32(buf + 108);
     m.n_tokens = (int)nt;
     m.n_spans = (int)nsp;
-    if (!park_type_ok(m.kv_type) || kp_get_u64(buf + 120) != 0)
+    m.scope = kp_get_u64(buf + 120);
+    if (!park_type_ok(m.kv_type))
         return kp_errf(err, KP_EFORMAT, "park: manifest kv_type %d is not f32/f16/bf16",
                        m.kv_type);
+    if ((version == PARK_MAN_VERSION) != (m.scope == 0))
+        return kp_errf(err, KP_EFORMAT, "park: manifest version %u with scope %llx (version 1 has none, "
+                       "version 2 one)", version, (unsigned long long)m.scope);
     /* The spans must be exactly the layout's. */
     layout_span *qs = NULL;
     int ns = 0;

@@ -57,6 +57,7 @@ typedef struct park_span {
 
 typedef struct park_manifest {
     uint64_t model_fingerprint;
+    uint64_t scope;          /* whose spans (park_save_scoped); 0: shared by every saver */
     char codec[64];          /* codec name or file name as given */
     uint64_t codec_hash;     /* identity of the codec (file content hash; 0 for baselines) */
     int kv_type;
@@ -81,6 +82,15 @@ int park_save(cas *store, const codec *c, uint64_t codec_hash, const char *codec
               uint64_t model_fingerprint, const park_layout *lay, const kv_cache *kv,
               const int32_t *tokens, int n_tokens, bool durable, park_manifest *out,
               park_stats *st, kp_err *err);
+/* park_save with a scope (e.g. the owner of the session, 0 for none): the
+ * scope is part of every span's content key, so sessions share stored spans
+ * only within one scope — two tenants never do, and neither the bytes a save
+ * adds nor its time tells one whether another holds the same prefix. Recorded
+ * in the manifest (version 2; scope 0 writes version 1, as before). */
+int park_save_scoped(cas *store, const codec *c, uint64_t codec_hash, const char *codec_name,
+                     uint64_t model_fingerprint, uint64_t scope, const park_layout *lay, const kv_cache *kv,
+                     const int32_t *tokens, int n_tokens, bool durable, park_manifest *out, park_stats *st,
+                     kp_err *err);
 int park_restore(cas *store, const codec *c, const park_manifest *m, kv_cache *kv,
                  park_stats *st, kp_err *err);
 

@@ -67,7 +67,7 @@
  * not the one just saved is dropped (record unlinked, references released,
  * objects collected), counted, logged and reported via on_drop. One evictor
  * runs at a time. A session that alone needs more than the budget is refused
- * at save time (KP_ERANGE: kp.h has no "no space" code) and the previous
+ * at save time (KP_ERANGE: a budget, not a full disk, which is KP_ENOSPC) and the previous
  * version stays. Between saves the cold tier can run over budget for a
  * while: loads promote objects to warm and the warm budget spills others
  * down. Objects of foreign records (another model / KV type / codec file)
@@ -99,6 +99,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+#include <sodium.h>
 #include <xxhash.h>
 
 
@@ -342,7 +343,7 @@ static int rec_write(store *s, const char *id, const uint8_t *buf, size_t len, k
     rec_path(s, id, true, tmp);
     const char *what;
     if (fs_write_replace(tmp, path, buf, len, NULL, 0, &what))
-        return kp_errf(err, KP_EIO, "store: session '%s': %s of '%s' failed: %s", id, what, tmp,
+        return kp_errf(err, fs_write_errcode(errno), "store: session '%s': %s of '%s' failed: %s", id, what, tmp,
                        strerror(errno));
     /* The rename is the commit point: a failing directory fsync cannot undo
      * it, so it is logged rather than reported as a failed save. */
@@ -555,8 +556,8 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     const char *id = e->id;
     park_manifest nm;
     park_stats ps;
-    int rc = park_save(s->cas, s->codec, s->codec_hash, s->codec_label,
-                       s->o.shape.model_fingerprint, &s->o.layout, it->kv, it->tokens,
+    int rc = park_save_scoped(s->cas, s->codec, s->codec_hash, s->codec_label,
+                       s->o.shape.model_fingerprint, it->scope, &s->o.layout, it->kv, it->tokens,
                        it->n_tokens, durable, &nm, &ps, err);
     if (rc) {
         cas_collect(s->cas); /* objects put before the failure */
@@ -675,10 +676,10 @@ int store_save_impl(store *s, const char *id, const store_item *it, bool durable
     rc = save_work(s, e, it, durable, st, err);
 
     pthread_mutex_lock(&s->mu);
-    if (rc == KP_EIO) s->st.io_errors++;
+    if (rc == KP_EIO || rc == KP_ENOSPC) s->st.io_errors++;
     sess_release(s, e);
     pthread_mutex_unlock(&s->mu);
-    if (rc == KP_EIO) store_logf(s, "store: save of session '%s' failed (previous version kept): %s",
+    if (rc == KP_EIO || rc == KP_ENOSPC) store_logf(s, "store: save of session '%s' failed (previous version kept): %s",
                                  id, err ? err->msg : "I/O error");
     if (rc == 0) enforce_cold(s, id);
     return rc;
@@ -724,11 +725,106 @@ int store_flush(store *s, const char *id, kp_err *err) {
     if (!e) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
     int rc = flush_work(s, e, err);
     pthread_mutex_lock(&s->mu);
-    if (rc == KP_EIO) s->st.io_errors++;
+    if (rc == KP_EIO || rc == KP_ENOSPC) s->st.io_errors++;
     sess_release(s, e);
     pthread_mutex_unlock(&s->mu);
     if (rc == 0) enforce_cold(s, id);
     return rc;
+}
+
+/* Replace e's extra bytes; e is busy (ours). A durable record is rewritten
+ * (same manifest and mtime) before the swap, so on failure nothing changed. */
+static int set_extra_work(store *s, store_sess *e, const void *extra, size_t extra_len, kp_err *err) {
+    uint8_t *x = malloc(extra_len ? extra_len : 1);
+    if (!x) return kp_errf(err, KP_ENOMEM, "store: out of memory (%zu extra bytes)", extra_len);
+    if (extra_len) memcpy(x, extra, extra_len);
+    int rc = 0;
+    size_t len = e->rec_bytes;
+    if (e->durable) {
+        uint8_t *rec = NULL;
+        rc = rec_build(&e->man, x, extra_len, e->mtime_ms, &rec, &len, err);
+        if (!rc) rc = rec_write(s, e->id, rec, len, err);
+        free(rec);
+    }
+    if (rc) {
+        free(x);
+        return rc;
+    }
+    pthread_mutex_lock(&s->mu);
+    free(e->extra);
+    e->extra = x;
+    e->extra_len = extra_len;
+    if (e->durable) e->rec_bytes = len;
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+int store_set_extra(store *s, const char *id, const void *extra, size_t extra_len, kp_err *err) {
+    CHECK_ID(id);
+    if (extra_len > STORE_EXTRA_MAX || (extra_len && !extra))
+        return kp_errf(err, KP_EINVAL, "store: '%s': %zu extra bytes (max %u)", id, extra_len, STORE_EXTRA_MAX);
+    pthread_mutex_lock(&s->mu);
+    store_sess *e = sess_acquire(s, id, false);
+    pthread_mutex_unlock(&s->mu);
+    if (!e) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
+    int rc = set_extra_work(s, e, extra, extra_len, err);
+    pthread_mutex_lock(&s->mu);
+    if (rc == KP_EIO || rc == KP_ENOSPC) s->st.io_errors++;
+    sess_release(s, e);
+    pthread_mutex_unlock(&s->mu);
+    return rc;
+}
+
+/* ---- the per-store secret ------------------------------------------------------------- */
+
+int store_secret(const char *dir, uint8_t out[STORE_SECRET_BYTES], kp_err *err) {
+    char path[STORE_PATH_MAX], tmp[STORE_PATH_MAX];
+    if (!dir || strlen(dir) > STORE_DIR_MAX)
+        return kp_errf(err, KP_EINVAL, "store: the directory name is missing or too long");
+    if (fs_mkdir_p(dir))
+        return kp_errf(err, KP_EIO, "store: cannot create '%s': %s", dir, strerror(errno));
+    if (sodium_init() < 0) return kp_errf(err, KP_EIO, "store: libsodium cannot start (no random source?)");
+    snprintf(path, sizeof path, "%s/%s", dir, STORE_SECRET_FILE);
+    for (int attempt = 0; attempt < 2; attempt++) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd >= 0) {
+            struct stat sb;
+            uint8_t buf[STORE_SECRET_BYTES + 1];
+            ssize_t n = fstat(fd, &sb) ? -1 : fs_pread_all(fd, buf, sizeof buf, 0);
+            if (n >= 0 && (sb.st_mode & 077)) fchmod(fd, 0600); /* a copy made readable: narrow it again */
+            close(fd);
+            if (n != STORE_SECRET_BYTES)
+                return kp_errf(err, KP_EFORMAT,
+                               "store: '%s' holds %zd bytes, not the %d of a store secret: it was damaged. "
+                               "It keys the owner ids of the stored sessions, so it is not replaced: "
+                               "restore it from a backup (a new one would make every stored session "
+                               "unreachable by its key)",
+                               path, n, STORE_SECRET_BYTES);
+            memcpy(out, buf, STORE_SECRET_BYTES);
+            return 0;
+        }
+        if (errno != ENOENT)
+            return kp_errf(err, KP_EIO, "store: cannot read the store secret '%s': %s", path, strerror(errno));
+        /* First start on this directory: draw one, write it to a private tmp
+         * file and link it into place: link never replaces, so two servers
+         * starting together end up with the same secret (the loser reads the
+         * winner's on the next turn of the loop). */
+        uint8_t key[STORE_SECRET_BYTES];
+        randombytes_buf(key, sizeof key);
+        snprintf(tmp, sizeof tmp, "%s/%s.%ld%s", dir, STORE_SECRET_FILE, (long)getpid(), STORE_TMP_EXT);
+        fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+        int e = 0;
+        if (fd < 0 || fs_write_all(fd, key, sizeof key) || fsync(fd)) e = errno;
+        if (fd >= 0) close(fd);
+        if (!e && link(tmp, path) && errno != EEXIST) e = errno;
+        unlink(tmp);
+        sodium_memzero(key, sizeof key);
+        if (e)
+            return kp_errf(err, fs_write_errcode(e), "store: cannot create the store secret '%s': %s", path,
+                           strerror(e));
+        fs_fsync_dir(dir);
+    }
+    return kp_errf(err, KP_EIO, "store: the store secret '%s' vanished while it was being created", path);
 }
 
 /* ---- load ------------------------------------------------------------------------------ */

@@ -19,6 +19,8 @@
  *                           (own XXH64).
  *   DIR/objects/KK/KEY.kvo  span objects (cas.h)
  *   DIR/quarantine/         corrupt files moved aside, never deleted
+ *   DIR/owner.secret        32 random bytes, mode 0600: the key of the
+ *                           server's owner ids (store_secret)
  *   DIR/ID.kvps             legacy v1 session blobs (storage/blob.h): imported
  *                           at open (parked with the store's codec, the blob
  *                           removed only after the import is durable).
@@ -43,7 +45,8 @@
  *     is kept in RAM; store_flush() or store_close() makes it durable.
  *     Either way a save replaces the id's previous version atomically (the old
  *     version's references are released only after the new one is in place)
- *     and a failure (disk full, KP_EIO) leaves the previous version intact.
+ *     and a failure (KP_ENOSPC: disk full, quota or file-size limit; KP_EIO)
+ *     leaves the previous version intact.
  *   - Budgets: the warm tier holds at most warm_budget bytes of objects (LRU
  *     objects are written down to cold). The cold tier holds at most
  *     cold_budget bytes (0 = unlimited): over it, whole sessions are dropped,
@@ -101,6 +104,8 @@ typedef struct store_item {
     const void *extra;     /* opaque (sampler state, server data), may be NULL */
     size_t extra_len;      /* <= 1 MiB */
     const kv_cache *kv;    /* rows 0 .. n_tokens-1 are saved */
+    uint64_t scope;        /* spans are shared only with sessions of the same scope
+                            * (park_save_scoped: the server passes the owner); 0: all */
 } store_item;
 
 typedef struct store_entry {
@@ -165,6 +170,24 @@ typedef struct store_restore store_restore;
 int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **out, kp_err *err);
 int store_load_kv_layer(store_restore *r, int layer, kp_err *err);
 void store_load_kv_end(store_restore *r);
+
+/* Replace the server's extra bytes of a stored session (the KV and tokens
+ * stay): a durable session's record is rewritten durably (tmp + fsync +
+ * rename) before it returns 0; on failure the previous record is intact.
+ * KP_ENOTFOUND if there is no such session. */
+int store_set_extra(store *s, const char *id, const void *extra, size_t extra_len, kp_err *err);
+
+/* The store directory's secret: STORE_SECRET_BYTES random bytes in
+ * DIR/STORE_SECRET_FILE, mode 0600, drawn (libsodium randombytes_buf) on the
+ * first call for a directory (DIR is created if needed) and read on every
+ * later one. The server keys its owner ids with it (server/sessions.h), so
+ * what is on disk cannot be brute-forced back to API keys without it. A
+ * damaged secret (wrong size) is KP_EFORMAT and never replaced: replacing it
+ * would orphan every stored session. A group/world-readable one is narrowed
+ * to 0600. */
+#define STORE_SECRET_BYTES 32
+#define STORE_SECRET_FILE "owner.secret"
+int store_secret(const char *dir, uint8_t out[STORE_SECRET_BYTES], kp_err *err);
 
 /* KP_ENOTFOUND if there is no such session. */
 int store_delete(store *s, const char *id, kp_err *err);

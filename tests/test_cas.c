@@ -564,7 +564,7 @@ static void test_disk_full(void **state) {
         int rc = cas_put(c, key_n(i), b, 16384, true, &err);
         free(b);
         if (rc) {
-            assert_int_equal(rc, KP_EIO);
+            assert_int_equal(rc, KP_ENOSPC);
             failed_at = i;
         }
     }
@@ -643,7 +643,7 @@ static void test_where_and_persist(void **state) {
     int rc = cas_persist(c, key_n(4), &err);
     assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
     signal(SIGXFSZ, oh);
-    assert_int_equal(rc, KP_EIO);
+    assert_int_equal(rc, KP_ENOSPC);
     assert_non_null(strstr(err.msg, "File too large"));
     assert_int_equal(lr.n, 1);
     assert_int_equal(cas_where(c, key_n(4)), CAS_IN_WARM);

@@ -181,6 +181,8 @@ static void test_bad_values(void **state) {
         {"serve --warm-budget ''", "bad --warm-budget"},
         {"serve --port 65536", "bad --port"},
         {"serve --idle-park -1", "bad --idle-park"},
+        {"serve --session-ttl 1h", "bad --session-ttl"},
+        {"serve --max-sessions-per-key 0", "bad --max-sessions-per-key"},
         {"run -p hi --seed 12abc", "bad --seed"},
         {"run -p hi --top-p 1.5", "bad --top-p"},
         {"run -p hi -t 99999999999999999999", "bad option value"},
@@ -210,6 +212,18 @@ static void test_bad_values(void **state) {
     }
 }
 
+/* `calibrate --help` says how the codec file is used with the real flags
+ * (it once pointed at a server config file that does not exist). */
+static void test_calibrate_help(void **state) {
+    (void)state;
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "%s calibrate --help 2>&1", tu_kvpark_bin());
+    int st = tu_run_cmd(cmd, out, sizeof out);
+    assert_int_equal(st, 0);
+    if (!strstr(out, "kvpark serve --codec CODEC") || strstr(out, "config"))
+        fail_msg("calibrate --help: %s", out);
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_run_greedy_ids_match_golden),
@@ -220,6 +234,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_synthetic_model),
         cmocka_unit_test(test_device_cuda),
         cmocka_unit_test(test_bad_values),
+        cmocka_unit_test(test_calibrate_help),
     };
     tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("cli", tests, NULL, NULL);

@@ -11,6 +11,8 @@
  *     bytes); releasing one leaves the other restorable; releasing both lets
  *     cas_collect free everything;
  *   - keys change with the model fingerprint, codec, codec hash, tokens;
+ *   - scopes: nothing shared across scopes, everything within one; scope 0
+ *     is unscoped (manifest version 1), a scoped manifest is version 2;
  *   - durable save, close, reopen, re-ref from the manifest bytes, restore;
  *   - corruption: a flipped byte in a cold file, every flipped byte and
  *     truncations of an object in the warm tier, garbage under a key: restore
@@ -345,6 +347,77 @@ static void test_keys(void **state) {
     kv_free(a);
 }
 
+/* Scopes (tenants): the same tokens and rows saved under two scopes share
+ * nothing (other keys, each stored in full, so a save's new bytes tell
+ * nothing about another scope); within one scope everything is shared;
+ * scope 0 keys are the unscoped ones; the scope round-trips in the manifest
+ * (version 2; unscoped stays version 1) and a scoped session restores only
+ * under its own scope. */
+static void test_scopes(void **state) {
+    fx *f = *state;
+    park_layout lay = park_default_layout();
+    kv_cache *a = new_kv(f, KP_TYPE_F32);
+    tu_kv_fill(a, 0, 150, 41);
+    int32_t *t = tu_make_tokens(150, 19);
+    cas *st = open_cas(NULL);
+    park_manifest m0, mz, ma, ma2, mb;
+    park_stats s0, sa, sa2, sb;
+    kp_err err = {0};
+    const char *cn = codec_name(f->int8);
+    save_ok(st, f->int8, FP_A, &lay, a, t, 150, false, &m0, &s0);
+    assert_int_equal(park_save_scoped(st, f->int8, 0, cn, FP_A, 0, &lay, a, t, 150, false, &mz, NULL, &err), 0);
+    assert_int_equal(park_save_scoped(st, f->int8, 0, cn, FP_A, 7, &lay, a, t, 150, false, &ma, &sa, &err), 0);
+    assert_int_equal(park_save_scoped(st, f->int8, 0, cn, FP_A, 7, &lay, a, t, 150, false, &ma2, &sa2, &err), 0);
+    assert_int_equal(park_save_scoped(st, f->int8, 0, cn, FP_A, 9, &lay, a, t, 150, false, &mb, &sb, &err), 0);
+    assert_int_equal(n_equal_keys(&m0, &mz), m0.n_spans); /* scope 0 = unscoped */
+    assert_int_equal(n_equal_keys(&m0, &ma), 0);
+    assert_int_equal(n_equal_keys(&ma, &mb), 0);
+    assert_int_equal(n_equal_keys(&ma, &ma2), ma.n_spans);
+    assert_int_equal(sa.spans_reused, 0);
+    assert_int_equal(sa.bytes_new, sa.bytes_total);
+    assert_int_equal(sb.spans_reused, 0);
+    assert_int_equal(sb.bytes_new, sb.bytes_total);
+    assert_int_equal(sb.bytes_new, s0.bytes_new);
+    assert_int_equal(sa2.spans_reused, ma.n_spans);
+    assert_int_equal(sa2.bytes_new, 0);
+    assert_int_equal(ma.scope, 7);
+    assert_int_equal(m0.scope, 0);
+
+    uint8_t *b = NULL, *b0 = NULL;
+    size_t len = 0, len0 = 0;
+    assert_int_equal(park_manifest_write(&mb, &b, &len, &err), 0);
+    assert_int_equal(park_manifest_write(&m0, &b0, &len0, &err), 0);
+    assert_int_equal(kp_get_u32(b + 8), 2);
+    assert_int_equal(kp_get_u32(b0 + 8), 1);
+    assert_int_equal(kp_get_u64(b0 + 120), 0);
+    park_manifest r;
+    assert_int_equal(park_manifest_read(b, len, &r, &err), 0);
+    assert_int_equal(r.scope, 9);
+    kv_cache *back = new_kv(f, KP_TYPE_F32);
+    restore_ok(st, f->int8, &r, back);
+    for (int i = 0; i < r.n_spans; i++)
+        cmp_rows(a, back, r.spans[i].span.start, r.spans[i].span.start + r.spans[i].span.n,
+                 r.spans[i].span.coded ? 0.05 : -1);
+    r.scope = 7; /* claimed under another scope: the keys do not match */
+    kv_cache *other = new_kv(f, KP_TYPE_F32);
+    assert_int_equal(park_restore(st, f->int8, &r, other, NULL, &err), KP_EMISMATCH);
+    assert_int_equal(other->n_pos, 0);
+    park_manifest_free(&r);
+    free(b);
+    free(b0);
+    park_manifest *ms[] = {&m0, &mz, &ma, &ma2, &mb};
+    for (int i = 0; i < 5; i++) {
+        park_release(st, ms[i]);
+        park_manifest_free(ms[i]);
+    }
+    cas_collect(st);
+    cas_close(st);
+    free(t);
+    kv_free(a);
+    kv_free(back);
+    kv_free(other);
+}
+
 /* ---- durability, corruption ---------------------------------------------------- */
 
 static void test_durable_reopen_and_cold_corruption(void **state) {
@@ -676,6 +749,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_roundtrip_int8),
         cmocka_unit_test(test_prefix_sharing),
         cmocka_unit_test(test_keys),
+        cmocka_unit_test(test_scopes),
         cmocka_unit_test(test_durable_reopen_and_cold_corruption),
         cmocka_unit_test(test_warm_corruption_every_byte),
         cmocka_unit_test(test_manifest_bytes),

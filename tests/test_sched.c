@@ -2,7 +2,8 @@
  * test_sched.c — continuous batching: jobs running together produce what each
  * produces alone (greedy), sessions reuse their prefix, cancel / stop /
  * length / queue-full behave as scheduler.h says; sched_run / sched_kv_copy
- * run on the scheduler thread (directly when already there).
+ * run on the scheduler thread (directly when already there); a prefix is
+ * reused only by its owner (tenant isolation).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -237,6 +238,60 @@ static void test_session_prefix_reuse(void **state) {
     model_free(m);
 }
 
+/* Tenants: a prefix is reused only from a sequence of the job's own owner.
+ * Two anonymous slots; owner A (7) runs a prompt twice (the second run hits),
+ * owner B (9) runs the same prompt: nothing cached, not even BOS, although
+ * A's slot holds it; A's next repeat still hits, B's own repeat hits. A
+ * session sequence of A used by a job of B counts as empty too. */
+static void test_owner_isolation(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    model *m = load_stories();
+    kp_err err = {0};
+    sched *s = NULL;
+    sched_opts so = sched_default_opts();
+    so.n_parallel = 2;
+    assert_int_equal(sched_new(&s, m, &so, &err), 0);
+    int32_t secret[12] = {1, 403, 407, 261, 378, 290, 311, 444, 265, 300, 420, 333};
+    enum { N = 12 };
+    const uint64_t A = 7, B = 9;
+    struct { uint64_t owner; int cached; } runs[] = {
+        {A, 0}, {A, N - 1}, {B, 0}, {A, N - 1}, {B, N - 1}, {A, N - 1},
+    };
+    for (size_t i = 0; i < KP_ARRAY_LEN(runs); i++) {
+        sched_job j;
+        out_buf o;
+        init_job(&j, &o, secret, N, 4);
+        j.owner = runs[i].owner;
+        assert_int_equal(sched_submit(s, &j, &err), 0);
+        wait_done(&o);
+        assert_int_equal(j.finish, SCHED_LENGTH);
+        if (j.n_cached != runs[i].cached)
+            fail_msg("run %zu (owner %llu): %d tokens cached, want %d", i, (unsigned long long)runs[i].owner,
+                     j.n_cached, runs[i].cached);
+    }
+    /* A session sequence holding A's prompt, used by B: empty for B */
+    sched_seq *seq = NULL;
+    assert_int_equal(sched_seq_new(&seq, m, KP_TYPE_F32, 256, &err), 0);
+    seq->owner = A;
+    uint64_t owners[] = {A, B, B};
+    int want[] = {0, 0, N - 1};
+    for (int i = 0; i < 3; i++) {
+        sched_job j;
+        out_buf o;
+        init_job(&j, &o, secret, N, 4);
+        j.seq = seq;
+        j.owner = owners[i];
+        assert_int_equal(sched_submit(s, &j, &err), 0);
+        wait_done(&o);
+        assert_int_equal(j.n_cached, want[i]);
+        assert_int_equal(seq->owner, owners[i]);
+    }
+    sched_free(s);
+    sched_seq_free(seq);
+    model_free(m);
+}
+
 static void test_stop_cancel_busy(void **state) {
     (void)state;
     TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
@@ -422,6 +477,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_single_matches_golden),
         cmocka_unit_test(test_concurrent_equals_alone),
         cmocka_unit_test(test_session_prefix_reuse),
+        cmocka_unit_test(test_owner_isolation),
         cmocka_unit_test(test_stop_cancel_busy),
         cmocka_unit_test(test_shutdown),
         cmocka_unit_test(test_copies_on_sched_thread),

@@ -22,7 +22,11 @@
  *     naming the session (forgotten, record quarantined, others fine), a
  *     missing object quarantines the record at open, torn .tmp removed;
  *   - disk full (RLIMIT_FSIZE: writes fail with EFBIG): the save fails with
- *     KP_EIO, the previous version stays restorable, no references leak;
+ *     KP_ENOSPC, the previous version stays restorable, no references leak;
+ *   - the per-store secret: created once with mode 0600, read back the same,
+ *     a damaged one refused (never replaced); store_set_extra rewrites a
+ *     durable record's extra bytes (survives reopen) and a warm one's;
+ *   - scopes: spans are shared within one scope only;
  *   - pipelined begin/layer/end equals store_load_kv; abandoned keeps n_pos;
  *   - 8 threads saving / loading / deleting overlapping ids (with and
  *     without a cold budget): every load self-consistent, and no reference
@@ -1150,7 +1154,7 @@ static void test_disk_full(void **state) {
     /* 1: the new objects cannot be written */
     kp_err err = {0};
     int rc = save_limited(s, "X", 140, 1, true, 512, &err);
-    assert_int_equal(rc, KP_EIO);
+    assert_int_equal(rc, KP_ENOSPC); /* 507 in the server, not a generic 500 */
     print_message("disk full (objects): %s\n", err.msg);
     assert_non_null(strstr(err.msg, "File too large"));
     assert_non_null(strstr(err.msg, dir));
@@ -1162,7 +1166,7 @@ static void test_disk_full(void **state) {
 
     /* 2: every object exists, only the record cannot be written */
     rc = save_limited(s, "X", 100, 1, true, 100, &err);
-    assert_int_equal(rc, KP_EIO);
+    assert_int_equal(rc, KP_ENOSPC); /* 507 in the server, not a generic 500 */
     print_message("disk full (record): %s\n", err.msg);
     assert_non_null(strstr(err.msg, "sessions/X.kvpm"));
     for (int i = 0; i < m1.n_spans; i++) assert_int_equal(cas_refcount(c, m1.spans[i].key), 1);
@@ -1177,7 +1181,7 @@ static void test_disk_full(void **state) {
 
     /* 3: a new session: nothing left behind */
     rc = save_limited(s, "Y", 60, 2, true, 512, &err);
-    assert_int_equal(rc, KP_EIO);
+    assert_int_equal(rc, KP_ENOSPC); /* 507 in the server, not a generic 500 */
     assert_false(store_has(s, "Y"));
     cas_get_stats(c, &c1);
     assert_int_equal(c1.cold_objects + c1.warm_objects, c0.cold_objects + c0.warm_objects);
@@ -1194,7 +1198,7 @@ static void test_disk_full(void **state) {
     rc = store_flush(s, "Y", &err);
     setrlimit(RLIMIT_FSIZE, &old);
     signal(SIGXFSZ, oh);
-    assert_int_equal(rc, KP_EIO);
+    assert_int_equal(rc, KP_ENOSPC); /* 507 in the server, not a generic 500 */
     store_entry e;
     assert_int_equal(store_stat(s, "Y", &e), 0);
     assert_false(e.durable);
@@ -1211,6 +1215,130 @@ static void test_disk_full(void **state) {
     free(rec0);
     park_manifest_free(&m1);
     logrec_free(lr);
+    tu_rm_rf(dir);
+    free(dir);
+}
+
+/* Scopes: sessions share stored spans only within one scope (the server's
+ * owner): B's save of exactly A's session stores everything anew; A's second
+ * session reuses all of A's; both restore; the scope survives a reopen. */
+static void test_scopes(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    store *s = open_store(dir, NULL);
+    kv_cache *kv = new_kv(KP_TYPE_F32);
+    tu_kv_fill(kv, 0, 100, 5);
+    int32_t *tok = tu_make_tokens(100, 5);
+    const char *ids[] = {"A1", "B1", "A2"};
+    uint64_t scopes[] = {7, 9, 7};
+    store_save_stats st[3];
+    kp_err err = {0};
+    for (int i = 0; i < 3; i++) {
+        char extra[32];
+        snprintf(extra, sizeof extra, "extra-%s-%d", ids[i], 100);
+        store_item it = {.tokens = tok, .n_tokens = 100, .extra = extra, .extra_len = strlen(extra), .kv = kv,
+                         .scope = scopes[i]};
+        if (store_save(s, ids[i], &it, true, &st[i], &err)) fail_msg("store_save: %s", err.msg);
+    }
+    assert_int_equal(st[0].spans_reused, 0);
+    assert_int_equal(st[1].spans_reused, 0);
+    assert_int_equal(st[1].bytes_new, st[0].bytes_new);
+    assert_true(st[2].spans_reused > 0);
+    assert_int_equal(st[2].bytes_new, 0);
+    store_close(s);
+    s = open_store(dir, NULL);
+    for (int i = 0; i < 3; i++) load_check(s, ids[i], KP_TYPE_F32, 100, 5, 5);
+    park_manifest m;
+    read_manifest(dir, "B1", &m);
+    assert_int_equal(m.scope, 9);
+    park_manifest_free(&m);
+    store_close(s);
+    free(tok);
+    kv_free(kv);
+    tu_rm_rf(dir);
+    free(dir);
+}
+
+/* ---- the per-store secret, store_set_extra ------------------------------------------ */
+
+static void test_secret(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    char sub[PATHN], path[PATHN + 32];
+    snprintf(sub, sizeof sub, "%s/new/cold", dir); /* created on demand */
+    snprintf(path, sizeof path, "%s/%s", sub, STORE_SECRET_FILE);
+    uint8_t a[STORE_SECRET_BYTES], b[STORE_SECRET_BYTES], zero[STORE_SECRET_BYTES] = {0};
+    kp_err err = {0};
+    assert_int_equal(store_secret(sub, a, &err), 0);
+    struct stat sb;
+    assert_int_equal(stat(path, &sb), 0);
+    assert_int_equal(sb.st_mode & 0777, 0600);
+    assert_int_equal(sb.st_size, STORE_SECRET_BYTES);
+    assert_memory_not_equal(a, zero, sizeof a);
+    assert_int_equal(store_secret(sub, b, &err), 0);
+    assert_memory_equal(a, b, sizeof a);
+    /* a store opened on the directory leaves it alone */
+    store *s = open_store(sub, NULL);
+    store_close(s);
+    assert_int_equal(store_secret(sub, b, &err), 0);
+    assert_memory_equal(a, b, sizeof a);
+    /* made readable by a careless copy: narrowed again */
+    assert_int_equal(chmod(path, 0644), 0);
+    assert_int_equal(store_secret(sub, b, &err), 0);
+    assert_int_equal(stat(path, &sb), 0);
+    assert_int_equal(sb.st_mode & 0777, 0600);
+    /* damaged: refused, and kept as it is */
+    FILE *f = fopen(path, "wb");
+    fwrite("short", 1, 5, f);
+    fclose(f);
+    assert_int_equal(store_secret(sub, b, &err), KP_EFORMAT);
+    print_message("damaged secret: %s\n", err.msg);
+    assert_non_null(strstr(err.msg, STORE_SECRET_FILE));
+    assert_int_equal(stat(path, &sb), 0);
+    assert_int_equal(sb.st_size, 5);
+    /* another directory, another secret */
+    char other[PATHN];
+    snprintf(other, sizeof other, "%s/other", dir);
+    assert_int_equal(store_secret(other, b, &err), 0);
+    assert_memory_not_equal(a, b, sizeof a);
+    tu_rm_rf(dir);
+    free(dir);
+}
+
+static void test_set_extra(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    store *s = open_store(dir, NULL);
+    save_ok(s, "D", KP_TYPE_F32, 50, 1, 1, true, NULL);  /* durable */
+    save_ok(s, "W", KP_TYPE_F32, 40, 2, 2, false, NULL); /* warm only */
+    kp_err err = {0};
+    assert_int_equal(store_set_extra(s, "D", "new-owner-D", 11, &err), 0);
+    assert_int_equal(store_set_extra(s, "W", "new-owner-W", 11, &err), 0);
+    assert_int_equal(store_set_extra(s, "nope", "x", 1, &err), KP_ENOTFOUND);
+    assert_int_equal(store_set_extra(s, "../x", "x", 1, &err), KP_EINVAL);
+    for (int reopen = 0; reopen < 2; reopen++) {
+        for (int i = 0; i < 2; i++) {
+            const char *id = i ? "W" : "D";
+            void *x = NULL;
+            size_t xl = 0;
+            int nt = 0;
+            assert_int_equal(store_load_meta(s, id, &nt, NULL, &x, &xl, &err), 0);
+            assert_int_equal(nt, i ? 40 : 50);
+            assert_int_equal(xl, 11);
+            assert_memory_equal(x, i ? "new-owner-W" : "new-owner-D", 11);
+            free(x);
+            /* the KV is untouched */
+            kv_cache *want = new_kv(KP_TYPE_F32), *got = new_kv(KP_TYPE_F32);
+            tu_kv_fill(want, 0, nt, i ? 2 : 1);
+            assert_int_equal(store_load_kv(s, id, got, &err), 0);
+            assert_true(rows_equal(want, got, nt));
+            kv_free(want);
+            kv_free(got);
+        }
+        store_close(s); /* flushes W */
+        s = open_store(dir, NULL);
+    }
+    store_close(s);
     tu_rm_rf(dir);
     free(dir);
 }
@@ -1467,6 +1595,9 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_corrupt_object),
         cmocka_unit_test(test_torn_tmp),
         cmocka_unit_test(test_disk_full),
+        cmocka_unit_test(test_secret),
+        cmocka_unit_test(test_set_extra),
+        cmocka_unit_test(test_scopes),
         cmocka_unit_test(test_pipelined),
         cmocka_unit_test(test_threads),
     };

@@ -51,6 +51,10 @@ static const char *serve_help =
     "      --idle-park S        park sessions idle for S seconds (default 0: only on\n"
     "                           budget pressure); fractions allowed\n"
     "      --max-sessions N     sessions held in all tiers at most (default 1024), then 429\n"
+    "      --max-sessions-per-key N  sessions one API key may hold (default: a quarter of\n"
+    "                           --max-sessions; without keys: --max-sessions), then 429\n"
+    "      --session-ttl S      delete sessions unused for S seconds, from every tier\n"
+    "                           (default 86400 = 24 h; 0: never); logged and counted\n"
     "  SIZE: bytes, or a number with K, M, G or T (powers of 1024), e.g. 512M\n"
     "      --chat-template T    chatml | llama2 | llama3 | plain (default: from the model)\n"
     "      --timeout S          idle connection timeout in seconds (default 60); a request\n"
@@ -90,8 +94,9 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
     return 0;
 }
 
-/* Options of serve alone (past tools/cli.h's shared codes). */
-enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP };
+/* getopt codes of serve's own options (above cli.h's shared table). */
+enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP, SERVE_OPT_MAX_SESSIONS_PER_KEY,
+       SERVE_OPT_SESSION_TTL };
 
 int cmd_serve(int argc, char **argv) {
     cli_model_opts co = {.kv_type = KP_TYPE_F32};
@@ -110,6 +115,8 @@ int cmd_serve(int argc, char **argv) {
         {"session-dir", required_argument, 0, CLI_OPT_SESSION_DIR},
         {"cold-dir", required_argument, 0, CLI_OPT_SESSION_DIR},
         {"max-sessions", required_argument, 0, CLI_OPT_MAX_SESSIONS},
+        {"max-sessions-per-key", required_argument, 0, SERVE_OPT_MAX_SESSIONS_PER_KEY},
+        {"session-ttl", required_argument, 0, SERVE_OPT_SESSION_TTL},
         {"codec", required_argument, 0, CLI_OPT_CODEC},
         {"hot-sessions", required_argument, 0, CLI_OPT_HOT_SESSIONS},
         {"hot-budget", required_argument, 0, CLI_OPT_HOT_BUDGET},
@@ -165,6 +172,16 @@ int cmd_serve(int argc, char **argv) {
             if (cli_parse_long(optarg, 1, 1 << 24, &v)) return cli_usage_error("serve", "bad --max-sessions");
             ho.max_sessions = (int)v;
             break;
+        case SERVE_OPT_MAX_SESSIONS_PER_KEY:
+            if (cli_parse_long(optarg, 1, 1 << 24, &v)) return cli_usage_error("serve", "bad --max-sessions-per-key");
+            ho.max_sessions_per_key = (int)v;
+            break;
+        case SERVE_OPT_SESSION_TTL: {
+            double d;
+            if (cli_parse_float(optarg, 0, 1e9, &d)) return cli_usage_error("serve", "bad --session-ttl (seconds)");
+            ho.session_ttl_s = d;
+            break;
+        }
         case CLI_OPT_CHAT_TEMPLATE: ho.chat_template = optarg; break;
         case CLI_OPT_CODEC: ho.codec = optarg; break;
         case CLI_OPT_HOT_SESSIONS:

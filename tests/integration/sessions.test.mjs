@@ -5,6 +5,14 @@
  * answers (greedy). Also: session ids in body and header, the sessions API
  * shapes, and that a session belongs to the API key that created it (another
  * key gets 404, even after the restart).
+ * Limits and lifetime: --max-sessions-per-key (key A at its limit does not
+ * block key B), --session-ttl (an idle session is deleted from every tier,
+ * logged and counted; a used one stays), a restart with more stored sessions
+ * than --max-sessions keeps every one (new ones are refused until under the
+ * cap), a save on a full disk answers 507 with the reason.
+ * Owner ids on disk: keyed with the store's secret (DIR/owner.secret, 0600),
+ * and a session stored by an older version (unkeyed id) is still its key's
+ * after the upgrade, its record rewritten keyed.
  *
  * Why: surviving a restart with the conversation intact is kvpark's reason to
  * exist; owner isolation keeps one tenant out of another's conversation.
@@ -12,7 +20,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { GOLDEN, ONCE, assertErrorShape, jfetch, startServer, tmpDir } from './helpers.mjs';
+import path from 'node:path';
+import {
+  GOLDEN, ONCE, assertErrorShape, jfetch, metricValue, sleep, startServer, startServerWrapped, tmpDir, waitFor,
+} from './helpers.mjs';
 
 const KA = 'key-tenant-a';
 const KB = 'key-tenant-b';
@@ -193,5 +204,169 @@ describe('sessions', { timeout: 110000 }, () => {
     assert.equal(c.status, 404);
     const again = await jfetch(a.url + `/v1/sessions/${sidA}`, { method: 'DELETE', headers: hA });
     assert.equal(again.status, 404);
+  });
+});
+
+/* ---- limits, expiry, restart over the cap, full disk, owner ids on disk ---- */
+
+const chatIn = (srv, sid, h = {}, content = ONCE) => jfetch(srv.baseURL + '/chat/completions', {
+  headers: h, body: { model: 'm', temperature: 0, max_tokens: 8, session_id: sid, messages: [{ role: 'user', content }] },
+});
+const create = (srv, h = {}) => jfetch(srv.url + '/v1/sessions', { body: {}, headers: h });
+/* The server's bytes at the end of a session record: magic (4 ASCII bytes) + owner id (u64 LE, hex). */
+const recordOwner = (dir, sid) => {
+  const b = fs.readFileSync(path.join(dir, 'sessions', `${sid}.kvpm`));
+  const x = b.subarray(b.length - 12);
+  return { magic: x.subarray(0, 4).toString('latin1'), owner: x.readBigUInt64LE(4).toString(16) };
+};
+
+describe('sessions: limits and lifetime', { timeout: 110000 }, () => {
+  const dirs = [];
+  const servers = [];
+  const dir = (tag) => { const d = tmpDir(tag); dirs.push(d); return d; };
+  const start = async (opts, wrap) => {
+    const srv = wrap ? await startServerWrapped(wrap, opts) : await startServer(opts);
+    servers.push(srv);
+    return srv;
+  };
+  after(async () => {
+    await Promise.all(servers.map((x) => x.stop()));
+    for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+  });
+
+  it('--max-sessions-per-key: key A at its limit does not block key B (429 names the flag)', async () => {
+    const srv = await start({ args: ['--api-key', KA, '--api-key', KB, '--max-sessions', '100', '--max-sessions-per-key', '2'] });
+    const a = [];
+    for (let i = 0; i < 2; i++) {
+      const r = await create(srv, hA);
+      assert.equal(r.status, 200, r.text);
+      a.push(r.json.id);
+    }
+    const refused = await create(srv, hA);
+    assert.equal(refused.status, 429, refused.text);
+    assertErrorShape(assert, refused.json, { type: 'rate_limit_error', code: 'too_many_sessions' });
+    assert.match(refused.json.error.message, /--max-sessions-per-key 2/);
+    for (let i = 0; i < 2; i++) assert.equal((await create(srv, hB)).status, 200, 'key B is not blocked by key A');
+    assert.equal((await create(srv, hB)).status, 429);
+    /* a deletion frees a place for its own key */
+    assert.equal((await jfetch(srv.url + `/v1/sessions/${a[0]}`, { method: 'DELETE', headers: hA })).status, 200);
+    assert.equal((await create(srv, hA)).status, 200);
+  });
+
+  it('the per-key default is a quarter of --max-sessions; without keys the limit is --max-sessions', async () => {
+    const keyed = await start({ args: ['--api-key', KA, '--api-key', KB, '--max-sessions', '8'] });
+    for (let i = 0; i < 2; i++) assert.equal((await create(keyed, hA)).status, 200);
+    const r = await create(keyed, hA);
+    assert.equal(r.status, 429, r.text);
+    assert.match(r.json.error.message, /--max-sessions-per-key 2/);
+    const open = await start({ args: ['--max-sessions', '3'] });
+    for (let i = 0; i < 3; i++) assert.equal((await create(open)).status, 200);
+    const g = await create(open);
+    assert.equal(g.status, 429, g.text);
+    assertErrorShape(assert, g.json, { type: 'rate_limit_error', code: 'too_many_sessions' });
+    assert.match(g.json.error.message, /--max-sessions 3/);
+  });
+
+  it('--session-ttl: idle sessions are deleted from every tier, logged and counted; a used one stays', async () => {
+    const d = dir('ttl');
+    const srv = await start({ args: ['--session-dir', d, '--session-ttl', '4'] });
+    const hot = (await create(srv)).json.id;
+    const cold = (await create(srv)).json.id;
+    const empty = (await create(srv)).json.id;
+    const kept = (await create(srv)).json.id;
+    for (const sid of [hot, cold, kept]) assert.equal((await chatIn(srv, sid)).status, 200);
+    assert.equal((await jfetch(srv.url + `/v1/sessions/${cold}/save`)).status, 200);
+    assert.ok(fs.existsSync(path.join(d, 'sessions', `${cold}.kvpm`)));
+    /* keep one in use while the others go idle; the runner's timeout catches a hang */
+    const gone = (sid) => jfetch(srv.url + `/v1/sessions/${sid}`, { method: 'GET' }).then((r) => r.status === 404);
+    let turns = 0;
+    await waitFor('the idle sessions to expire', async () => {
+      assert.equal((await chatIn(srv, kept)).status, 200);
+      turns++;
+      await sleep(200);
+      return (await gone(hot)) && (await gone(cold)) && (await gone(empty));
+    }, 30000);
+    assert.ok(turns > 0);
+    assert.equal((await gone(kept)), false, 'the session in use was expired');
+    assert.ok(!fs.existsSync(path.join(d, 'sessions', `${cold}.kvpm`)), 'the saved session is still on disk');
+    const m = await jfetch(srv.url + '/metrics', { method: 'GET' });
+    assert.ok(metricValue(m.text, 'kvpark_session_events_total', { event: 'expire' }) >= 3, m.text);
+    for (const sid of [hot, cold, empty]) assert.match(srv.log(), new RegExp(`session ${sid} expired`));
+    assert.equal((await chatIn(srv, cold)).status, 404);
+  });
+
+  it('a restart with more stored sessions than --max-sessions keeps them all; new ones wait for room', async () => {
+    const d = dir('cap');
+    let srv = await start({ args: ['--session-dir', d, '--max-sessions', '10'] });
+    const ids = [];
+    for (let i = 0; i < 3; i++) {
+      const sid = (await create(srv)).json.id;
+      assert.equal((await chatIn(srv, sid)).status, 200);
+      assert.equal((await jfetch(srv.url + `/v1/sessions/${sid}/save`)).status, 200);
+      ids.push(sid);
+    }
+    await srv.stop();
+    srv = await start({ args: ['--session-dir', d, '--max-sessions', '2'] });
+    const list = await jfetch(srv.url + '/v1/sessions', { method: 'GET' });
+    assert.deepEqual(list.json.data.map((e) => e.id).sort(), [...ids].sort(), 'every stored session is kept');
+    assert.match(srv.log(), /3 stored sessions loaded, more than --max-sessions 2: all are kept/);
+    const r = await create(srv);
+    assert.equal(r.status, 429, r.text);
+    assert.match(r.json.error.message, /--max-sessions 2/);
+    for (const sid of ids) {
+      const c = await chatIn(srv, sid);
+      assert.equal(c.status, 200, c.text);
+      assert.ok(c.json.usage.prompt_tokens_details.cached_tokens > 0, 'restored from disk');
+    }
+    for (const sid of ids.slice(0, 2))
+      assert.equal((await jfetch(srv.url + `/v1/sessions/${sid}`, { method: 'DELETE' })).status, 200);
+    assert.equal((await create(srv)).status, 200, 'under the cap again: creation works');
+  });
+
+  it('a save on a full disk answers 507 with the reason (file-size limit: ulimit -f)', async () => {
+    const srv = await start({ args: ['--session-dir', dir('full')] }, ['bash', '-c', 'ulimit -f 1; exec "$0" "$@"']);
+    const sid = (await create(srv)).json.id;
+    assert.equal((await chatIn(srv, sid)).status, 200);
+    const r = await jfetch(srv.url + `/v1/sessions/${sid}/save`);
+    assert.equal(r.status, 507, r.text);
+    assertErrorShape(assert, r.json, { type: 'server_error', code: 'insufficient_storage' });
+    assert.match(r.json.error.message, /File too large|No space left/);
+    assert.equal((await chatIn(srv, sid)).status, 200, 'the session is still usable');
+  });
+
+  it('owner ids on disk are keyed with the store secret; sessions of an older version stay their key\'s', async () => {
+    const d = dir('owner');
+    const args = ['--session-dir', d, '--api-key', KA, '--api-key', KB];
+    /* the "older version": writes the unkeyed owner id, as kvpark did before */
+    let srv = await start({ args }, ['env', 'KVPARK_TEST_LEGACY_OWNER=1']);
+    const old = (await create(srv, hA)).json.id;
+    assert.equal((await chatIn(srv, old, hA)).status, 200);
+    assert.equal((await jfetch(srv.url + `/v1/sessions/${old}/save`, { headers: hA })).status, 200);
+    await srv.stop();
+    const before = recordOwner(d, old);
+    assert.equal(before.magic, 'SXPK', 'the old record format');
+
+    srv = await start({ args }); /* the upgrade */
+    assert.match(srv.log(), /1 stored sessions of older versions now record their owner as a keyed hash/);
+    const after1 = recordOwner(d, old);
+    assert.equal(after1.magic, 'SXP2');
+    assert.notEqual(after1.owner, before.owner, 'the owner on disk is no longer the unkeyed hash of the key');
+    const fresh = (await create(srv, hA)).json.id;
+    assert.equal((await chatIn(srv, fresh, hA)).status, 200);
+    assert.equal((await jfetch(srv.url + `/v1/sessions/${fresh}/save`, { headers: hA })).status, 200);
+    assert.deepEqual(recordOwner(d, fresh), after1, 'new sessions of the same key record the same keyed id');
+    const st = fs.statSync(path.join(d, 'owner.secret'));
+    assert.equal(st.mode & 0o777, 0o600);
+    assert.equal(st.size, 32);
+    /* still key A's, and only key A's */
+    const c = await chatIn(srv, old, hA);
+    assert.equal(c.status, 200, c.text);
+    assert.ok(c.json.usage.prompt_tokens_details.cached_tokens > 0, 'restored from disk');
+    assert.equal((await chatIn(srv, old, hB)).status, 404);
+    assert.equal((await jfetch(srv.url + `/v1/sessions/${old}`, { method: 'GET', headers: hB })).status, 404);
+    await srv.stop();
+    srv = await start({ args }); /* nothing left to migrate; still accessible */
+    assert.doesNotMatch(srv.log(), /older versions now record/);
+    assert.equal((await jfetch(srv.url + `/v1/sessions/${old}`, { method: 'GET', headers: hA })).status, 200);
   });
 });
