@@ -461,7 +461,8 @@ static int tokenize_part(server *s, req_ctx *r, int i, gen_part *p, api_error *e
         return api_error_set(e, 400, "invalid_request_error", "invalid_value", param, "%s",
                              err.msg[0] ? err.msg : "cannot tokenise the prompt");
     if (n == 0) return api_error_set(e, 400, "invalid_request_error", "invalid_value", param, "the prompt is empty");
-    p->n_prompt = (int)n;
+    /* (the context check follows; a --max-body of gigabytes must not wrap the int) */
+    p->n_prompt = n > INT32_MAX ? INT32_MAX : (int)n;
     return 0;
 }
 
@@ -498,7 +499,8 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         p->r = r;
         p->index = i;
         if (tokenize_part(s, r, i, p, &e)) return http_reply_error(c, &e);
-        if (p->n_prompt >= s->n_ctx || (explicit_max && p->n_prompt + max_tokens > s->n_ctx)) {
+        /* in 64 bits: max_tokens may be up to INT32_MAX (issue 11: the int sum wrapped) */
+        if (p->n_prompt >= s->n_ctx || (explicit_max && (int64_t)p->n_prompt + max_tokens > s->n_ctx)) {
             api_error_context_overflow(&e, kind, s->n_ctx, p->n_prompt, explicit_max ? max_tokens : 0);
             return http_reply_error(c, &e);
         }

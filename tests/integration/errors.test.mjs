@@ -217,6 +217,15 @@ describe('errors', { timeout: 90000 }, () => {
     let r = await chat(chatBody(ONCE, { max_tokens: 100000 }));
     assert.equal(r.status, 400, r.text);
     assertErrorShape(assert, r.json, { code: 'context_length_exceeded' });
+    /* near INT32_MAX: prompt + max_tokens must not wrap around (and past the check) */
+    for (const max_tokens of [2147483647, 2147483647 - 3, 2147483647 - 250]) {
+      r = await chat(chatBody(ONCE, { max_tokens }));
+      assert.equal(r.status, 400, `chat max_tokens ${max_tokens}: ${r.text.slice(0, 300)}`);
+      assertErrorShape(assert, r.json, { code: 'context_length_exceeded' });
+      r = await post('/v1/completions', { prompt: [ONCE, ONCE], max_tokens });
+      assert.equal(r.status, 400, `completions max_tokens ${max_tokens}: ${r.text.slice(0, 300)}`);
+      assertErrorShape(assert, r.json, { code: 'context_length_exceeded' });
+    }
     const long = 'Once upon a time there was a dog. '.repeat(60); /* ~600 tokens > -c 256 */
     r = await chat(chatBody(long, { max_tokens: 4 }));
     assert.equal(r.status, 400, r.text.slice(0, 300));
