@@ -75,8 +75,10 @@ struct sampler {
     int32_t *hist_sorted; /* [hist_alloc] scratch for counting */
     int32_t hist_alloc, hist_cap, hist_len, hist_head;
 
-    float *pen;        /* [n_vocab] penalised copy of the logits */
+    float *pen;        /* [n_vocab] biased and penalised copy of the logits */
     sample_cand *cand; /* [n_vocab] candidates */
+    sample_bias *bias; /* [n_bias] logit biases of the current request */
+    int n_bias;
 };
 
 enum {
@@ -218,7 +220,28 @@ void sample_free(sampler *s) {
     free(s->hist_sorted);
     free(s->pen);
     free(s->cand);
+    free(s->bias);
     free(s);
+}
+
+int sample_set_bias(sampler *s, const sample_bias *bias, int n, kp_err *err) {
+    for (int i = 0; i < n; i++) {
+        if (bias[i].id < 0 || bias[i].id >= s->n_vocab)
+            return kp_errf(err, KP_EINVAL, "logit bias for token %d: outside the vocabulary (0..%d)",
+                           (int)bias[i].id, (int)s->n_vocab - 1);
+        if (isnan(bias[i].bias))
+            return kp_errf(err, KP_EINVAL, "logit bias for token %d is NaN", (int)bias[i].id);
+    }
+    sample_bias *copy = NULL;
+    if (n > 0) {
+        copy = malloc((size_t)n * sizeof *copy);
+        if (!copy) return kp_errf(err, KP_ENOMEM, "sampler: out of memory");
+        memcpy(copy, bias, (size_t)n * sizeof *copy);
+    }
+    free(s->bias);
+    s->bias = copy;
+    s->n_bias = n;
+    return 0;
 }
 
 void sample_reset(sampler *s) {
@@ -307,9 +330,15 @@ static int cmp_i32(const void *a, const void *b) {
  * copy with llama.cpp's penalties applied to every token of the window:
  *   repeat:    l > 0 ? l / repeat_penalty : l * repeat_penalty  (once)
  *   then       l -= count * frequency_penalty + (count > 0) * presence_penalty */
+/* Logit biases, then penalties, into s->pen (or the logits themselves when
+ * neither applies). A bias <= -100 bans its token. */
 static const float *apply_penalties(sampler *s, const float *logits) {
-    if (!penalties_active(&s->p) || s->hist_len == 0) return logits;
+    const int pen = penalties_active(&s->p) && s->hist_len > 0;
+    if (!pen && s->n_bias == 0) return logits;
     memcpy(s->pen, logits, (size_t)s->n_vocab * sizeof *s->pen);
+    for (int i = 0; i < s->n_bias; i++)
+        s->pen[s->bias[i].id] = s->bias[i].bias <= -100.0f ? -INFINITY : s->pen[s->bias[i].id] + s->bias[i].bias;
+    if (!pen) return s->pen;
     int32_t n = s->hist_len;
     for (int32_t i = 0; i < n; i++) s->hist_sorted[i] = hist_at(s, i);
     qsort(s->hist_sorted, (size_t)n, sizeof *s->hist_sorted, cmp_i32);

@@ -12,6 +12,7 @@
  *     top-k -> top-p -> min-p -> temperature -> softmax -> draw.
  *   - sample_accept() records a chosen token (prompt tokens too) so the
  *     penalties see it. The logits passed in are not modified.
+ *   - Logit biases (sample_set_bias) are added first, before the penalties.
  *   - sample_logprobs() gives log-softmax of the raw logits (for the API's
  *     `logprobs`), with the top-n ids.
  *
@@ -49,6 +50,14 @@ typedef struct sample_params {
 
 #define SAMPLE_SEED_RANDOM 0xFFFFFFFFull
 
+/* One logit bias (OpenAI's logit_bias): added to token id's logit before
+ * the chain (penalties, greedy or top-k ...); a bias <= -100 bans the token
+ * (its logit becomes -inf). */
+typedef struct sample_bias {
+    int32_t id;
+    float bias;
+} sample_bias;
+
 typedef struct sampler sampler;
 
 sample_params sample_default_params(void);
@@ -58,6 +67,10 @@ int sample_new(sampler **out, const sample_params *p, int32_t n_vocab, kp_err *e
 void sample_free(sampler *s);
 void sample_reset(sampler *s); /* forget history, re-seed (same resolved seed) */
 void sample_accept(sampler *s, int32_t id);
+/* The biases applied from the next sample_next() on (copied; n 0 clears).
+ * Per request: not part of the saved state. KP_EINVAL for an id outside
+ * [0, n_vocab) or a bias that is NaN, with the id in the message. */
+int sample_set_bias(sampler *s, const sample_bias *bias, int n, kp_err *err);
 int32_t sample_next(sampler *s, const float *logits /* [n_vocab] */);
 
 /* Serialise the sampler's state (params, RNG + history) so a parked session

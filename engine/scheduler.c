@@ -150,8 +150,11 @@ static int start_job(sched *s, sched_job *j) {
     j->n_generated = 0;
     j->have_logits = false;
     j->logits = malloc(sizeof(float) * (size_t)hp->n_vocab);
-    if (!j->logits || sample_new(&j->smp, &j->sampling, hp->n_vocab, &j->err)) {
+    if (!j->logits || sample_new(&j->smp, &j->sampling, hp->n_vocab, &j->err) ||
+        sample_set_bias(j->smp, j->bias, j->n_bias, &j->err)) {
         if (!j->err.msg[0]) kp_errf(&j->err, KP_ENOMEM, "sched: out of memory");
+        sample_free(j->smp);
+        j->smp = NULL;
         free(j->logits);
         j->logits = NULL;
         return SCHED_ERROR;

@@ -76,6 +76,8 @@ struct sched_job {
     int max_tokens;          /* > 0 */
     bool ignore_eos;
     sample_params sampling;
+    const sample_bias *bias; /* [n_bias] logit biases (sample_set_bias); must outlive the job */
+    int n_bias;
     /* Called for each generated token with its logits ([n_vocab], valid only
      * during the call). Return 0 to continue, non-zero to stop (SCHED_STOP). */
     int (*on_token)(sched_job *job, int32_t id, const float *logits);

@@ -10,6 +10,7 @@
  */
 #include "server/api.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdarg.h>
@@ -266,6 +267,54 @@ static int api_parse_stop(json_t *root, api_request *r, api_error *e) {
     return 0;
 }
 
+static int bias_cmp(const void *a, const void *b) {
+    const sample_bias *x = a, *y = b;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* logit_bias: {"<token id>": bias, ...}, bias a number in [-100, 100]
+ * (OpenAI's range: +-1 nudges, -100 bans, 100 all but forces). Keys must be
+ * base-10 token ids; the vocabulary bound is checked by the server. */
+static int api_parse_logit_bias(json_t *root, api_request *r, api_error *e) {
+    json_t *lb = json_object_get(root, "logit_bias");
+    if (!lb || json_is_null(lb)) return 0;
+    if (!json_is_object(lb))
+        return API_BAD(e, "logit_bias", "invalid_type",
+                       "'logit_bias' must be an object mapping token ids to biases (got %s)", api_type_name(lb));
+    size_t n = json_object_size(lb);
+    if (n == 0) return 0;
+    if (n > API_MAX_LOGIT_BIAS)
+        return API_BAD(e, "logit_bias", "invalid_value", "'logit_bias' has %zu entries: at most %d", n,
+                       API_MAX_LOGIT_BIAS);
+    r->bias = malloc(n * sizeof *r->bias);
+    if (!r->bias) return API_OOM(e);
+    const char *key;
+    json_t *v;
+    size_t i = 0;
+    json_object_foreach(lb, key, v) {
+        char *end = NULL;
+        errno = 0;
+        long long id = strtoll(key, &end, 10);
+        if (!*key || *end || errno || id < 0 || id > INT32_MAX || (key[0] == '0' && key[1]) || key[0] == '+' ||
+            key[0] == '-' || key[0] == ' ')
+            return API_BAD(e, "logit_bias", "invalid_value",
+                           "'logit_bias' keys must be token ids (non-negative integers), not \"%.40s\"", key);
+        if (!json_is_number(v))
+            return API_BAD(e, "logit_bias", "invalid_type", "logit_bias[\"%.40s\"] must be a number (got %s)",
+                           key, api_type_name(v));
+        double b = json_number_value(v);
+        if (!(b >= -100 && b <= 100))
+            return API_BAD(e, "logit_bias", "invalid_value",
+                           "logit_bias[\"%.40s\"] is %g: biases must be between -100 and 100", key, b);
+        r->bias[i++] = (sample_bias){.id = (int32_t)id, .bias = (float)b};
+    }
+    /* ids are unique: keys are canonical integers (no sign, no leading 0) and
+     * jansson keeps one value per key */
+    qsort(r->bias, i, sizeof *r->bias, bias_cmp);
+    r->n_bias = i;
+    return 0;
+}
+
 static int api_parse_common(json_t *root, const api_limits *lim, api_request *r,
                             api_error *e) {
     int rc;
@@ -323,6 +372,7 @@ static int api_parse_common(json_t *root, const api_limits *lim, api_request *r,
     }
 
     if ((rc = api_parse_stop(root, r, e)) < 0) return rc;
+    if ((rc = api_parse_logit_bias(root, r, e)) < 0) return rc;
 
     json_t *n = json_object_get(root, "n");
     if (n && !json_is_null(n)) {
@@ -628,6 +678,7 @@ int api_parse_completion(const char *body, size_t len, const api_limits *lim,
 void api_request_free(api_request *r) {
     if (!r) return;
     free(r->model);
+    free(r->bias);
     for (size_t i = 0; i < r->n_msgs; i++) free((char *)r->msgs[i].content); /* owned */
     free(r->msgs);
     for (size_t i = 0; i < r->n_prompts; i++) {

@@ -46,6 +46,7 @@
 #define API_MAX_DEPTH 64
 #define API_MAX_STOP 4
 #define API_MAX_TOP_LOGPROBS 20
+#define API_MAX_LOGIT_BIAS 1024 /* logit_bias entries per request */
 #define API_SESSION_ID_MAX 64
 
 /* Server-side limits applied while parsing; NULL = no limits. */
@@ -94,6 +95,10 @@ typedef struct api_request {
     bool stream;
     bool include_usage;    /* stream_options.include_usage */
     bool ignore_eos;       /* extension (llama.cpp server): generate past EOS */
+    /* logit_bias: token id -> bias in [-100, 100], sorted by id, ids unique
+     * and >= 0 (the vocabulary bound is the server's to check) */
+    sample_bias *bias;     /* [n_bias] */
+    size_t n_bias;
     char session_id[API_SESSION_ID_MAX + 1]; /* "" = none */
 } api_request;
 

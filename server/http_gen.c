@@ -506,6 +506,15 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         }
     }
 
+    /* logit_bias ids against this model's vocabulary (sorted: the last is the largest) */
+    const api_request *q = &r->g->req;
+    if (q->n_bias && q->bias[q->n_bias - 1].id >= model_hp(s->m)->n_vocab) {
+        api_error_set(&e, 400, "invalid_request_error", "invalid_value", "logit_bias",
+                      "logit_bias names token %d, outside the vocabulary (0..%d)", (int)q->bias[q->n_bias - 1].id,
+                      model_hp(s->m)->n_vocab - 1);
+        return http_reply_error(c, &e);
+    }
+
     /* the session */
     const char *hsid = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "X-Session-Id");
     const char *sid = r->g->req.session_id[0] ? r->g->req.session_id : hsid;
@@ -559,6 +568,8 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         j->max_tokens = KP_MIN(max_tokens, s->n_ctx - p->n_prompt);
         j->ignore_eos = r->g->req.ignore_eos;
         j->sampling = r->g->req.sp;
+        j->bias = r->g->req.bias;
+        j->n_bias = (int)r->g->req.n_bias;
         j->on_token = on_token;
         j->on_done = on_done;
         j->ud = p;

@@ -185,6 +185,16 @@ static void test_api_chat_invalid_fields(void **state) {
          "4\"",
          "session_id", "invalid_value", NULL},
         {"\"session_id\":7", "session_id", "invalid_type", NULL},
+        {"\"logit_bias\":[1]", "logit_bias", "invalid_type", NULL},
+        {"\"logit_bias\":{\"abc\":1}", "logit_bias", "invalid_value", "token ids"},
+        {"\"logit_bias\":{\"-1\":1}", "logit_bias", "invalid_value", "token ids"},
+        {"\"logit_bias\":{\"-0\":1}", "logit_bias", "invalid_value", "token ids"},
+        {"\"logit_bias\":{\"07\":1}", "logit_bias", "invalid_value", "token ids"},
+        {"\"logit_bias\":{\"\":1}", "logit_bias", "invalid_value", "token ids"},
+        {"\"logit_bias\":{\"99999999999\":1}", "logit_bias", "invalid_value", "token ids"},
+        {"\"logit_bias\":{\"5\":\"1\"}", "logit_bias", "invalid_type", "must be a number"},
+        {"\"logit_bias\":{\"5\":100.5}", "logit_bias", "invalid_value", "between -100 and 100"},
+        {"\"logit_bias\":{\"5\":-101}", "logit_bias", "invalid_value", "between -100 and 100"},
     };
     for (size_t i = 0; i < KP_ARRAY_LEN(cases); i++) {
         char body[512];
@@ -197,6 +207,22 @@ static void test_api_chat_invalid_fields(void **state) {
                   "678901234567890123\"}",
                   &r);
     assert_int_equal(strlen(r.session_id), 64);
+    api_request_free(&r);
+    /* logit_bias: sorted by id, ranges kept; null and {} are none */
+    parse_chat_ok("{" MSG1 ",\"logit_bias\":{\"300\":-100,\"2\":0.5,\"0\":100}}", &r);
+    assert_int_equal(r.n_bias, 3);
+    assert_int_equal(r.bias[0].id, 0);
+    assert_true(r.bias[0].bias == 100.0f);
+    assert_int_equal(r.bias[1].id, 2);
+    assert_true(r.bias[1].bias == 0.5f);
+    assert_int_equal(r.bias[2].id, 300);
+    assert_true(r.bias[2].bias == -100.0f);
+    api_request_free(&r);
+    parse_chat_ok("{" MSG1 ",\"logit_bias\":null}", &r);
+    assert_int_equal(r.n_bias, 0);
+    api_request_free(&r);
+    parse_chat_ok("{" MSG1 ",\"logit_bias\":{}}", &r);
+    assert_int_equal(r.n_bias, 0);
     api_request_free(&r);
     assert_true(api_session_id_valid("a"));
     assert_false(api_session_id_valid(""));

@@ -598,6 +598,50 @@ static void test_penalties(void **state) {
     sample_free(s);
 }
 
+/* Logit biases: added before the chain, <= -100 bans, cleared with n 0,
+ * ids checked; the input stays untouched. */
+static void test_logit_bias(void **state) {
+    (void)state;
+    enum { N = 50 };
+    float x[N], x0[N];
+    for (int i = 0; i < N; i++) x[i] = (float)i * 0.1f; /* argmax 49 */
+    memcpy(x0, x, sizeof x);
+    sample_params g = raw_params(0.0f, 1);
+    sampler *s = new_sampler(&g, N);
+    kp_err err = {0};
+    sample_bias ban = {.id = 49, .bias = -100};
+    assert_int_equal(sample_set_bias(s, &ban, 1, &err), 0);
+    assert_int_equal(sample_next(s, x), 48);
+    sample_bias up[2] = {{.id = 3, .bias = 5.0f}, {.id = 49, .bias = -0.05f}};
+    assert_int_equal(sample_set_bias(s, up, 2, &err), 0);
+    assert_int_equal(sample_next(s, x), 3); /* 0.3 + 5 > 4.85 */
+    up[0].bias = 4.0f;                      /* 0.3 + 4 < 4.85 */
+    assert_int_equal(sample_set_bias(s, up, 2, &err), 0);
+    assert_int_equal(sample_next(s, x), 49);
+    assert_int_equal(sample_set_bias(s, NULL, 0, &err), 0);
+    assert_int_equal(sample_next(s, x), 49);
+    assert_memory_equal(x, x0, sizeof x);
+    sample_bias bad = {.id = N, .bias = 1};
+    assert_int_equal(sample_set_bias(s, &bad, 1, &err), KP_EINVAL);
+    assert_non_null(strstr(err.msg, "outside the vocabulary"));
+    bad = (sample_bias){.id = 1, .bias = NAN};
+    assert_int_equal(sample_set_bias(s, &bad, 1, &err), KP_EINVAL);
+    sample_free(s);
+    /* sampling: a banned token is never drawn, even the most likely one with
+     * every filter off; with penalties on the bias still applies */
+    sample_params p = raw_params(1.0f, 7);
+    p.top_k = 0, p.top_p = 1, p.min_p = 0, p.repeat_penalty = 1.3f;
+    s = new_sampler(&p, N);
+    sample_bias bans[2] = {{.id = 48, .bias = -100}, {.id = 49, .bias = -100}};
+    assert_int_equal(sample_set_bias(s, bans, 2, &err), 0);
+    for (int t = 0; t < 2000; t++) {
+        int32_t id = sample_next(s, x);
+        assert_true(id >= 0 && id < 48);
+        sample_accept(s, id);
+    }
+    sample_free(s);
+}
+
 static void test_set_params(void **state) {
     (void)state;
     enum { V = 6 };
@@ -897,6 +941,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_top_p),
         cmocka_unit_test(test_min_p),
         cmocka_unit_test(test_penalties),
+        cmocka_unit_test(test_logit_bias),
         cmocka_unit_test(test_set_params),
         cmocka_unit_test(test_state),
         cmocka_unit_test(test_logprobs),

@@ -9,9 +9,11 @@
  * check the pieces, this checks the assembled server speaks the protocol.
  */
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import {
-  GOLDEN, GOLDEN_N, GOLDEN_PROMPT_TOKENS, ONCE, collectStream, jfetch, sse, startServer,
+  GOLDEN, GOLDEN_N, GOLDEN_PROMPT_TOKENS, ONCE, SHARED, collectStream, jfetch, sse, startServer,
 } from './helpers.mjs';
 
 const GOLD = GOLDEN[ONCE]; /* ", there was a little girl named Lily. She loved ..." */
@@ -182,6 +184,40 @@ describe('chat and completions', { timeout: 90000 }, () => {
     });
     assert.equal(r.usage.completion_tokens > 0, true);
     assert.equal(typeof r.choices[0].message.content, 'string');
+  });
+
+  it('logit_bias: -100 bans the greedy token, +100 forces one, 0 changes nothing; bad ids are 400', async () => {
+    /* the golden greedy ids of ONCE (llama.cpp's), the first GOLDEN_N generated tokens */
+    const gold = JSON.parse(fs.readFileSync(path.join(SHARED, 'golden', 'stories260K', 'logits.json'), 'utf8'))
+      .cases.find((c) => c.prompt === ONCE).greedy.ids;
+    const ask = (logit_bias, n = 6) => client.chat.completions.create({
+      model: 'm', messages: [{ role: 'user', content: ONCE }], temperature: 0, max_tokens: n,
+      logprobs: true, logit_bias,
+    });
+    const plain = await ask(undefined);
+    assert.equal(plain.choices[0].message.content, GOLD.slice(0, plain.choices[0].message.content.length));
+    const first = plain.choices[0].logprobs.content[0].token;
+    const banned = await ask({ [gold[0]]: -100 });
+    assert.notEqual(banned.choices[0].logprobs.content[0].token, first, 'the banned token was generated');
+    const zero = await ask({ [gold[0]]: 0 });
+    assert.equal(zero.choices[0].message.content, plain.choices[0].message.content);
+    const forced = await ask({ [gold[3]]: 100 });
+    const toks = forced.choices[0].logprobs.content.map((t) => t.token);
+    assert.equal(toks.length, 6);
+    assert.ok(toks.every((t) => t === toks[0]), `+100 forces one token every step: ${JSON.stringify(toks)}`);
+    /* also on /v1/completions (raw) */
+    const rc = await jfetch(server.url + '/v1/completions', {
+      body: { prompt: ONCE, temperature: 0, max_tokens: 4, logit_bias: { [gold[0]]: -100 } },
+    });
+    assert.equal(rc.status, 200, rc.text);
+    assert.ok(!GOLD.startsWith(rc.json.choices[0].text), `banned first token still generated: ${rc.json.choices[0].text}`);
+    for (const bad of [{ 512: 1 }, { abc: 1 }, { 5: 101 }]) {
+      await assert.rejects(ask(bad), (e) => {
+        assert.equal(e.status, 400, `logit_bias ${JSON.stringify(bad)}`);
+        assert.equal(e.param, 'logit_bias');
+        return true;
+      });
+    }
   });
 
   it('logprobs + top_logprobs: one entry per token, well-formed', async () => {
