@@ -931,12 +931,30 @@ char *api_sse_event(const char *json) {
     return s;
 }
 
-char *api_models_json(const char *model_id, int64_t created) {
+static json_t *api_model_obj(const char *model_id, int64_t created) {
     json_t *m = json_object();
     json_object_set_new(m, "id", api_jstr(model_id, model_id ? strlen(model_id) : 0));
     json_object_set_new(m, "object", json_string("model"));
     json_object_set_new(m, "created", json_integer(created));
     json_object_set_new(m, "owned_by", json_string("kvpark"));
+    return m;
+}
+
+char *api_model_json(const char *model_id, int64_t created) {
+    json_t *m = api_model_obj(model_id, created);
+    char *s = json_dumps(m, JSON_COMPACT);
+    json_decref(m);
+    return s;
+}
+
+void api_error_unknown_model(api_error *e, const char *model) {
+    api_error_set(e, 404, "invalid_request_error", "model_not_found", "model",
+                  "The model '%.128s' does not exist: this server serves one model (GET /v1/models)",
+                  model ? model : "");
+}
+
+char *api_models_json(const char *model_id, int64_t created) {
+    json_t *m = api_model_obj(model_id, created);
     json_t *data = json_array();
     json_array_append_new(data, m);
     json_t *o = json_object();

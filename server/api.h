@@ -124,6 +124,7 @@ int api_error_set(api_error *e, int http_status, const char *type, const char *c
 void api_error_bad_key(api_error *e);                         /* 401 */
 void api_error_unknown_route(api_error *e, const char *method, const char *path); /* 404 */
 void api_error_unknown_session(api_error *e, const char *session_id);            /* 404 */
+void api_error_unknown_model(api_error *e, const char *model);                    /* 404 */
 void api_error_body_too_large(api_error *e, size_t limit_bytes);                  /* 413 */
 void api_error_queue_full(api_error *e, int queue_len);                           /* 429 */
 void api_error_not_ready(api_error *e, const char *why /* e.g. "the model is loading" */); /* 503 */
@@ -186,6 +187,8 @@ char *api_sse_event(const char *json);
 
 /* {"object":"list","data":[{"id","object":"model","created","owned_by":"kvpark"}]} */
 char *api_models_json(const char *model_id, int64_t created);
+/* GET /v1/models/{id}: the one model object. */
+char *api_model_json(const char *model_id, int64_t created);
 
 /* Copy of s[0..len) with invalid UTF-8 replaced by U+FFFD (malloc'd, NUL-terminated;
  * *out_len may be NULL). */

@@ -119,7 +119,7 @@ static uint64_t check_key(server *s, struct MHD_Connection *c) {
 static const char *endpoint_label(const char *url) {
     if (!strcmp(url, "/v1/chat/completions")) return "chat_completions";
     if (!strcmp(url, "/v1/completions")) return "completions";
-    if (!strcmp(url, "/v1/models")) return "models";
+    if (!strcmp(url, "/v1/models") || !strncmp(url, "/v1/models/", 11)) return "models";
     if (!strcmp(url, "/health")) return "health";
     if (!strcmp(url, "/metrics")) return "metrics";
     if (!strncmp(url, "/v1/sessions", 12)) return "sessions";
@@ -298,6 +298,13 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
         return http_gen_start(s, c, r, API_COMPLETION);
     if (!strcmp(url, "/v1/models") && !strcmp(method, "GET"))
         return reply_json(c, 200, api_models_json(s->model_id, s->created), NULL);
+    if (!strncmp(url, "/v1/models/", 11) && url[11] && !strcmp(method, "GET")) {
+        if (strcmp(url + 11, s->model_id) != 0) {
+            api_error_unknown_model(&e, url + 11);
+            return http_reply_error(c, &e);
+        }
+        return reply_json(c, 200, api_model_json(s->model_id, s->created), NULL);
+    }
     if (!strncmp(url, "/v1/sessions", 12) && (url[12] == 0 || url[12] == '/'))
         return handle_sessions(s, c, r, url, method);
     api_error_unknown_route(&e, method, url);

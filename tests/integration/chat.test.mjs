@@ -36,6 +36,15 @@ describe('chat and completions', { timeout: 90000 }, () => {
     assert.ok(m.id.length > 0);
     assert.equal(m.object, 'model');
     assert.equal(typeof m.created, 'number');
+    /* GET /v1/models/{id}: the same object; another id is a 404 naming it */
+    const one = await client.models.retrieve(m.id);
+    assert.deepEqual(one, m);
+    await assert.rejects(client.models.retrieve('gpt-4o'), (e) => {
+      assert.equal(e.status, 404);
+      assert.equal(e.code, 'model_not_found');
+      assert.match(e.message, /gpt-4o/);
+      return true;
+    });
   });
 
   it('GET /health is {"status":"ok"}', async () => {
