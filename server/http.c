@@ -62,6 +62,31 @@
 /* The status of the last reply queued by this thread, read back by handle()
  * for logs and metrics (a handler runs start to end on one pool thread). */
 static _Thread_local int tls_status;
+/* The allowed Origin of the request being handled on this thread (its
+ * req_ctx's cors, set at the top of every handle() call): responses are
+ * queued only from inside handle(), so the headers follow the request. */
+static _Thread_local const char *tls_cors;
+
+void http_add_cors(struct MHD_Response *resp) {
+    if (!tls_cors) return;
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", tls_cors);
+    if (strcmp(tls_cors, "*") != 0) MHD_add_response_header(resp, "Vary", "Origin");
+    MHD_add_response_header(resp, "Access-Control-Expose-Headers", "X-Session-Id");
+}
+
+/* The value for Access-Control-Allow-Origin: "*" when any origin is allowed,
+ * the request's own Origin when it is listed, else NULL (no CORS headers: a
+ * browser then refuses the page the answer). */
+static const char *cors_allowed(const server *s, struct MHD_Connection *c) {
+    if (s->o.n_cors == 0) return NULL;
+    const char *origin = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Origin");
+    if (!origin) return NULL;
+    for (int i = 0; i < s->o.n_cors; i++) {
+        if (!strcmp(s->o.cors_origins[i], "*")) return "*";
+        if (!strcmp(s->o.cors_origins[i], origin)) return s->o.cors_origins[i];
+    }
+    return NULL;
+}
 
 static enum MHD_Result reply_raw(struct MHD_Connection *c, int status, const char *ctype,
                                  const char *body, size_t len, const char *session_id) {
@@ -70,6 +95,7 @@ static enum MHD_Result reply_raw(struct MHD_Connection *c, int status, const cha
     if (!r) return MHD_NO;
     MHD_add_response_header(r, "Content-Type", ctype);
     if (session_id && *session_id) MHD_add_response_header(r, "X-Session-Id", session_id);
+    http_add_cors(r);
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, r);
     MHD_destroy_response(r);
     return ok;
@@ -254,9 +280,41 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
 /* ------------------------------------------------------------------ */
 /* 5. routing and the daemon                                           */
 
+/* A CORS preflight (OPTIONS with Access-Control-Request-Method): answered
+ * before any key check, as browsers send it without credentials. 204 with
+ * what may follow when the Origin is allowed, else 403. */
+static enum MHD_Result preflight(server *s, struct MHD_Connection *c) {
+    api_error e;
+    if (!tls_cors) {
+        api_error_set(&e, 403, "invalid_request_error", "cors_origin_not_allowed", NULL,
+                      s->o.n_cors ? "this Origin may not call the API (serve --cors-origin lists who may)"
+                                  : "CORS is off: start the server with --cors-origin ORIGIN to allow browser pages");
+        return http_reply_error(c, &e);
+    }
+    tls_status = 204;
+    struct MHD_Response *resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (!resp) return MHD_NO;
+    http_add_cors(resp);
+    MHD_add_response_header(resp, "Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS");
+    /* the headers the page asked for, if they are plain header names */
+    const char *h = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Access-Control-Request-Headers");
+    bool plain = h && *h && strlen(h) < 1024;
+    for (const char *q = h; plain && *q; q++)
+        plain = (*q >= 'a' && *q <= 'z') || (*q >= 'A' && *q <= 'Z') || (*q >= '0' && *q <= '9') || *q == '-' ||
+                *q == '_' || *q == ',' || *q == ' ';
+    MHD_add_response_header(resp, "Access-Control-Allow-Headers",
+                            plain ? h : "Authorization, Content-Type, X-Session-Id");
+    MHD_add_response_header(resp, "Access-Control-Max-Age", "600");
+    enum MHD_Result ok = MHD_queue_response(c, 204, resp);
+    MHD_destroy_response(resp);
+    return ok;
+}
+
 static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, const char *url,
                              const char *method) {
     api_error e;
+    if (!strcmp(method, "OPTIONS") && MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Access-Control-Request-Method"))
+        return preflight(s, c);
     bool open_route = !strcmp(url, "/health") || !strcmp(url, "/metrics");
     if (open_route) {
         if (s->o.metrics_key) {
@@ -447,6 +505,7 @@ static enum MHD_Result reply_ambiguous_length(struct MHD_Connection *c, req_ctx 
     }
     MHD_add_response_header(resp, "Content-Type", "application/json");
     MHD_add_response_header(resp, "Connection", "close");
+    http_add_cors(resp);
     r->status = 400;
     r->answered = true; /* the body (if any) is not ours to read */
     enum MHD_Result ok = MHD_queue_response(c, 400, resp);
@@ -460,10 +519,12 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
     server *s = cls;
     req_ctx *r = *con_cls;
     url = target_path(url);
+    tls_cors = r ? r->cors : cors_allowed(s, c);
     if (!r) { /* first call: headers only */
         r = calloc(1, sizeof *r);
         if (!r) return MHD_NO;
         r->s = s;
+        r->cors = tls_cors;
         r->t0 = kp_now();
         snprintf(r->method, sizeof r->method, "%s", method);
         snprintf(r->url, sizeof r->url, "%s", url);

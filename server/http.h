@@ -37,6 +37,7 @@
 #include "kernels/kp.h"
 
 #define HTTP_MAX_KEYS 64
+#define HTTP_MAX_CORS 16
 
 typedef struct http_opts {
     const char *model;        /* path or synthetic:NAME (resolved by the caller) */
@@ -68,6 +69,8 @@ typedef struct http_opts {
     const char *keys[HTTP_MAX_KEYS]; /* API keys (none: no auth) */
     int n_keys;
     const char *metrics_key;  /* if set, /health and /metrics need it */
+    const char *cors_origins[HTTP_MAX_CORS]; /* browser origins allowed (CORS); "*": any; none: no CORS */
+    int n_cors;
     int quiet;                /* no per-request log lines */
 } http_opts;
 

@@ -624,6 +624,7 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
     MHD_add_response_header(resp, "Content-Type", r->g->stream ? "text/event-stream" : "application/json");
     if (r->g->stream) MHD_add_response_header(resp, "Cache-Control", "no-cache");
     if (r->g->sess) MHD_add_response_header(resp, "X-Session-Id", sess_id(r->g->sess));
+    http_add_cors(resp);
     enum MHD_Result ok = MHD_queue_response(c, 200, resp);
     MHD_destroy_response(resp);
     return ok;
@@ -650,6 +651,7 @@ enum MHD_Result http_gen_reply(struct MHD_Connection *c, req_ctx *r) {
     if (!resp) return MHD_NO;
     MHD_add_response_header(resp, "Content-Type", "application/json");
     if (g->sess_id[0]) MHD_add_response_header(resp, "X-Session-Id", g->sess_id);
+    http_add_cors(resp);
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
     return ok;

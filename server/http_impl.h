@@ -96,6 +96,7 @@ typedef struct req_ctx {
     size_t len, cap;
     bool too_large;
     uint64_t owner;         /* check_key(): 0 no auth, 1 refused, else the key's hash */
+    const char *cors;       /* Access-Control-Allow-Origin to send (server options' string), or NULL */
     double t0;
     char method[8];
     char url[256];
@@ -132,6 +133,10 @@ static inline int buf_append(char **buf, size_t *len, size_t *cap, const char *d
 }
 
 /* Queue `e` as an OpenAI error body with its HTTP status (http.c). */
+/* CORS: the Access-Control-* headers of the request being handled on this
+ * thread (none when CORS is off or its Origin is not allowed); every
+ * response is given them just before it is queued. */
+void http_add_cors(struct MHD_Response *resp);
 enum MHD_Result http_reply_error(struct MHD_Connection *c, const api_error *e);
 /* The request is over on both sides (connection and jobs): count it, log
  * it, free r (http.c). */

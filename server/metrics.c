@@ -640,7 +640,8 @@ int metrics_declare_sets(metrics_registry *reg, const metrics_series_set *sets, 
  *   generation    200, 400 bad request / context, 404 unknown session,
  *                 409 session busy, 429 queue full, 500 failed during generation
  *   sessions      200, 400, 404, 409, 429 too many sessions, 500 failed save,
- *                 507 disk full on save */
+ *                 507 disk full on save
+ *   every route   204 / 403: a CORS preflight allowed / refused */
 #define S_(...) ((const char *const[]){__VA_ARGS__, NULL})
 static const char *const gen_statuses[] = {"200", "400", "401", "404", "409", "413", "429", "499", "500",
                                            "503", NULL};
@@ -652,6 +653,9 @@ const metrics_series_set metrics_kvpark_series[] = {
     {"kvpark_requests_total", S_("models", "health"), S_("200", "400", "401", "404", "413", "499", "503")},
     {"kvpark_requests_total", S_("metrics"), S_("200", "400", "401", "404", "413", "499")},
     {"kvpark_requests_total", S_("other"), S_("400", "401", "404", "413", "499", "503")},
+    /* CORS preflights (OPTIONS, any route): 204 allowed, 403 not */
+    {"kvpark_requests_total",
+     S_("chat_completions", "completions", "sessions", "models", "health", "metrics", "other"), S_("204", "403")},
     /* park: the tier it went to (empty: it had no tokens); restore: the tier
      * it came from; error: either; expire: the tier it was deleted from */
     {"kvpark_session_events_total", S_("park", "restore", "error"), S_("warm", "cold")},

@@ -178,6 +178,8 @@ static void test_bad_values(void **state) {
         const char *needle;
     } cases[] = {
         {"serve --hot-budget 4X", "bad --hot-budget"},
+        {"serve --cors-origin example.com", "bad --cors-origin"},
+        {"serve --cors-origin https://a.example/path", "bad --cors-origin"},
         {"serve --warm-budget ''", "bad --warm-budget"},
         {"serve --port 65536", "bad --port"},
         {"serve --idle-park -1", "bad --idle-park"},

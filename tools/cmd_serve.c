@@ -8,6 +8,7 @@
  * on bad usage.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -64,6 +65,9 @@ static const char *serve_help =
     "      --max-conns N        open connections at most (default 16384)\n"
     "      --max-conns-per-ip N open connections from one client address at most\n"
     "                           (default 64; 0: no limit)\n"
+    "      --cors-origin O      let browser pages from origin O (https://app.example:8443,\n"
+    "                           or * for any) call the API: preflights answered without a\n"
+    "                           key, Access-Control-* headers on every response (repeatable)\n"
     "      --quiet              no per-request log lines\n";
 
 /* Read --api-key-file into o->keys; the copies go to key_store (freed by the caller). */
@@ -96,7 +100,18 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
 
 /* getopt codes of serve's own options (above cli.h's shared table). */
 enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP, SERVE_OPT_MAX_SESSIONS_PER_KEY,
-       SERVE_OPT_SESSION_TTL };
+       SERVE_OPT_SESSION_TTL, SERVE_OPT_CORS_ORIGIN };
+
+/* An origin as browsers send it: "*", or scheme://host[:port] with no path,
+ * no spaces or controls (it is echoed in a response header). */
+static bool cors_origin_ok(const char *o) {
+    if (!strcmp(o, "*")) return true;
+    const char *p = strstr(o, "://");
+    if (!p || p == o || !p[3]) return false;
+    for (const char *q = o; *q; q++)
+        if ((unsigned char)*q <= ' ' || *q == 0x7f || *q == ',' || (q > p + 2 && *q == '/')) return false;
+    return true;
+}
 
 int cmd_serve(int argc, char **argv) {
     cli_model_opts co = {.kv_type = KP_TYPE_F32};
@@ -129,6 +144,7 @@ int cmd_serve(int argc, char **argv) {
         {"request-timeout", required_argument, 0, OPT_REQUEST_TIMEOUT},
         {"max-conns", required_argument, 0, OPT_MAX_CONNS},
         {"max-conns-per-ip", required_argument, 0, OPT_MAX_CONNS_PER_IP},
+        {"cors-origin", required_argument, 0, SERVE_OPT_CORS_ORIGIN},
         {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
     int c;
     optind = 1;
@@ -218,6 +234,11 @@ int cmd_serve(int argc, char **argv) {
         case OPT_MAX_CONNS_PER_IP:
             if (cli_parse_long(optarg, 0, 1 << 20, &v)) return cli_usage_error("serve", "bad --max-conns-per-ip");
             ho.max_conns_per_ip = (int)v;
+            break;
+        case SERVE_OPT_CORS_ORIGIN:
+            if (ho.n_cors >= HTTP_MAX_CORS || !cors_origin_ok(optarg))
+                return cli_usage_error("serve", "bad --cors-origin (scheme://host[:port] or *, at most 16)");
+            ho.cors_origins[ho.n_cors++] = optarg;
             break;
         case CLI_OPT_QUIET: ho.quiet = 1; break;
         case 'h': fputs(serve_help, stdout); return 0;
