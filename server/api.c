@@ -783,12 +783,20 @@ static json_t *api_chat_logprobs(const api_result *r) {
     return lp;
 }
 
-/* Legacy completion logprobs: {tokens, token_logprobs, top_logprobs, text_offset}. */
+size_t api_utf8_chars(const char *s, size_t n) {
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) k += ((unsigned char)s[i] & 0xC0) != 0x80;
+    return k;
+}
+
+/* Legacy completion logprobs: {tokens, token_logprobs, top_logprobs,
+ * text_offset}; text_offset counts characters from the start of the choice's
+ * text (as OpenAI's does), across a stream's chunks. */
 static json_t *api_completion_logprobs(const api_result *r) {
     if (!r->has_logprobs) return json_null();
     json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
            *offs = json_array();
-    size_t off = 0;
+    size_t off = r->text_offset0;
     for (size_t i = 0; i < r->n_logprobs; i++) {
         const api_token_logprob *t = &r->logprobs[i];
         json_array_append_new(tokens, api_jstr(t->tok.token, t->tok.token_len));
@@ -802,7 +810,7 @@ static json_t *api_completion_logprobs(const api_result *r) {
         }
         json_array_append_new(tops, top);
         json_array_append_new(offs, json_integer((json_int_t)off));
-        off += t->tok.token_len;
+        off += api_utf8_chars(t->tok.token, t->tok.token_len);
     }
     json_t *o = json_object();
     json_object_set_new(o, "tokens", tokens);

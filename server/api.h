@@ -160,9 +160,16 @@ typedef struct api_result {
     bool has_logprobs;        /* false -> "logprobs": null */
     const api_token_logprob *logprobs; /* [n_logprobs], one per token of text */
     size_t n_logprobs;
+    size_t text_offset0;      /* completions: characters of the choice's text before
+                                 logprobs[0] (a stream's later chunks), for text_offset */
     int32_t prompt_tokens, completion_tokens, cached_tokens;
     bool include_usage;       /* chunks: add "usage": null to non-usage chunks */
 } api_result;
+
+/* Characters (Unicode code points) in n bytes of UTF-8: the bytes that do
+ * not continue a sequence, so a token ending mid-character counts the
+ * character once, where it starts. */
+size_t api_utf8_chars(const char *s, size_t n);
 
 /* Writes prefix + 32 hex digits from the two random words into buf. */
 void api_make_id(char *buf, size_t cap, const char *prefix, uint64_t r_hi, uint64_t r_lo);

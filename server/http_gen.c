@@ -71,6 +71,7 @@ typedef struct gen_part {
     size_t text_len, text_cap;
     lp_entry *lps;          /* [n_lps] when logprobs were asked */
     size_t n_lps, cap_lps, lps_sent;
+    size_t lp_chars;        /* characters of the tokens whose logprobs were streamed */
     bool submitted, done;
 } gen_part;
 
@@ -206,6 +207,8 @@ static void push_chunk(gen_part *p, enum api_chunk_kind kind, const char *text, 
             res.has_logprobs = true;
             res.logprobs = v;
             res.n_logprobs = p->n_lps - p->lps_sent;
+            res.text_offset0 = p->lp_chars;
+            for (size_t i = 0; i < res.n_logprobs; i++) p->lp_chars += api_utf8_chars(v[i].tok.token, v[i].tok.token_len);
             p->lps_sent = p->n_lps;
         }
     }

@@ -671,6 +671,21 @@ static void test_api_completion_response(void **state) {
     check_usage(json_object_get(o, "usage"), 2, 2, 1);
     json_decref(o);
 
+    /* text_offset counts characters, from where the stream's earlier chunks
+     * left off: "é" is 2 bytes, 1 character; a token cut inside a character
+     * (its first byte, then the rest) counts it once */
+    api_token_logprob u8[4] = {{{"\xc3\xa9", 2, -0.1f}, top, 0}, {{"x", 1, -0.1f}, top, 0},
+                               {{"\xe2\x82", 2, -0.1f}, top, 0}, {{"\xac!", 2, -0.1f}, top, 0}};
+    api_result ru = {.id = "cmpl-2", .text = "\xc3\xa9x\xe2\x82\xac!", .text_len = 7, .has_logprobs = true,
+                     .logprobs = u8, .n_logprobs = 4, .text_offset0 = 10};
+    o = load(api_completion_chunk_json(&ru, API_CHUNK_CONTENT));
+    json_t *offs = json_object_get(json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs"),
+                                   "text_offset");
+    const int want[4] = {10, 11, 12, 13};
+    for (int i = 0; i < 4; i++) assert_int_equal(json_integer_value(json_array_get(offs, (size_t)i)), want[i]);
+    json_decref(o);
+    assert_int_equal(api_utf8_chars("\xc3\xa9x\xe2\x82\xac!", 7), 4);
+
     r.has_logprobs = false;
     o = load(api_completion_chunk_json(&r, API_CHUNK_CONTENT));
     assert_string_equal(JS(o, "object"), "text_completion");

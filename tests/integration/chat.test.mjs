@@ -271,6 +271,21 @@ describe('chat and completions', { timeout: 90000 }, () => {
     assert.equal(toks.map((t) => t.token).join(''), s.text);
   });
 
+  it('completions logprobs.text_offset counts characters from the start, across stream chunks', async () => {
+    const body = { model: 'm', prompt: ONCE, temperature: 0, max_tokens: 12, logprobs: 2 };
+    const whole = await client.completions.create(body);
+    const lp = whole.choices[0].logprobs;
+    assert.equal(lp.tokens.length, 12);
+    let at = 0;
+    for (let i = 0; i < lp.tokens.length; i++) {
+      assert.equal(lp.text_offset[i], at, `token ${i}`);
+      at += [...lp.tokens[i]].length;
+    }
+    const s = await collectStream(await client.completions.create({ ...body, stream: true }));
+    const offs = s.chunks.flatMap((ch) => ch.choices.flatMap((c) => c.logprobs?.text_offset ?? []));
+    assert.deepEqual(offs, lp.text_offset, 'the same offsets streamed, chunk after chunk');
+  });
+
   it('a repeated prompt reports cached (reused) prompt tokens', async () => {
     const prompt = 'Lily and Tom went to the park. They saw a big';
     const body = { model: 'm', messages: [{ role: 'user', content: prompt }], temperature: 0, max_tokens: 4 };
