@@ -113,11 +113,15 @@ describe('errors', { timeout: 90000 }, () => {
 
   it('404 for unknown routes', async () => {
     for (const [method, p] of [['GET', '/v1/nope'], ['POST', '/v1/chat/completion'], ['GET', '/'],
-      ['POST', '/v2/chat/completions'], ['GET', '/v1/models/extra/parts']]) {
+      ['POST', '/v2/chat/completions']]) {
       const r = await jfetch(server.url + p, { method, headers: auth, body: method === 'POST' ? {} : undefined });
       assert.equal(r.status, 404, `${method} ${p}: ${r.status} ${r.text}`);
       assertErrorShape(assert, r.json, { type: 'not_found_error' });
     }
+    /* under /v1/models/ the rest is a model id (ids may hold '/'): OpenAI's model_not_found */
+    const m = await jfetch(server.url + '/v1/models/extra/parts', { method: 'GET', headers: auth });
+    assert.equal(m.status, 404, m.text);
+    assertErrorShape(assert, m.json, { type: 'invalid_request_error', code: 'model_not_found' });
     const wrongMethod = await jfetch(server.url + '/v1/chat/completions', { method: 'GET', headers: auth });
     assert.ok([404, 405].includes(wrongMethod.status), `GET /v1/chat/completions: ${wrongMethod.status}`);
   });
