@@ -27,9 +27,12 @@
  *           per message, content trimmed; no BOS text (the tokenizer adds
  *           it); generation prompt "<|start_header_id|>assistant<|end_header_id|>\n\n".
  *   plain   for models with no template (stories260K): the messages'
- *           contents verbatim, joined by "\n"; no role markers and no
- *           generation prompt. A lone user message renders as exactly its
- *           text, so a story model simply continues the story.
+ *           contents verbatim, joined by "\n", except that an assistant
+ *           message follows the one before it directly (a reply is the
+ *           continuation of that text, as the model wrote it, so a session's
+ *           next turn starts with exactly the tokens it holds); no role
+ *           markers and no generation prompt. A lone user message renders as
+ *           exactly its text, so a story model simply continues the story.
  *
  * "Trimmed" is llama.cpp's trim(): leading and trailing ASCII whitespace
  * (space, \t, \n, \v, \f, \r) removed.
@@ -175,7 +178,7 @@ static void render_llama3(chat_buf *b, const chat_msg *msgs, size_t n, bool gen)
 
 static void render_plain(chat_buf *b, const chat_msg *msgs, size_t n) {
     for (size_t i = 0; i < n; i++) {
-        if (i > 0) cb_put(b, "\n");
+        if (i > 0 && role_of(msgs[i].role) != ROLE_ASSISTANT) cb_put(b, "\n");
         cb_put(b, msgs[i].content);
     }
 }

@@ -429,6 +429,61 @@ static ssize_t gen_reader(void *cls, uint64_t pos, char *buf, size_t max) {
     return 0;
 }
 
+/* A session's next turn, token for token (the reply as the model wrote it).
+ * The client sends the conversation back as text; its canonical tokens P
+ * may split the previous reply differently from the tokens S the model
+ * generated (and the session's KV holds), which would cost a re-prefill of
+ * the reply. When S spells a prefix of P's bytes that ends on a token
+ * boundary of P (specials spelled out, so a control token never matches
+ * plain text), the prompt becomes S + the rest of P: the same text, and
+ * every session token reused. Returns 1 when spliced, 0 when P is kept. */
+static int splice_session_prefix(const tok_vocab *v, const sched_seq *q, gen_part *p) {
+    const int32_t *S = q->tokens;
+    const int nS = q->n_tokens, nP = p->n_prompt;
+    int lcp = 0;
+    while (lcp < nS && lcp < nP && S[lcp] == p->prompt[lcp]) lcp++;
+    if (nS == 0 || lcp == nS) return 0; /* nothing to gain */
+    char piece[256];
+    size_t nb = 0, cap = 4096;
+    char *bytes = malloc(cap);
+    for (int i = 0; bytes && i < nS; i++) { /* the bytes S spells */
+        int k = tok_piece(v, S[i], true, piece, sizeof piece);
+        if (k < 0 || k > (int)sizeof piece) {
+            free(bytes);
+            return 0;
+        }
+        if (nb + (size_t)k > cap) {
+            char *nbuf = realloc(bytes, cap = 2 * (nb + (size_t)k));
+            if (!nbuf) {
+                free(bytes);
+                return 0;
+            }
+            bytes = nbuf;
+        }
+        memcpy(bytes + nb, piece, (size_t)k);
+        nb += (size_t)k;
+    }
+    if (!bytes) return 0;
+    size_t at = 0;
+    int k = 0;
+    while (k < nP && at < nb) { /* P's tokens while they spell the same bytes */
+        int m = tok_piece(v, p->prompt[k], true, piece, sizeof piece);
+        if (m < 0 || m > (int)sizeof piece || at + (size_t)m > nb || memcmp(bytes + at, piece, (size_t)m) != 0) break;
+        at += (size_t)m;
+        k++;
+    }
+    free(bytes);
+    if (at != nb || k >= nP) return 0; /* no boundary at the end of S, or nothing new after it */
+    int32_t *np = malloc(sizeof *np * (size_t)(nS + nP - k));
+    if (!np) return 0;
+    memcpy(np, S, sizeof *np * (size_t)nS);
+    memcpy(np + nS, p->prompt + k, sizeof *np * (size_t)(nP - k));
+    free(p->prompt);
+    p->prompt = np;
+    p->n_prompt = nS + nP - k;
+    return 1;
+}
+
 /* Tokenise prompt i of the request into p->prompt; an api_error on failure. */
 static int tokenize_part(server *s, req_ctx *r, int i, gen_part *p, api_error *e) {
     kp_err err = {0};
@@ -547,6 +602,14 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
             return http_reply_error(c, &e);
         }
         snprintf(r->g->sess_id, sizeof r->g->sess_id, "%s", sess_id(r->g->sess));
+        gen_part *p0 = &r->g->parts[0];
+        if (kind == API_CHAT && splice_session_prefix(s->vocab, sess_seq(r->g->sess), p0) &&
+            (p0->n_prompt >= s->n_ctx || (explicit_max && (int64_t)p0->n_prompt + max_tokens > s->n_ctx))) {
+            api_error_context_overflow(&e, kind, s->n_ctx, p0->n_prompt, explicit_max ? max_tokens : 0);
+            sess_release(s->sessions, r->g->sess, false);
+            r->g->sess = NULL;
+            return http_reply_error(c, &e);
+        }
         if (strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
     }
 

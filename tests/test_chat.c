@@ -89,10 +89,11 @@ static void test_llama3(void **state) {
 
 static void test_plain(void **state) {
     (void)state;
+    /* the assistant's reply continues the text before it, without a separator */
     expect_render(CHAT_PLAIN, conv, 4, true, "</s>",
-                  "You are a helpful assistant.\nHello\nHi there!\n  How are you?\n");
+                  "You are a helpful assistant.\nHelloHi there!\n  How are you?\n");
     expect_render(CHAT_PLAIN, conv, 4, false, "</s>",
-                  "You are a helpful assistant.\nHello\nHi there!\n  How are you?\n");
+                  "You are a helpful assistant.\nHelloHi there!\n  How are you?\n");
     /* the key property: one user message is exactly its text */
     const chat_msg story[] = {{"user", "Once upon a time, there was a little"}};
     expect_render(CHAT_PLAIN, story, 1, true, "</s>", "Once upon a time, there was a little");
@@ -106,6 +107,30 @@ static void test_empty_conversation(void **state) {
     expect_render(CHAT_CHATML, NULL, 0, true, "</s>", "<|im_start|>assistant\n");
     expect_render(CHAT_LLAMA3, NULL, 0, true, "</s>",
                   "<|start_header_id|>assistant<|end_header_id|>\n\n");
+}
+
+/* A session's next turn starts with what the last one left in it: the
+ * rendered prompt of turn 1 plus the reply as written, for every template
+ * (trimming templates need a reply without surrounding whitespace; plain and
+ * chatml keep any). */
+static void test_next_turn_extends(void **state) {
+    (void)state;
+    const enum chat_template all[] = {CHAT_PLAIN, CHAT_CHATML, CHAT_LLAMA2, CHAT_LLAMA3};
+    const char *replies[] = {"Hi there!", " Hi there!\n"};
+    for (size_t i = 0; i < KP_ARRAY_LEN(all); i++)
+        for (size_t k = 0; k < 2; k++) {
+            bool trims = all[i] == CHAT_LLAMA2 || all[i] == CHAT_LLAMA3;
+            if (k == 1 && trims) continue;
+            const chat_msg t1[] = {{"system", "Be brief."}, {"user", "Hello"}};
+            const chat_msg t2[] = {{"system", "Be brief."}, {"user", "Hello"}, {"assistant", replies[k]},
+                                   {"user", "And then?"}};
+            char *a = render(all[i], t1, 2, true, "", "</s>"), *b = render(all[i], t2, 4, true, "", "</s>");
+            size_t la = strlen(a), lr = strlen(replies[k]);
+            if (strncmp(b, a, la) != 0 || strncmp(b + la, replies[k], lr) != 0)
+                fail_msg("%s: turn 2 does not start with turn 1 + its reply:\n%s\n---\n%s", chat_template_name(all[i]),
+                         a, b);
+            free(a), free(b);
+        }
 }
 
 static void test_bad_input(void **state) {
@@ -205,7 +230,7 @@ int main(int argc, char **argv) {
     tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_chatml),          cmocka_unit_test(test_llama2),
-        cmocka_unit_test(test_llama3),          cmocka_unit_test(test_plain),
+        cmocka_unit_test(test_llama3),          cmocka_unit_test(test_plain), cmocka_unit_test(test_next_turn_extends),
         cmocka_unit_test(test_empty_conversation), cmocka_unit_test(test_bad_input),
         cmocka_unit_test(test_detect),          cmocka_unit_test(test_names),
     };

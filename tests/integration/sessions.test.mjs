@@ -21,8 +21,10 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
 import {
-  GOLDEN, ONCE, assertErrorShape, jfetch, metricValue, sleep, startServer, startServerWrapped, tmpDir, waitFor,
+  BIN, GOLDEN, MODEL, ONCE, assertErrorShape, jfetch, metricValue, newSession, sleep, startServer, startServerWrapped, tmpDir,
+  waitFor,
 } from './helpers.mjs';
 
 const KA = 'key-tenant-a';
@@ -368,5 +370,73 @@ describe('sessions: limits and lifetime', { timeout: 110000 }, () => {
     srv = await start({ args }); /* nothing left to migrate; still accessible */
     assert.doesNotMatch(srv.log(), /older versions now record/);
     assert.equal((await jfetch(srv.url + `/v1/sessions/${old}`, { method: 'GET', headers: hA })).status, 200);
+  });
+});
+
+/* The next turn of a session reuses everything the last one left in it, the
+ * reply included, whatever the chat template: the client sends the reply
+ * back as text, the server continues from the tokens the model wrote. */
+describe('a session reuses the previous reply, for every template', { timeout: 120000 }, () => {
+  for (const tmpl of ['plain', 'chatml', 'llama2', 'llama3']) {
+    it(`--chat-template ${tmpl}`, async () => {
+      const server = await startServer({ args: ['-c', '512', '--chat-template', tmpl] });
+      try {
+        const sid = await newSession(server);
+        const msgs = [{ role: 'user', content: ONCE }];
+        const t1 = await jfetch(server.url + '/v1/chat/completions', {
+          body: { model: 'm', temperature: 0, max_tokens: 12, ignore_eos: true, session_id: sid, messages: msgs },
+        });
+        assert.equal(t1.status, 200, t1.text);
+        const reply = t1.json.choices[0].message.content;
+        const info = await jfetch(server.url + `/v1/sessions/${sid}`, { method: 'GET' });
+        const held = info.json.tokens;
+        assert.ok(held >= t1.json.usage.prompt_tokens + 11, `session holds ${held} tokens`);
+        const t2 = await jfetch(server.url + '/v1/chat/completions', {
+          body: {
+            model: 'm', temperature: 0, max_tokens: 4, session_id: sid,
+            messages: [...msgs, { role: 'assistant', content: reply }, { role: 'user', content: 'The end.' }],
+          },
+        });
+        assert.equal(t2.status, 200, t2.text);
+        const cached = t2.json.usage.prompt_tokens_details.cached_tokens;
+        assert.equal(cached, held, `${tmpl}: turn 2 reused ${cached} of the ${held} tokens the session held ` +
+          `(reply ${JSON.stringify(reply)})`);
+        assert.ok(t2.json.usage.prompt_tokens > held);
+      } finally {
+        await server.stop();
+      }
+    });
+  }
+
+  it('a reply the model split differently from the tokenizer is still reused whole', async () => {
+    /* "Once upon a time there" as the tokenizer would not write it: "▁the" + "re"
+     * (stories260K ids 265, 276) instead of "▁there"; a completion on the session
+     * puts exactly these tokens and its continuation into the KV */
+    const forced = [1, 403, 407, 261, 378, 265, 276];
+    const canon = execFileSync(BIN, ['tokenize', '-m', MODEL, 'Once upon a time there'], { encoding: 'utf8' })
+      .trim().split(/\s+/).map(Number);
+    assert.notDeepEqual(canon, forced, 'the premise: the forced ids are not the canonical ones');
+    const server = await startServer({ args: ['-c', '512', '--chat-template', 'plain'] });
+    try {
+      const sid = await newSession(server);
+      const t1 = await jfetch(server.url + '/v1/completions', {
+        body: { model: 'm', temperature: 0, max_tokens: 8, ignore_eos: true, session_id: sid, prompt: forced },
+      });
+      assert.equal(t1.status, 200, t1.text);
+      const info = await jfetch(server.url + `/v1/sessions/${sid}`, { method: 'GET' });
+      const held = info.json.tokens;
+      const t2 = await jfetch(server.url + '/v1/chat/completions', {
+        body: {
+          model: 'm', temperature: 0, max_tokens: 4, session_id: sid,
+          messages: [{ role: 'user', content: 'Once upon a time there' },
+            { role: 'assistant', content: t1.json.choices[0].text }, { role: 'user', content: 'The end.' }],
+        },
+      });
+      assert.equal(t2.status, 200, t2.text);
+      assert.equal(t2.json.usage.prompt_tokens_details.cached_tokens, held,
+        `turn 2 reused ${t2.json.usage.prompt_tokens_details.cached_tokens} of ${held} (canonical ids diverge at 5)`);
+    } finally {
+      await server.stop();
+    }
   });
 });
