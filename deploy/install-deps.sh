@@ -3,12 +3,13 @@
 # Idempotent: installs only what is missing. Run as root (or with sudo).
 #   build:  gcc, meson, ninja, pkg-config, libmicrohttpd, jansson, liblz4, libuv, xxhash
 #   tests:  cmocka, gnuplot (benchmark plots), prometheus (for promtool, which
-#           validates the /metrics output), nodejs + npm (integration tests)
+#           validates the /metrics output), nodejs + npm (integration tests),
+#           clang + libclang-rt-dev (libFuzzer: the fuzz targets, deploy/fuzz.sh)
 # The CUDA Toolkit is not installed here: kvpark builds the CUDA backend when
 # /usr/local/cuda/bin/nvcc (or nvcc on PATH) exists, and without it otherwise.
 set -euo pipefail
 pkgs=(gcc meson ninja-build pkg-config libmicrohttpd-dev libjansson-dev liblz4-dev libuv1-dev
-      libxxhash-dev libcmocka-dev gnuplot-nox prometheus curl)
+      libxxhash-dev libcmocka-dev gnuplot-nox prometheus curl clang libclang-rt-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
