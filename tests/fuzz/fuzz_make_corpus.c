@@ -3,7 +3,8 @@
  * tests/fuzz/corpus/TARGET/NAME, from kvpark's own writers: GGUF files from
  * gguf_writer_write_mem, chunks from codec_encode, codec files from
  * codecfile_write, manifests and span objects from park_save, object files
- * from cas_put, session records from store_save, and a few request bodies.
+ * from cas_put, session records from store_save, legacy blobs from
+ * blob_write, and a few request bodies.
  * Each seed carries its target's selector bytes (fuzz_util.h). The output
  * is deterministic (but for the save time in session records), so
  * regenerating shows up in git only when a writer's format changed.
@@ -20,6 +21,7 @@
 #include <unistd.h>
 
 #include "engine/gguf.h"
+#include "storage/blob.h"
 #include "storage/store.h"
 #include "tests/fuzz/fuzz_park_fixture.h"
 
@@ -198,6 +200,29 @@ static void store_seeds(const char *tmp) {
     store_close(s);
 }
 
+static void blob_seeds(const char *tmp) {
+    const fz_park *P = fz_park_fixture();
+    static const char extra[] = "sampler";
+    for (int i = 0; i < 2; i++) {
+        char path[512];
+        snprintf(path, sizeof path, "%s/s%d.kvps", tmp, i);
+        kv_cache *kv = P->src;
+        kv->n_pos = i ? FZ_PARK_TOKENS : 5;
+        blob_meta m = {.model_fingerprint = FZ_FP, .codec = "none", .chunk_tokens = 16,
+                       .n_tokens = kv->n_pos, .created_unix_ms = 1};
+        kp_err err = {0};
+        if (blob_write(path, &m, P->tokens, i ? extra : NULL, i ? sizeof extra : 0, kv, NULL, &err))
+            die("blob_write", err.msg);
+        kv->n_pos = FZ_PARK_TOKENS;
+        size_t n;
+        uint8_t *b = slurp(path, &n);
+        const uint8_t pre[1] = {FZ_FIX};
+        seed("blob", i ? "full" : "short", pre, 1, b, n);
+        free(b);
+        unlink(path);
+    }
+}
+
 static void api_seeds(void) {
     static const char *const chat[] = {
         "{\"messages\":[{\"role\":\"user\",\"content\":\"Once upon a time\"}],\"max_tokens\":24,"
@@ -261,6 +286,7 @@ int main(int argc, char **argv) {
     park_seeds();
     cas_seeds(tmp);
     store_seeds(tmp);
+    blob_seeds(tmp);
     api_seeds();
     rm_tree(tmp);
     printf("fuzz_make_corpus: seeds written under %s\n", g_out);

@@ -22,6 +22,7 @@
  *   cas_object      ctl (bit 1: name the file after the key in its header),
  *                   then the object file's bytes
  *   store_record    ctl, then the record bytes
+ *   blob            ctl, then a legacy v1 session blob (storage/blob.h)
  *   api_chat, api_completion   the request body (no control byte)
  */
 #ifndef KP_FUZZ_UTIL_H
