@@ -229,9 +229,18 @@ int codecfile_open(codec **out, const char *path, const codec_shape *shape, kp_e
         free(buf);
         return kp_errf(err, KP_EIO, "codec file %s: read error", path);
     }
+    rc = codecfile_open_mem(out, buf, len, path, shape, err);
+    free(buf);
+    return rc;
+}
+
+int codecfile_open_mem(codec **out, uint8_t *buf, size_t len, const char *path, const codec_shape *shape,
+                       kp_err *err) {
+    *out = NULL;
     gguf_file *f = NULL;
     codec *c = NULL;
     int *ranks = NULL;
+    int rc = 0;
     if ((rc = gguf_open_mem(&f, buf, len, err))) {
         char m[KP_ERR_MAX];
         snprintf(m, sizeof m, "%s", err ? err->msg : "");
@@ -380,6 +389,5 @@ done:
     free(ranks);
     codec_free(c);
     if (f) gguf_close(f);
-    free(buf);
     return rc;
 }

@@ -99,5 +99,11 @@ int codecfile_write(const codec *c, const char *path, kp_err *err);
 /* Read and validate a codec file for a model of `shape`: KP_EFORMAT for a
  * corrupt or truncated file, KP_EMISMATCH for another model's codec. */
 int codecfile_open(codec **out, const char *path, const codec_shape *shape, kp_err *err);
+/* The same from the file's bytes (path only names it in messages; the fuzz
+ * target tests/fuzz/fuzz_codecfile.c calls this). buf is read, and its 8
+ * checksum bytes are zeroed while hashing and restored before returning; the
+ * codec keeps no pointer into it. */
+int codecfile_open_mem(codec **out, uint8_t *buf, size_t len, const char *path, const codec_shape *shape,
+                       kp_err *err);
 
 #endif

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test.sh — install dependencies, build, and run every test: once in a release
 # build and once under AddressSanitizer + UndefinedBehaviorSanitizer.
-# Ends with the line "N passed, N failed[, N skipped]".
+# Ends with the line "N passed, N failed[, N skipped]"; the fuzz targets
+# (deploy/fuzz.sh, FUZZ_SECONDS each, default 10) count one test each.
 # Usage: deploy/test.sh            (from the repository root)
 # Logs: build-test/ and build-asan/ each keep setup.log, ninja.log,
 # integration.log and meson-logs/testlog.txt.
@@ -46,6 +47,12 @@ for dir in build-test build-asan; do
   echo "=== integration tests with $dir/kvpark ==="
   KVPARK_BIN="$dir/kvpark" bash tests/integration/run.sh 2>&1 | tee "$dir/integration.log" | grep -E "^(not ok|integration:)" || true
 done
+# Fuzz targets (tests/fuzz, clang + libFuzzer, ASan/UBSan): every committed
+# regression and corpus input replayed, then each target fuzzed for
+# FUZZ_SECONDS (default 10) from its seed corpus; one test per target.
+echo "=== fuzz targets (deploy/fuzz.sh ${FUZZ_SECONDS:-10}) ==="
+JOBS=$jobs bash deploy/fuzz.sh "${FUZZ_SECONDS:-10}" >build-test/fuzz.log 2>&1
+grep -E "^fuzz: " build-test/fuzz.log || tail -20 build-test/fuzz.log
 # Count individual cmocka test cases from meson's JSON logs; a program that
 # crashed or failed without cmocka's summary counts as one failure.
 python3 - <<'PY' || rc=1
@@ -79,6 +86,17 @@ for d in ("build-test", "build-asan"):
         f += 1  # the integration run did not finish
     for ip, ifl in runs:
         p, f = p + int(ip), f + int(ifl)
+# Fuzz targets: one line per target from deploy/fuzz.sh, then its summary;
+# no summary means the fuzz build failed (one failure).
+try:
+    fz = open("build-test/fuzz.log").read()
+except FileNotFoundError:
+    fz = ""
+for verdict in re.findall(r"^fuzz: [a-z_0-9]+: .*: (ok|FAILED)", fz, re.M):
+    if verdict == "ok": p += 1
+    else: f += 1
+if not re.search(r"^fuzz: \d+ passed, \d+ failed$", fz, re.M):
+    f += 1
 print(f"{p} passed, {f} failed, {s} skipped")
 sys.exit(1 if f else 0)
 PY

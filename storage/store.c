@@ -292,8 +292,8 @@ static size_t rec_size(const park_manifest *m, size_t extra_len) {
 
 /* Parse and check record bytes. KP_EFORMAT (or KP_EUNSUP for a version)
  * with the reason; on success *m, *extra (malloc'd, >= 1 byte), *mtime. */
-static int rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **extra,
-                     size_t *extra_len, int64_t *mtime, kp_err *err) {
+int store_rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **extra,
+                    size_t *extra_len, int64_t *mtime, kp_err *err) {
     memset(m, 0, sizeof *m);
     *extra = NULL;
     *extra_len = 0;
@@ -1148,7 +1148,7 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
     uint8_t *extra = NULL;
     size_t extra_len = 0;
     int64_t mtime = 0;
-    rc = rec_parse(buf, len, &m, &extra, &extra_len, &mtime, &e2);
+    rc = store_rec_parse(buf, len, &m, &extra, &extra_len, &mtime, &e2);
     free(buf);
     if (rc == KP_ENOMEM) return kp_errf(err, rc, "store: %s", e2.msg);
     if (rc) {

@@ -87,6 +87,12 @@ store_sess *store_find(const store *s, const char *id);
 /* store_save without the public argument checks' wrapper (store.c). */
 int store_save_impl(store *s, const char *id, const store_item *it, bool durable, store_save_stats *st,
                     kp_err *err);
+/* Parse and check a session record's bytes (format at the top of store.c):
+ * 0 and *m, *extra (malloc'd, >= 1 byte), *extra_len, *mtime; else KP_EFORMAT
+ * (KP_EUNSUP for a version) with the reason. Also the entry point of the fuzz
+ * target tests/fuzz/fuzz_store_record.c. */
+int store_rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **extra,
+                    size_t *extra_len, int64_t *mtime, kp_err *err);
 /* The id of a file name ID + ext, or false. */
 bool store_id_of(const char *name, const char *ext, char id[STORE_ID_MAX + 1]);
 /* Import every DIR/ID.kvps (legacy v1 blob) as a durable session, then remove

@@ -7,15 +7,9 @@
  * and tensor byte range is touched so ASan catches any pointer the reader
  * hands out that lies outside the input.
  *
- * Not built by meson. Build and run by hand from the repository root:
- *   clang -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
- *     -I. tests/fuzz_gguf.c engine/gguf.c kernels/kp.c \
- *     kernels/cpu/types.c -lm -o /tmp/fuzz_gguf
- *   mkdir -p /tmp/gguf_corpus && cp ../shared/golden/vocab/ggml-vocab-gpt-2.gguf \
- *     ../shared/models/stories260K.gguf /tmp/gguf_corpus/
- *   /tmp/fuzz_gguf -max_len=65536 -max_total_time=60 /tmp/gguf_corpus
- * (Small seeds work best: gguf_writer_write_mem() output from test_gguf.c's
- * make_base() is a good one.)
+ * Built with -Dfuzz=true (tests/fuzz/meson.build) and run by
+ * deploy/fuzz.sh [SECONDS] gguf; seeds in tests/fuzz/corpus/gguf (written by
+ * fuzz_make_corpus.c with gguf_writer_write_mem). Input: the file's bytes.
  */
 #include <stddef.h>
 #include <stdint.h>
