@@ -45,7 +45,7 @@ done
 # HTTP, once with the release binary and once with the ASan/UBSan one.
 for dir in build-test build-asan; do
   echo "=== integration tests with $dir/kvpark ==="
-  KVPARK_BIN="$dir/kvpark" bash tests/integration/run.sh 2>&1 | tee "$dir/integration.log" | grep -E "^(not ok|integration:)" || true
+  KVPARK_BIN="$dir/kvpark" KVPARK_IT_TIMEOUT="${KVPARK_IT_TIMEOUT:-1500}" bash tests/integration/run.sh 2>&1 | tee "$dir/integration.log" | grep -E "^(not ok|integration:)" || true
 done
 # Fuzz targets (tests/fuzz, clang + libFuzzer, ASan/UBSan): every committed
 # regression and corpus input replayed, then each target fuzzed for
