@@ -134,6 +134,11 @@ static void park_seeds(void) {
     const uint8_t pre[1] = {FZ_FIX};
     seed("park_manifest", "int8-48", pre, 1, b, n);
     free(b);
+    park_manifest scoped = P->man; /* a scoped manifest is version 2 */
+    scoped.scope = 0x5eed5eed5eedull;
+    if (park_manifest_write(&scoped, &b, &n, &err)) die("park_manifest_write", err.msg);
+    seed("park_manifest", "int8-48-scoped", pre, 1, b, n);
+    free(b);
     for (int i = 0; i < P->man.n_spans; i++) {
         char name[32];
         snprintf(name, sizeof name, "span%d", i);
@@ -181,10 +186,11 @@ static void store_seeds(const char *tmp) {
     kp_err err = {0};
     if (store_open(&s, &o, &err)) die("store_open", err.msg);
     static const char extra[] = "sampler state";
-    for (int i = 0; i < 2; i++) {
-        const char *id = i ? "with-extra" : "plain";
+    for (int i = 0; i < 3; i++) { /* the third: scoped to an owner (a version 2 record) */
+        const char *id = i == 2 ? "scoped" : i ? "with-extra" : "plain";
         store_item it = {.tokens = P->tokens, .n_tokens = i ? FZ_PARK_TOKENS : 3,
-                         .extra = i ? extra : NULL, .extra_len = i ? sizeof extra : 0, .kv = P->src};
+                         .extra = i ? extra : NULL, .extra_len = i ? sizeof extra : 0, .kv = P->src,
+                         .scope = i == 2 ? 0x5eed5eed5eedull : 0};
         kv_cache *kv = P->src;
         kv->n_pos = it.n_tokens;
         if (store_save(s, id, &it, true, NULL, &err)) die("store_save", err.msg);
