@@ -30,25 +30,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static char g_dir[256];
 
-static void rm_tree(const char *path) {
-    DIR *d = opendir(path);
-    if (!d) {
-        unlink(path);
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d)) != NULL) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        char p[512];
-        snprintf(p, sizeof p, "%s/%s", path, de->d_name);
-        rm_tree(p);
-    }
-    closedir(d);
-    rmdir(path);
-}
-
 static void cleanup(void) {
-    if (g_dir[0]) rm_tree(g_dir);
+    if (g_dir[0]) fz_rm_tree(g_dir);
 }
 
 static const char *scratch(void) {
@@ -102,6 +85,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     cas_close(c);
     free(buf);
-    rm_tree(dir); /* the object, the quarantine, everything: next input starts clean */
+    fz_rm_tree(dir); /* the object, the quarantine, everything: next input starts clean */
     return 0;
 }

@@ -260,23 +260,6 @@ static void api_seeds(void) {
     }
 }
 
-static void rm_tree(const char *path) {
-    DIR *d = opendir(path);
-    if (!d) {
-        unlink(path);
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d)) != NULL) {
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
-        char p[1024];
-        snprintf(p, sizeof p, "%s/%s", path, de->d_name);
-        rm_tree(p);
-    }
-    closedir(d);
-    rmdir(path);
-}
-
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s OUTDIR (tests/fuzz/corpus)\n", argv[0]);
@@ -294,7 +277,7 @@ int main(int argc, char **argv) {
     store_seeds(tmp);
     blob_seeds(tmp);
     api_seeds();
-    rm_tree(tmp);
+    fz_rm_tree(tmp);
     printf("fuzz_make_corpus: seeds written under %s\n", g_out);
     return 0;
 }

@@ -28,9 +28,12 @@
 #ifndef KP_FUZZ_UTIL_H
 #define KP_FUZZ_UTIL_H
 
+#include <dirent.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "compress/codec.h"
@@ -57,6 +60,25 @@
 #define FZ_PARK_WINDOW 8
 #define FZ_PARK_CHUNK 16
 #define FZ_PARK_CODEC "int8"
+
+/* Remove a scratch file or directory tree (targets that go through the
+ * file system, and the seed generator). */
+static inline void fz_rm_tree(const char *path) {
+    DIR *d = opendir(path);
+    if (!d) {
+        unlink(path);
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, "..")) continue;
+        char p[1024];
+        snprintf(p, sizeof p, "%s/%s", path, de->d_name);
+        fz_rm_tree(p);
+    }
+    closedir(d);
+    rmdir(path);
+}
 
 static inline codec_shape fz_shape(void) {
     codec_shape s = {.n_layer = FZ_NL, .n_kv_heads = FZ_NKV, .head_dim = FZ_HD, .n_rot = FZ_HD,
