@@ -14,6 +14,7 @@
  * says in that case, and runs everywhere.
  */
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,22 @@
 
 #include "kernels/kernels.h"
 #include "kernels/cpu/quant.h"
+#ifdef KP_HAVE_CUDA
+#include "kernels/cuda/cuda.h"
+#endif
+
+/* Whether a libcublas is mapped into this process (/proc/self/maps), and
+ * whether it was before any backend existed (set first thing in main). */
+static bool cublas_mapped(void) {
+    FILE *m = fopen("/proc/self/maps", "r");
+    assert_non_null(m);
+    char line[4096];
+    bool found = false;
+    while (!found && fgets(line, sizeof line, m)) found = strstr(line, "/libcublas") != NULL;
+    fclose(m);
+    return found;
+}
+static bool cublas_at_start;
 
 typedef struct {
     kp_backend *cpu, *gpu; /* gpu NULL when there is no device */
@@ -486,9 +503,32 @@ static void test_attention(void **state) {
         }
 }
 
+/* cuBLAS is loaded by the CUDA backend's init, not at program start: a CPU
+ * run never maps its ~150 MB (kernels/cuda/blas.cu). With CUDA built, the
+ * loader finds the toolkit's library (CI has the toolkit, no GPU). */
+static void test_cublas_loaded_lazily(void **state) {
+    (void)state;
+    assert_false(cublas_at_start);
+#ifdef KP_HAVE_CUDA
+    const char *path = NULL;
+    kp_err err = {0};
+    int rc = kp_cuda_blas_load(&path, &err);
+    if (rc) fprintf(stderr, "kp_cuda_blas_load: %s\n", err.msg);
+    assert_int_equal(rc, 0);
+    assert_non_null(path);
+    print_message("cuBLAS loaded from %s\n", path);
+    assert_true(cublas_mapped());
+    assert_int_equal(kp_cuda_blas_load(NULL, &err), 0); /* once per process, then cached */
+#else
+    assert_false(cublas_mapped());
+#endif
+}
+
 int main(int argc, char **argv) {
+    cublas_at_start = cublas_mapped();
     tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_cublas_loaded_lazily),
         cmocka_unit_test(test_no_device),
         cmocka_unit_test(test_get_rows),
         cmocka_unit_test(test_matmul),

@@ -3,7 +3,7 @@
  * table (kp_cuda_ops; the other kernels are in ops.cu).
  *
  * One backend = one device, one stream, one cuBLAS handle bound to that
- * stream. Every op is queued on the stream in call order; ops->sync waits.
+ * stream (cuBLAS itself is loaded at init: blas.cu). Every op is queued on the stream in call order; ops->sync waits.
  * upload/download also wait before returning, so the host buffer can be
  * reused (or read) as soon as they return, as with the CPU backend.
  *
@@ -126,9 +126,14 @@ extern "C" int kp_cuda_init(kp_backend *be, int device, kp_err *err) {
         return kp_errf(err, KP_EIO, "backend: cannot start CUDA device %d: %s", device,
                        cudaGetErrorString(e));
     }
-    cublasStatus_t s = cublasCreate(&st->blas);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetStream(st->blas, st->stream);
-    if (s == CUBLAS_STATUS_SUCCESS) s = cublasSetMathMode(st->blas, CUBLAS_DEFAULT_MATH);
+    st->blas_api = kp_cu_blas(err);
+    if (!st->blas_api) {
+        kp_cuda_release(be);
+        return KP_EUNSUP;
+    }
+    cublasStatus_t s = st->blas_api->create(&st->blas);
+    if (s == CUBLAS_STATUS_SUCCESS) s = st->blas_api->set_stream(st->blas, st->stream);
+    if (s == CUBLAS_STATUS_SUCCESS) s = st->blas_api->set_math_mode(st->blas, CUBLAS_DEFAULT_MATH);
     if (s != CUBLAS_STATUS_SUCCESS) {
         kp_cuda_release(be);
         return kp_errf(err, KP_EIO, "backend: cuBLAS initialisation failed on device %d (status %d)",
@@ -142,7 +147,7 @@ extern "C" void kp_cuda_release(kp_backend *be) {
     if (!st) return;
     cudaSetDevice(st->device);
     if (st->stream) cudaStreamSynchronize(st->stream);
-    if (st->blas) cublasDestroy(st->blas);
+    if (st->blas) st->blas_api->destroy(st->blas);
     cudaFree(st->act);
     cudaFree(st->wbuf);
     cudaFree(st->idx);
@@ -207,7 +212,7 @@ static void cu_sync(kp_backend *be) {
 static void cu_gemm_half(kp_cuda_state *st, float *y, int64_t ldy, const void *w, cudaDataType wt,
                          const void *x, int64_t n_in, int64_t m, int n) {
     const float one = 1.0f, zero = 0.0f;
-    kp_cu_check_blas(cublasGemmEx(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, n, (int)n_in, &one, w,
+    kp_cu_check_blas(st->blas_api->gemm_ex(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, n, (int)n_in, &one, w,
                                   wt, (int)n_in, x, wt, (int)n_in, &zero, y, CUDA_R_32F, (int)ldy,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                      "matmul (cublasGemmEx)");
@@ -223,9 +228,9 @@ static void cu_matmul(kp_backend *be, float *y, const float *x, const kp_wref *w
 
     if (w->type == KP_TYPE_F32) {
         const float one = 1.0f, zero = 0.0f;
-        kp_cu_check_blas(cublasSgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, n, (int)n_in,
-                                     &one, (const float *)w->data, (int)n_in, x, (int)n_in, &zero,
-                                     y, (int)n_out),
+        kp_cu_check_blas(st->blas_api->sgemm(st->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)n_out, n,
+                                              (int)n_in, &one, (const float *)w->data, (int)n_in, x,
+                                              (int)n_in, &zero, y, (int)n_out),
                          "matmul (cublasSgemm)");
         return;
     }

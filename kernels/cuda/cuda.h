@@ -13,6 +13,10 @@
  *     (device, one stream, a cuBLAS handle bound to that stream, scratch
  *     buffers) and be->ops with &kp_cuda_ops. KP_EUNSUP when there is no
  *     such device, with a message saying to use the CPU backend.
+ *     cuBLAS is not linked: kp_cuda_init loads it (dlopen, kernels/cuda/blas.cu)
+ *     and fails with KP_EUNSUP and a message naming the library when it
+ *     cannot. kp_cuda_blas_load(&path, err) does only that loading (any
+ *     thread, once per process; no device needed) and gives the file opened.
  *   - kp_cuda_release(be) frees everything kp_cuda_init made (safe on a
  *     half-initialised backend).
  *   - kp_cuda_ops follows kernels.h: ops are queued on the backend's stream
@@ -36,6 +40,7 @@ extern const kp_ops kp_cuda_ops;
 int kp_cuda_device_count(const char **why);
 int kp_cuda_init(kp_backend *be, int device, kp_err *err);
 void kp_cuda_release(kp_backend *be);
+int kp_cuda_blas_load(const char **path, kp_err *err);
 
 /* ---- the device's copy ceilings (kernels/cuda/copybench.cu), for
  * `kvpark bench gpu` ----------------------------------------------------------

@@ -3,7 +3,7 @@
  * code): the backend's private state and the launchers each file provides.
  *
  * backend.cu owns the state (stream, cuBLAS handle, scratch), memory, the
- * matmul (cuBLAS) and the op table; ops.cu holds every other kernel and
+ * matmul (cuBLAS, loaded by blas.cu) and the op table; ops.cu holds every other kernel and
  * its launcher. Launchers queue work on st->stream and check the launch.
  */
 #ifndef KP_CUDA_IMPL_H
@@ -23,9 +23,31 @@ extern "C" {
 #include "kernels/cuda/cuda.h"
 }
 
+/* The cuBLAS entry points the backend calls, resolved at run time (blas.cu:
+ * the library is dlopen'ed by kp_cuda_init, not linked). */
+typedef struct kp_cu_blas_api {
+    cublasStatus_t (*create)(cublasHandle_t *handle);
+    cublasStatus_t (*destroy)(cublasHandle_t handle);
+    cublasStatus_t (*set_stream)(cublasHandle_t handle, cudaStream_t stream);
+    cublasStatus_t (*set_math_mode)(cublasHandle_t handle, cublasMath_t mode);
+    cublasStatus_t (*sgemm)(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m,
+                            int n, int k, const float *alpha, const float *a, int lda,
+                            const float *b, int ldb, const float *beta, float *c, int ldc);
+    cublasStatus_t (*gemm_ex)(cublasHandle_t handle, cublasOperation_t ta, cublasOperation_t tb, int m,
+                              int n, int k, const void *alpha, const void *a, cudaDataType at,
+                              int lda, const void *b, cudaDataType bt, int ldb, const void *beta,
+                              void *c, cudaDataType ct, int ldc, cublasComputeType_t compute,
+                              cublasGemmAlgo_t algo);
+} kp_cu_blas_api;
+
+/* The loaded table, or NULL with a message in err (KP_EUNSUP) when cuBLAS
+ * cannot be loaded. Loads it on the first call; thread-safe. */
+const kp_cu_blas_api *kp_cu_blas(kp_err *err);
+
 typedef struct kp_cuda_state {
     int device;
     cudaStream_t stream;
+    const kp_cu_blas_api *blas_api; /* set by kp_cuda_init before st->blas is made */
     cublasHandle_t blas;
     /* Scratch (device memory), grown on demand; cudaFree synchronises the
      * device, so growing never pulls memory from under a queued kernel. */
