@@ -2,8 +2,9 @@
  * test_tools.c — the front ends of tools/ against the library, in process:
  * the one strict number/size parser set every command and benchmark uses
  * (tools/cli.h: range errors, trailing junk, empty strings, overflow, size
- * suffixes), and `kvpark ppl --codec` (tools/cmd_ppl.c, run as a process)
- * printing the numbers quality_eval gives for the same options.
+ * suffixes), `kvpark ppl --codec` (tools/cmd_ppl.c, run as a process)
+ * printing the numbers quality_eval gives for the same options, and the
+ * rows `kvpark bench engine` writes for every size x depth.
  */
 #include <limits.h>
 #include <math.h>
@@ -12,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include "compress/codec.h"
 #include "compress/quality.h"
@@ -202,11 +204,56 @@ static void test_parsers(void **state) {
     }
 }
 
+/* `kvpark bench engine -d`: one row per (test, depth), the depth in its own
+ * column and in the test's name ("tg4 @ d32", as llama-bench prints it), a
+ * positive rate; a bad depth list is bad usage. */
+static void test_bench_engine_depth(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    char *mpath = tu_shared_path("models/stories260K.gguf");
+    char csv[] = "/tmp/kvpark-test-bench-engine-XXXXXX";
+    int fd = mkstemp(csv);
+    assert_true(fd >= 0);
+    close(fd);
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd,
+             "%s bench engine -m '%s' -p 8 -n 4 -d 0,32 -r 1 --threads-list 1 --csv '%s' 2>/dev/null",
+             tu_kvpark_bin(), mpath, csv);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 0);
+    print_message("%s", out);
+    assert_non_null(strstr(out, "| tg4 @ d32 |"));
+    FILE *f = fopen(csv, "r");
+    assert_non_null(f);
+    char line[512];
+    assert_non_null(fgets(line, sizeof line, f));
+    assert_string_equal(line, "model,test,threads,kv_type,tokens,repeats,median_tok_s,min_tok_s,max_tok_s,depth\n");
+    const char *want[4][2] = {{"pp8", "0"}, {"tg4", "0"}, {"pp8 @ d32", "32"}, {"tg4 @ d32", "32"}};
+    for (int i = 0; i < 4; i++) {
+        assert_non_null(fgets(line, sizeof line, f));
+        char *fld[10];
+        int nf = 0;
+        for (char *save = NULL, *t = strtok_r(line, ",\n", &save); t && nf < 10; t = strtok_r(NULL, ",\n", &save))
+            fld[nf++] = t;
+        assert_int_equal(nf, 10);
+        assert_string_equal(fld[1], want[i][0]);
+        assert_string_equal(fld[9], want[i][1]);
+        assert_true(atof(fld[6]) > 0);
+    }
+    assert_null(fgets(line, sizeof line, f));
+    fclose(f);
+    unlink(csv);
+    snprintf(cmd, sizeof cmd, "%s bench engine -m '%s' -d 1,x 2>&1", tu_kvpark_bin(), mpath);
+    assert_int_equal(tu_run_cmd(cmd, out, sizeof out), 2);
+    assert_non_null(strstr(out, "bad -p/-n/-d list"));
+    free(mpath);
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parsers),
         cmocka_unit_test(test_ppl_codec),
         cmocka_unit_test(test_ppl_codec_file_layout),
+        cmocka_unit_test(test_bench_engine_depth),
     };
     tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests_name("tools", tests, NULL, NULL);
