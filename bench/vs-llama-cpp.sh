@@ -57,9 +57,18 @@ fi
 [ -n "$kvpark" ] && [ -x "$kvpark" ] || { echo "vs-llama-cpp: no kvpark binary (build it, or --kvpark PATH)" >&2; exit 1; }
 
 # llama-bench: given, found in the scratch build, or built there now.
+# build_llama [noamx]: "noamx" builds a second copy without AMX code, for a
+# CPU that lists AMX but whose kernel or hypervisor does not let programs
+# use it (llama.cpp's AMX kernels then die of SIGILL on quantised weights).
 build_llama() {
   local dir=${KVPARK_LLAMA_DIR:-$HOME/.cache/kvpark-llama.cpp}
-  local bin=$dir/llama.cpp/build/bin/llama-bench
+  local bdir=build extra=()
+  if [ "${1:-}" = noamx ]; then
+    bdir=build-noamx
+    extra=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+           "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+  fi
+  local bin=$dir/llama.cpp/$bdir/bin/llama-bench
   if [ ! -x "$bin" ]; then
     echo "vs-llama-cpp: building llama-bench (llama.cpp from node-llama-cpp $NLC_VERSION) in $dir" >&2
     mkdir -p "$dir"
@@ -69,9 +78,9 @@ build_llama() {
       grep -q '"tag": "v0.5.0"' package/llama/llama.cpp.info.json ||
         echo "vs-llama-cpp: warning: node-llama-cpp $NLC_VERSION does not say llama.cpp tag v0.5.0" >&2
       [ -d llama.cpp ] || git clone -q package/llama/gitRelease.bundle llama.cpp
-      cmake -S llama.cpp -B llama.cpp/build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
-        -DLLAMA_CURL=OFF -DGGML_CUDA=OFF >cmake.log 2>&1
-      cmake --build llama.cpp/build --target llama-bench -j "$(nproc)" >build.log 2>&1
+      cmake -S llama.cpp -B "llama.cpp/$bdir" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DLLAMA_CURL=OFF -DGGML_CUDA=OFF "${extra[@]}" >"cmake-$bdir.log" 2>&1
+      cmake --build "llama.cpp/$bdir" --target llama-bench -j "$(nproc)" >"build-$bdir.log" 2>&1
     ) || { echo "vs-llama-cpp: the llama.cpp build failed (logs in $dir)" >&2; exit 1; }
   fi
   llama_bench=$bin
@@ -94,6 +103,23 @@ for m in "${models[@]}"; do
   [ -f "$f" ] || { echo "vs-llama-cpp: no model file '$f'" >&2; exit 1; }
   files+=("$f")
 done
+
+# A CPU that advertises AMX but does not allow it: llama.cpp's AMX kernels
+# fault (SIGILL, status 132) on the first quantised matmul. Then use a build
+# without AMX code, which is the best llama.cpp can do on this machine.
+probe=0
+"$llama_bench" -m "${files[0]}" -p 32 -n 0 -t 1 -r 1 -o csv >/dev/null 2>&1 || probe=$?
+if [ "$probe" -eq 132 ]; then
+  if [ -n "${LLAMA_BENCH:-}" ] || [[ "$llama_bench" != */llama.cpp/build/bin/llama-bench ]]; then
+    echo "vs-llama-cpp: $llama_bench dies of SIGILL (AMX not usable here?): build it without AMX" >&2
+    exit 1
+  fi
+  echo "vs-llama-cpp: llama.cpp's AMX kernels fault on this CPU (AMX listed, not enabled): using a build without AMX" >&2
+  build_llama noamx
+elif [ "$probe" -ne 0 ]; then
+  echo "vs-llama-cpp: $llama_bench fails on ${files[0]} (status $probe)" >&2
+  exit 1
+fi
 
 mkdir -p "$out"
 raw=$(mktemp -d)

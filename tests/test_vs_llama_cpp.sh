@@ -26,6 +26,7 @@ if [ ! -f "$model" ]; then echo "not ok - no $model (set KVPARK_SHARED)"; echo "
 cat >"$tmp/llama-bench" <<'FAKE'
 #!/usr/bin/env bash
 log="$(dirname "$0")/calls"
+case " $* " in *" -n 0 "*) exit 0 ;; esac # the script's probe run: not a round
 echo "llama $*" >>"$log"
 round=$(grep -c '^llama' "$log")
 while [ $# -gt 0 ]; do
@@ -70,6 +71,13 @@ bash "$vs" -t 1,x --llama-bench "$tmp/llama-bench" >/dev/null 2>&1
 check "a bad list is a usage error (2)" test $? -eq 2
 bash "$vs" --frobnicate >/dev/null 2>&1
 check "an unknown option is a usage error (2)" test $? -eq 2
+
+# a llama-bench that dies of SIGILL (AMX listed but not enabled) on the probe
+printf '#!/bin/sh\nkill -ILL $$\n' >"$tmp/sigill-bench"
+chmod +x "$tmp/sigill-bench"
+bash "$vs" -m "$model" -r 1 --kvpark "$tmp/kvpark" --llama-bench "$tmp/sigill-bench" --out "$tmp/o2" >/dev/null 2>"$tmp/err2"
+st=$?
+check "a given llama-bench that dies of SIGILL: status 1 and why" sh -c "test $st -eq 1 && grep -q 'SIGILL' '$tmp/err2'"
 
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
