@@ -6,12 +6,15 @@
 #   tests:  cmocka, gnuplot (benchmark plots), prometheus (for promtool, which
 #           validates the /metrics output), nodejs + npm (integration tests),
 #           clang + libclang-rt-dev (libFuzzer: the fuzz targets, deploy/fuzz.sh),
-#           systemd (systemd-analyze checks deploy/kvpark.service; nothing is started)
+#           deploy-file checks (tests/test_deploy.sh; nothing is started): systemd
+#           (systemd-analyze), python3-yaml (tests/check_k8s.py), docker-compose (the
+#           compose schema), nginx-light (nginx -t)
 # The CUDA Toolkit is not installed here: kvpark builds the CUDA backend when
 # /usr/local/cuda/bin/nvcc (or nvcc on PATH) exists, and without it otherwise.
 set -euo pipefail
 pkgs=(gcc meson ninja-build pkg-config libmicrohttpd-dev libjansson-dev liblz4-dev libuv1-dev
-      libxxhash-dev libsodium-dev libcmocka-dev gnuplot-nox prometheus curl clang libclang-rt-dev systemd)
+      libxxhash-dev libsodium-dev libcmocka-dev gnuplot-nox prometheus curl clang libclang-rt-dev systemd
+      python3-yaml docker-compose nginx-light)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
