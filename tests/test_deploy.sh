@@ -99,5 +99,17 @@ for b in bad: print(b)
 sys.exit(1 if bad else 0)
 PY
 
+# --- Slurm job script: run as plain bash on stories260K, the built binary -----
+sb="$repo/deploy/slurm/kvpark-resume.sbatch"
+check "slurm job: #SBATCH asks for a GPU" grep -q '^#SBATCH --gres=gpu:1' "$sb"
+MODEL="$model" CODECS=none,int8 CTX=32,64 REPEATS=1 OUT="$tmp/slurm" BUILD="$(dirname "$bin")" \
+  PORT=$((port + 1)) DEVICE=cpu bash "$sb" >"$tmp/slurm.out" 2>&1
+st=$?
+check "slurm job: runs to the end outside Slurm (status $st)" sh -c "test $st -eq 0 || { tail -20 '$tmp/slurm.out'; exit 1; }"
+check "  ... the server on the node answered a chat" grep -q '"finish_reason"' "$tmp/slurm/chat.json"
+check "  ... the resume benchmark wrote a row per ctx x codec" \
+  test "$(tail -n +2 "$tmp/slurm/resume.csv" 2>/dev/null | wc -l)" -eq 4
+check "  ... and its plot" test -s "$tmp/slurm/resume.png"
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]
