@@ -642,17 +642,23 @@ static void matmul_q_worker(void *arg_, int ith, int nth) {
     matmul_q_args *a = arg_;
     const kp_wref *w = a->w;
     const int64_t n_out = w->n_out;
-    /* Blocks of 16 rows: the weights stay in L1 across all tokens. */
+    /* Blocks of 16 rows: the weights stay in L1 across all tokens. Within a
+     * block, each weight row is dotted with NX tokens at once
+     * (kp_vec_dot_nx: its blocks are loaded and unpacked once for all of
+     * them; the result is bit for bit kp_vec_dot's). */
     const int64_t BR = 16;
+    const int NX = 4; /* tokens per kp_vec_dot_nx call: 4 rows of activations stay in L1 too */
     int64_t blocks = (n_out + BR - 1) / BR, lo, hi;
     kp_pool_range(blocks, ith, nth, &lo, &hi);
     for (int64_t b = lo; b < hi; b++) {
         int64_t o0 = b * BR, o1 = KP_MIN(o0 + BR, n_out);
-        for (int t = 0; t < a->n; t++) {
+        for (int t = 0; t < a->n; t += NX) {
+            const int nx = KP_MIN(NX, a->n - t);
             const char *xq = a->xq + (size_t)t * a->xq_rb;
             float *yt = a->y + (int64_t)t * n_out;
             for (int64_t o = o0; o < o1; o++)
-                yt[o] = kp_vec_dot(w->type, w->n_in, (const char *)w->data + (size_t)o * a->w_rb, xq);
+                kp_vec_dot_nx(w->type, w->n_in, (const char *)w->data + (size_t)o * a->w_rb, xq, a->xq_rb,
+                              nx, yt + o, (size_t)n_out);
         }
     }
 }
