@@ -667,6 +667,24 @@ static void compute_logits(model *m, const int *rows, int n_rows) {
     ops->matmul(m->be, s->logits, s->last, &m->output, n_rows);
 }
 
+/* Final norm of rows [t0, t0 + n) of s->x, added to embd [dim] (host). */
+static int embed_rows(model *m, int t0, int n, float *embd, kp_err *err) {
+    const kp_ops *ops = m->ops;
+    scratch *s = &m->s;
+    const int dim = m->hp.dim;
+    float *tmp = malloc(sizeof *tmp * (size_t)n * dim);
+    if (!tmp) return kp_errf(err, KP_ENOMEM, "model: out of memory");
+    if (m->hp.arch == ARCH_GPT2)
+        ops->layernorm(m->be, s->last, s->x + (size_t)t0 * dim, m->out_norm, m->out_norm_b, n, dim, m->hp.norm_eps);
+    else
+        ops->rmsnorm(m->be, s->last, s->x + (size_t)t0 * dim, m->out_norm, n, dim, m->hp.norm_eps);
+    ops->download(m->be, tmp, s->last, (size_t)n * dim * sizeof(float));
+    for (int t = 0; t < n; t++)
+        for (int d = 0; d < dim; d++) embd[d] += tmp[(size_t)t * dim + d];
+    free(tmp);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ */
 /* 5. model_forward                                                    */
 
@@ -739,6 +757,13 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err) {
             return kp_errf(err, KP_ECANCELED, "model: forward pass abandoned by its layer gate");
         }
 
+        /* embeddings first: compute_logits reuses the same scratch rows */
+        for (int i = 0; i < n_us; i++)
+            if (seqs[us[i].seq].embd && (rc = embed_rows(m, us[i].t0, us[i].n, seqs[us[i].seq].embd, err))) {
+                m->ops->sync(m->be);
+                free(done); free(us); free(rows); free(row_seq); free(row_dst);
+                return rc;
+            }
         /* which rows need logits, and where they go: all of them at once */
         int n_rows = 0;
         for (int i = 0; i < n_us; i++) {
@@ -771,6 +796,36 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err) {
     m->ops->sync(m->be);
     free(done); free(us); free(rows); free(row_seq); free(row_dst);
     return 0;
+}
+
+int model_embed(model *m, const int32_t *const *inputs, const int *n_tokens, int n_inputs, int kv_type,
+                float *out, kp_err *err) {
+    const int dim = m->hp.dim;
+    if (n_inputs < 1) return kp_errf(err, KP_EINVAL, "model: no input to embed");
+    for (int i = 0; i < n_inputs; i++) {
+        if (n_tokens[i] < 1) return kp_errf(err, KP_EINVAL, "model: embedding input %d is empty", i);
+        if (n_tokens[i] > m->hp.n_ctx_train)
+            return kp_errf(err, KP_ERANGE, "model: embedding input %d has %d tokens, more than the model's "
+                           "context of %d", i, n_tokens[i], m->hp.n_ctx_train);
+    }
+    model_seq *q = calloc((size_t)n_inputs, sizeof *q);
+    if (!q) return kp_errf(err, KP_ENOMEM, "model: out of memory");
+    memset(out, 0, sizeof *out * (size_t)n_inputs * dim);
+    int rc = 0;
+    for (int i = 0; i < n_inputs && !rc; i++) {
+        rc = model_kv_new(m, &q[i].kv, kv_type, n_tokens[i], err);
+        q[i].tokens = inputs[i];
+        q[i].n_tokens = n_tokens[i];
+        q[i].embd = out + (size_t)i * dim;
+    }
+    if (!rc) rc = model_forward(m, q, n_inputs, err);
+    for (int i = 0; i < n_inputs; i++) {
+        if (!rc)
+            for (int d = 0; d < dim; d++) q[i].embd[d] /= (float)n_tokens[i];
+        kv_free(q[i].kv);
+    }
+    free(q);
+    return rc;
 }
 
 /* ------------------------------------------------------------------ */

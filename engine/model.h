@@ -88,11 +88,24 @@ typedef struct model_seq {
     int logits_from;        /* all_logits: the first token index that gets logits (0: all;
                                perplexity scores only the second half of a window) */
     float *logits;          /* out (host memory): [n_tokens - logits_from or 1][n_vocab]; may be NULL */
+    float *embd;            /* out (host memory), may be NULL: [dim] += the final-normed hidden
+                               state of each of this call's tokens (the sum; mean pooling divides
+                               by n_tokens: model_embed) */
 } model_seq;
 
 /* Returns KP_ERANGE (sequence untouched) if a sequence would exceed its
  * cache's n_ctx, KP_EINVAL for a token id outside the vocabulary. */
 int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err);
+
+/* Embeddings of n_inputs token sequences (inputs[i], n_tokens[i] >= 1 each,
+ * at most the model's training context): out[i] [dim] = the mean over the
+ * sequence's tokens of the final-normed hidden state (the input of the
+ * output projection), not normalised. One forward pass for all inputs, each
+ * on a fresh cache of kv_type sized to it; no logits computed. Must run
+ * where model_forward may (the thread that owns the model). KP_EINVAL for an
+ * empty input or a bad id, KP_ERANGE for an input longer than the context. */
+int model_embed(model *m, const int32_t *const *inputs, const int *n_tokens, int n_inputs, int kv_type,
+                float *out, kp_err *err);
 
 /* A probe sees each layer's activations during model_forward (calibration of
  * the KV codec): q [n][n_head][head_dim] and k [n][n_kv][head_dim] BEFORE
