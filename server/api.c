@@ -236,6 +236,10 @@ static int api_load(const char *body, size_t len, json_t **root, api_error *e) {
     return 0;
 }
 
+int api_load_object(const char *body, size_t len, json_t **root, api_error *e) {
+    return api_load(body, len, root, e);
+}
+
 /* ---- parsing: fields shared by both endpoints -------------------------- */
 
 static int api_parse_stop(json_t *root, api_request *r, api_error *e) {

@@ -108,6 +108,12 @@ int api_parse_completion(const char *body, size_t len, const api_limits *lim,
                          api_request *out, api_error *err);
 void api_request_free(api_request *r);
 
+/* The body as a JSON object (jansson), after the nesting-depth check every
+ * endpoint gets: 0, or a 400 in *e (empty body, bad JSON or UTF-8, too deep,
+ * not an object). For parsers of other endpoints (server/api_embed.c). */
+struct json_t;
+int api_load_object(const char *body, size_t len, struct json_t **root, api_error *e);
+
 /* 1 if s matches [A-Za-z0-9_-]{1,64}. */
 bool api_session_id_valid(const char *s);
 

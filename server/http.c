@@ -53,6 +53,7 @@
 #include "engine/scheduler.h"
 #include "server/api.h"
 #include "server/http_impl.h"
+#include "server/api_embed.h"
 #include "server/metrics.h"
 #include "server/sessions.h"
 
@@ -149,6 +150,7 @@ static const char *endpoint_label(const char *url) {
     if (!strcmp(url, "/health")) return "health";
     if (!strcmp(url, "/metrics")) return "metrics";
     if (!strncmp(url, "/v1/sessions", 12)) return "sessions";
+    if (!strcmp(url, "/v1/embeddings")) return "embeddings";
     return "other";
 }
 
@@ -310,6 +312,55 @@ static enum MHD_Result preflight(server *s, struct MHD_Connection *c) {
     return ok;
 }
 
+/* ------------------------------------------------------------------ */
+/* embeddings                                                          */
+
+typedef struct embed_call {
+    server *s;
+    const api_embed_req *q;
+    float *vecs; /* [n_inputs][dim] */
+    int rc;
+    kp_err err;
+} embed_call;
+
+static void embed_on_sched(void *ud) { /* on the thread that owns the model */
+    embed_call *k = ud;
+    k->rc = model_embed(k->s->m, (const int32_t *const *)k->q->inputs, k->q->n_tokens, k->q->n_inputs,
+                        k->s->o.kv_type, k->vecs, &k->err);
+}
+
+/* POST /v1/embeddings: parsed (server/api_embed.c), all inputs in one forward
+ * pass on the scheduler thread between its steps (sched_call: this pool
+ * thread waits, as a session save does), normalised, returned. */
+static enum MHD_Result handle_embeddings(server *s, struct MHD_Connection *c, req_ctx *r) {
+    api_error e;
+    api_embed_req q;
+    const model_hparams *hp = model_hp(s->m);
+    const api_embed_limits lim = {.dim = hp->dim, .max_tokens = KP_MIN(hp->n_ctx_train, s->n_ctx),
+                                  .max_inputs = 2048, .max_total = HTTP_EMBED_MAX_TOKENS};
+    if (api_parse_embeddings(r->body, r->len, s->vocab, &lim, &q, &e)) return http_reply_error(c, &e);
+    embed_call k = {.s = s, .q = &q, .vecs = malloc(sizeof(float) * (size_t)q.n_inputs * hp->dim)};
+    if (!k.vecs) {
+        api_embed_req_free(&q);
+        api_error_server(&e, "out of memory");
+        return http_reply_error(c, &e);
+    }
+    int rc = sched_call(s->sch, embed_on_sched, &k);
+    if (!rc) rc = k.rc;
+    char *json = NULL;
+    if (!rc) {
+        for (int i = 0; i < q.n_inputs; i++) api_embed_normalize(k.vecs + (size_t)i * hp->dim, q.dimensions);
+        json = api_embed_response(&q, k.vecs, (size_t)hp->dim, s->model_id);
+    }
+    free(k.vecs);
+    api_embed_req_free(&q);
+    if (rc == KP_ECANCELED) api_error_not_ready(&e, "the server is shutting down");
+    else if (rc) api_error_server(&e, k.err.msg[0] ? k.err.msg : "embedding failed");
+    else if (!json) api_error_server(&e, "out of memory");
+    if (rc || !json) return http_reply_error(c, &e);
+    return reply_json(c, 200, json, NULL);
+}
+
 static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, const char *url,
                              const char *method) {
     api_error e;
@@ -365,6 +416,7 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
     }
     if (!strncmp(url, "/v1/sessions", 12) && (url[12] == 0 || url[12] == '/'))
         return handle_sessions(s, c, r, url, method);
+    if (!strcmp(url, "/v1/embeddings") && !strcmp(method, "POST")) return handle_embeddings(s, c, r);
     api_error_unknown_route(&e, method, url);
     return http_reply_error(c, &e);
 }

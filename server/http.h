@@ -37,6 +37,9 @@
 #include "kernels/kp.h"
 
 #define HTTP_MAX_KEYS 64
+/* Tokens one POST /v1/embeddings request may hold in all (its inputs share
+ * one forward pass): more is a 400 asking for smaller requests. */
+#define HTTP_EMBED_MAX_TOKENS 65536
 #define HTTP_MAX_CORS 16
 
 typedef struct http_opts {

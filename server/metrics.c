@@ -653,9 +653,11 @@ const metrics_series_set metrics_kvpark_series[] = {
     {"kvpark_requests_total", S_("models", "health"), S_("200", "400", "401", "404", "413", "499", "503")},
     {"kvpark_requests_total", S_("metrics"), S_("200", "400", "401", "404", "413", "499")},
     {"kvpark_requests_total", S_("other"), S_("400", "401", "404", "413", "499", "503")},
+    {"kvpark_requests_total", S_("embeddings"), S_("200", "400", "401", "404", "413", "499", "500", "503")},
     /* CORS preflights (OPTIONS, any route): 204 allowed, 403 not */
     {"kvpark_requests_total",
-     S_("chat_completions", "completions", "sessions", "models", "health", "metrics", "other"), S_("204", "403")},
+     S_("chat_completions", "completions", "sessions", "models", "health", "metrics", "embeddings", "other"),
+     S_("204", "403")},
     /* park: the tier it went to (empty: it had no tokens); restore: the tier
      * it came from; error: either; expire: the tier it was deleted from */
     {"kvpark_session_events_total", S_("park", "restore", "error"), S_("warm", "cold")},
