@@ -1106,7 +1106,7 @@ static void run(const gram *g, gthread *t, int c, gset *out, int eps) {
             else if (ph == 5 && dig && f->a < GRAM_MAX_DIGITS) np = 5;
             else if (ph == 6 && (c == '+' || c == '-')) np = 7;
             else if ((ph == 6 || ph == 7) && dig) np = 8, f->a = 0;
-            else if (ph == 8 && dig && f->a < 3) np = 8;
+            else if (ph == 8 && dig && f->a < 2) np = 8;
             if (np >= 0) {
                 if (np == 3 || np == 5 || np == 8) f->a++;
                 f->phase = (uint8_t)np;

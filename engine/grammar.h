@@ -30,7 +30,7 @@
  *     model cannot loop on spaces; nothing follows the value. Object
  *     properties come in any order, each at most once; an object closes only
  *     when every required property is present. Numbers have at most
- *     GRAM_MAX_DIGITS digits in the integer part and in the fraction, 3 in the
+ *     GRAM_MAX_DIGITS digits in the integer part and in the fraction, 2 in the
  *     exponent. Strings are valid UTF-8 (no overlong forms or surrogates),
  *     control characters only escaped, \u escapes not surrogates or \u0000
  *     (so that every output parses with jansson too).
