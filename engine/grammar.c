@@ -1186,6 +1186,8 @@ typedef struct trie {
     int32_t *ids;      /* tokens sorted by bytes */
 } trie;
 
+#define PLAIN_MAX 32
+
 struct gram_vocab {
     int32_t n_vocab;
     int words;
@@ -1193,8 +1195,9 @@ struct gram_vocab {
     uint32_t *off, *len;  /* [n_vocab] */
     int max_len;
     trie full, nonplain;
-    uint32_t *plain;      /* [words] bitmask of plain string-content tokens */
-    int plain_max_chars;
+    /* plain_le[r]: bitmask [words] of the plain string-content tokens of at
+     * most r code points (r = 0..PLAIN_MAX); longer ones are in nonplain */
+    uint32_t *plain_le[33];
     int32_t *eog;
     int n_eog;
 };
@@ -1302,7 +1305,7 @@ void gram_vocab_free(gram_vocab *gv) {
     free(gv->bytes);
     free(gv->off);
     free(gv->len);
-    free(gv->plain);
+    for (int r = 0; r <= PLAIN_MAX; r++) free(gv->plain_le[r]);
     free(gv->eog);
     free(gv);
 }
@@ -1319,7 +1322,9 @@ int gram_vocab_new(gram_vocab **out, const tok_vocab *v, kp_err *err) {
     gv->words = (n + 31) / 32;
     gv->off = calloc((size_t)n, sizeof(uint32_t));
     gv->len = calloc((size_t)n, sizeof(uint32_t));
-    gv->plain = calloc((size_t)gv->words, sizeof(uint32_t));
+    bool plain_ok = true;
+    for (int r = 0; r <= PLAIN_MAX; r++)
+        if (!(gv->plain_le[r] = calloc((size_t)gv->words, sizeof(uint32_t)))) plain_ok = false;
     gv->eog = calloc((size_t)n, sizeof(int32_t));
     int32_t *all = malloc(sizeof(int32_t) * (size_t)n), *np = malloc(sizeof(int32_t) * (size_t)n);
     size_t total = 0;
@@ -1328,7 +1333,7 @@ int gram_vocab_new(gram_vocab **out, const tok_vocab *v, kp_err *err) {
         total += l > 0 ? (size_t)l : 0;
     }
     gv->bytes = malloc(total + 1);
-    if (!gv->off || !gv->len || !gv->plain || !gv->eog || !all || !np || !gv->bytes) {
+    if (!gv->off || !gv->len || !plain_ok || !gv->eog || !all || !np || !gv->bytes) {
         free(all);
         free(np);
         gram_vocab_free(gv);
@@ -1346,9 +1351,8 @@ int gram_vocab_new(gram_vocab **out, const tok_vocab *v, kp_err *err) {
         if (l > gv->max_len) gv->max_len = l;
         all[na++] = i;
         int pc = plain_chars((const uint8_t *)gv->bytes + gv->off[i], (uint32_t)l);
-        if (pc >= 0) {
-            gv->plain[i / 32] |= 1u << (i % 32);
-            if (pc > gv->plain_max_chars) gv->plain_max_chars = pc;
+        if (pc >= 0 && pc <= PLAIN_MAX) {
+            for (int r = pc; r <= PLAIN_MAX; r++) gv->plain_le[r][i / 32] |= 1u << (i % 32);
         } else np[nnp++] = i;
     }
     qsort_r(all, (size_t)na, sizeof(int32_t), cmp_tok_r, gv);
@@ -1460,17 +1464,18 @@ int gram_mask(gram_state *s, uint32_t *mask) {
     if (!s || !s->gv || !mask) return KP_EINVAL;
     const gram_vocab *gv = s->gv;
     int count = 0;
-    bool fast = false;
+    int room = -1; /* code points a plain token may have here; -1: not in a plain string */
     if (s->cur.n == 1 && s->cur.t[0].depth) {
         const gthread *t = &s->cur.t[0];
         const gframe *f = &t->f[t->depth - 1];
         const gnode *n = &s->g->nodes[f->node];
-        fast = f->kind == F_STR && f->phase == S_NORM &&
-               (n->max_len < 0 || n->max_len - (int32_t)f->a >= gv->plain_max_chars);
+        if (f->kind == F_STR && f->phase == S_NORM)
+            room = n->max_len < 0 ? PLAIN_MAX : KP_MIN(PLAIN_MAX, n->max_len - (int32_t)f->a);
     }
-    if (fast) {
-        memcpy(mask, gv->plain, sizeof(uint32_t) * (size_t)gv->words);
-        for (int w = 0; w < gv->words; w++) count += __builtin_popcount(gv->plain[w]);
+    if (room >= 0) {
+        const uint32_t *pm = gv->plain_le[room];
+        memcpy(mask, pm, sizeof(uint32_t) * (size_t)gv->words);
+        for (int w = 0; w < gv->words; w++) count += __builtin_popcount(pm[w]);
         count += walk(s, &gv->nonplain, mask);
     } else {
         memset(mask, 0, sizeof(uint32_t) * (size_t)gv->words);
@@ -1490,6 +1495,10 @@ void gram_apply_mask(const uint32_t *mask, float *logits, int32_t n_vocab) {
         uint32_t m = mask[w];
         if (m == 0xFFFFFFFFu) continue;
         int32_t lim = n_vocab - w * 32 < 32 ? n_vocab - w * 32 : 32;
+        if (m == 0) {
+            for (int32_t b = 0; b < lim; b++) logits[w * 32 + b] = -INFINITY;
+            continue;
+        }
         for (int32_t b = 0; b < lim; b++)
             if (!(m & (1u << b))) logits[w * 32 + b] = -INFINITY;
     }
