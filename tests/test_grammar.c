@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench/bench_grammar.h"
 #include "engine/grammar.h"
 #include "engine/scheduler.h"
 #include "tests/testutil.h"
@@ -464,12 +465,44 @@ static void test_generate_llama(void **state) {
     gen_model("models/tiny-llama-256.gguf");
 }
 
+/* `kvpark bench grammar` runs on a real vocabulary and writes one CSV row
+ * per schema with a positive median. */
+static void test_bench(void **state) {
+    (void)state;
+    TU_SKIP_UNLESS_SHARED("models/stories260K.gguf");
+    char *m = tu_shared_path("models/stories260K.gguf");
+    char *dir = tu_tmpdir();
+    char csv[1024];
+    snprintf(csv, sizeof csv, "%s/g.csv", dir);
+    char *argv[] = {"grammar", "-m", m, "-n", "40", "--decode-steps", "2", "--csv", csv, NULL};
+    assert_int_equal(bench_grammar_main(9, argv), 0);
+    char *text = tu_read_file(csv, NULL);
+    assert_non_null(text);
+    const char *head = "model,n_vocab,schema,steps,median_us,p99_us,max_us,decode_ms\n";
+    assert_true(strncmp(text, head, strlen(head)) == 0);
+    int rows = 0;
+    for (char *line = strchr(text, '\n'); line && line[1]; line = strchr(line + 1, '\n')) {
+        rows++;
+        assert_non_null(strstr(line, ",512,"));
+        double med = 0;
+        const char *c = line + 1;
+        for (int k = 0; k < 4; k++) c = strchr(c, ',') + 1;
+        med = atof(c);
+        assert_true(med > 0);
+    }
+    assert_int_equal(rows, 4);
+    free(text);
+    tu_rm_rf(dir);
+    free(dir);
+    free(m);
+}
+
 int main(int argc, char **argv) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accept_reject), cmocka_unit_test(test_complete),
         cmocka_unit_test(test_errors),        cmocka_unit_test(test_mask_stories),
         cmocka_unit_test(test_mask_gpt2),     cmocka_unit_test(test_generate_gpt2),
-        cmocka_unit_test(test_generate_llama),
+        cmocka_unit_test(test_generate_llama), cmocka_unit_test(test_bench),
     };
     tu_apply_filter_args(argc, argv);
     return cmocka_run_group_tests(tests, NULL, NULL);
