@@ -864,6 +864,41 @@ static int fmt_step(const gnode *n, gframe *f, int c) {
 
 static void step(const gram *g, const gthread *in, int c, gset *out, int eps);
 
+/* Exclusion of declared names in an additional key (F_STR.seen): on, still
+ * matching some declared key's bytes, range lo/hi of the parent object's key
+ * literals and the position in them. */
+#define EXCL_ON (1ull << 63)
+#define EXCL_MATCH (1ull << 62)
+
+/* Track byte c of an additional key; false to reject it. */
+static bool excl_byte(const gram *g, const gthread *t, gframe *f, int c) {
+    if (!(f->seen & EXCL_ON)) return true;
+    if (c == '\\') return false; /* escapes could spell a declared key */
+    if (!(f->seen & EXCL_MATCH)) return true;
+    const gnode *o = &g->nodes[t->f[t->depth - 2].node];
+    uint32_t lo = (uint32_t)(f->seen & 0xFFFFF), hi = (uint32_t)((f->seen >> 20) & 0xFFFFF);
+    uint32_t pos = (uint32_t)((f->seen >> 40) & 0xFFFF), nlo = hi, nhi = hi;
+    for (uint32_t i = lo; i < hi; i++)
+        if (o->lits[i].len > pos && (uint8_t)o->lits[i].s[pos] == c) {
+            if (nlo == hi) nlo = i;
+            nhi = i + 1;
+        }
+    if (nlo == nhi) f->seen = EXCL_ON;
+    else f->seen = EXCL_ON | EXCL_MATCH | nlo | ((uint64_t)nhi << 20) | ((uint64_t)(pos + 1) << 40);
+    return true;
+}
+
+/* At the closing quote: true when the key spells a declared one. */
+static bool excl_hit(const gram *g, const gthread *t, const gframe *f) {
+    if ((f->seen & (EXCL_ON | EXCL_MATCH)) != (EXCL_ON | EXCL_MATCH)) return false;
+    const gnode *o = &g->nodes[t->f[t->depth - 2].node];
+    uint32_t lo = (uint32_t)(f->seen & 0xFFFFF), hi = (uint32_t)((f->seen >> 20) & 0xFFFFF);
+    uint32_t pos = (uint32_t)((f->seen >> 40) & 0xFFFF);
+    for (uint32_t i = lo; i < hi; i++)
+        if (o->lits[i].len == pos + 1 && o->lits[i].s[pos] == '"') return true;
+    return false;
+}
+
 /* Feed c to thread t (a private copy); the results go to out. */
 static void run(const gram *g, gthread *t, int c, gset *out, int eps) {
     for (;;) {
@@ -973,7 +1008,10 @@ static void run(const gram *g, gthread *t, int c, gset *out, int eps) {
                     }
                     if (n->addl >= 0) {
                         f->phase = O_INKEY;
-                        if (push(t, F_STR, N_STRING)) emit(out, t);
+                        gframe *k = push(t, F_STR, N_STRING);
+                        /* an additional key must not spell a declared one */
+                        if (k && n->n_lits) k->seen = EXCL_ON | EXCL_MATCH | ((uint64_t)n->n_lits << 20) | (1ull << 40);
+                        if (k) emit(out, t);
                     }
                 }
                 return;
@@ -1030,12 +1068,12 @@ static void run(const gram *g, gthread *t, int c, gset *out, int eps) {
             switch (f->phase) {
             case S_NORM:
                 if (c == '"') {
-                    if ((int32_t)f->a < n->min_len) return;
+                    if ((int32_t)f->a < n->min_len || excl_hit(g, t, f)) return;
                     pop_value(g, t, -1);
                     emit(out, t);
                     return;
                 }
-                if (c < 0x20) return;
+                if (c < 0x20 || !excl_byte(g, t, f, c)) return;
                 if (c < 0x80 || (c >= 0xC2 && c <= 0xF4)) {
                     if (n->max_len >= 0 && (int32_t)f->a >= n->max_len) return;
                     f->a++;
@@ -1058,7 +1096,7 @@ static void run(const gram *g, gthread *t, int c, gset *out, int eps) {
                 emit(out, t);
                 return;
             case S_UTF:
-                if (c < (int)(f->b >> 8) || c > (int)(f->b & 0xFF)) return;
+                if (c < (int)(f->b >> 8) || c > (int)(f->b & 0xFF) || !excl_byte(g, t, f, c)) return;
                 f->b = 0x80BF;
                 if (--f->x == 0) f->phase = S_NORM;
                 emit(out, t);

@@ -63,7 +63,8 @@ static const acase cases[] = {
       "{\"name\":\"a\",}", "{\"name\":\"a\"     }"}},
     {"{\"type\":\"object\",\"properties\":{\"a\":{\"type\":\"integer\"}},\"additionalProperties\":{\"type\":"
      "\"boolean\"}}",
-     {"{}", "{\"a\":1,\"b\":true}", "{\"zz\":false}"}, {"{\"b\":1}"}},
+     {"{}", "{\"a\":1,\"b\":true}", "{\"zz\":false}", "{\"ab\":true}", "{\"\":false}"},
+     {"{\"b\":1}", "{\"a\":true}", "{\"a\":1,\"a\":2}", "{\"\\u0061\":true}"}},
     {"{\"type\":\"array\",\"items\":{\"type\":\"integer\"},\"minItems\":1,\"maxItems\":3}",
      {"[1]", "[1,2,3]", "[ 1 , 2 ]"}, {"[]", "[1,2,3,4]", "[1,]", "[\"a\"]"}},
     {"{\"type\":\"array\",\"prefixItems\":[{\"type\":\"string\"},{\"type\":\"integer\"}],\"items\":false}",
@@ -206,6 +207,10 @@ static void check_masks(const char *model_rel) {
         {"{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"string\"},\"id\":{\"type\":\"integer\"}},"
          "\"required\":[\"name\",\"id\"]}", "{\"id\":3,"},
         {"{\"type\":\"integer\"}", "12"},
+        {"{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"integer\"},\"nap\":{}},"
+         "\"additionalProperties\":{\"type\":\"string\"}}", "{\"na"},
+        {"{\"type\":\"object\",\"properties\":{\"name\":{\"type\":\"integer\"},\"nap\":{}},"
+         "\"additionalProperties\":{\"type\":\"string\"}}", "{\"x"},
         {"{\"enum\":[\"alpha\",\"beta\",\"alphabet\"]}", "\"alpha"},
         {"{\"type\":\"string\",\"format\":\"date\"}", "\"2024-0"},
     };
