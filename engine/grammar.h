@@ -29,7 +29,8 @@
  *     at most GRAM_MAX_WS whitespace bytes (space, \n, \t, \r) per gap, so a
  *     model cannot loop on spaces; nothing follows the value. Object
  *     properties come in any order, each at most once; an object closes only
- *     when every required property is present. Numbers have at most
+ *     when every required property is present; an additional key never spells a
+ *     declared property (and, where the object declares any, has no escapes). Numbers have at most
  *     GRAM_MAX_DIGITS digits in the integer part and in the fraction, 2 in the
  *     exponent. Strings are valid UTF-8 (no overlong forms or surrogates),
  *     control characters only escaped, \u escapes not surrogates or \u0000
