@@ -120,6 +120,7 @@ void gram_free(gram *g) {
 }
 
 static int add_lit(gnode *n, const char *s, size_t len, int32_t payload) {
+    if (len > GRAM_MAX_LITERAL || n->n_lits >= GRAM_MAX_ENUM) return KP_ERANGE;
     glit *l = realloc(n->lits, sizeof(glit) * (size_t)(n->n_lits + 1));
     if (!l) return KP_ENOMEM;
     n->lits = l;
@@ -299,6 +300,9 @@ static int compile_obj(cctx *c, json_t *js, char *ptr, size_t plen, int32_t *out
         if (!lit) return KP_ENOMEM;
         int rc = add_lit(&g->nodes[id], lit, strlen(lit), i);
         free(lit);
+        if (rc == KP_ERANGE)
+            return kp_errf(c->err, KP_EUNSUP, "a property name at %s is longer than %d bytes", *ptr ? ptr : "/",
+                           GRAM_MAX_LITERAL);
         if (rc) return rc;
         size_t kl = ptr_push(ptr, pl, key);
         int32_t child;
@@ -457,6 +461,9 @@ static int compile_lits(cctx *c, json_t *vals, unsigned types, const char *kw, c
             if (g->nodes[id].lits[i].len == strlen(s) && !memcmp(g->nodes[id].lits[i].s, s, strlen(s))) dup = true;
         int rc = dup ? 0 : add_lit(&g->nodes[id], s, strlen(s), (int32_t)k);
         free(s);
+        if (rc == KP_ERANGE)
+            return kp_errf(c->err, KP_EUNSUP, "'%s' at %s: at most %d values of at most %d bytes of JSON each", kw,
+                           *ptr ? ptr : "/", GRAM_MAX_ENUM, GRAM_MAX_LITERAL);
         if (rc) return rc;
     }
     if (!g->nodes[id].n_lits)
@@ -517,6 +524,9 @@ static int compile_inner(cctx *c, json_t *js, char *ptr, size_t plen, int32_t *o
         if (!json_is_array(any) || !json_array_size(any))
             return kp_errf(c->err, KP_EINVAL, "'%s' at %s must be a non-empty array of schemas", anykw,
                            *ptr ? ptr : "/");
+        if (json_array_size(any) > GRAM_MAX_ANYOF)
+            return kp_errf(c->err, KP_EUNSUP, "'%s' at %s has %zu schemas (at most %d supported)", anykw,
+                           *ptr ? ptr : "/", json_array_size(any), GRAM_MAX_ANYOF);
         if (json_object_get(js, "anyOf") && json_object_get(js, "oneOf"))
             return kp_errf(c->err, KP_EUNSUP, "'anyOf' together with 'oneOf' at %s is not supported", *ptr ? ptr : "/");
         json_object_foreach(js, key, val) if (strcmp(key, anykw) && !is_annotation(key)) return kp_errf(

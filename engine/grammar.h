@@ -20,6 +20,8 @@
  *       Annotations are ignored: title, description, $schema, $id, $comment,
  *       default, examples, deprecated, readOnly, writeOnly, strict.
  *       Boolean schemas: true = any value; false is an error.
+ *     Limits (KP_EUNSUP past them): GRAM_MAX_PROPS, GRAM_MAX_ENUM,
+ *     GRAM_MAX_LITERAL, GRAM_MAX_ANYOF, schema nesting 64.
  *     Anything else is KP_EUNSUP with a message naming the keyword and
  *     its JSON pointer ("unsupported keyword 'pattern' at /properties/a"),
  *     a malformed schema is KP_EINVAL (also with the pointer).
@@ -61,6 +63,9 @@
 #define GRAM_MAX_WS 4       /* whitespace bytes per gap */
 #define GRAM_MAX_DIGITS 15  /* digits of a number's integer part / fraction */
 #define GRAM_MAX_PROPS 64   /* properties per object schema */
+#define GRAM_MAX_ENUM 1024  /* enum values per schema */
+#define GRAM_MAX_LITERAL 4096 /* bytes of JSON per enum/const value or property name */
+#define GRAM_MAX_ANYOF 64   /* schemas per anyOf/oneOf */
 
 typedef struct gram gram;
 typedef struct gram_vocab gram_vocab;

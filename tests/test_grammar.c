@@ -159,6 +159,24 @@ static void test_errors(void **state) {
         {"{\"type\":", KP_EINVAL, "not valid JSON"},
         {"[1]", KP_EINVAL, "must be an object"},
     };
+    /* limits: a long enum value, too many anyOf schemas, too many properties */
+    char *big = malloc(20000);
+    snprintf(big, 20000, "{\"enum\":[\"%05000d\"]}", 1);
+    gram *g0 = NULL;
+    kp_err e0 = {0};
+    assert_int_equal(gram_compile(&g0, big, strlen(big), &e0), KP_EUNSUP);
+    assert_non_null(strstr(e0.msg, "'enum'"));
+    size_t o = (size_t)snprintf(big, 20000, "{\"anyOf\":[");
+    for (int i = 0; i < 65; i++) o += (size_t)snprintf(big + o, 20000 - o, "%s{}", i ? "," : "");
+    snprintf(big + o, 20000 - o, "]}");
+    assert_int_equal(gram_compile(&g0, big, strlen(big), &e0), KP_EUNSUP);
+    assert_non_null(strstr(e0.msg, "at most 64"));
+    o = (size_t)snprintf(big, 20000, "{\"properties\":{");
+    for (int i = 0; i < 65; i++) o += (size_t)snprintf(big + o, 20000 - o, "%s\"p%d\":{}", i ? "," : "", i);
+    snprintf(big + o, 20000 - o, "}}");
+    assert_int_equal(gram_compile(&g0, big, strlen(big), &e0), KP_EUNSUP);
+    assert_non_null(strstr(e0.msg, "'properties'"));
+    free(big);
     for (size_t i = 0; i < sizeof e / sizeof e[0]; i++) {
         gram *g = NULL;
         kp_err err = {0};
