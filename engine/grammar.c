@@ -1435,14 +1435,7 @@ int gram_state_new(gram_state **out, const gram *g, const gram_vocab *gv, kp_err
     memset(&s->cur.t[0].f[0], 0, sizeof(gframe));
     s->cur.t[0].f[0].kind = F_VAL;
     s->cur.t[0].f[0].node = g->root;
-    if (gv) {
-        s->levels = malloc(sizeof(gset) * ((size_t)gv->max_len + 1));
-        if (!s->levels) {
-            free(s);
-            return kp_errf(err, KP_ENOMEM, "grammar: out of memory");
-        }
-    }
-    *out = s;
+    *out = s; /* the walk's levels are allocated by the first gram_mask */
     return 0;
 }
 
@@ -1511,6 +1504,7 @@ static int walk(gram_state *s, const trie *t, uint32_t *mask) {
 int gram_mask(gram_state *s, uint32_t *mask) {
     if (!s || !s->gv || !mask) return KP_EINVAL;
     const gram_vocab *gv = s->gv;
+    if (!s->levels && !(s->levels = malloc(sizeof(gset) * ((size_t)gv->max_len + 1)))) return KP_ENOMEM;
     int count = 0;
     int room = -1; /* code points a plain token may have here; -1: not in a plain string */
     if (s->cur.n == 1 && s->cur.t[0].depth) {

@@ -93,7 +93,8 @@ int gram_state_feed(gram_state *s, const void *bytes, size_t n);
 int gram_state_accept_token(gram_state *s, int32_t id);
 bool gram_state_accepting(const gram_state *s);
 bool gram_state_complete(const gram_state *s);
-/* Fill the mask (see above); returns the number of allowed tokens. */
+/* Fill the mask (see above); returns the number of allowed tokens, or
+ * KP_ENOMEM (its scratch space is allocated by the first call). */
 int gram_mask(gram_state *s, uint32_t *mask);
 /* logits[i] = -inf where mask bit i is clear. */
 void gram_apply_mask(const uint32_t *mask, float *logits, int32_t n_vocab);

@@ -294,8 +294,10 @@ static void step(sched *s) {
         }
         if (!j->have_logits) continue;
         if (j->gst) { /* constrained: mask, then the usual chain */
-            if (gram_mask(j->gst, j->gmask) <= 0) {
-                kp_errf(&j->err, KP_EINVAL, "grammar: no token can continue the output");
+            int na = gram_mask(j->gst, j->gmask);
+            if (na <= 0) {
+                kp_errf(&j->err, na < 0 ? na : KP_EINVAL, "grammar: %s",
+                        na < 0 ? "out of memory for the token mask" : "no token can continue the output");
                 finish_job(s, idx, SCHED_ERROR);
                 continue;
             }
