@@ -925,7 +925,7 @@ static void run(const gram *g, gthread *t, int c, gset *out, int eps) {
             }
             switch (n->kind) {
             case GN_ALT:
-                if (eps > 16) return;
+                if (eps > 128) return; /* a $ref cycle that never consumes a byte */
                 if (n->n_alts == 1) {
                     f->node = n->alts[0];
                     eps++;
