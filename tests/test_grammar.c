@@ -387,12 +387,21 @@ typedef struct gen_out {
     bool done;
     int32_t ids[4096];
     int n;
+    int n_vocab;
+    int masked_steps; /* steps whose logits had a banned (-inf) token */
+    bool chose_banned;
 } gen_out;
 
 static int gen_on_token(sched_job *j, int32_t id, const float *logits) {
-    (void)logits;
     gen_out *o = j->ud;
     if (o->n < 4096) o->ids[o->n++] = id;
+    /* the callback sees the masked logits: the chosen token is allowed, some are not */
+    if (isinf(logits[id]) && logits[id] < 0) o->chose_banned = true;
+    for (int k = 0; k < o->n_vocab; k++)
+        if (isinf(logits[k]) && logits[k] < 0) {
+            o->masked_steps++;
+            break;
+        }
     return 0;
 }
 
@@ -452,6 +461,7 @@ static void gen_model(const char *rel) {
             j.on_token = gen_on_token;
             j.on_done = gen_on_done;
             j.ud = &o;
+            o.n_vocab = model_hp(m)->n_vocab;
             atomic_init(&j.cancel, false);
             assert_int_equal(sched_submit(s, &j, &err), 0);
             pthread_mutex_lock(&o.mu);
@@ -460,6 +470,8 @@ static void gen_model(const char *rel) {
             char *text = NULL;
             size_t len = 0;
             assert_int_equal(tok_decode(v, o.ids, (size_t)o.n, true, &text, &len, &err), 0);
+            assert_false(o.chose_banned);
+            assert_int_equal(o.masked_steps, o.n);
             if (j.finish != SCHED_STOP)
                 fail_msg("%s schema %zu seed %d: finish %d (%s) after %d tokens: %s", rel, si, (int)seed, j.finish,
                          j.err.msg, o.n, text);
