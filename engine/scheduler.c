@@ -42,6 +42,7 @@ struct sched {
     sched_seq **slots;      /* [n_parallel] anonymous sequences */
     model_seq *batch;       /* [n_parallel] */
     sched_job **batch_job;  /* [n_parallel] */
+    gram_vocab *gv;         /* token trie for grammar jobs, built on first use */
 };
 
 /* ------------------------------------------------------------------ */
@@ -93,6 +94,10 @@ static void finish_job(sched *s, int idx, int reason) {
     j->smp = NULL;
     free(j->logits);
     j->logits = NULL;
+    gram_state_free(j->gst);
+    j->gst = NULL;
+    free(j->gmask);
+    j->gmask = NULL;
     s->running[idx] = s->running[--s->n_running];
     atomic_store(&s->n_running_pub, s->n_running);
     if (j->on_done) j->on_done(j);
@@ -158,6 +163,20 @@ static int start_job(sched *s, sched_job *j) {
         free(j->logits);
         j->logits = NULL;
         return SCHED_ERROR;
+    }
+    if (j->grammar) {
+        if ((!s->gv && gram_vocab_new(&s->gv, model_vocab(s->m), &j->err)) ||
+            gram_state_new(&j->gst, j->grammar, s->gv, &j->err) ||
+            !(j->gmask = calloc((size_t)(KP_MAX(hp->n_vocab, gram_vocab_n(s->gv)) + 31) / 32, sizeof(uint32_t)))) {
+            if (!j->err.msg[0]) kp_errf(&j->err, KP_ENOMEM, "sched: out of memory");
+            sample_free(j->smp);
+            j->smp = NULL;
+            free(j->logits);
+            j->logits = NULL;
+            gram_state_free(j->gst);
+            j->gst = NULL;
+            return SCHED_ERROR;
+        }
     }
     for (int i = 0; i < j->n_prompt; i++) sample_accept(j->smp, j->prompt[i]);
     q->busy = true;
@@ -274,8 +293,23 @@ static void step(sched *s) {
             continue;
         }
         if (!j->have_logits) continue;
+        if (j->gst) { /* constrained: mask, then the usual chain */
+            int na = gram_mask(j->gst, j->gmask);
+            if (na <= 0) {
+                kp_errf(&j->err, na < 0 ? na : KP_EINVAL, "grammar: %s",
+                        na < 0 ? "out of memory for the token mask" : "no token can continue the output");
+                finish_job(s, idx, SCHED_ERROR);
+                continue;
+            }
+            gram_apply_mask(j->gmask, j->logits, model_hp(s->m)->n_vocab);
+        }
         int32_t next = sample_next(j->smp, j->logits);
         sample_accept(j->smp, next);
+        if (j->gst && gram_state_accept_token(j->gst, next)) {
+            kp_errf(&j->err, KP_EINVAL, "grammar: sampled token %d is not allowed", (int)next);
+            finish_job(s, idx, SCHED_ERROR);
+            continue;
+        }
         if (j->n_generated == 0) j->t_first_token = now;
         if (!j->ignore_eos && tok_is_eog(model_vocab(s->m), next)) {
             finish_job(s, idx, SCHED_STOP);
@@ -283,7 +317,7 @@ static void step(sched *s) {
         }
         j->n_generated++;
         int stop = j->on_token ? j->on_token(j, next, j->logits) : 0;
-        if (stop) finish_job(s, idx, SCHED_STOP);
+        if (stop || (j->gst && gram_state_complete(j->gst))) finish_job(s, idx, SCHED_STOP);
         else if (j->n_generated >= j->max_tokens) finish_job(s, idx, SCHED_LENGTH);
         else j->last = next;
     }
@@ -411,6 +445,7 @@ void sched_free(sched *s) {
     free(s->running);
     free(s->batch);
     free(s->batch_job);
+    gram_vocab_free(s->gv);
     pthread_mutex_destroy(&s->mu);
     pthread_cond_destroy(&s->cv);
     pthread_cond_destroy(&s->call_cv);

@@ -41,6 +41,7 @@
 
 #include "kernels/kp.h"
 #include "engine/model.h"
+#include "engine/grammar.h"
 #include "engine/sample.h"
 
 typedef struct sched_seq {
@@ -78,6 +79,13 @@ struct sched_job {
     sample_params sampling;
     const sample_bias *bias; /* [n_bias] logit biases (sample_set_bias); must outlive the job */
     int n_bias;
+    /* Constrained decoding (engine/grammar.h), or NULL: only tokens the
+     * grammar allows are sampled (the mask is applied to the logits the
+     * callback sees, before the sampler's biases and chain); the job ends with
+     * SCHED_STOP as soon as the value is complete (or on EOG, allowed only
+     * when it is), SCHED_LENGTH at max_tokens, SCHED_ERROR if no token can
+     * continue. Must outlive the job; its state is the scheduler's. */
+    const gram *grammar;
     /* Called for each generated token with its logits ([n_vocab], valid only
      * during the call). Return 0 to continue, non-zero to stop (SCHED_STOP). */
     int (*on_token)(sched_job *job, int32_t id, const float *logits);
@@ -94,6 +102,8 @@ struct sched_job {
 
     /* scheduler-private */
     sampler *smp;
+    gram_state *gst;         /* grammar position (when grammar) */
+    uint32_t *gmask;         /* [(n_vocab + 31) / 32] allowed tokens */
     int n_done_prompt;       /* prompt tokens already in the KV */
     int32_t last;            /* last sampled token, to feed next step */
     bool have_logits;

@@ -559,6 +559,63 @@ static void api_request_init(api_request *r, enum api_kind kind) {
     r->max_tokens = -1;
 }
 
+/* response_format (chat): text, json_object, or json_schema with a schema
+ * the grammar engine compiles; anything else is a 400 naming the param. */
+static int api_parse_response_format(json_t *root, api_request *r, api_error *e) {
+    json_t *rf = json_object_get(root, "response_format");
+    if (!rf || json_is_null(rf)) return 0;
+    if (!json_is_object(rf))
+        return API_BAD(e, "response_format", "invalid_type",
+                       "'response_format' must be an object like {\"type\": \"json_object\"} (got %s)",
+                       api_type_name(rf));
+    json_t *ty = json_object_get(rf, "type");
+    if (!json_is_string(ty))
+        return API_BAD(e, "response_format.type", ty ? "invalid_type" : "missing_required_parameter",
+                       "'response_format.type' must be one of \"text\", \"json_object\", \"json_schema\"");
+    const char *t = json_string_value(ty);
+    kp_err err = {0};
+    if (!strcmp(t, "text")) return 0;
+    if (!strcmp(t, "json_object")) {
+        if (gram_compile_json_object(&r->grammar, &err)) return API_OOM(e);
+        return 0;
+    }
+    if (strcmp(t, "json_schema"))
+        return API_BAD(e, "response_format.type", "invalid_value",
+                       "'response_format.type' is \"%.40s\": it must be one of \"text\", \"json_object\", "
+                       "\"json_schema\"",
+                       t);
+    json_t *js = json_object_get(rf, "json_schema");
+    if (!json_is_object(js))
+        return API_BAD(e, "response_format.json_schema", js ? "invalid_type" : "missing_required_parameter",
+                       "'response_format.json_schema' must be an object {\"name\", \"schema\", \"strict\"}");
+    json_t *name = json_object_get(js, "name");
+    if (!json_is_string(name) || json_string_length(name) < 1 || json_string_length(name) > 64)
+        return API_BAD(e, "response_format.json_schema.name", name ? "invalid_value" : "missing_required_parameter",
+                       "'response_format.json_schema.name' must be a string of 1 to 64 characters");
+    for (const char *c = json_string_value(name); *c; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '_' ||
+              *c == '-'))
+            return API_BAD(e, "response_format.json_schema.name", "invalid_value",
+                           "'response_format.json_schema.name' may only hold a-z, A-Z, 0-9, '_' and '-'");
+    json_t *strict = json_object_get(js, "strict");
+    if (strict && !json_is_boolean(strict) && !json_is_null(strict))
+        return API_BAD(e, "response_format.json_schema.strict", "invalid_type",
+                       "'response_format.json_schema.strict' must be a boolean (got %s)", api_type_name(strict));
+    json_t *sc = json_object_get(js, "schema");
+    if (!sc || (!json_is_object(sc) && !json_is_boolean(sc)))
+        return API_BAD(e, "response_format.json_schema.schema", sc ? "invalid_type" : "missing_required_parameter",
+                       "'response_format.json_schema.schema' must be a JSON schema object");
+    char *text = json_dumps(sc, JSON_COMPACT | JSON_ENCODE_ANY);
+    if (!text) return API_OOM(e);
+    int rc = gram_compile(&r->grammar, text, strlen(text), &err);
+    free(text);
+    if (rc == KP_ENOMEM) return API_OOM(e);
+    if (rc)
+        return API_BAD(e, "response_format.json_schema.schema", rc == KP_EUNSUP ? "unsupported_schema" : "invalid_schema",
+                       "'response_format.json_schema.schema': %s", err.msg);
+    return 0;
+}
+
 int api_parse_chat(const char *body, size_t len, const api_limits *lim, api_request *out,
                    api_error *err) {
     api_request_init(out, API_CHAT);
@@ -568,6 +625,7 @@ int api_parse_chat(const char *body, size_t len, const api_limits *lim, api_requ
     rc = api_parse_messages(root, lim, out, err);
     if (rc == 0) rc = api_parse_common(root, lim, out, err);
     if (rc == 0) rc = api_parse_chat_logprobs(root, out, err);
+    if (rc == 0) rc = api_parse_response_format(root, out, err);
     json_decref(root);
     if (rc < 0) {
         api_request_free(out);
@@ -683,6 +741,7 @@ void api_request_free(api_request *r) {
     if (!r) return;
     free(r->model);
     free(r->bias);
+    gram_free(r->grammar);
     for (size_t i = 0; i < r->n_msgs; i++) free((char *)r->msgs[i].content); /* owned */
     free(r->msgs);
     for (size_t i = 0; i < r->n_prompts; i++) {

@@ -41,6 +41,7 @@
 
 #include "engine/chat.h"
 #include "kernels/kp.h"
+#include "engine/grammar.h"
 #include "engine/sample.h"
 
 #define API_MAX_DEPTH 64
@@ -100,6 +101,12 @@ typedef struct api_request {
     sample_bias *bias;     /* [n_bias] */
     size_t n_bias;
     char session_id[API_SESSION_ID_MAX + 1]; /* "" = none */
+    /* chat response_format: NULL for absent / {"type":"text"}; else the
+     * compiled grammar of {"type":"json_object"} or of
+     * {"type":"json_schema","json_schema":{"name","schema","strict"}}
+     * (engine/grammar.h; a schema it does not support is a 400 naming the
+     * keyword). Owned by the request. */
+    gram *grammar;
 } api_request;
 
 int api_parse_chat(const char *body, size_t len, const api_limits *lim, api_request *out,

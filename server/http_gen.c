@@ -636,6 +636,7 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
         j->sampling = r->g->req.sp;
         j->bias = r->g->req.bias;
         j->n_bias = (int)r->g->req.n_bias;
+        j->grammar = r->g->req.grammar; /* response_format (owned by req, outlives the job) */
         j->on_token = on_token;
         j->on_done = on_done;
         j->ud = p;

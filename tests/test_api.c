@@ -229,6 +229,68 @@ static void test_api_chat_invalid_fields(void **state) {
     assert_false(api_session_id_valid("é"));
 }
 
+/* response_format: text / absent -> no grammar; json_object and json_schema
+ * compile one (it accepts what the schema allows); bad values -> 400 naming
+ * the param, an unsupported schema keyword named in the message. */
+static void test_api_response_format(void **state) {
+    (void)state;
+    static const struct {
+        const char *extra, *param, *code, *frag;
+    } cases[] = {
+        {"\"response_format\":\"json\"", "response_format", "invalid_type", NULL},
+        {"\"response_format\":{}", "response_format.type", "missing_required_parameter", NULL},
+        {"\"response_format\":{\"type\":\"xml\"}", "response_format.type", "invalid_value", "xml"},
+        {"\"response_format\":{\"type\":\"json_schema\"}", "response_format.json_schema",
+         "missing_required_parameter", NULL},
+        {"\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"schema\":{}}}",
+         "response_format.json_schema.name", "missing_required_parameter", NULL},
+        {"\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"a b\",\"schema\":{}}}",
+         "response_format.json_schema.name", "invalid_value", NULL},
+        {"\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"a\",\"strict\":1,\"schema\":{}}}",
+         "response_format.json_schema.strict", "invalid_type", NULL},
+        {"\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"a\"}}",
+         "response_format.json_schema.schema", "missing_required_parameter", NULL},
+        {"\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"a\",\"schema\":"
+         "{\"type\":\"object\",\"properties\":{\"x\":{\"type\":\"string\",\"pattern\":\"^a\"}}}}}",
+         "response_format.json_schema.schema", "unsupported_schema", "'pattern' at /properties/x"},
+        {"\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"a\",\"schema\":"
+         "{\"type\":\"strang\"}}}",
+         "response_format.json_schema.schema", "invalid_schema", "'type'"},
+    };
+    for (size_t i = 0; i < KP_ARRAY_LEN(cases); i++) {
+        char body[1024];
+        snprintf(body, sizeof(body), "{" MSG1 ",%s}", cases[i].extra);
+        expect_err(1, body, cases[i].param, cases[i].code, cases[i].frag);
+    }
+    api_request r;
+    parse_chat_ok("{" MSG1 ",\"response_format\":{\"type\":\"text\"}}", &r);
+    assert_null(r.grammar);
+    api_request_free(&r);
+    parse_chat_ok("{" MSG1 ",\"response_format\":null}", &r);
+    assert_null(r.grammar);
+    api_request_free(&r);
+    parse_chat_ok("{" MSG1 ",\"response_format\":{\"type\":\"json_object\"}}", &r);
+    assert_non_null(r.grammar);
+    gram_state *gs = NULL;
+    assert_int_equal(gram_state_new(&gs, r.grammar, NULL, NULL), 0);
+    assert_int_equal(gram_state_feed(gs, "[1]", 3), KP_EINVAL);
+    assert_int_equal(gram_state_feed(gs, "{\"a\":1}", 7), 0);
+    assert_true(gram_state_complete(gs));
+    gram_state_free(gs);
+    api_request_free(&r);
+    parse_chat_ok("{" MSG1 ",\"response_format\":{\"type\":\"json_schema\",\"json_schema\":{\"name\":\"n_1\","
+                  "\"strict\":true,\"schema\":{\"type\":\"object\",\"properties\":{\"k\":{\"enum\":[\"a\",\"b\"]}},"
+                  "\"required\":[\"k\"],\"additionalProperties\":false}}}}",
+                  &r);
+    assert_non_null(r.grammar);
+    assert_int_equal(gram_state_new(&gs, r.grammar, NULL, NULL), 0);
+    assert_int_equal(gram_state_feed(gs, "{\"k\":\"c\"}", 9), KP_EINVAL);
+    assert_int_equal(gram_state_feed(gs, "{\"k\":\"b\"}", 9), 0);
+    assert_true(gram_state_complete(gs));
+    gram_state_free(gs);
+    api_request_free(&r);
+}
+
 static void test_api_limits(void **state) {
     (void)state;
     api_limits lim = {.max_tokens_limit = 100, .max_messages = 2};
@@ -744,6 +806,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_api_errors),
         cmocka_unit_test(test_api_chat_response),
         cmocka_unit_test(test_api_chat_chunks),
+        cmocka_unit_test(test_api_response_format),
         cmocka_unit_test(test_api_completion_response),
         cmocka_unit_test(test_api_models_and_utf8),
     };

@@ -12,6 +12,7 @@
 #include "bench/bench_codec.h"
 #include "bench/bench_engine.h"
 #include "bench/bench_gpu.h"
+#include "bench/bench_grammar.h"
 #include "bench/bench_resume.h"
 #include "bench/bench_serve.h"
 #include "kernels/kp.h"
@@ -29,6 +30,7 @@ static const struct {
     {"codec", bench_codec_main},
     {"resume", bench_resume_main},
     {"gpu", bench_gpu_main},
+    {"grammar", bench_grammar_main},
 };
 
 static const char bench_usage[] =
@@ -37,7 +39,8 @@ static const char bench_usage[] =
     "       kvpark bench serve [-m MODEL] [--clients 1,8,32] ... (--help)\n"
     "       kvpark bench codec [-m MODEL] -f EVALTEXT [--calib TEXT] ... (--help)\n"
     "       kvpark bench resume [-m MODEL] [--codec none,int8,FILE] ... (--help)\n"
-    "       kvpark bench gpu [-m MODEL] [--codec int8,...] [--tokens 4096] ... (--help)\n";
+    "       kvpark bench gpu [-m MODEL] [--codec int8,...] [--tokens 4096] ... (--help)\n"
+    "       kvpark bench grammar [-m MODEL,...] [-n 300] [--csv FILE] ... (--help)\n";
 
 int cmd_bench(int argc, char **argv) {
     if (argc >= 2)
