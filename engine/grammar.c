@@ -777,7 +777,7 @@ static void pop_value(const gram *g, gthread *t, int result) {
 }
 
 static bool lit_valid(const gthread *t, const gframe *f, const glit *l) {
-    if (f->phase == 1) { /* object keys: not yet seen */
+    if (f->phase == 1 && t->depth >= 2) { /* object keys (a key frame sits on its object's): not yet seen */
         const gframe *p = &t->f[t->depth - 2];
         return !(p->seen & (1ull << l->payload));
     }
