@@ -1,11 +1,18 @@
 /*
  * cmd_serve.c — `kvpark serve`: the OpenAI-compatible HTTP server
- * (server/http.h) with its session tiers, configured from the command line.
+ * (server/http.h) with its session tiers, configured from the command line
+ * and/or a YAML config file (--config, tools/config.h).
  *
- * A thin front end: every option maps to one field of http_opts; the model
- * path is resolved here so a bad -m fails before the server starts. The
- * server runs until SIGINT/SIGTERM. Exit status 0, 1 on a runtime error, 2
- * on bad usage.
+ * A thin front end: every option maps to one field of http_opts. One table
+ * (serve_opts) lists every option once: getopt's long options are built from
+ * it and the config loader takes its keys from it, and both hand a value to
+ * the same serve_apply(), so a value is valid in the file exactly when it is
+ * valid as a flag. Order: defaults, then the file, then the flags (a flag
+ * overrides the file wherever it stands on the command line; a list option
+ * given as flags replaces the file's list). The model path is resolved here
+ * so a bad -m fails before the server starts. The server runs until
+ * SIGINT/SIGTERM. Exit status 0, 1 on a runtime error, 2 on bad usage or a
+ * bad config file.
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -16,6 +23,7 @@
 #include "engine/model.h"
 #include "server/http.h"
 #include "tools/cli.h"
+#include "tools/config.h"
 
 static const char *serve_help =
     "usage: kvpark serve [-m MODEL] [options]\n"
@@ -68,9 +76,20 @@ static const char *serve_help =
     "      --cors-origin O      let browser pages from origin O (https://app.example:8443,\n"
     "                           or * for any) call the API: preflights answered without a\n"
     "                           key, Access-Control-* headers on every response (repeatable)\n"
-    "      --quiet              no per-request log lines\n";
+    "      --quiet              no per-request log lines\n"
+    "Configuration:\n"
+    "      --config FILE        read options from a YAML file: the keys are the long option\n"
+    "                           names above (port: 8080, api-key: [k1, k2], quiet: true);\n"
+    "                           flags given here override it (see deploy/kvpark.yaml.example)\n"
+    "      --print-config       print the effective configuration (defaults, file, flags) as\n"
+    "                           YAML --config accepts, and exit; API keys and the metrics key\n"
+    "                           are printed as \"<redacted>\" (refused when read back: put\n"
+    "                           the real keys, or use api-key-file)\n"
+    "      --profile P          codec shorthand: fast (fp16), balanced (int8), small (int4),\n"
+    "                           each keeping the first 4 and the last 64 rows exact; --codec\n"
+    "                           overrides it\n";
 
-/* Read --api-key-file into o->keys; the copies go to key_store (freed by the caller). */
+/* Read --api-key-file into o->keys after the n already there; the copies go to key_store (freed by the caller). */
 static int read_key_file(const char *path, http_opts *o, char **key_store) {
     FILE *f = fopen(path, "r");
     if (!f) {
@@ -100,7 +119,71 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
 
 /* getopt codes of serve's own options (above cli.h's shared table). */
 enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP, SERVE_OPT_MAX_SESSIONS_PER_KEY,
-       SERVE_OPT_SESSION_TTL, SERVE_OPT_CORS_ORIGIN };
+       SERVE_OPT_SESSION_TTL, SERVE_OPT_CORS_ORIGIN, SERVE_OPT_CONFIG, SERVE_OPT_PRINT_CONFIG,
+       SERVE_OPT_PROFILE };
+
+#define RA required_argument
+#define NA no_argument
+/* Every option of serve, once: name, argument, getopt code, repeatable, allowed in the file,
+ * the default --print-config shows. Adding an option is one line here and one case in
+ * serve_apply(). */
+static const conf_opt serve_opts[] = {
+    {"model", RA, 'm', 0, 1, NULL},
+    {"host", RA, CLI_OPT_HOST, 0, 1, "127.0.0.1"},
+    {"port", RA, CLI_OPT_PORT, 0, 1, "8080"},
+    {"parallel", RA, CLI_OPT_PARALLEL, 0, 1, "4"},
+    {"queue", RA, CLI_OPT_QUEUE, 0, 1, "64"},
+    {"ctx", RA, 'c', 0, 1, NULL},
+    {"kv-type", RA, CLI_OPT_KV_TYPE, 0, 1, "f32"},
+    {"threads", RA, 't', 0, 1, NULL},
+    {"device", RA, CLI_OPT_DEVICE, 0, 1, "auto"},
+    {"api-key", RA, CLI_OPT_API_KEY, 1, 1, NULL},
+    {"api-key-file", RA, CLI_OPT_API_KEY_FILE, 0, 1, NULL},
+    {"metrics-key", RA, CLI_OPT_METRICS_KEY, 0, 1, NULL},
+    {"max-body", RA, CLI_OPT_MAX_BODY, 0, 1, "8388608"},
+    {"max-tokens", RA, CLI_OPT_MAX_TOKENS, 0, 1, NULL},
+    {"cold-dir", RA, CLI_OPT_SESSION_DIR, 0, 1, "./sessions"},
+    {"session-dir", RA, CLI_OPT_SESSION_DIR, 0, 0, NULL}, /* alias of cold-dir: flag only */
+    {"profile", RA, SERVE_OPT_PROFILE, 0, 1, NULL},
+    {"codec", RA, CLI_OPT_CODEC, 0, 1, NULL},
+    {"hot-sessions", RA, CLI_OPT_HOT_SESSIONS, 0, 1, "0"},
+    {"hot-budget", RA, CLI_OPT_HOT_BUDGET, 0, 1, "2G"},
+    {"warm-budget", RA, CLI_OPT_WARM_BUDGET, 0, 1, "1G"},
+    {"cold-budget", RA, CLI_OPT_COLD_BUDGET, 0, 1, "0"},
+    {"idle-park", RA, CLI_OPT_IDLE_PARK, 0, 1, "0"},
+    {"max-sessions", RA, CLI_OPT_MAX_SESSIONS, 0, 1, "1024"},
+    {"max-sessions-per-key", RA, SERVE_OPT_MAX_SESSIONS_PER_KEY, 0, 1, NULL},
+    {"session-ttl", RA, SERVE_OPT_SESSION_TTL, 0, 1, "86400"},
+    {"chat-template", RA, CLI_OPT_CHAT_TEMPLATE, 0, 1, NULL},
+    {"timeout", RA, CLI_OPT_TIMEOUT, 0, 1, "60"},
+    {"request-timeout", RA, OPT_REQUEST_TIMEOUT, 0, 1, "10"},
+    {"max-conns", RA, OPT_MAX_CONNS, 0, 1, "16384"},
+    {"max-conns-per-ip", RA, OPT_MAX_CONNS_PER_IP, 0, 1, "64"},
+    {"cors-origin", RA, SERVE_OPT_CORS_ORIGIN, 1, 1, NULL},
+    {"quiet", NA, CLI_OPT_QUIET, 0, 1, NULL},
+    {"config", RA, SERVE_OPT_CONFIG, 0, 0, NULL},
+    {"print-config", NA, SERVE_OPT_PRINT_CONFIG, 0, 0, NULL},
+    {"help", NA, 'h', 0, 0, NULL},
+};
+#define N_SERVE_OPTS ((int)(sizeof serve_opts / sizeof serve_opts[0]))
+
+/* The profiles (--profile): a built-in codec each; the sessions store keeps its
+ * default layout's first 4 (sink) and last 64 (window) rows exact. */
+static const struct { const char *name, *codec; } serve_profiles[] = {
+    {"fast", "fp16"}, {"balanced", "int8"}, {"small", "int4"}};
+
+/* Everything serve collects before it starts. */
+typedef struct serve_st {
+    cli_model_opts co;
+    http_opts ho;
+    int src;                         /* 0: the config file, 1: the command line */
+    const char *val[N_SERVE_OPTS];   /* the last value of each option, for --print-config */
+    const char *keys[HTTP_MAX_KEYS]; /* --api-key values */
+    int n_keys, keys_src, cors_src;
+    const char *key_file, *profile;
+    char **strs;                     /* copies of the file's values (freed at the end) */
+    int n_strs;
+} serve_st;
 
 /* An origin as browsers send it: "*", or scheme://host[:port] with no path,
  * no spaces or controls (it is echoed in a response header). */
@@ -113,149 +196,243 @@ static bool cors_origin_ok(const char *o) {
     return true;
 }
 
-int cmd_serve(int argc, char **argv) {
-    cli_model_opts co = {.kv_type = KP_TYPE_F32};
-    http_opts ho = http_default_opts();
-    char *key_store[HTTP_MAX_KEYS] = {0};
-    static const struct option lo[] = {
-        {"model", required_argument, 0, 'm'}, {"ctx", required_argument, 0, 'c'},
-        {"threads", required_argument, 0, 't'}, {"kv-type", required_argument, 0, CLI_OPT_KV_TYPE},
-        {"host", required_argument, 0, CLI_OPT_HOST}, {"port", required_argument, 0, CLI_OPT_PORT},
-        {"parallel", required_argument, 0, CLI_OPT_PARALLEL}, {"queue", required_argument, 0, CLI_OPT_QUEUE},
-        {"api-key", required_argument, 0, CLI_OPT_API_KEY},
-        {"api-key-file", required_argument, 0, CLI_OPT_API_KEY_FILE},
-        {"metrics-key", required_argument, 0, CLI_OPT_METRICS_KEY},
-        {"max-body", required_argument, 0, CLI_OPT_MAX_BODY},
-        {"max-tokens", required_argument, 0, CLI_OPT_MAX_TOKENS},
-        {"session-dir", required_argument, 0, CLI_OPT_SESSION_DIR},
-        {"cold-dir", required_argument, 0, CLI_OPT_SESSION_DIR},
-        {"max-sessions", required_argument, 0, CLI_OPT_MAX_SESSIONS},
-        {"max-sessions-per-key", required_argument, 0, SERVE_OPT_MAX_SESSIONS_PER_KEY},
-        {"session-ttl", required_argument, 0, SERVE_OPT_SESSION_TTL},
-        {"codec", required_argument, 0, CLI_OPT_CODEC},
-        {"hot-sessions", required_argument, 0, CLI_OPT_HOT_SESSIONS},
-        {"hot-budget", required_argument, 0, CLI_OPT_HOT_BUDGET},
-        {"warm-budget", required_argument, 0, CLI_OPT_WARM_BUDGET},
-        {"cold-budget", required_argument, 0, CLI_OPT_COLD_BUDGET},
-        {"idle-park", required_argument, 0, CLI_OPT_IDLE_PARK},
-        {"chat-template", required_argument, 0, CLI_OPT_CHAT_TEMPLATE},
-        {"timeout", required_argument, 0, CLI_OPT_TIMEOUT}, {"quiet", no_argument, 0, CLI_OPT_QUIET},
-        {"device", required_argument, 0, CLI_OPT_DEVICE},
-        {"request-timeout", required_argument, 0, OPT_REQUEST_TIMEOUT},
-        {"max-conns", required_argument, 0, OPT_MAX_CONNS},
-        {"max-conns-per-ip", required_argument, 0, OPT_MAX_CONNS_PER_IP},
-        {"cors-origin", required_argument, 0, SERVE_OPT_CORS_ORIGIN},
-        {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "m:c:t:h", lo, NULL)) != -1) {
-        int r = cli_model_opt(c, optarg, &co);
-        if (r < 0) return cli_usage_error("serve", "bad option value");
-        if (r > 0) continue;
-        long v;
-        switch (c) {
-        case CLI_OPT_HOST: ho.host = optarg; break;
-        case CLI_OPT_PORT:
-            if (cli_parse_long(optarg, 0, 65535, &v)) return cli_usage_error("serve", "bad --port");
-            ho.port = (int)v;
-            break;
-        case CLI_OPT_PARALLEL:
-            if (cli_parse_long(optarg, 1, 1024, &v)) return cli_usage_error("serve", "bad --parallel (1..1024)");
-            ho.n_parallel = (int)v;
-            break;
-        case CLI_OPT_QUEUE:
-            if (cli_parse_long(optarg, 0, 1 << 20, &v)) return cli_usage_error("serve", "bad --queue");
-            ho.queue_max = (int)v;
-            break;
+#define BAD(...) return snprintf(msg, cap, __VA_ARGS__), -1
+
+/* Apply one option's value to st (the flag's text; NULL for a flag): the only
+ * place a value is checked, for the command line and the file alike. */
+static int serve_apply(void *ctx, int c, const char *arg, char *msg, size_t cap) {
+    serve_st *st = ctx;
+    http_opts *ho = &st->ho;
+    int r = cli_model_opt(c, arg, &st->co);
+    if (r < 0) {
+        if (c == CLI_OPT_DEVICE) BAD("bad device '%s' (cpu, cuda or auto)", arg);
+        if (c == CLI_OPT_KV_TYPE) BAD("bad kv-type '%s' (f32, f16 or bf16)", arg);
+        BAD("bad value '%s'", arg);
+    }
+    if (r > 0) goto record;
+    long v;
+    double d;
+    switch (c) {
+    case CLI_OPT_HOST: ho->host = arg; break;
+    case CLI_OPT_PORT:
+        if (cli_parse_long(arg, 0, 65535, &v)) BAD("bad port '%s' (0..65535)", arg);
+        ho->port = (int)v;
+        break;
+    case CLI_OPT_PARALLEL:
+        if (cli_parse_long(arg, 1, 1024, &v)) BAD("bad parallel '%s' (1..1024)", arg);
+        ho->n_parallel = (int)v;
+        break;
+    case CLI_OPT_QUEUE:
+        if (cli_parse_long(arg, 0, 1 << 20, &v)) BAD("bad queue '%s'", arg);
+        ho->queue_max = (int)v;
+        break;
+    case CLI_OPT_API_KEY:
+        if (!strcmp(arg, CONF_REDACTED))
+            BAD("api-key is \"%s\" (as --print-config prints it): give the real key", CONF_REDACTED);
+        if (st->keys_src != st->src) st->n_keys = 0, st->keys_src = st->src; /* flags replace the file's list */
+        if (st->n_keys >= HTTP_MAX_KEYS || !*arg) BAD("bad api-key (empty, or more than %d)", HTTP_MAX_KEYS);
+        st->keys[st->n_keys++] = arg;
+        break;
+    case CLI_OPT_API_KEY_FILE: st->key_file = arg; break;
+    case CLI_OPT_METRICS_KEY:
+        if (!strcmp(arg, CONF_REDACTED))
+            BAD("metrics-key is \"%s\" (as --print-config prints it): give the real key", CONF_REDACTED);
+        ho->metrics_key = arg;
+        break;
+    case CLI_OPT_MAX_BODY:
+        if (cli_parse_long(arg, 1024, 1L << 32, &v)) BAD("bad max-body '%s' (1024..4294967296)", arg);
+        ho->max_body = (size_t)v;
+        break;
+    case CLI_OPT_MAX_TOKENS:
+        if (cli_parse_long(arg, 1, 1 << 24, &v)) BAD("bad max-tokens '%s'", arg);
+        ho->max_tokens_default = (int)v;
+        break;
+    case CLI_OPT_SESSION_DIR: ho->session_dir = arg; break;
+    case CLI_OPT_MAX_SESSIONS:
+        if (cli_parse_long(arg, 1, 1 << 24, &v)) BAD("bad max-sessions '%s'", arg);
+        ho->max_sessions = (int)v;
+        break;
+    case SERVE_OPT_MAX_SESSIONS_PER_KEY:
+        if (cli_parse_long(arg, 1, 1 << 24, &v)) BAD("bad max-sessions-per-key '%s'", arg);
+        ho->max_sessions_per_key = (int)v;
+        break;
+    case SERVE_OPT_SESSION_TTL:
+        if (cli_parse_float(arg, 0, 1e9, &d)) BAD("bad session-ttl '%s' (seconds)", arg);
+        ho->session_ttl_s = d;
+        break;
+    case CLI_OPT_CHAT_TEMPLATE: ho->chat_template = arg; break;
+    case CLI_OPT_CODEC: ho->codec = arg; break;
+    case SERVE_OPT_PROFILE: {
+        int i, n = (int)(sizeof serve_profiles / sizeof serve_profiles[0]);
+        for (i = 0; i < n && strcmp(arg, serve_profiles[i].name); i++) {}
+        if (i == n) BAD("bad profile '%s' (fast, balanced or small)", arg);
+        st->profile = serve_profiles[i].codec;
+        break;
+    }
+    case CLI_OPT_HOT_SESSIONS:
+        if (cli_parse_long(arg, 0, 1 << 24, &v)) BAD("bad hot-sessions '%s'", arg);
+        ho->hot_sessions = (int)v;
+        break;
+    case CLI_OPT_HOT_BUDGET:
+        if (cli_parse_size(arg, &ho->hot_budget)) BAD("bad hot-budget '%s' (e.g. 4G)", arg);
+        break;
+    case CLI_OPT_WARM_BUDGET:
+        if (cli_parse_size(arg, &ho->warm_budget)) BAD("bad warm-budget '%s' (e.g. 1G)", arg);
+        break;
+    case CLI_OPT_COLD_BUDGET:
+        if (cli_parse_size(arg, &ho->cold_budget)) BAD("bad cold-budget '%s' (e.g. 100G)", arg);
+        break;
+    case CLI_OPT_IDLE_PARK:
+        if (cli_parse_float(arg, 0, 1e9, &d)) BAD("bad idle-park '%s' (seconds)", arg);
+        ho->idle_park_s = d;
+        break;
+    case CLI_OPT_TIMEOUT:
+        if (cli_parse_long(arg, 1, 86400, &v)) BAD("bad timeout '%s' (1..86400)", arg);
+        ho->timeout_s = (int)v;
+        break;
+    case OPT_REQUEST_TIMEOUT:
+        if (cli_parse_long(arg, 1, 86400, &v)) BAD("bad request-timeout '%s' (1..86400)", arg);
+        ho->request_timeout_s = (int)v;
+        break;
+    case OPT_MAX_CONNS:
+        if (cli_parse_long(arg, 1, 1 << 20, &v)) BAD("bad max-conns '%s'", arg);
+        ho->max_conns = (int)v;
+        break;
+    case OPT_MAX_CONNS_PER_IP:
+        if (cli_parse_long(arg, 0, 1 << 20, &v)) BAD("bad max-conns-per-ip '%s'", arg);
+        ho->max_conns_per_ip = (int)v;
+        break;
+    case SERVE_OPT_CORS_ORIGIN:
+        if (st->cors_src != st->src) ho->n_cors = 0, st->cors_src = st->src;
+        if (ho->n_cors >= HTTP_MAX_CORS || !cors_origin_ok(arg))
+            BAD("bad cors-origin '%s' (scheme://host[:port] or *, at most %d)", arg, HTTP_MAX_CORS);
+        ho->cors_origins[ho->n_cors++] = arg;
+        break;
+    case CLI_OPT_QUIET: ho->quiet = 1; break;
+    default: BAD("unknown option");
+    }
+record:
+    for (int i = 0; i < N_SERVE_OPTS; i++)
+        if (serve_opts[i].code == c) st->val[i] = arg ? arg : "true";
+    return 0;
+}
+
+/* The file's values are freed with their YAML events: keep a copy. */
+static int serve_apply_copy(void *ctx, int c, const char *arg, char *msg, size_t cap) {
+    serve_st *st = ctx;
+    if (arg) {
+        char **n = realloc(st->strs, sizeof *n * (size_t)(st->n_strs + 1));
+        char *dup = strdup(arg);
+        if (!n || !dup) {
+            free(dup);
+            if (n) st->strs = n;
+            BAD("out of memory");
+        }
+        st->strs = n;
+        st->strs[st->n_strs++] = dup;
+        arg = dup;
+    }
+    return serve_apply(ctx, c, arg, msg, cap);
+}
+
+/* --print-config: every file key, its effective value (secrets redacted). */
+static void serve_print_config(const serve_st *st) {
+    printf("# kvpark serve: effective configuration (defaults, then --config, then flags).\n"
+           "# API keys and the metrics key are shown as \"%s\": replace them before using this\n"
+           "# file with --config (a redacted value is refused there).\n", CONF_REDACTED);
+    for (int i = 0; i < N_SERVE_OPTS; i++) {
+        const conf_opt *o = &serve_opts[i];
+        if (!o->file_ok) continue;
+        const char *v = st->val[i] ? st->val[i] : o->def;
+        switch (o->code) {
         case CLI_OPT_API_KEY:
-            if (ho.n_keys >= HTTP_MAX_KEYS || !*optarg) return cli_usage_error("serve", "bad --api-key");
-            ho.keys[ho.n_keys++] = optarg;
-            break;
-        case CLI_OPT_API_KEY_FILE:
-            if (read_key_file(optarg, &ho, key_store)) return 1;
-            break;
-        case CLI_OPT_METRICS_KEY: ho.metrics_key = optarg; break;
-        case CLI_OPT_MAX_BODY:
-            if (cli_parse_long(optarg, 1024, 1L << 32, &v)) return cli_usage_error("serve", "bad --max-body");
-            ho.max_body = (size_t)v;
-            break;
-        case CLI_OPT_MAX_TOKENS:
-            if (cli_parse_long(optarg, 1, 1 << 24, &v)) return cli_usage_error("serve", "bad --max-tokens");
-            ho.max_tokens_default = (int)v;
-            break;
-        case CLI_OPT_SESSION_DIR: ho.session_dir = optarg; break;
-        case CLI_OPT_MAX_SESSIONS:
-            if (cli_parse_long(optarg, 1, 1 << 24, &v)) return cli_usage_error("serve", "bad --max-sessions");
-            ho.max_sessions = (int)v;
-            break;
-        case SERVE_OPT_MAX_SESSIONS_PER_KEY:
-            if (cli_parse_long(optarg, 1, 1 << 24, &v)) return cli_usage_error("serve", "bad --max-sessions-per-key");
-            ho.max_sessions_per_key = (int)v;
-            break;
-        case SERVE_OPT_SESSION_TTL: {
-            double d;
-            if (cli_parse_float(optarg, 0, 1e9, &d)) return cli_usage_error("serve", "bad --session-ttl (seconds)");
-            ho.session_ttl_s = d;
-            break;
-        }
-        case CLI_OPT_CHAT_TEMPLATE: ho.chat_template = optarg; break;
-        case CLI_OPT_CODEC: ho.codec = optarg; break;
-        case CLI_OPT_HOT_SESSIONS:
-            if (cli_parse_long(optarg, 0, 1 << 24, &v)) return cli_usage_error("serve", "bad --hot-sessions");
-            ho.hot_sessions = (int)v;
-            break;
-        case CLI_OPT_HOT_BUDGET:
-            if (cli_parse_size(optarg, &ho.hot_budget)) return cli_usage_error("serve", "bad --hot-budget (e.g. 4G)");
-            break;
-        case CLI_OPT_WARM_BUDGET:
-            if (cli_parse_size(optarg, &ho.warm_budget)) return cli_usage_error("serve", "bad --warm-budget (e.g. 1G)");
-            break;
-        case CLI_OPT_COLD_BUDGET:
-            if (cli_parse_size(optarg, &ho.cold_budget)) return cli_usage_error("serve", "bad --cold-budget (e.g. 100G)");
-            break;
-        case CLI_OPT_IDLE_PARK: {
-            double d;
-            if (cli_parse_float(optarg, 0, 1e9, &d)) return cli_usage_error("serve", "bad --idle-park (seconds)");
-            ho.idle_park_s = d;
-            break;
-        }
-        case CLI_OPT_TIMEOUT:
-            if (cli_parse_long(optarg, 1, 86400, &v)) return cli_usage_error("serve", "bad --timeout");
-            ho.timeout_s = (int)v;
-            break;
-        case OPT_REQUEST_TIMEOUT:
-            if (cli_parse_long(optarg, 1, 86400, &v)) return cli_usage_error("serve", "bad --request-timeout");
-            ho.request_timeout_s = (int)v;
-            break;
-        case OPT_MAX_CONNS:
-            if (cli_parse_long(optarg, 1, 1 << 20, &v)) return cli_usage_error("serve", "bad --max-conns");
-            ho.max_conns = (int)v;
-            break;
-        case OPT_MAX_CONNS_PER_IP:
-            if (cli_parse_long(optarg, 0, 1 << 20, &v)) return cli_usage_error("serve", "bad --max-conns-per-ip");
-            ho.max_conns_per_ip = (int)v;
-            break;
+            printf("api-key: [");
+            for (int k = 0; k < st->n_keys; k++) printf("%s\"%s\"", k ? ", " : "", CONF_REDACTED);
+            printf("]  # %d key(s)\n", st->n_keys);
+            continue;
         case SERVE_OPT_CORS_ORIGIN:
-            if (ho.n_cors >= HTTP_MAX_CORS || !cors_origin_ok(optarg))
-                return cli_usage_error("serve", "bad --cors-origin (scheme://host[:port] or *, at most 16)");
-            ho.cors_origins[ho.n_cors++] = optarg;
+            printf("cors-origin: [");
+            for (int k = 0; k < st->ho.n_cors; k++) {
+                if (k) printf(", ");
+                conf_print_str(stdout, st->ho.cors_origins[k]);
+            }
+            printf("]\n");
+            continue;
+        case CLI_OPT_QUIET: printf("quiet: %s\n", st->ho.quiet ? "true" : "false"); continue;
+        case CLI_OPT_METRICS_KEY:
+            if (st->ho.metrics_key) {
+                printf("metrics-key: \"%s\"\n", CONF_REDACTED);
+                continue;
+            }
             break;
-        case CLI_OPT_QUIET: ho.quiet = 1; break;
-        case 'h': fputs(serve_help, stdout); return 0;
-        default: return cli_usage_error("serve", "unknown option");
         }
+        if (!v) {
+            printf("# %s: (not set)\n", o->name);
+            continue;
+        }
+        printf("%s: ", o->name);
+        conf_print_str(stdout, v);
+        putchar('\n');
+    }
+}
+
+static int serve_finish(serve_st *st, char **key_store, int rc) {
+    for (int i = 0; i < HTTP_MAX_KEYS; i++) free(key_store[i]);
+    for (int i = 0; i < st->n_strs; i++) free(st->strs[i]);
+    free(st->strs);
+    return rc;
+}
+
+int cmd_serve(int argc, char **argv) {
+    serve_st st = {.co = {.kv_type = KP_TYPE_F32}, .ho = http_default_opts(), .keys_src = -1, .cors_src = -1};
+    char *key_store[HTTP_MAX_KEYS] = {0};
+    struct option lo[N_SERVE_OPTS + 1];
+    for (int i = 0; i < N_SERVE_OPTS; i++)
+        lo[i] = (struct option){serve_opts[i].name, serve_opts[i].has_arg, 0, serve_opts[i].code};
+    lo[N_SERVE_OPTS] = (struct option){0, 0, 0, 0};
+    const char *config = NULL;
+    int print_config = 0, c;
+    char msg[1024];
+    /* Pass 1: --config, --print-config, --help and unknown options, wherever they are. */
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "m:c:t:h", lo, NULL)) != -1) {
+        if (c == SERVE_OPT_CONFIG) config = optarg;
+        else if (c == SERVE_OPT_PRINT_CONFIG) print_config = 1;
+        else if (c == 'h') return fputs(serve_help, stdout), 0;
+        else if (c == '?') return cli_usage_error("serve", "unknown option");
     }
     if (optind < argc) return cli_usage_error("serve", "unexpected argument");
+    /* The file, then pass 2: the flags over it. */
+    if (config && conf_load(config, serve_opts, N_SERVE_OPTS, serve_apply_copy, &st, msg, sizeof msg)) {
+        fprintf(stderr, "kvpark serve: %s\n", msg);
+        return serve_finish(&st, key_store, 2);
+    }
+    st.src = 1;
+    optind = 0;
+    while ((c = getopt_long(argc, argv, "m:c:t:h", lo, NULL)) != -1) {
+        if (c == SERVE_OPT_CONFIG || c == SERVE_OPT_PRINT_CONFIG) continue;
+        if (serve_apply(&st, c, optarg, msg, sizeof msg)) {
+            fprintf(stderr, "kvpark serve: %s (see 'kvpark serve --help')\n", msg);
+            return serve_finish(&st, key_store, 2);
+        }
+    }
+    http_opts *ho = &st.ho;
+    if (!ho->codec && st.profile) ho->codec = st.profile; /* an explicit codec overrides the profile */
+    if (print_config) {
+        serve_print_config(&st);
+        return serve_finish(&st, key_store, 0);
+    }
+    for (int i = 0; i < st.n_keys; i++) ho->keys[ho->n_keys++] = st.keys[i];
+    if (st.key_file && read_key_file(st.key_file, ho, key_store)) return serve_finish(&st, key_store, 1);
     kp_err err = {0};
     char path[1024];
-    int rc = model_resolve(co.model, path, sizeof path, &err);
-    if (rc) return cli_die(&err, rc);
-    ho.model = path;
-    ho.n_threads = co.threads;
-    ho.device = co.device;
-    ho.n_ctx = co.n_ctx;
-    ho.kv_type = co.kv_type;
-    rc = http_serve(&ho, &err);
-    for (int i = 0; i < HTTP_MAX_KEYS; i++) free(key_store[i]);
-    return rc ? cli_die(&err, rc) : 0;
+    int rc = model_resolve(st.co.model, path, sizeof path, &err);
+    if (rc) return serve_finish(&st, key_store, cli_die(&err, rc));
+    ho->model = path;
+    ho->n_threads = st.co.threads;
+    ho->device = st.co.device;
+    ho->n_ctx = st.co.n_ctx;
+    ho->kv_type = st.co.kv_type;
+    rc = http_serve(ho, &err);
+    return serve_finish(&st, key_store, rc ? cli_die(&err, rc) : 0);
 }
