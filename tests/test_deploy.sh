@@ -50,6 +50,8 @@ py=python3
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import yaml' 2>/dev/null && py=/usr/bin/python3
 check "k8s manifests: required fields and cross-references (check_k8s.py)" \
   status_ok "$py" "$repo/tests/check_k8s.py" "$repo/deploy/k8s" --config-out "$tmp/k8s-config.yaml"
+check "  ... the ConfigMap's config file is one kvpark serve --config accepts" \
+  status_ok "$bin" serve --config "$tmp/k8s-config.yaml" --print-config
 # the checker is not blind: a Service that selects nothing is caught
 mkdir -p "$tmp/k8s-bad" && cp "$repo"/deploy/k8s/*.yaml "$tmp/k8s-bad/"
 sed -i 's/selector: {app.kubernetes.io\/name: kvpark}/selector: {app.kubernetes.io\/name: nothing}/' "$tmp/k8s-bad/service.yaml"
