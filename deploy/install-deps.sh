@@ -2,15 +2,16 @@
 # install-deps.sh — install what kvpark needs to build and test on Debian/Ubuntu.
 # Idempotent: installs only what is missing. Run as root (or with sudo).
 #   build:  gcc, meson, ninja, pkg-config, libmicrohttpd, jansson, liblz4, libuv, xxhash,
-#           libsodium
-#   tests:  cmocka, gnuplot (benchmark plots), prometheus (for promtool, which
+#           libsodium, hiredis (the client of the shared Redis tier, storage/remote.c)
+#   tests:  cmocka, redis-server (tests/test_remote.c starts a real one), gnuplot (benchmark plots), prometheus (for promtool, which
 #           validates the /metrics output), nodejs + npm (integration tests),
 #           clang + libclang-rt-dev (libFuzzer: the fuzz targets, deploy/fuzz.sh)
 # The CUDA Toolkit is not installed here: kvpark builds the CUDA backend when
 # /usr/local/cuda/bin/nvcc (or nvcc on PATH) exists, and without it otherwise.
 set -euo pipefail
 pkgs=(gcc meson ninja-build pkg-config libmicrohttpd-dev libjansson-dev liblz4-dev libuv1-dev
-      libxxhash-dev libsodium-dev libcmocka-dev gnuplot-nox prometheus curl clang libclang-rt-dev)
+      libxxhash-dev libsodium-dev libcmocka-dev gnuplot-nox prometheus curl clang libclang-rt-dev
+      libhiredis-dev redis-server)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
