@@ -2,8 +2,10 @@
 # install-deps.sh — install what kvpark needs to build and test on Debian/Ubuntu.
 # Idempotent: installs only what is missing. Run as root (or with sudo).
 #   build:  gcc, meson, ninja, pkg-config, libmicrohttpd, jansson, liblz4, libuv, xxhash,
-#           libsodium, libyaml (the `kvpark serve --config` file)
-#   tests:  cmocka, gnuplot (benchmark plots), prometheus (for promtool, which
+#           libsodium, libyaml (the `kvpark serve --config` file), hiredis (the client of
+#           the shared Redis tier, storage/remote.c)
+#   tests:  cmocka, redis-server (tests/test_remote.c starts a real one), gnuplot (benchmark
+#           plots), prometheus (for promtool, which
 #           validates the /metrics output), nodejs + npm (integration tests),
 #           clang + libclang-rt-dev (libFuzzer: the fuzz targets, deploy/fuzz.sh),
 #           deploy-file checks (tests/test_deploy.sh; nothing is started): systemd
@@ -14,7 +16,7 @@
 set -euo pipefail
 pkgs=(gcc meson ninja-build pkg-config libmicrohttpd-dev libjansson-dev liblz4-dev libuv1-dev
       libxxhash-dev libsodium-dev libyaml-dev libcmocka-dev gnuplot-nox prometheus curl clang
-      libclang-rt-dev systemd python3-yaml docker-compose nginx-light)
+      libclang-rt-dev systemd python3-yaml docker-compose nginx-light libhiredis-dev redis-server)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

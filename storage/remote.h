@@ -1,0 +1,152 @@
+/*
+ * remote.h — the shared remote tier: a Redis client (hiredis) that holds
+ * span objects and session records for every replica of a deployment, so a
+ * conversation parked on one replica can be resumed on another.
+ *
+ * Keys (all under a prefix per model + codec, so several models share one
+ * Redis, and one model's replicas share everything):
+ *   PREFIX = "kvpark:<model-hash>:<codec-hash>:"   (16 hex digits each)
+ *   PREFIX "o:" KEYHEX   a span object: the local chunk store's key
+ *                        (cas.h, 32 hex digits), value = envelope + payload
+ *   PREFIX "s:" ID       a session record: a Redis hash {v: version,
+ *                        d: envelope + the store's record bytes}
+ * Envelopes (little-endian) make every value self-checking:
+ *   object: "KVPKROB1", key.hi u64, key.lo u64, payload length u64,
+ *           XXH64(payload), XXH64(bytes [0, 40)), payload
+ *   record: "KVPKRRC1", payload length u64, XXH64(payload), XXH64(id),
+ *           XXH64(bytes [0, 32)), payload
+ *
+ * Contract
+ *   - remote_url_parse(): "redis://[user:password@]host[:port][/db]"
+ *     (port 6379 and db 0 by default; user and password may be
+ *     %-encoded) or "unix:/abs/path[?db=N]"; anything else is KP_EINVAL
+ *     with a message naming what is wrong.
+ *   - remote_open() checks the URL and starts the writer thread; it does not
+ *     need Redis to be up (the tier starts "down" and connects on first use).
+ *   - No call waits for Redis longer than the connect timeout plus the
+ *     command timeout per round trip (remote_opts): a dead or stopped Redis
+ *     fails a call with KP_EBUSY ("remote tier unavailable", the server's
+ *     503 + Retry-After), counted as error / timeout.
+ *   - Reads verify every value (magic, header checksum, key or id, length,
+ *     payload XXH64): a value evicted (maxmemory allkeys-lru) or expired is
+ *     KP_ENOTFOUND (a miss), a value that fails a check is KP_EFORMAT; never
+ *     bytes that were not written under that key.
+ *   - remote_put_record() writes a record atomically with a version (a Lua
+ *     script: read version, compare, HSET v + d, EXPIRE: one atomic step on
+ *     the server): with expect = REMOTE_ANY the write always applies (the
+ *     last acknowledged write wins); with expect = V it applies only if the
+ *     current version is V (compare-and-set), else KP_EBUSY and *version =
+ *     the current one. A reader gets one whole record, never a mix.
+ *   - remote_enqueue_save(): copies the objects and the record into a
+ *     bounded queue and returns at once (never blocks on Redis); the writer
+ *     thread writes the objects first (only those Redis lacks; existing ones
+ *     get their TTL refreshed), then the record, retrying with exponential
+ *     backoff while Redis is down. A newer save of the same id replaces an
+ *     older one still waiting. A full queue refuses the job (KP_EBUSY,
+ *     counted as dropped, logged): the local copy stays the durable one.
+ *   - remote_state(): "up" (last round trip worked, queue not dropping),
+ *     "degraded" (reachable but a write failed with a server error, e.g. OOM,
+ *     or jobs were dropped since the last success), "down" (last round trip
+ *     failed: connect, I/O, timeout), with the last error message.
+ *   - Thread-safe: a small pool of connections under one mutex.
+ */
+#ifndef KP_REMOTE_H
+#define KP_REMOTE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/kp.h"
+#include "storage/cas.h"
+
+#define REMOTE_ANY (-1ll)          /* remote_put_record: no version check */
+#define REMOTE_ID_MAX 64
+#define REMOTE_PREFIX_MAX 96
+#define REMOTE_DEFAULT_PORT 6379
+
+typedef struct remote remote;
+
+typedef struct remote_url {
+    bool is_unix;
+    char host[256];      /* TCP host */
+    int port;
+    char path[108];      /* unix socket path */
+    char user[128];      /* ACL user ("" = none; AUTH password only) */
+    char password[256];  /* "" = no AUTH */
+    int db;
+} remote_url;
+
+typedef struct remote_opts {
+    const char *url;
+    uint64_t model_hash;       /* the prefix: which model ... */
+    uint64_t codec_hash;       /* ... and which codec/layout/KV type */
+    int connect_timeout_ms;    /* default 1000 */
+    int command_timeout_ms;    /* default 2000 */
+    uint32_t ttl_s;            /* expiry of every key written (0: none) */
+    size_t queue_max_jobs;     /* default 256 */
+    uint64_t queue_max_bytes;  /* default 256 MiB */
+    int retry_min_ms;          /* first backoff (default 50) */
+    int retry_max_ms;          /* backoff cap (default 2000) */
+    void (*log)(void *ud, const char *msg);
+    void *ud;
+} remote_opts;
+
+enum {
+    REMOTE_EV_PUT, REMOTE_EV_GET, REMOTE_EV_HIT, REMOTE_EV_MISS, REMOTE_EV_ERROR,
+    REMOTE_EV_RETRY, REMOTE_EV_DROPPED, REMOTE_EV_TIMEOUT, REMOTE_EV_N
+};
+/* "put", "get", "hit", "miss", "error", "retry", "dropped", "timeout". */
+const char *remote_event_name(int ev);
+
+typedef enum { REMOTE_DOWN = 0, REMOTE_UP = 1, REMOTE_DEGRADED = 2 } remote_state_t;
+
+typedef struct remote_stats {
+    uint64_t events[REMOTE_EV_N];
+    size_t queue_jobs;
+    uint64_t queue_bytes;
+    remote_state_t state;
+    char last_error[KP_ERR_MAX];
+} remote_stats;
+
+/* One object of a save job. */
+typedef struct remote_obj {
+    cas_key key;
+    const void *data;
+    size_t len;
+} remote_obj;
+
+remote_opts remote_default_opts(void);
+int remote_url_parse(const char *url, remote_url *out, kp_err *err);
+int remote_open(remote **out, const remote_opts *o, kp_err *err);
+/* Stops the writer (jobs still queued are counted as dropped and logged). */
+void remote_close(remote *r);
+/* "kvpark:<model>:<codec>:" */
+const char *remote_prefix(const remote *r);
+
+int remote_put_object(remote *r, cas_key k, const void *data, size_t len, kp_err *err);
+/* *data malloc'd. KP_ENOTFOUND (miss), KP_EFORMAT (bad value), KP_EBUSY. */
+int remote_get_object(remote *r, cas_key k, void **data, size_t *len, kp_err *err);
+/* 1 present, 0 absent, or a negative error. */
+int remote_has_object(remote *r, cas_key k, kp_err *err);
+
+int remote_put_record(remote *r, const char *id, const void *rec, size_t len, long long expect,
+                      long long *version, kp_err *err);
+int remote_get_record(remote *r, const char *id, void **rec, size_t *len, long long *version,
+                      kp_err *err);
+int remote_del_record(remote *r, const char *id, kp_err *err);
+
+/* Queue a save (objects first, record last) or a delete. 0 queued, KP_EBUSY
+ * queue full (dropped), KP_ENOMEM. */
+int remote_enqueue_save(remote *r, const char *id, const remote_obj *objs, int n_objs,
+                        const void *rec, size_t rec_len);
+int remote_enqueue_delete(remote *r, const char *id);
+/* Wait until the queue is empty (0) or timeout_ms passed (KP_EBUSY). */
+int remote_drain(remote *r, int timeout_ms);
+
+void remote_get_stats(remote *r, remote_stats *st);
+remote_state_t remote_state(remote *r);
+/* "up", "down", "degraded". */
+const char *remote_state_name(remote_state_t s);
+
+#endif
