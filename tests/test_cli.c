@@ -181,14 +181,14 @@ static void test_bad_values(void **state) {
         const char *args;
         const char *needle;
     } cases[] = {
-        {"serve --hot-budget 4X", "bad --hot-budget"},
-        {"serve --cors-origin example.com", "bad --cors-origin"},
-        {"serve --cors-origin https://a.example/path", "bad --cors-origin"},
-        {"serve --warm-budget ''", "bad --warm-budget"},
-        {"serve --port 65536", "bad --port"},
-        {"serve --idle-park -1", "bad --idle-park"},
-        {"serve --session-ttl 1h", "bad --session-ttl"},
-        {"serve --max-sessions-per-key 0", "bad --max-sessions-per-key"},
+        {"serve --hot-budget 4X", "bad hot-budget"},
+        {"serve --cors-origin example.com", "bad cors-origin"},
+        {"serve --cors-origin https://a.example/path", "bad cors-origin"},
+        {"serve --warm-budget ''", "bad warm-budget"},
+        {"serve --port 65536", "bad port"},
+        {"serve --idle-park -1", "bad idle-park"},
+        {"serve --session-ttl 1h", "bad session-ttl"},
+        {"serve --max-sessions-per-key 0", "bad max-sessions-per-key"},
         {"run -p hi --seed 12abc", "bad --seed"},
         {"run -p hi --top-p 1.5", "bad --top-p"},
         {"run -p hi -t 99999999999999999999", "bad option value"},
