@@ -682,7 +682,11 @@ void cas_close(cas *c) {
 
 /* ---- the API ------------------------------------------------------------------- */
 
-int cas_put(cas *c, cas_key k, const void *data, size_t len, bool durable, kp_err *err) {
+/* cas_put, and with take_ref the reference cas_put_ref promises, taken under
+ * the same lock hold that finds or inserts the object (and dropped again if
+ * the put fails). */
+static int put_impl(cas *c, cas_key k, const void *data, size_t len, bool durable, bool take_ref,
+                    kp_err *err) {
     if (!c || (len && !data)) return kp_errf(err, KP_EINVAL, "cas: put: NULL argument");
     if (durable && !c->dir)
         return kp_errf(err, KP_EINVAL, "cas: durable put without a cold tier (no directory)");
@@ -709,6 +713,7 @@ int cas_put(cas *c, cas_key k, const void *data, size_t len, bool durable, kp_er
             warm_attach(c, o, copy);
         }
     }
+    if (take_ref) o->refs++; /* before any unlock below: no collect can take it now */
     touch(c, o);
     if (durable) {
         o->pins++;
@@ -727,11 +732,20 @@ int cas_put(cas *c, cas_key k, const void *data, size_t len, bool durable, kp_er
         }
         o->pins--;
     }
+    if (take_ref && rc) o->refs--;
     warm_enforce(c, &q, o);
     cold_enforce(c, &q, o);
     pthread_mutex_unlock(&c->mu);
     logq_flush(c, &q);
     return rc;
+}
+
+int cas_put(cas *c, cas_key k, const void *data, size_t len, bool durable, kp_err *err) {
+    return put_impl(c, k, data, len, durable, false, err);
+}
+
+int cas_put_ref(cas *c, cas_key k, const void *data, size_t len, bool durable, kp_err *err) {
+    return put_impl(c, k, data, len, durable, true, err);
 }
 
 int cas_get(cas *c, cas_key k, void **data, size_t *len, kp_err *err) {

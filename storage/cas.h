@@ -78,6 +78,11 @@ void cas_close(cas *c);
  * durable = true the object is in the cold tier (fsynced) when this returns.
  * KP_EIO on a write failure (disk full): the warm copy stays, nothing is lost. */
 int cas_put(cas *c, cas_key k, const void *data, size_t len, bool durable, kp_err *err);
+/* cas_put plus cas_ref as one step: on success the object is stored and
+ * referenced, with no moment in between when a collect or a budget could
+ * drop it (an unreferenced new object is fair game for them); on failure no
+ * reference is taken. */
+int cas_put_ref(cas *c, cas_key k, const void *data, size_t len, bool durable, kp_err *err);
 /* Copy of the object's bytes (malloc'd) into *data / *len. KP_ENOTFOUND if
  * absent from every tier, KP_EFORMAT if the cold copy is corrupt. */
 int cas_get(cas *c, cas_key k, void **data, size_t *len, kp_err *err);

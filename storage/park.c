@@ -435,17 +435,8 @@ int park_save_scoped(cas *store, const codec *c, uint64_t codec_hash, const char
             rc = kp_errf(err, KP_ERANGE, "park: span %d object of %zu bytes is too big", i, len);
             goto fail_span;
         }
-        /* put + ref; retried if a collect raced in between (the object was new
-         * and unreferenced for a moment). */
-        for (int tries = 0;; tries++) {
-            if ((rc = cas_put(store, ps->key, b.obj, len, durable, err))) goto fail_span;
-            if (cas_ref(store, ps->key) == 0) break;
-            if (tries == 3) {
-                rc = kp_errf(err, KP_EBUSY, "park: span %d vanished from the store right after "
-                             "being stored", i);
-                goto fail_span;
-            }
-        }
+        /* put and ref in one step: a collect cannot take the new object in between */
+        if ((rc = cas_put_ref(store, ps->key, b.obj, len, durable, err))) goto fail_span;
         n_ref++;
         ps->bytes = (uint32_t)len;
         if (st) st->bytes_new += len, st->bytes_total += len;

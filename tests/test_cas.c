@@ -772,10 +772,31 @@ static void test_concurrency(void **state) {
     free(dir);
 }
 
+/* cas_put_ref: stored and referenced in one step (park.c used cas_put then
+ * cas_ref, and under load another thread's budget enforcement could drop the
+ * new, unreferenced object in between: "span vanished right after being
+ * stored"). Each call takes one reference; a failed put takes none. */
+static void test_put_ref(void **state) {
+    (void)state;
+    cas *c = open_cas(NULL, 64, 0, NULL, NULL); /* warm only, 64 bytes */
+    uint8_t *b = obj_bytes(1, 4096);
+    kp_err err = {0};
+    assert_int_equal(cas_put_ref(c, key_n(1), b, 4096, false, &err), 0);
+    assert_int_equal(cas_refcount(c, key_n(1)), 1);
+    get_ok(c, 1, 4096);
+    assert_int_equal(cas_put_ref(c, key_n(1), b, 4096, false, &err), 0);
+    assert_int_equal(cas_refcount(c, key_n(1)), 2);
+    assert_int_equal(cas_put_ref(c, key_n(2), b, 16, true, &err), KP_EINVAL); /* durable without a dir */
+    assert_int_equal(cas_refcount(c, key_n(2)), 0);
+    free(b);
+    cas_close(c);
+}
+
 int main(int argc, char **argv) {
     tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_key),
+        cmocka_unit_test(test_put_ref),
         cmocka_unit_test(test_warm_roundtrip),
         cmocka_unit_test(test_durable_reopen),
         cmocka_unit_test(test_warm_spill),
