@@ -80,16 +80,20 @@ describe('long, half-closed and counted responses', { timeout: 170000 }, () => {
   after(async () => { if (server) await server.stop(); });
 
   it('--timeout 1: 2000-token non-streaming answers are complete and equal the streamed text; a queued stream too', async () => {
-    const ref = await sse(server.baseURL + '/completions', { ...LONG, stream: true }, { timeoutMs: 120000 });
+    /* Every request on a fresh connection (connection: close): with --timeout 1 a pooled keep-alive
+     * connection can be closed by the server's idle timer just as the client reuses it, which fails
+     * the fetch before it is sent (a client-side race, not a cut response). */
+    const CLOSE = { connection: 'close' };
+    const ref = await sse(server.baseURL + '/completions', { ...LONG, stream: true }, { timeoutMs: 120000, headers: CLOSE });
     assert.equal(ref.status, 200);
     assert.ok(ref.done, 'the reference stream ended without [DONE]');
     const refText = ref.events.map((e) => e.choices[0]?.text ?? '').join('');
     assert.ok(refText.length > 2000, `reference text only ${refText.length} chars`);
     const longs = Array.from({ length: 3 }, () =>
-      jfetch(server.baseURL + '/completions', { body: LONG, timeoutMs: 120000 }));
+      jfetch(server.baseURL + '/completions', { body: LONG, timeoutMs: 120000, headers: CLOSE }));
     await sleep(300); /* the three hold 3 of the 4 slots: of two streams, one waits for seconds */
     const streams = Array.from({ length: 2 }, () => sse(server.baseURL + '/completions',
-      { prompt: ONCE, max_tokens: 64, temperature: 0, stream: true }, { timeoutMs: 120000 }));
+      { prompt: ONCE, max_tokens: 64, temperature: 0, stream: true }, { timeoutMs: 120000, headers: CLOSE }));
     for (const st of await Promise.all(streams)) {
       assert.equal(st.status, 200);
       assert.ok(st.done, 'a stream that waited in the queue was cut before [DONE]');
