@@ -82,14 +82,9 @@ sched_opts sched_default_opts(void) {
 /* ------------------------------------------------------------------ */
 /* job lifecycle (scheduler thread)                                    */
 
-static void finish_job(sched *s, int idx, int reason) {
-    sched_job *j = s->running[idx];
-    j->finish = reason;
-    j->t_done = kp_now();
-    if (j->seq) {
-        j->seq->busy = false;
-        j->seq->last_use = j->t_done;
-    }
+/* What admission allocated for a job (sampler, logits, grammar state and
+ * mask): freed when it ends or when admission fails half-way. */
+static void job_free_buffers(sched_job *j) {
     sample_free(j->smp);
     j->smp = NULL;
     free(j->logits);
@@ -98,6 +93,17 @@ static void finish_job(sched *s, int idx, int reason) {
     j->gst = NULL;
     free(j->gmask);
     j->gmask = NULL;
+}
+
+static void finish_job(sched *s, int idx, int reason) {
+    sched_job *j = s->running[idx];
+    j->finish = reason;
+    j->t_done = kp_now();
+    if (j->seq) {
+        j->seq->busy = false;
+        j->seq->last_use = j->t_done;
+    }
+    job_free_buffers(j);
     s->running[idx] = s->running[--s->n_running];
     atomic_store(&s->n_running_pub, s->n_running);
     if (j->on_done) j->on_done(j);
@@ -158,10 +164,7 @@ static int start_job(sched *s, sched_job *j) {
     if (!j->logits || sample_new(&j->smp, &j->sampling, hp->n_vocab, &j->err) ||
         sample_set_bias(j->smp, j->bias, j->n_bias, &j->err)) {
         if (!j->err.msg[0]) kp_errf(&j->err, KP_ENOMEM, "sched: out of memory");
-        sample_free(j->smp);
-        j->smp = NULL;
-        free(j->logits);
-        j->logits = NULL;
+        job_free_buffers(j);
         return SCHED_ERROR;
     }
     if (j->grammar) {
@@ -169,12 +172,7 @@ static int start_job(sched *s, sched_job *j) {
             gram_state_new(&j->gst, j->grammar, s->gv, &j->err) ||
             !(j->gmask = calloc((size_t)(KP_MAX(hp->n_vocab, gram_vocab_n(s->gv)) + 31) / 32, sizeof(uint32_t)))) {
             if (!j->err.msg[0]) kp_errf(&j->err, KP_ENOMEM, "sched: out of memory");
-            sample_free(j->smp);
-            j->smp = NULL;
-            free(j->logits);
-            j->logits = NULL;
-            gram_state_free(j->gst);
-            j->gst = NULL;
+            job_free_buffers(j);
             return SCHED_ERROR;
         }
     }
