@@ -112,7 +112,9 @@ int conf_load(const char *path, const conf_opt *opts, int n_opts, conf_apply_fn 
         case YAML_SCALAR_EVENT: {
             const char *s = (const char *)ev.data.scalar.value;
             if (depth == 0) {
-                rc = conf_fail(msg, cap, path, &ev, NULL, "the config must be a mapping of option: value");
+                /* "---" with nothing after it is an empty document (a null scalar): an empty config */
+                if (*s || ev.data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+                    rc = conf_fail(msg, cap, path, &ev, NULL, "the config must be a mapping of option: value");
             } else if (cur) {
                 rc = conf_apply(path, &ev, cur, s, apply, ctx, msg, cap);
                 if (!in_seq) cur = NULL;

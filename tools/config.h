@@ -8,7 +8,7 @@
  * valid in the file exactly when it is valid as a flag (one validation path).
  *
  * Contract
- *   - The file is one YAML mapping (an empty file is an empty config). Keys are
+ *   - The file is one YAML mapping (an empty file or document is an empty config). Keys are
  *     the long option names; a value is a scalar; an option marked `list`
  *     also takes a sequence of scalars (one apply call per item); a flag
  *     (has_arg == no_argument) takes true/false (yes/no, on/off) and is applied
