@@ -499,6 +499,7 @@ kp_backend *model_backend(const model *m) { return m->be; }
 const char *model_path(const model *m) { return m->path; }
 const char *model_chat_template(const model *m) { return m->chat_template; }
 const char *model_desc(const model *m) { return m->desc; }
+int model_max_positions(const model *m) { return m->hp.arch == ARCH_GPT2 ? m->hp.n_ctx_train : 0; }
 
 void model_set_probe(model *m, model_probe_fn fn, void *ud) {
     if (!m->on_cpu) fn = NULL; /* activations live in device memory */
@@ -702,7 +703,7 @@ int model_forward(model *m, model_seq *seqs, int n_seqs, kp_err *err) {
                            "model: sequence %d: %d cached + %d new tokens exceed the context of %d "
                            "tokens",
                            i, q->kv->n_pos, q->n_tokens, q->kv->n_ctx);
-        if (hp->arch == ARCH_GPT2 && q->kv->n_pos + q->n_tokens > hp->n_ctx_train)
+        if (model_max_positions(m) && q->kv->n_pos + q->n_tokens > model_max_positions(m))
             return kp_errf(err, KP_ERANGE,
                            "model: sequence %d: %d tokens exceed the model's %d learned positions", i,
                            q->kv->n_pos + q->n_tokens, hp->n_ctx_train);

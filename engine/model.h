@@ -70,6 +70,9 @@ const char *model_path(const model *m);
 const char *model_chat_template(const model *m);
 /* One line: "llama, 5 layers, dim 64, 8 heads (4 kv), vocab 512, f32 (1.1 MB)". */
 const char *model_desc(const model *m);
+/* The most positions one sequence can hold: n_ctx_train for a model with
+ * learned position embeddings (gpt2), 0 (no limit of the model's own) for RoPE. */
+int model_max_positions(const model *m);
 
 /* The model's fingerprint: XXH3-64 of the hyper-parameters, every tensor's
  * name, shape and type, and every weight byte. Codec files and parked

@@ -887,6 +887,12 @@ int http_serve(const http_opts *opts, kp_err *err) {
     if ((rc = model_load(&s->m, s->o.model, &mo, err))) goto done;
     s->vocab = model_vocab(s->m);
     s->n_ctx = s->o.n_ctx > 0 ? s->o.n_ctx : KP_MIN(model_hp(s->m)->n_ctx_train, 4096);
+    if (model_max_positions(s->m) && s->n_ctx > model_max_positions(s->m)) {
+        /* learned position embeddings end there: past it the model has no position to give */
+        rc = kp_errf(err, KP_EINVAL, "--ctx %d is more than %s's %d positions (learned position embeddings); use --ctx %d or less",
+                     s->n_ctx, model_hp(s->m)->arch_name, model_max_positions(s->m), model_max_positions(s->m));
+        goto done;
+    }
     if (s->o.chat_template) {
         int t = chat_template_from_name(s->o.chat_template);
         if (t < 0) {

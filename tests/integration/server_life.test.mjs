@@ -8,8 +8,9 @@ import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import net from 'node:net';
 import { after, before, describe, it } from 'node:test';
+import path from 'node:path';
 import {
-  BIN, GOLDEN, MODEL, ONCE, chatBody, freePort, jfetch, sleep, sse, startServer, tmpDir,
+  BIN, GOLDEN, MODEL, ONCE, SHARED, chatBody, freePort, jfetch, sleep, sse, startServer, tmpDir,
 } from './helpers.mjs';
 
 function curl(args, timeoutMs = 20000) {
@@ -129,6 +130,33 @@ describe('while the model loads', { timeout: 60000 }, () => {
       assert.equal(r.status, 200);
     } finally {
       proc.kill('SIGKILL');
+    }
+  });
+});
+
+describe('a context the model cannot hold', { timeout: 60000 }, () => {
+  const GPT2 = path.join(SHARED, 'models', 'tiny-gpt2.gguf');
+  it('--ctx past learned position embeddings stops the start with the limit named', async () => {
+    const port = await freePort();
+    const r = await new Promise((resolve) => {
+      execFile(BIN, ['serve', '-m', GPT2, '--host', '127.0.0.1', '--port', String(port), '-c', '2048',
+        '--session-dir', tmpDir('pos')], { timeout: 30000 }, (err, stdout, stderr) => resolve({ err, stderr }));
+    });
+    assert.equal(r.err && r.err.code, 1, r.stderr);
+    assert.match(r.stderr, /--ctx 2048 is more than gpt2's 256 positions .*--ctx 256 or less/);
+  });
+  it('by default it serves the model\'s positions and a longer request is a 400, not a 500', async () => {
+    const server = await startServer({ model: GPT2 });
+    try {
+      const r = await jfetch(server.baseURL + '/completions', { body: { prompt: 'hello', max_tokens: 300 } });
+      assert.equal(r.status, 400);
+      assert.equal(r.json.error.code, 'context_length_exceeded');
+      assert.match(r.json.error.message, /maximum context length is 256 tokens/);
+      const ok = await jfetch(server.baseURL + '/completions', { body: { prompt: 'hello', max_tokens: 250, temperature: 0 } });
+      assert.equal(ok.status, 200);
+      assert.ok(ok.json.usage.completion_tokens >= 1 && ok.json.usage.completion_tokens <= 250);
+    } finally {
+      await server.stop();
     }
   });
 });
