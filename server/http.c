@@ -913,7 +913,8 @@ int http_serve(const http_opts *opts, kp_err *err) {
     so.kv_type = s->o.kv_type;
     if ((rc = sched_new(&s->sch, s->m, &so, err))) goto done;
     sess_opts sso = {.m = s->m, .sch = s->sch, .kv_type = s->o.kv_type, .n_ctx = s->n_ctx,
-                     .dir = s->o.session_dir, .codec = s->o.codec, .hot_sessions = s->o.hot_sessions,
+                     .dir = s->o.session_dir, .codec = s->o.codec, .park_window = s->o.park_window,
+                     .hot_sessions = s->o.hot_sessions,
                      .hot_budget = s->o.hot_budget, .warm_budget = s->o.warm_budget,
                      .cold_budget = s->o.cold_budget, .idle_park_s = s->o.idle_park_s,
                      .max_sessions = s->o.max_sessions, .max_sessions_per_key = s->o.max_sessions_per_key,

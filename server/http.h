@@ -63,6 +63,8 @@ typedef struct http_opts {
     int max_sessions;         /* sessions held in all tiers at most (default 1024) */
     int max_sessions_per_key; /* sessions of one API key at most (0: max_sessions / 4; no keys: max_sessions) */
     double session_ttl_s;     /* unused sessions are deleted after this long (default 86400; 0: never) */
+    int park_window;          /* --park-window: exact recent rows with a built-in codec
+                               * (0: default 64, -1: none; sess_opts.park_window) */
     int hot_sessions;         /* hot sessions at most (0: no count limit) */
     uint64_t hot_budget;      /* bytes of hot KV (default 2 GiB; 0: no byte limit) */
     uint64_t warm_budget;     /* bytes of parked sessions in RAM (0: default 1 GiB) */

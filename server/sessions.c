@@ -687,6 +687,10 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
     so.shape = quality_codec_shape(o->m);
     so.kv_type = o->kv_type;
     so.codec = o->codec;
+    if (o->park_window) {
+        so.layout = park_default_layout();
+        so.layout.window = o->park_window == SESS_WINDOW_NONE ? 0 : o->park_window;
+    }
     if (o->warm_budget) so.warm_budget = o->warm_budget;
     so.cold_budget = o->cold_budget;
     so.log = store_log;

@@ -63,6 +63,8 @@ typedef struct sess sess;
  * seconds: how long it took (0 if not timed). Called with no lock held. */
 typedef void (*sess_event_fn)(void *ud, const char *kind, const char *tier, double seconds);
 
+#define SESS_WINDOW_NONE (-1)
+
 typedef struct sess_opts {
     model *m;
     sched *sch;              /* for saves that must run between scheduler steps, and
@@ -71,6 +73,9 @@ typedef struct sess_opts {
     int n_ctx;               /* context of a hot session */
     const char *dir;         /* cold tier directory */
     const char *codec;       /* codec for parking (NULL: none) */
+    int park_window;         /* recent rows parked exact with a built-in codec: 0 the
+                              * default layout's 64, SESS_WINDOW_NONE none, else that
+                              * many (a codec file keeps the layout it was fitted with) */
     int hot_sessions;        /* 0: no count limit */
     uint64_t hot_budget;     /* bytes, 0: no byte limit */
     uint64_t warm_budget;    /* bytes (0: the store's default) */

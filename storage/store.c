@@ -1251,6 +1251,12 @@ static int reindex_sessions(store *s, open_ctx *oc, kp_err *err) {
 
 /* ---- open / close ------------------------------------------------------------------------ */
 
+int store_codec_builtin(const char *name) {
+    for (int i = 0; name && i < STORE_N_BUILTIN; i++)
+        if (!strcmp(name, store_builtin_codecs[i])) return 1;
+    return 0;
+}
+
 int store_open(store **out, const store_opts *o, kp_err *err) {
     *out = NULL;
     if (!o || !o->dir || !o->dir[0])

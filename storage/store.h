@@ -147,6 +147,10 @@ void store_close(store *s);
 int store_id_valid(const char *id);
 /* A fresh random id: 22 chars of URL-safe base64 + NUL. 0 or KP_EIO. */
 int store_new_id(char out[23]);
+/* 1 if name is a built-in codec (none, fp16, int8, int4, kivi2), which
+ * parks with the layout given in store_opts; 0 for anything else (a codec
+ * file, which brings the layout it was calibrated with). */
+int store_codec_builtin(const char *name);
 /* The codec new saves use ("none", "int8", or the codec file's name). */
 const char *store_codec_name(const store *s);
 

@@ -22,6 +22,8 @@
 
 #include "engine/model.h"
 #include "server/http.h"
+#include "server/sessions.h"
+#include "storage/store.h"
 #include "tools/cli.h"
 #include "tools/config.h"
 
@@ -85,9 +87,11 @@ static const char *serve_help =
     "                           YAML --config accepts, and exit; API keys and the metrics key\n"
     "                           are printed as \"<redacted>\" (refused when read back: put\n"
     "                           the real keys, or use api-key-file)\n"
-    "      --profile P          codec shorthand: fast (fp16), balanced (int8), small (int4),\n"
-    "                           each keeping the first 4 and the last 64 rows exact; --codec\n"
-    "                           overrides it\n";
+    "      --profile P          codec shorthand: fast (fp16, last 64 rows exact), balanced\n"
+    "                           (int8, last 64 exact), small (int4, last 16 exact); the\n"
+    "                           first 4 rows stay exact in all; --codec overrides it\n"
+    "      --park-window N      with a built-in codec, park the last N rows of a session\n"
+    "                           exact (default 64, or the profile's; 0: none)\n";
 
 /* Read --api-key-file into o->keys after the n already there; the copies go to key_store (freed by the caller). */
 static int read_key_file(const char *path, http_opts *o, char **key_store) {
@@ -120,7 +124,7 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
 /* getopt codes of serve's own options (above cli.h's shared table). */
 enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP, SERVE_OPT_MAX_SESSIONS_PER_KEY,
        SERVE_OPT_SESSION_TTL, SERVE_OPT_CORS_ORIGIN, SERVE_OPT_CONFIG, SERVE_OPT_PRINT_CONFIG,
-       SERVE_OPT_PROFILE };
+       SERVE_OPT_PROFILE, SERVE_OPT_PARK_WINDOW };
 
 #define RA required_argument
 #define NA no_argument
@@ -146,6 +150,7 @@ static const conf_opt serve_opts[] = {
     {"session-dir", RA, CLI_OPT_SESSION_DIR, 0, 0, NULL}, /* alias of cold-dir: flag only */
     {"profile", RA, SERVE_OPT_PROFILE, 0, 1, NULL},
     {"codec", RA, CLI_OPT_CODEC, 0, 1, NULL},
+    {"park-window", RA, SERVE_OPT_PARK_WINDOW, 0, 1, "64"},
     {"hot-sessions", RA, CLI_OPT_HOT_SESSIONS, 0, 1, "0"},
     {"hot-budget", RA, CLI_OPT_HOT_BUDGET, 0, 1, "2G"},
     {"warm-budget", RA, CLI_OPT_WARM_BUDGET, 0, 1, "1G"},
@@ -167,10 +172,12 @@ static const conf_opt serve_opts[] = {
 };
 #define N_SERVE_OPTS ((int)(sizeof serve_opts / sizeof serve_opts[0]))
 
-/* The profiles (--profile): a built-in codec each; the sessions store keeps its
- * default layout's first 4 (sink) and last 64 (window) rows exact. */
-static const struct { const char *name, *codec; } serve_profiles[] = {
-    {"fast", "fp16"}, {"balanced", "int8"}, {"small", "int4"}};
+/* The profiles (--profile): a built-in codec and a lossless recent window
+ * each (the first 4 rows, the attention sink, stay exact in all). fast: 16
+ * bits a number, nothing to decode but a conversion; balanced: 8 bits;
+ * small: 4 bits and only the last 16 rows exact (the default window is 64). */
+static const struct { const char *name, *codec; int window; } serve_profiles[] = {
+    {"fast", "fp16", 64}, {"balanced", "int8", 64}, {"small", "int4", 16}};
 
 /* Everything serve collects before it starts. */
 typedef struct serve_st {
@@ -181,6 +188,8 @@ typedef struct serve_st {
     const char *keys[HTTP_MAX_KEYS]; /* --api-key values */
     int n_keys, keys_src, cors_src;
     const char *key_file, *profile;
+    int profile_window;              /* the profile's window (0: none chosen) */
+    bool window_set;                 /* park-window was given (file or flag) */
     char **strs;                     /* copies of the file's values (freed at the end) */
     int n_strs;
 } serve_st;
@@ -267,8 +276,14 @@ static int serve_apply(void *ctx, int c, const char *arg, char *msg, size_t cap)
         for (i = 0; i < n && strcmp(arg, serve_profiles[i].name); i++) {}
         if (i == n) BAD("bad profile '%s' (fast, balanced or small)", arg);
         st->profile = serve_profiles[i].codec;
+        st->profile_window = serve_profiles[i].window;
         break;
     }
+    case SERVE_OPT_PARK_WINDOW:
+        if (cli_parse_long(arg, 0, 1 << 20, &v)) BAD("bad park-window '%s' (rows, 0..1048576)", arg);
+        ho->park_window = v ? (int)v : SESS_WINDOW_NONE;
+        st->window_set = true;
+        break;
     case CLI_OPT_HOT_SESSIONS:
         if (cli_parse_long(arg, 0, 1 << 24, &v)) BAD("bad hot-sessions '%s'", arg);
         ho->hot_sessions = (int)v;
@@ -417,7 +432,16 @@ int cmd_serve(int argc, char **argv) {
         }
     }
     http_opts *ho = &st.ho;
-    if (!ho->codec && st.profile) ho->codec = st.profile; /* an explicit codec overrides the profile */
+    if (!ho->codec && st.profile) { /* an explicit codec overrides the whole profile */
+        ho->codec = st.profile;
+        if (!st.window_set) ho->park_window = st.profile_window;
+    }
+    if (st.window_set && ho->codec && !store_codec_builtin(ho->codec)) {
+        fprintf(stderr, "kvpark serve: park-window applies to the built-in codecs (none, fp16, int8, int4, "
+                        "kivi2); the codec file '%s' parks with the window it was calibrated with "
+                        "(kvpark calibrate --window N)\n", ho->codec);
+        return serve_finish(&st, key_store, 2);
+    }
     if (print_config) {
         serve_print_config(&st);
         return serve_finish(&st, key_store, 0);

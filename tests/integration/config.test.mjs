@@ -112,6 +112,45 @@ describe('config file', { timeout: 120000 }, () => {
     assert.match(missing.stderr, /cannot open config file .*nope\.yaml/);
   });
 
+  it('a profile sets the codec and the exact window; park-window overrides it, and is refused with a codec file', async () => {
+    /* The same ~300-token conversation saved under each setting: a smaller exact
+     * window (small's 16 rows, or park-window 0) parks fewer bytes than int4 with
+     * the default 64 rows, the same codec name is reported, and the session resumes. */
+    const story = 'Once upon a time there was a little girl named Lily. She liked to play outside in the park with her dog. '.repeat(6);
+    const body = { model: 'm', max_tokens: 8, temperature: 0, messages: [{ role: 'user', content: story }] };
+    const saved = {};
+    for (const [name, args] of [['int4-64', ['--codec', 'int4']], ['small', ['--profile', 'small']],
+      ['small-64', ['--profile', 'small', '--park-window', '64']], ['int4-0', ['--codec', 'int4', '--park-window', '0']]]) {
+      const srv = await startServer({ args: ['--ctx', '512', '--cold-dir', path.join(dir, `pw-${name}`), ...args] });
+      servers.push(srv);
+      const s = await jfetch(srv.url + '/v1/sessions', { body: {} });
+      assert.equal(s.status, 200, s.text);
+      const h = { 'x-session-id': s.json.id };
+      const c = await jfetch(srv.baseURL + '/chat/completions', { body, headers: h });
+      assert.equal(c.status, 200, c.text);
+      assert.ok(c.json.usage.prompt_tokens > 200, c.text);
+      const sv = await jfetch(srv.url + `/v1/sessions/${s.json.id}/save`, { headers: h });
+      assert.equal(sv.status, 200, sv.text);
+      assert.equal(sv.json.codec, 'int4', sv.text);
+      saved[name] = sv.json.bytes_new; /* the first save of the session: every stored byte is new */
+      const again = await jfetch(srv.baseURL + '/chat/completions', {
+        body: { ...body, messages: [...body.messages, c.json.choices[0].message, { role: 'user', content: 'And then?' }] }, headers: h });
+      assert.equal(again.status, 200, again.text);
+      assert.ok(again.json.usage.prompt_tokens_details.cached_tokens > 200, again.text);
+    }
+    assert.equal(saved['small-64'], saved['int4-64'], JSON.stringify(saved)); /* the flag overrides the profile's window */
+    assert.ok(saved.small < saved['int4-64'], JSON.stringify(saved));
+    assert.ok(saved['int4-0'] < saved.small, JSON.stringify(saved));
+    /* a codec file keeps the window it was calibrated with */
+    const f = write('fake.kvpc', 'not a codec');
+    const r = serve(['--codec', f, '--park-window', '8', '-m', MODEL]);
+    assert.equal(r.status, 2, r.stderr);
+    assert.match(r.stderr, /park-window applies to the built-in codecs/);
+    const bad = serve(['--park-window', '-3', '-m', MODEL]);
+    assert.equal(bad.status, 2, bad.stderr);
+    assert.match(bad.stderr, /bad park-window/);
+  });
+
   it('deploy/kvpark.yaml.example parses and gives the defaults', () => {
     const ex = serve(['--config', path.join(REPO, 'deploy', 'kvpark.yaml.example'), '--print-config']);
     assert.equal(ex.status, 0, ex.stderr);
