@@ -374,6 +374,12 @@ static void serve_print_config(const serve_st *st) {
             printf("]\n");
             continue;
         case CLI_OPT_QUIET: printf("quiet: %s\n", st->ho.quiet ? "true" : "false"); continue;
+        case SERVE_OPT_PARK_WINDOW: /* the effective window: a profile's, unless given */
+            if (!st->val[i] && st->ho.park_window > 0) {
+                printf("park-window: \"%d\"\n", st->ho.park_window);
+                continue;
+            }
+            break;
         case CLI_OPT_METRICS_KEY:
             if (st->ho.metrics_key) {
                 printf("metrics-key: \"%s\"\n", CONF_REDACTED);

@@ -75,6 +75,7 @@ describe('config file', { timeout: 120000 }, () => {
     assert.match(one.stdout, /^max-conns: "77"$/m);
     assert.match(one.stdout, /^quiet: true$/m);
     assert.match(one.stdout, /^timeout: "60"$/m); /* a default */
+    assert.match(one.stdout, /^park-window: "16"$/m); /* the profile's window */
     assert.doesNotMatch(one.stdout, /m-secret/);
     /* with the metrics key put back, the printed file reads back to the same output */
     const back = write('c2.yaml', one.stdout.replace('metrics-key: "<redacted>"', 'metrics-key: m-secret'));
