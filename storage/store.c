@@ -1303,10 +1303,7 @@ int store_open(store **out, const store_opts *o, kp_err *err) {
     int lc, ls, lw;
     if (!codec_layout(s->codec, &lc, &ls, &lw)) s->o.layout = (park_layout){.sink = ls, .window = lw, .chunk = lc};
     s->codec_hash = park_codec_hash(cname);
-    bool builtin = false;
-    for (int i = 0; i < STORE_N_BUILTIN; i++)
-        if (!strcmp(cname, store_builtin_codecs[i])) builtin = true;
-    if (builtin) {
+    if (store_codec_builtin(cname)) {
         s->codec_hash = 0; /* a file of that name in the cwd is not the codec */
         snprintf(s->codec_label, sizeof s->codec_label, "%s", cname);
     } else {

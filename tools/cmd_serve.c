@@ -189,7 +189,6 @@ typedef struct serve_st {
     int n_keys, keys_src, cors_src;
     const char *key_file, *profile;
     int profile_window;              /* the profile's window (0: none chosen) */
-    bool window_set;                 /* park-window was given (file or flag) */
     char **strs;                     /* copies of the file's values (freed at the end) */
     int n_strs;
 } serve_st;
@@ -281,8 +280,7 @@ static int serve_apply(void *ctx, int c, const char *arg, char *msg, size_t cap)
     }
     case SERVE_OPT_PARK_WINDOW:
         if (cli_parse_long(arg, 0, 1 << 20, &v)) BAD("bad park-window '%s' (rows, 0..1048576)", arg);
-        ho->park_window = v ? (int)v : SESS_WINDOW_NONE;
-        st->window_set = true;
+        ho->park_window = v ? (int)v : SESS_WINDOW_NONE; /* nonzero: given */
         break;
     case CLI_OPT_HOT_SESSIONS:
         if (cli_parse_long(arg, 0, 1 << 24, &v)) BAD("bad hot-sessions '%s'", arg);
@@ -440,9 +438,9 @@ int cmd_serve(int argc, char **argv) {
     http_opts *ho = &st.ho;
     if (!ho->codec && st.profile) { /* an explicit codec overrides the whole profile */
         ho->codec = st.profile;
-        if (!st.window_set) ho->park_window = st.profile_window;
+        if (!ho->park_window) ho->park_window = st.profile_window;
     }
-    if (st.window_set && ho->codec && !store_codec_builtin(ho->codec)) {
+    if (ho->park_window && ho->codec && !store_codec_builtin(ho->codec)) {
         fprintf(stderr, "kvpark serve: park-window applies to the built-in codecs (none, fp16, int8, int4, "
                         "kivi2); the codec file '%s' parks with the window it was calibrated with "
                         "(kvpark calibrate --window N)\n", ho->codec);
