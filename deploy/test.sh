@@ -53,6 +53,14 @@ done
 echo "=== fuzz targets (deploy/fuzz.sh ${FUZZ_SECONDS:-10}) ==="
 JOBS=$jobs bash deploy/fuzz.sh "${FUZZ_SECONDS:-10}" >build-test/fuzz.log 2>&1
 grep -E "^fuzz: " build-test/fuzz.log || tail -20 build-test/fuzz.log
+# What each failed integration test said, repeated here at the end so that
+# a CI excerpt of the last lines shows the cause, not only "not ok".
+for dir in build-test build-asan; do
+  if grep -q "^integration: what the failures said:" "$dir/integration.log" 2>/dev/null; then
+    echo "=== integration failures with $dir/kvpark ==="
+    sed -n '/^integration: what the failures said:/,/^integration: [0-9]* passed/p' "$dir/integration.log" | head -n 80
+  fi
+done
 # Count individual cmocka test cases from meson's JSON logs; a program that
 # crashed or failed without cmocka's summary counts as one failure.
 python3 - <<'PY' || rc=1

@@ -257,7 +257,7 @@ static int read_all(const char *path, uint64_t max, uint8_t **out, size_t *len, 
 /* ---- records ---------------------------------------------------------------------- */
 
 /* The record bytes of a version (malloc'd). */
-static int rec_build(const park_manifest *m, const uint8_t *extra, size_t extra_len, int64_t mtime,
+int store_rec_build(const park_manifest *m, const uint8_t *extra, size_t extra_len, int64_t mtime,
                      uint8_t **out, size_t *len, kp_err *err) {
     uint8_t *mb = NULL;
     size_t ml = 0;
@@ -366,7 +366,7 @@ static int rec_unlink(store *s, const char *id) {
 
 /* The codec that decodes manifests like m, or NULL (foreign). mu held or
  * at open. */
-static const codec *codec_for(store *s, const park_manifest *m) {
+const codec *store_codec_for(store *s, const park_manifest *m) {
     if (m->codec_hash) return m->codec_hash == s->codec_hash ? s->codec : NULL;
     if (s->codec_hash == 0 && strcmp(m->codec, s->codec_label) == 0) return s->codec;
     for (int i = 0; i < STORE_N_BUILTIN; i++) {
@@ -419,7 +419,7 @@ static void index_remove(store *s, store_sess *e) {
 
 /* Wait until no call works on id, then mark it busy. Returns its entry, or
  * (create) a new placeholder, or NULL (absent; with create: out of memory). */
-static store_sess *sess_acquire(store *s, const char *id, bool create) {
+store_sess *store_sess_acquire(store *s, const char *id, bool create) {
     for (;;) {
         store_sess *e = store_find(s, id);
         if (!e) {
@@ -442,14 +442,14 @@ static store_sess *sess_acquire(store *s, const char *id, bool create) {
 }
 
 /* The busy holder is done with e. A placeholder that never got data goes. */
-static void sess_release(store *s, store_sess *e) {
+void store_sess_release(store *s, store_sess *e) {
     e->busy = false;
     if (!e->has_data) index_remove(s, e);
     pthread_cond_broadcast(&s->cv);
 }
 
 /* Release a manifest's references and free it (mu NOT held). */
-static void release_manifest(store *s, park_manifest *m) {
+void store_release_manifest(store *s, park_manifest *m) {
     if (m->n_spans) park_release(s->cas, m);
     park_manifest_free(m);
 }
@@ -457,7 +457,8 @@ static void release_manifest(store *s, park_manifest *m) {
 /* Take a busy entry out of the index, handing its versions to the caller
  * (who releases them with mu NOT held: readers never see a half-released
  * manifest). mu held. */
-static void sess_forget(store *s, store_sess *e, park_manifest *man, park_manifest *old) {
+void store_sess_forget(store *s, store_sess *e, park_manifest *man, park_manifest *old) {
+    if (e->remote_only) park_manifest_free(&e->man); /* it holds no references */
     *man = e->man;
     *old = e->old;
     memset(&e->man, 0, sizeof e->man);
@@ -488,7 +489,7 @@ static void enforce_cold(store *s, const char *keep_id) {
         store_sess *v = NULL;
         for (size_t i = 0; i < s->n; i++) {
             store_sess *e = s->v[i];
-            if (!e->has_data || e->busy || e->pins || (keep_id && !strcmp(e->id, keep_id)))
+            if (!e->has_data || e->busy || e->pins || e->remote_only || (keep_id && !strcmp(e->id, keep_id)))
                 continue;
             if (!v || e->lru < v->lru) v = e;
         }
@@ -508,6 +509,10 @@ static void enforce_cold(store *s, const char *keep_id) {
         uint64_t bytes = v->obj_bytes + v->rec_bytes;
         bool on_disk = v->durable || v->has_old;
         pthread_mutex_unlock(&s->mu);
+        /* write-back: the session leaves this replica for the remote tier (v is
+         * busy: its version is stable without the lock) */
+        if (s->o.remote && s->o.remote_policy == STORE_REMOTE_WRITE_BACK)
+            store_remote_push(s, id, &v->man, v->extra, v->extra_len, v->mtime_ms, true);
 
         if (on_disk && rec_unlink(s, id))
             store_logf(s, "store: dropping session '%s': cannot remove its record: %s", id,
@@ -515,10 +520,10 @@ static void enforce_cold(store *s, const char *keep_id) {
         park_manifest m1, m2;
         pthread_mutex_lock(&s->mu);
         s->st.dropped++;
-        sess_forget(s, v, &m1, &m2);
+        store_sess_forget(s, v, &m1, &m2);
         pthread_mutex_unlock(&s->mu);
-        release_manifest(s, &m1);
-        release_manifest(s, &m2);
+        store_release_manifest(s, &m1);
+        store_release_manifest(s, &m2);
         cas_collect(s->cas);
         store_logf(s, "store: dropped session '%s' (%llu bytes, least recently used): the cold "
                    "tier held %llu bytes, over its budget of %llu bytes (--cold-budget)", id,
@@ -581,7 +586,7 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     int64_t mtime = now_unix_ms();
     if (durable) {
         if ((rc = persist_all(s, id, &nm, err))) goto fail;
-        if ((rc = rec_build(&nm, extra, it->extra_len, mtime, &rec, &rec_len, err))) goto fail;
+        if ((rc = store_rec_build(&nm, extra, it->extra_len, mtime, &rec, &rec_len, err))) goto fail;
         if ((rc = rec_write(s, id, rec, rec_len, err))) goto fail;
         free(rec);
         rec = NULL;
@@ -601,6 +606,11 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     } else if (e->has_data) {
         rel1 = e->man;
     }
+    if (e->remote_only) { /* what the save replaces held no references */
+        park_manifest_free(&rel1);
+        memset(&rel1, 0, sizeof rel1);
+        e->remote_only = false;
+    }
     e->man = nm;
     e->cc = s->codec;
     free(e->extra);
@@ -615,10 +625,14 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     s->st.saves++;
     pthread_mutex_unlock(&s->mu);
     if (rel1.n_spans || rel2.n_spans) {
-        release_manifest(s, &rel1);
-        release_manifest(s, &rel2);
+        store_release_manifest(s, &rel1);
+        store_release_manifest(s, &rel2);
         cas_collect(s->cas);
+    } else {
+        park_manifest_free(&rel1);
     }
+    if (s->o.remote && s->o.remote_policy == STORE_REMOTE_WRITE_THROUGH)
+        store_remote_push(s, id, &e->man, e->extra, e->extra_len, mtime, true);
     if (st) {
         st->bytes_new = ps.bytes_new;
         st->bytes_total = ps.bytes_total;
@@ -631,7 +645,7 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
 fail:
     free(rec);
     free(extra);
-    release_manifest(s, &nm);
+    store_release_manifest(s, &nm);
     cas_collect(s->cas);
     return rc;
 }
@@ -669,7 +683,7 @@ int store_save_impl(store *s, const char *id, const store_item *it, bool durable
                        "holds type %d", id, it->kv->kv_type, s->o.kv_type);
 
     pthread_mutex_lock(&s->mu);
-    store_sess *e = sess_acquire(s, id, true);
+    store_sess *e = store_sess_acquire(s, id, true);
     pthread_mutex_unlock(&s->mu);
     if (!e) return kp_errf(err, KP_ENOMEM, "store: out of memory adding session '%s'", id);
 
@@ -677,7 +691,7 @@ int store_save_impl(store *s, const char *id, const store_item *it, bool durable
 
     pthread_mutex_lock(&s->mu);
     if (rc == KP_EIO || rc == KP_ENOSPC) s->st.io_errors++;
-    sess_release(s, e);
+    store_sess_release(s, e);
     pthread_mutex_unlock(&s->mu);
     if (rc == KP_EIO || rc == KP_ENOSPC) store_logf(s, "store: save of session '%s' failed (previous version kept): %s",
                                  id, err ? err->msg : "I/O error");
@@ -693,12 +707,12 @@ int store_save(store *s, const char *id, const store_item *item, bool durable, s
 
 /* Make e's current version durable; e is busy (ours). */
 static int flush_work(store *s, store_sess *e, kp_err *err) {
-    if (e->durable) return 0;
+    if (e->durable || e->remote_only) return 0; /* remote-only: its durable copy is Redis's */
     int rc = persist_all(s, e->id, &e->man, err);
     if (rc) return rc;
     uint8_t *rec = NULL;
     size_t len = 0;
-    if ((rc = rec_build(&e->man, e->extra, e->extra_len, e->mtime_ms, &rec, &len, err))) return rc;
+    if ((rc = store_rec_build(&e->man, e->extra, e->extra_len, e->mtime_ms, &rec, &len, err))) return rc;
     rc = rec_write(s, e->id, rec, len, err);
     free(rec);
     if (rc) return rc;
@@ -711,7 +725,7 @@ static int flush_work(store *s, store_sess *e, kp_err *err) {
     e->rec_bytes = len;
     pthread_mutex_unlock(&s->mu);
     if (rel.n_spans) {
-        release_manifest(s, &rel);
+        store_release_manifest(s, &rel);
         cas_collect(s->cas);
     }
     return 0;
@@ -720,13 +734,13 @@ static int flush_work(store *s, store_sess *e, kp_err *err) {
 int store_flush(store *s, const char *id, kp_err *err) {
     CHECK_ID(id);
     pthread_mutex_lock(&s->mu);
-    store_sess *e = sess_acquire(s, id, false);
+    store_sess *e = store_sess_acquire(s, id, false);
     pthread_mutex_unlock(&s->mu);
     if (!e) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
     int rc = flush_work(s, e, err);
     pthread_mutex_lock(&s->mu);
     if (rc == KP_EIO || rc == KP_ENOSPC) s->st.io_errors++;
-    sess_release(s, e);
+    store_sess_release(s, e);
     pthread_mutex_unlock(&s->mu);
     if (rc == 0) enforce_cold(s, id);
     return rc;
@@ -742,7 +756,7 @@ static int set_extra_work(store *s, store_sess *e, const void *extra, size_t ext
     size_t len = e->rec_bytes;
     if (e->durable) {
         uint8_t *rec = NULL;
-        rc = rec_build(&e->man, x, extra_len, e->mtime_ms, &rec, &len, err);
+        rc = store_rec_build(&e->man, x, extra_len, e->mtime_ms, &rec, &len, err);
         if (!rc) rc = rec_write(s, e->id, rec, len, err);
         free(rec);
     }
@@ -756,6 +770,8 @@ static int set_extra_work(store *s, store_sess *e, const void *extra, size_t ext
     e->extra_len = extra_len;
     if (e->durable) e->rec_bytes = len;
     pthread_mutex_unlock(&s->mu);
+    if (s->o.remote && (s->o.remote_policy == STORE_REMOTE_WRITE_THROUGH || e->remote_only))
+        store_remote_push(s, e->id, &e->man, e->extra, e->extra_len, e->mtime_ms, false);
     return 0;
 }
 
@@ -764,13 +780,13 @@ int store_set_extra(store *s, const char *id, const void *extra, size_t extra_le
     if (extra_len > STORE_EXTRA_MAX || (extra_len && !extra))
         return kp_errf(err, KP_EINVAL, "store: '%s': %zu extra bytes (max %u)", id, extra_len, STORE_EXTRA_MAX);
     pthread_mutex_lock(&s->mu);
-    store_sess *e = sess_acquire(s, id, false);
+    store_sess *e = store_sess_acquire(s, id, false);
     pthread_mutex_unlock(&s->mu);
     if (!e) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
     int rc = set_extra_work(s, e, extra, extra_len, err);
     pthread_mutex_lock(&s->mu);
     if (rc == KP_EIO || rc == KP_ENOSPC) s->st.io_errors++;
-    sess_release(s, e);
+    store_sess_release(s, e);
     pthread_mutex_unlock(&s->mu);
     return rc;
 }
@@ -838,6 +854,13 @@ int store_load_meta(store *s, const char *id, int *n_tokens, int32_t **tokens, v
     CHECK_ID(id);
     pthread_mutex_lock(&s->mu);
     store_sess *e = store_find(s, id);
+    if ((!e || !e->has_data) && s->o.remote) { /* not here: perhaps another replica's */
+        pthread_mutex_unlock(&s->mu);
+        int rc = store_remote_adopt(s, id, err);
+        if (rc) return rc;
+        pthread_mutex_lock(&s->mu);
+        e = store_find(s, id);
+    }
     if (!e || !e->has_data) {
         pthread_mutex_unlock(&s->mu);
         return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
@@ -879,10 +902,10 @@ static void forget_damaged(store *s, store_sess *e, const char *why) {
     park_manifest m1, m2;
     pthread_mutex_lock(&s->mu);
     e->pins--;
-    sess_forget(s, e, &m1, &m2);
+    store_sess_forget(s, e, &m1, &m2);
     pthread_mutex_unlock(&s->mu);
-    release_manifest(s, &m1);
-    release_manifest(s, &m2);
+    store_release_manifest(s, &m1);
+    store_release_manifest(s, &m2);
     cas_collect(s->cas);
     store_logf(s, "store: session '%s' is damaged and was forgotten: %s", id, why);
     if (s->o.on_drop) s->o.on_drop(s->o.ud, id);
@@ -897,7 +920,17 @@ int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **
     store_restore *r = calloc(1, sizeof *r);
     if (!r) return kp_errf(err, KP_ENOMEM, "store: out of memory");
     pthread_mutex_lock(&s->mu);
-    store_sess *e = sess_acquire(s, id, false);
+    store_sess *e = store_sess_acquire(s, id, false);
+    if (!e && s->o.remote) { /* not here: perhaps another replica's */
+        pthread_mutex_unlock(&s->mu);
+        rc = store_remote_adopt(s, id, err);
+        if (rc) {
+            free(r);
+            return rc;
+        }
+        pthread_mutex_lock(&s->mu);
+        e = store_sess_acquire(s, id, false);
+    }
     if (!e) {
         pthread_mutex_unlock(&s->mu);
         free(r);
@@ -908,6 +941,25 @@ int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **
     pthread_mutex_unlock(&s->mu);
 
     kp_err e2 = {0};
+    if (e->remote_only && (rc = store_remote_fetch(s, e, &e2)) != 0) {
+        park_manifest m1, m2;
+        pthread_mutex_lock(&s->mu);
+        e->pins--;
+        if (rc == KP_EBUSY || rc == KP_ENOMEM) { /* nothing changed: try again later */
+            store_sess_release(s, e);
+            pthread_mutex_unlock(&s->mu);
+            free(r);
+            return kp_errf(err, rc, "%s", e2.msg);
+        }
+        store_sess_forget(s, e, &m1, &m2); /* evicted or damaged in Redis: nothing stays */
+        pthread_mutex_unlock(&s->mu);
+        store_release_manifest(s, &m2);
+        free(r);
+        store_logf(s, "store: session '%s' could not be read from the remote tier: %s", id, e2.msg);
+        if (s->o.on_drop) s->o.on_drop(s->o.ud, id);
+        return kp_errf(err, KP_EFORMAT, "store: session '%s' is damaged in the remote tier (an object "
+                       "evicted or corrupt); it was forgotten here: %s", id, e2.msg);
+    }
     rc = park_restore_begin(s->cas, e->cc, &e->man, kv, &r->pr, &e2);
     if (rc == KP_EFORMAT || rc == KP_ENOTFOUND) {
         char why[KP_ERR_MAX];
@@ -965,24 +1017,34 @@ int store_load_kv(store *s, const char *id, kv_cache *kv, kp_err *err) {
 int store_delete(store *s, const char *id, kp_err *err) {
     CHECK_ID(id);
     pthread_mutex_lock(&s->mu);
-    store_sess *e = sess_acquire(s, id, false);
+    store_sess *e = store_sess_acquire(s, id, false);
     pthread_mutex_unlock(&s->mu);
+    if (!e && s->o.remote) { /* only in Redis? then it goes from there */
+        int rc = store_remote_adopt(s, id, err);
+        if (rc) return rc;
+        pthread_mutex_lock(&s->mu);
+        e = store_sess_acquire(s, id, false);
+        pthread_mutex_unlock(&s->mu);
+    }
     if (!e) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
     if ((e->durable || e->has_old) && rec_unlink(s, id)) {
         int en = errno;
         pthread_mutex_lock(&s->mu);
-        sess_release(s, e);
+        store_sess_release(s, e);
         pthread_mutex_unlock(&s->mu);
         return kp_errf(err, KP_EIO, "store: cannot delete session '%s': removing its record "
                        "failed: %s", id, strerror(en));
     }
     park_manifest m1, m2;
     pthread_mutex_lock(&s->mu);
-    sess_forget(s, e, &m1, &m2);
+    store_sess_forget(s, e, &m1, &m2);
     pthread_mutex_unlock(&s->mu);
-    release_manifest(s, &m1);
-    release_manifest(s, &m2);
+    store_release_manifest(s, &m1);
+    store_release_manifest(s, &m2);
     cas_collect(s->cas);
+    /* so that no replica resumes it from there (queued: never waits on Redis) */
+    if (s->o.remote && remote_enqueue_delete(s->o.remote, id))
+        store_logf(s, "store: session '%s' deleted here; its delete could not be queued for the remote tier", id);
     return 0;
 }
 
@@ -1001,6 +1063,7 @@ typedef struct snap {
     store_entry ent;
     cas_key *keys;
     int n_keys;
+    bool remote;     /* remote-only: nothing local */
 } snap;
 
 static int snap_take(const store_sess *e, snap *sn) {
@@ -1010,6 +1073,7 @@ static int snap_take(const store_sess *e, snap *sn) {
     sn->ent.bytes = e->obj_bytes + e->rec_bytes;
     sn->ent.mtime_unix_ms = e->mtime_ms;
     sn->ent.durable = e->durable;
+    sn->remote = e->remote_only;
     sn->n_keys = e->man.n_spans;
     sn->keys = malloc((size_t)(sn->n_keys ? sn->n_keys : 1) * sizeof *sn->keys);
     if (!sn->keys) return KP_ENOMEM;
@@ -1022,7 +1086,7 @@ static void snap_tier(store *s, snap *sn) {
     bool warm = sn->n_keys > 0;
     for (int i = 0; i < sn->n_keys && warm; i++)
         if (!(cas_where(s->cas, sn->keys[i]) & CAS_IN_WARM)) warm = false;
-    snprintf(sn->ent.tier, sizeof sn->ent.tier, "%s", warm ? "warm" : "cold");
+    snprintf(sn->ent.tier, sizeof sn->ent.tier, "%s", sn->remote ? "remote" : warm ? "warm" : "cold");
     free(sn->keys);
     sn->keys = NULL;
 }
@@ -1158,7 +1222,7 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
     const codec *cc = NULL;
     if (m.model_fingerprint != s->o.shape.model_fingerprint) oc->foreign_model++;
     else if (m.kv_type != s->o.kv_type) oc->foreign_type++;
-    else if (!(cc = codec_for(s, &m))) oc->foreign_codec++;
+    else if (!(cc = store_codec_for(s, &m))) oc->foreign_codec++;
     if (!cc) {
         /* Left in place, and so are its objects: they are referenced (for as
          * long as the store is open) so that the collect below keeps them

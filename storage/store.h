@@ -63,6 +63,18 @@
  *     caller can start using layer l while deeper layers are still decoding
  *     (pipelined resume). See the functions.
  *   - store_delete() removes the record and releases its objects.
+ *   - Remote tier (opts.remote, storage/remote.h; store_remote.c): under
+ *     write-through (the default) every save is also queued for Redis (record
+ *     + objects; never blocking the caller); under write-back a session goes
+ *     there when the cold budget drops it here. An id this store does not
+ *     hold is looked up in Redis by load_meta / load_kv / delete: found, it is
+ *     indexed as tier "remote" and its first restore brings its objects here
+ *     (then it is a warm session). Redis unreachable: those calls are
+ *     KP_EBUSY and change nothing; calls on local sessions never wait on it.
+ *     An object evicted or corrupt in Redis: the load is KP_EFORMAT and the
+ *     id is forgotten here with nothing left behind. store_delete queues the
+ *     delete for Redis too, so no replica resumes a deleted session; a drop
+ *     by the cold budget does not (Redis keeps the session).
  *   - All calls are thread-safe. The index mutex is never held during file
  *     I/O, encoding or decoding: a slow disk does not block other sessions'
  *     calls. Concurrent calls on the SAME id are serialised by the store.
@@ -78,6 +90,7 @@
 #include "kernels/kp.h"
 #include "engine/kv.h"
 #include "storage/park.h"
+#include "storage/remote.h"
 
 #define STORE_ID_MAX 64
 #define STORE_TIER_MAX 16
@@ -95,7 +108,25 @@ typedef struct store_opts {
     void (*log)(void *ud, const char *msg);         /* events worth a log line */
     void (*on_drop)(void *ud, const char *id);      /* a session was dropped (budget / corrupt) */
     void *ud;
+    remote *remote;             /* the shared tier below cold (storage/remote.h), NULL: none;
+                                 * not owned: close it after store_close */
+    int remote_policy;          /* STORE_REMOTE_WRITE_THROUGH (default) or _WRITE_BACK */
 } store_opts;
+
+/* How saves reach the remote tier (store_opts.remote_policy):
+ *   WRITE_THROUGH  every save is queued for Redis as it is made (the default:
+ *                  any replica can resume a conversation the moment its save
+ *                  is acknowledged, and a replica that dies loses nothing);
+ *   WRITE_BACK     a session goes to Redis only when the cold budget drops it
+ *                  here (less Redis traffic and memory; another replica sees
+ *                  a session only once this one let it go). */
+enum { STORE_REMOTE_WRITE_THROUGH = 0, STORE_REMOTE_WRITE_BACK = 1 };
+
+/* The codec part of the remote key prefix (remote_opts.codec_hash) for a
+ * store opened with o: the codec's identity (a built-in's name, a codec
+ * file's content hash) and the KV element type, so replicas share exactly
+ * the sessions they can decode. 0 if a codec file cannot be read. */
+uint64_t store_remote_codec_hash(const store_opts *o);
 
 /* What a session is made of, for store_save. */
 typedef struct store_item {
@@ -113,7 +144,8 @@ typedef struct store_entry {
     int n_tokens;
     uint64_t bytes;                 /* bytes of its objects + record */
     int64_t mtime_unix_ms;          /* last save */
-    char tier[STORE_TIER_MAX];      /* "warm" (every object in RAM) or "cold" */
+    char tier[STORE_TIER_MAX];      /* "warm" (every object in RAM), "cold", or "remote"
+                                     * (known from the remote tier; nothing local yet) */
     bool durable;                   /* record and objects are on disk */
 } store_entry;
 

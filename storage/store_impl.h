@@ -53,6 +53,9 @@ typedef struct store_sess {
     uint64_t rec_bytes;   /* bytes of man's record */
     int64_t mtime_ms;     /* last save */
     uint64_t lru;         /* tick of last use (larger = more recent) */
+    bool remote_only;     /* man was read from the remote tier and holds no references:
+                           * its objects are fetched into the chunk store by the first
+                           * restore (then it is an ordinary warm session) */
 } store_sess;
 
 struct store {
@@ -93,6 +96,39 @@ int store_save_impl(store *s, const char *id, const store_item *it, bool durable
  * target tests/fuzz/fuzz_store_record.c. */
 int store_rec_parse(const uint8_t *b, size_t len, park_manifest *m, uint8_t **extra,
                     size_t *extra_len, int64_t *mtime, kp_err *err);
+/* Record bytes of a version (malloc'd), the format at the top of store.c. */
+int store_rec_build(const park_manifest *m, const uint8_t *extra, size_t extra_len, int64_t mtime,
+                    uint8_t **out, size_t *len, kp_err *err);
+/* The codec that decodes manifests like m, or NULL (foreign). mu held. */
+const codec *store_codec_for(store *s, const park_manifest *m);
+/* Per-id serialisation (mu held): wait until no call works on id, mark it
+ * busy and return its entry, or (create) a new placeholder, or NULL. */
+store_sess *store_sess_acquire(store *s, const char *id, bool create);
+/* The busy holder is done with e; a placeholder that never got data goes. */
+void store_sess_release(store *s, store_sess *e);
+/* Release a manifest's references and free it (mu NOT held). */
+void store_release_manifest(store *s, park_manifest *m);
+/* Take a busy entry out of the index, handing its versions to the caller to
+ * release with mu NOT held. mu held. */
+void store_sess_forget(store *s, store_sess *e, park_manifest *man, park_manifest *old);
+
+/* ---- the remote tier (store_remote.c); every one with mu NOT held ---- */
+/* Queue version (m, extra, mtime) of id for Redis: the record, and with
+ * with_objects the bytes of every span object (read from the chunk store).
+ * Never blocks on Redis; a refused job is logged (the local copy stays). */
+void store_remote_push(store *s, const char *id, const park_manifest *m, const uint8_t *extra,
+                       size_t extra_len, int64_t mtime, bool with_objects);
+/* id is not in the index: read its record from Redis and index it as a
+ * remote-only entry. 0, KP_ENOTFOUND (not there either), KP_EBUSY (Redis
+ * unreachable: the caller cannot tell), KP_EFORMAT (a record that does not
+ * check out, or of a model / codec this store cannot use). */
+int store_remote_adopt(store *s, const char *id, kp_err *err);
+/* e (busy, ours) is remote-only: bring every object of its manifest into
+ * the chunk store (warm) and take the references; then it is local.
+ * KP_ENOTFOUND / KP_EFORMAT: an object evicted or damaged in Redis;
+ * KP_EBUSY: Redis unreachable. On failure no reference is left. */
+int store_remote_fetch(store *s, store_sess *e, kp_err *err);
+
 /* The id of a file name ID + ext, or false. */
 bool store_id_of(const char *name, const char *ext, char id[STORE_ID_MAX + 1]);
 /* Import every DIR/ID.kvps (legacy v1 blob) as a durable session, then remove

@@ -70,5 +70,11 @@ if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
     failed=1   # node died or timed out before printing its summary
     echo "integration: the test run ended with status $status before its summary" >&2
 fi
+# Repeat what each failure said (its assertion, expected/actual, stack top)
+# just above the summary, where a CI excerpt of the last lines will show it.
+if [ "$failed" -ne 0 ]; then
+    echo "integration: what the failures said:"
+    awk '/^[ ]*not ok /{on=1; n=0} on{print; n++; if ($0 ~ /^[ ]*\.\.\.$/ || n >= 40) on=0}' "$log" | head -n 200
+fi
 echo "integration: $pass passed, $failed failed"
 [ "$status" -eq 0 ] && [ "$failed" -eq 0 ]
