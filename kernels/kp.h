@@ -39,7 +39,8 @@
     XX(EMISMATCH, -8, "mismatch")       /* data made for another model / codec                 */   \
     XX(EBUSY, -9, "busy")               /* queue full, resource in use                         */   \
     XX(ECANCELED, -10, "canceled")      /* shut down or abandoned before it finished           */   \
-    XX(ENOSPC, -11, "no space left")    /* disk full, quota or file-size limit (HTTP 507)      */
+    XX(ENOSPC, -11, "no space left")    /* disk full, quota or file-size limit (HTTP 507)      */   \
+    XX(EUNAVAIL, -12, "unavailable")    /* a peer (the remote tier) cannot be reached now (503) */
 
 enum {
     KP_OK = 0,

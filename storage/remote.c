@@ -710,6 +710,43 @@ int remote_del_record(remote *r, const char *id, kp_err *err) {
     return rc;
 }
 
+/* ---- the deployment's shared secret -------------------------------------------------- */
+
+int remote_share_secret(remote *r, const uint8_t *mine, size_t n, uint8_t *out, kp_err *err) {
+    if (!r || !mine || !out || n == 0 || n > 256) return kp_errf(err, KP_EINVAL, "remote: share secret: bad arguments");
+    redisContext *c;
+    int rc = conn_get(r, &c, err);
+    if (rc) return rc;
+    /* the first replica's secret stands; every later one reads it */
+    redisReply *rep = cmd(c, "SET %s %b NX", REMOTE_SECRET_KEY, mine, n);
+    int en = errno;
+    if (!rep) {
+        rc = conn_fail(r, c, en, err);
+        conn_put(r, c);
+        return rc;
+    }
+    if (rep->type == REDIS_REPLY_ERROR) rc = reply_fail(r, rep, "the owner-secret write", err);
+    freeReplyObject(rep);
+    if (!rc) {
+        rep = cmd(c, "GET %s", REMOTE_SECRET_KEY);
+        en = errno;
+        if (!rep) {
+            rc = conn_fail(r, c, en, err);
+        } else {
+            if (rep->type == REDIS_REPLY_ERROR) rc = reply_fail(r, rep, "the owner-secret read", err);
+            else if (rep->type != REDIS_REPLY_STRING || rep->len != n)
+                rc = kp_errf(err, KP_EFORMAT, "remote: the key '%s' in Redis does not hold a %zu-byte secret "
+                             "(delete it to let the next replica draw one: every stored session's owner is "
+                             "keyed with it)", REMOTE_SECRET_KEY, n);
+            else memcpy(out, rep->str, n);
+            freeReplyObject(rep);
+        }
+    }
+    conn_put(r, c);
+    if (!rc) note(r, 0, false, NULL);
+    return rc;
+}
+
 /* ---- the write queue ------------------------------------------------------------------ */
 
 static void job_free(rjob *j) {

@@ -136,6 +136,15 @@ int remote_get_record(remote *r, const char *id, void **rec, size_t *len, long l
                       kp_err *err);
 int remote_del_record(remote *r, const char *id, kp_err *err);
 
+/* The deployment's owner secret (storage/store.h store_secret): SET NX of
+ * mine under REMOTE_SECRET_KEY (outside every model prefix: one deployment,
+ * one secret), then GET: *out is the secret the first replica put there, so
+ * every replica keys owner ids alike and a session is its key's everywhere.
+ * KP_EBUSY if Redis is unreachable, KP_EFORMAT if the key holds something
+ * that is not an n-byte value. */
+#define REMOTE_SECRET_KEY "kvpark:owner-secret"
+int remote_share_secret(remote *r, const uint8_t *mine, size_t n, uint8_t *out, kp_err *err);
+
 /* Queue a save (objects first, record last) or a delete. 0 queued, KP_EBUSY
  * queue full (dropped), KP_ENOMEM. */
 int remote_enqueue_save(remote *r, const char *id, const remote_obj *objs, int n_objs,

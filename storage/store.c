@@ -945,7 +945,7 @@ int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **
         park_manifest m1, m2;
         pthread_mutex_lock(&s->mu);
         e->pins--;
-        if (rc == KP_EBUSY || rc == KP_ENOMEM) { /* nothing changed: try again later */
+        if (rc == KP_EUNAVAIL || rc == KP_ENOMEM) { /* nothing changed: try again later */
             store_sess_release(s, e);
             pthread_mutex_unlock(&s->mu);
             free(r);

@@ -70,7 +70,7 @@
  *     hold is looked up in Redis by load_meta / load_kv / delete: found, it is
  *     indexed as tier "remote" and its first restore brings its objects here
  *     (then it is a warm session). Redis unreachable: those calls are
- *     KP_EBUSY and change nothing; calls on local sessions never wait on it.
+ *     KP_EUNAVAIL and change nothing; calls on local sessions never wait on it.
  *     An object evicted or corrupt in Redis: the load is KP_EFORMAT and the
  *     id is forgotten here with nothing left behind. store_delete queues the
  *     delete for Redis too, so no replica resumes a deleted session; a drop
@@ -224,6 +224,13 @@ int store_set_extra(store *s, const char *id, const void *extra, size_t extra_le
 #define STORE_SECRET_BYTES 32
 #define STORE_SECRET_FILE "owner.secret"
 int store_secret(const char *dir, uint8_t out[STORE_SECRET_BYTES], kp_err *err);
+
+/* With a remote tier, every replica must key owner ids alike: the first
+ * replica's secret goes to Redis (remote_share_secret) and a later one whose
+ * DIR secret differs takes the deployment's, written durably into DIR --
+ * unless DIR already holds sessions keyed with its own (KP_EMISMATCH, with
+ * what to do). KP_EBUSY if Redis cannot be reached. */
+int store_secret_share(const char *dir, remote *r, kp_err *err);
 
 /* KP_ENOTFOUND if there is no such session. */
 int store_delete(store *s, const char *id, kp_err *err);

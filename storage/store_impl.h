@@ -119,14 +119,14 @@ void store_sess_forget(store *s, store_sess *e, park_manifest *man, park_manifes
 void store_remote_push(store *s, const char *id, const park_manifest *m, const uint8_t *extra,
                        size_t extra_len, int64_t mtime, bool with_objects);
 /* id is not in the index: read its record from Redis and index it as a
- * remote-only entry. 0, KP_ENOTFOUND (not there either), KP_EBUSY (Redis
+ * remote-only entry. 0, KP_ENOTFOUND (not there either), KP_EUNAVAIL (Redis
  * unreachable: the caller cannot tell), KP_EFORMAT (a record that does not
  * check out, or of a model / codec this store cannot use). */
 int store_remote_adopt(store *s, const char *id, kp_err *err);
 /* e (busy, ours) is remote-only: bring every object of its manifest into
  * the chunk store (warm) and take the references; then it is local.
  * KP_ENOTFOUND / KP_EFORMAT: an object evicted or damaged in Redis;
- * KP_EBUSY: Redis unreachable. On failure no reference is left. */
+ * KP_EUNAVAIL: Redis unreachable. On failure no reference is left. */
 int store_remote_fetch(store *s, store_sess *e, kp_err *err);
 
 /* The id of a file name ID + ext, or false. */

@@ -26,7 +26,7 @@
  *   remote-only    --fetch: object missing/bad-->   (forgotten; nothing left)
  *   remote-only    --save-->                        local (the save replaces it)
  *   local          --delete-->                      (absent; delete queued for Redis)
- * Redis unreachable: adopt and fetch fail with KP_EBUSY and change nothing
+ * Redis unreachable: adopt and fetch fail with KP_EUNAVAIL and change nothing
  * (the server answers 503 + Retry-After); local sessions never wait on it.
  *
  * Content keys are the chunk store's (cas.h), so a prefix shared by many
@@ -34,12 +34,18 @@
  * (the writer skips objects Redis already has). Keys carry the owner scope
  * (park_save_scoped), so tenants share nothing there either.
  */
+#include "storage/fsutil.h"
 #include "storage/store.h"
 #include "storage/store_impl.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 uint64_t store_remote_codec_hash(const store_opts *o) {
@@ -96,7 +102,7 @@ int store_remote_adopt(store *s, const char *id, kp_err *err) {
     int rc = remote_get_record(s->o.remote, id, &b, &len, NULL, &e2);
     if (rc == KP_ENOTFOUND) return kp_errf(err, KP_ENOTFOUND, "store: no session '%s'", id);
     if (rc == KP_EBUSY)
-        return kp_errf(err, KP_EBUSY, "store: session '%s' is not on this replica and the remote tier "
+        return kp_errf(err, KP_EUNAVAIL, "store: session '%s' is not on this replica and the remote tier "
                        "cannot be asked now: %s", id, e2.msg);
     if (rc) return kp_errf(err, rc == KP_ENOMEM ? KP_ENOMEM : KP_EFORMAT, "store: session '%s' in the remote tier: %s",
                            id, e2.msg);
@@ -173,6 +179,7 @@ int store_remote_fetch(store *s, store_sess *e, kp_err *err) {
         free(d);
         if (rc) break;
     }
+    if (rc == KP_EBUSY) rc = KP_EUNAVAIL; /* Redis unreachable */
     if (rc) {
         for (int i = 0; i < done; i++) cas_unref(s->cas, m->spans[i].key);
         cas_collect(s->cas);
@@ -183,5 +190,68 @@ int store_remote_fetch(store *s, store_sess *e, kp_err *err) {
     pthread_mutex_lock(&s->mu);
     e->remote_only = false;
     pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+/* 1 if DIR/sessions holds a session record (or DIR a legacy blob). */
+static int dir_has_sessions(const char *dir) {
+    char path[STORE_PATH_MAX];
+    snprintf(path, sizeof path, "%s/sessions", dir);
+    const char *dirs[2] = {path, dir};
+    const char *exts[2] = {STORE_REC_EXT, STORE_LEGACY_EXT};
+    for (int k = 0; k < 2; k++) {
+        DIR *dh = opendir(dirs[k]);
+        if (!dh) continue;
+        struct dirent *de;
+        int found = 0;
+        while (!found && (de = readdir(dh)) != NULL) found = fs_has_suffix(de->d_name, exts[k]);
+        closedir(dh);
+        if (found) return 1;
+    }
+    return 0;
+}
+
+int store_secret_share(const char *dir, remote *r, kp_err *err) {
+    uint8_t mine[STORE_SECRET_BYTES], theirs[STORE_SECRET_BYTES];
+    int rc = store_secret(dir, mine, err);
+    if (rc) return rc;
+    kp_err e2 = {0};
+    rc = remote_share_secret(r, mine, sizeof mine, theirs, &e2);
+    if (rc) {
+        sodium_memzero(mine, sizeof mine);
+        return kp_errf(err, rc, "the replicas agree on their owner secret through the remote tier at start, and it "
+                       "cannot be read: %s", e2.msg);
+    }
+    int same = sodium_memcmp(mine, theirs, sizeof mine) == 0;
+    sodium_memzero(mine, sizeof mine);
+    if (same) {
+        sodium_memzero(theirs, sizeof theirs);
+        return 0;
+    }
+    if (dir_has_sessions(dir)) {
+        sodium_memzero(theirs, sizeof theirs);
+        return kp_errf(err, KP_EMISMATCH,
+                       "the cold dir '%s' holds sessions whose owners are keyed with its own secret (%s/%s), "
+                       "not the deployment's in Redis (key %s): start this replica on an empty --cold-dir, "
+                       "or, if this Redis is new and this replica's sessions are the ones to keep, delete "
+                       "that key in Redis so this replica's secret is shared",
+                       dir, dir, STORE_SECRET_FILE, REMOTE_SECRET_KEY);
+    }
+    /* nothing keyed with ours yet: take the deployment's (tmp + fsync + rename) */
+    char path[STORE_PATH_MAX], tmp[STORE_PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s", dir, STORE_SECRET_FILE);
+    snprintf(tmp, sizeof tmp, "%s/%s.%ld%s", dir, STORE_SECRET_FILE, (long)getpid(), STORE_TMP_EXT);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+    int e = 0;
+    if (fd < 0 || fs_write_all(fd, theirs, sizeof theirs) || fsync(fd)) e = errno;
+    if (fd >= 0) close(fd);
+    sodium_memzero(theirs, sizeof theirs);
+    if (!e && rename(tmp, path)) e = errno;
+    if (e) {
+        unlink(tmp);
+        return kp_errf(err, fs_write_errcode(e), "store: cannot write the deployment's owner secret to '%s': %s", path,
+                       strerror(e));
+    }
+    fs_fsync_dir(dir);
     return 0;
 }

@@ -773,9 +773,9 @@ static void test_store_two_replicas(void **state) {
     assert_true(r2 == KP_ENOTFOUND || r2 == KP_EFORMAT);
     assert_false(store_has(C, "conv-2"));
 
-    /* Redis down: a session only in Redis is KP_EBUSY (503), local ones unaffected */
+    /* Redis down: a session only in Redis is KP_EUNAVAIL (503), local ones unaffected */
     rsrv_kill(&s);
-    assert_int_equal(store_load_meta(C, "conv-9", &nt, NULL, NULL, NULL, &err), KP_EBUSY);
+    assert_int_equal(store_load_meta(C, "conv-9", &nt, NULL, NULL, NULL, &err), KP_EUNAVAIL);
     kv_cache *ka = tu_kv_new(g_be, KP_TYPE_F32, NL, NCTX, NKV, HD);
     assert_int_equal(store_load_kv(A, "conv-2", ka, &err), 0);
     assert_true(kv_rows_equal(kv, ka, 100));
@@ -792,6 +792,64 @@ static void test_store_two_replicas(void **state) {
     kv_free(ka);
     free(tok);
     free(tok2);
+    tu_rm_rf(da);
+    tu_rm_rf(db);
+    tu_rm_rf(dc);
+    free(da);
+    free(db);
+    free(dc);
+    rsrv_done(&s);
+}
+
+/* Every replica keys owner ids with one secret: the first one's, through Redis. */
+static void test_secret_share(void **state) {
+    (void)state;
+    rsrv s;
+    rsrv_init(&s, NULL);
+    char *da = tu_tmpdir(), *db = tu_tmpdir(), *dc = tu_tmpdir();
+    remote *ra = NULL, *rb = NULL, *rc = NULL;
+    store *A = open_store(da, s.url, &ra, STORE_REMOTE_WRITE_THROUGH, 0);
+    kp_err err = {0};
+    uint8_t sa[STORE_SECRET_BYTES], sb[STORE_SECRET_BYTES], sc[STORE_SECRET_BYTES];
+    assert_int_equal(store_secret(da, sa, &err), 0);
+    assert_int_equal(store_secret_share(da, ra, &err), 0); /* the first: its own goes up */
+    uint8_t again[STORE_SECRET_BYTES];
+    assert_int_equal(store_secret(da, again, &err), 0);
+    assert_memory_equal(sa, again, sizeof sa);
+
+    /* a fresh replica (its own secret drawn, no sessions): takes the deployment's */
+    store *B = open_store(db, s.url, &rb, STORE_REMOTE_WRITE_THROUGH, 0);
+    assert_int_equal(store_secret(db, sb, &err), 0);
+    assert_memory_not_equal(sa, sb, sizeof sa);
+    assert_int_equal(store_secret_share(db, rb, &err), 0);
+    assert_int_equal(store_secret(db, sb, &err), 0);
+    assert_memory_equal(sa, sb, sizeof sa);
+
+    /* a replica whose dir holds sessions keyed with another secret: refused, nothing changed */
+    store *C = open_store(dc, s.url, &rc, STORE_REMOTE_WRITE_BACK, 0);
+    kv_cache *kv = tu_kv_new(g_be, KP_TYPE_F32, NL, NCTX, NKV, HD);
+    tu_kv_fill(kv, 0, 40, 3);
+    int32_t *tok = tu_make_tokens(40, 3);
+    store_item it = {.tokens = tok, .n_tokens = 40, .kv = kv};
+    assert_int_equal(store_save(C, "mine", &it, true, NULL, &err), 0);
+    assert_int_equal(store_secret(dc, sc, &err), 0);
+    assert_int_equal(store_secret_share(dc, rc, &err), KP_EMISMATCH);
+    assert_non_null(strstr(err.msg, "empty --cold-dir"));
+    assert_int_equal(store_secret(dc, again, &err), 0);
+    assert_memory_equal(sc, again, sizeof sc);
+
+    /* Redis down: a clear KP_EBUSY */
+    rsrv_kill(&s);
+    assert_int_equal(store_secret_share(db, rb, &err), KP_EBUSY);
+
+    store_close(A);
+    store_close(B);
+    store_close(C);
+    remote_close(ra);
+    remote_close(rb);
+    remote_close(rc);
+    kv_free(kv);
+    free(tok);
     tu_rm_rf(da);
     tu_rm_rf(db);
     tu_rm_rf(dc);
@@ -877,6 +935,7 @@ int main(int argc, char **argv) {
 #if STORE_REMOTE
         cmocka_unit_test(test_store_two_replicas),
         cmocka_unit_test(test_store_write_back),
+        cmocka_unit_test(test_secret_share),
 #endif
     };
     tu_apply_filter_args(argc, argv);
