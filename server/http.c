@@ -96,6 +96,8 @@ static enum MHD_Result reply_raw(struct MHD_Connection *c, int status, const cha
     if (!r) return MHD_NO;
     MHD_add_response_header(r, "Content-Type", ctype);
     if (session_id && *session_id) MHD_add_response_header(r, "X-Session-Id", session_id);
+    /* every 503 is temporary here (loading, shutting down, the remote tier away): say when to retry */
+    if (status == 503) MHD_add_response_header(r, "Retry-After", "1");
     http_add_cors(r);
     enum MHD_Result ok = MHD_queue_response(c, (unsigned)status, r);
     MHD_destroy_response(r);
@@ -109,6 +111,8 @@ static enum MHD_Result reply_json(struct MHD_Connection *c, int status, char *js
     free(json);
     return ok;
 }
+
+static enum MHD_Result health_reply(server *s, struct MHD_Connection *c); /* with the metrics, below */
 
 enum MHD_Result http_reply_error(struct MHD_Connection *c, const api_error *e) {
     return reply_json(c, e->http_status, api_error_json(e), NULL);
@@ -179,6 +183,9 @@ static enum MHD_Result reply_sess_error(struct MHD_Connection *c, int rc, const 
                                         const kp_err *err) {
     api_error e;
     if (rc == KP_ENOTFOUND) api_error_unknown_session(&e, id);
+    else if (rc == KP_EUNAVAIL) /* only in the remote tier, which cannot be reached now */
+        api_error_set(&e, 503, "server_error", "remote_unavailable", NULL, "session %s cannot be %s now: %s", id, what,
+                      err->msg);
     else if (rc == KP_EBUSY)
         api_error_set(&e, 409, "invalid_request_error", "session_busy", NULL, "%s", err->msg);
     else if (rc == KP_EINVAL)
@@ -384,8 +391,7 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
                 api_error_not_ready(&e, "the model is loading");
                 return http_reply_error(c, &e);
             }
-            const char *ok = "{\"status\":\"ok\"}";
-            return reply_raw(c, 200, "application/json", ok, strlen(ok), NULL);
+            return health_reply(s, c);
         }
         char *txt = metrics_render(s->reg);
         if (!txt) return MHD_NO;
@@ -684,6 +690,31 @@ static void collect_kv_bytes(metrics_family *f, void *ctx) {
     metrics_set(f, (double)n.cold_bytes, "cold", NULL);
 }
 
+/* GET /health: {"status":"ok"}, and with a remote tier its state:
+ * "remote": {"state": "up"|"degraded"|"down", "queued": jobs, "error": last}.
+ * The server is healthy whatever Redis does (local sessions are unaffected):
+ * the remote state is for dashboards and the operator, not a reason to be
+ * taken out of a load balancer. */
+static enum MHD_Result health_reply(server *s, struct MHD_Connection *c) {
+    remote_stats rs;
+    json_t *o = json_pack("{s:s}", "status", "ok");
+    if (o && s->sessions && sess_remote_stats(s->sessions, &rs) == 0)
+        json_object_set_new(o, "remote", json_pack("{s:s,s:I,s:s}", "state", remote_state_name(rs.state),
+                                                   "queued", (json_int_t)rs.queue_jobs, "error", rs.last_error));
+    char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    return reply_json(c, 200, txt, NULL);
+}
+
+/* The remote tier's events since start (remote.h: put, get, hit, miss, error,
+ * retry, dropped, timeout), read from its counters at each scrape. */
+static void collect_remote(metrics_family *f, void *ctx) {
+    server *s = ctx;
+    remote_stats rs;
+    if (!s->sessions || sess_remote_stats(s->sessions, &rs)) return;
+    for (int i = 0; i < REMOTE_EV_N; i++) metrics_set(f, (double)rs.events[i], remote_event_name(i), NULL);
+}
+
 /* The store's cumulative counts since start (gauges computed at scrape time:
  * they only grow while the server runs). */
 static void collect_store(metrics_family *f, void *ctx) {
@@ -752,7 +783,12 @@ static int setup_metrics(server *s, kp_err *err) {
                           "tier", NULL, collect_kv_bytes, s, err) ||
         !metrics_gauge_fn(reg, "kvpark_store_events", "Session store events since start: sessions dropped "
                           "(cold tier full), files quarantined, write errors, foreign records, torn writes removed.",
-                          "event", NULL, collect_store, s, err))
+                          "event", NULL, collect_store, s, err) ||
+        !metrics_counter_fn(reg, "kvpark_remote_events_total", "Remote tier (--remote, Redis) events since start: "
+                            "put (a record or object written), get (a read), hit, miss (not there: never written, "
+                            "evicted or expired), error, retry (a queued write tried again), dropped (a write "
+                            "given up: queue full or shutdown), timeout. Absent without --remote.",
+                            "event", NULL, collect_remote, s, err))
         return KP_EINVAL;
     /* Every known series at 0 from the first scrape, so rate() sees its first increase. */
     int rc = metrics_declare_sets(reg, metrics_kvpark_series, metrics_n_kvpark_series, err);
@@ -829,6 +865,26 @@ static int parse_host(const char *host, int port, struct sockaddr_storage *ss, u
     return 0;
 }
 
+/* The replicas of a deployment agree on one owner secret through Redis
+ * (store_secret_share) before any owner id is made. Redis may be starting
+ * alongside this server (compose, Kubernetes): try for about 10 s. */
+static int share_secret(server *s, kp_err *err) {
+    remote_opts ro = remote_default_opts();
+    ro.url = s->o.remote_url;
+    if (s->o.remote_timeout_ms > 0) ro.connect_timeout_ms = ro.command_timeout_ms = s->o.remote_timeout_ms;
+    remote *r = NULL;
+    int rc = remote_open(&r, &ro, err);
+    for (int i = 0; !rc && i < 10; i++) {
+        rc = store_secret_share(s->o.session_dir, r, err);
+        if (rc != KP_EBUSY || i == 9) break;
+        fprintf(stderr, "kvpark: waiting for the remote tier %s: %s\n", s->o.remote_url, err->msg);
+        nanosleep(&(struct timespec){1, 0}, NULL);
+        rc = 0;
+    }
+    remote_close(r);
+    return rc;
+}
+
 int http_serve(const http_opts *opts, kp_err *err) {
     server *s = calloc(1, sizeof *s);
     if (!s) return kp_errf(err, KP_ENOMEM, "out of memory");
@@ -837,8 +893,10 @@ int http_serve(const http_opts *opts, kp_err *err) {
     pthread_mutex_init(&s->conns_mu, NULL);
     pthread_cond_init(&s->watchdog_cv, NULL);
     bool watchdog = false;
-    /* owner ids before the daemon listens: check_key reads them from the first request on */
-    int rc = sess_key_owners(s->o.session_dir, s->o.keys, s->o.n_keys, s->key_hash, err);
+    /* owner ids before the daemon listens: check_key reads them from the first request on;
+     * with a remote tier every replica keys them with the deployment's secret */
+    int rc = s->o.remote_url ? share_secret(s, err) : 0;
+    if (!rc) rc = sess_key_owners(s->o.session_dir, s->o.keys, s->o.n_keys, s->key_hash, err);
     if (!rc) rc = setup_metrics(s, err);
     struct MHD_Daemon *d = NULL;
     sigset_t sigs;
@@ -919,7 +977,9 @@ int http_serve(const http_opts *opts, kp_err *err) {
                      .cold_budget = s->o.cold_budget, .idle_park_s = s->o.idle_park_s,
                      .max_sessions = s->o.max_sessions, .max_sessions_per_key = s->o.max_sessions_per_key,
                      .session_ttl_s = s->o.session_ttl_s, .keys = s->o.keys, .n_keys = s->o.n_keys,
-                     .quiet = s->o.quiet, .on_event = on_sess_event, .ud = s};
+                     .quiet = s->o.quiet, .remote_url = s->o.remote_url, .remote_policy = s->o.remote_policy,
+                     .remote_ttl_s = s->o.remote_ttl_s, .remote_timeout_ms = s->o.remote_timeout_ms,
+                     .on_event = on_sess_event, .ud = s};
     if ((rc = sess_open(&s->sessions, &sso, err))) goto done;
     snprintf(s->codec_name, sizeof s->codec_name, "%s", s->o.codec ? s->o.codec : "none");
     atomic_store(&s->ready, true);

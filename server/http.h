@@ -70,6 +70,10 @@ typedef struct http_opts {
     uint64_t warm_budget;     /* bytes of parked sessions in RAM (0: default 1 GiB) */
     uint64_t cold_budget;     /* bytes on disk (0: unlimited) */
     double idle_park_s;       /* park sessions idle this long (0: never) */
+    const char *remote_url;   /* --remote: the shared Redis tier (NULL: none) */
+    int remote_policy;        /* --remote-policy: STORE_REMOTE_WRITE_THROUGH (default) / _WRITE_BACK */
+    uint32_t remote_ttl_s;    /* --remote-ttl: expiry in Redis (0: none) */
+    int remote_timeout_ms;    /* --remote-timeout: no Redis call waits longer (default 2000) */
     const char *chat_template;/* NULL: from the model */
     const char *keys[HTTP_MAX_KEYS]; /* API keys (none: no auth) */
     int n_keys;

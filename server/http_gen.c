@@ -596,6 +596,11 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
             api_error_unknown_session(&e, sid);
             return http_reply_error(c, &e);
         }
+        if (rc == KP_EUNAVAIL) { /* only in the remote tier, which cannot be reached now: retry */
+            api_error_set(&e, 503, "server_error", "remote_unavailable", "session_id",
+                          "session %s cannot be restored now: %s", sid, err.msg);
+            return http_reply_error(c, &e);
+        }
         if (rc) {
             api_error_set(&e, 409, "invalid_request_error", "session_unavailable", "session_id",
                           "session %s cannot be restored: %s", sid, err.msg);

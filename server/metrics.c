@@ -335,6 +335,16 @@ metrics_family *metrics_gauge_fn(metrics_registry *reg, const char *name, const 
     return add_family(reg, METRICS_GAUGE, name, help, label0, label1, NULL, 0, fn, ctx, err);
 }
 
+metrics_family *metrics_counter_fn(metrics_registry *reg, const char *name, const char *help,
+                                   const char *label0, const char *label1,
+                                   metrics_collect_fn fn, void *ctx, kp_err *err) {
+    if (!fn) {
+        kp_errf(err, KP_EINVAL, "metrics: %s: collect callback is NULL", name ? name : "?");
+        return NULL;
+    }
+    return add_family(reg, METRICS_COUNTER, name, help, label0, label1, NULL, 0, fn, ctx, err);
+}
+
 int metrics_info(metrics_registry *reg, const char *name, const char *help,
                  const char *label0, const char *value0,
                  const char *label1, const char *value1, kp_err *err) {
@@ -379,7 +389,8 @@ void metrics_dec(metrics_family *f, const char *l0, const char *l1) {
 }
 
 void metrics_set(metrics_family *f, double v, const char *l0, const char *l1) {
-    if (!f || f->type != METRICS_GAUGE) return;
+    /* gauges, and counters whose collect callback reads a count kept elsewhere */
+    if (!f || !(f->type == METRICS_GAUGE || (f->type == METRICS_COUNTER && f->collect))) return;
     pthread_mutex_lock(&f->mu);
     metrics_child *c = get_child(f, l0, l1);
     if (c) c->value = v;
@@ -661,10 +672,11 @@ const metrics_series_set metrics_kvpark_series[] = {
     /* park: the tier it went to (empty: it had no tokens); restore: the tier
      * it came from; error: either; expire: the tier it was deleted from */
     {"kvpark_session_events_total", S_("park", "restore", "error"), S_("warm", "cold")},
+    {"kvpark_session_events_total", S_("restore", "error"), S_("remote")},
     {"kvpark_session_events_total", S_("park", "error"), S_("empty")},
     {"kvpark_session_events_total", S_("expire"), S_("empty", "hot", "warm", "cold")},
     {"kvpark_session_events_total", S_("save", "drop"), S_("cold")},
-    {"kvpark_session_restore_seconds", S_("warm", "cold"), NULL},
+    {"kvpark_session_restore_seconds", S_("warm", "cold", "remote"), NULL},
     {"kvpark_sessions", S_("empty", "hot", "warm", "cold"), NULL},
     {"kvpark_kv_bytes", S_("hot", "warm", "cold"), NULL},
     {"kvpark_store_events", S_("dropped", "quarantined", "io_error", "foreign", "torn_write_removed"), NULL},

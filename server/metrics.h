@@ -97,6 +97,11 @@ metrics_family *metrics_histogram(metrics_registry *reg, const char *name, const
 metrics_family *metrics_gauge_fn(metrics_registry *reg, const char *name, const char *help,
                                  const char *label0, const char *label1,
                                  metrics_collect_fn fn, void *ctx, kp_err *err);
+/* A counter whose values are set by fn(f, ctx) at each render (metrics_set),
+ * from a count kept elsewhere that only grows (e.g. the remote tier's). */
+metrics_family *metrics_counter_fn(metrics_registry *reg, const char *name, const char *help,
+                                   const char *label0, const char *label1,
+                                   metrics_collect_fn fn, void *ctx, kp_err *err);
 /* An info metric: a gauge with up to two labels whose one child is set to 1,
  * e.g. kvpark_build_info{version="0.1.0",backend="cpu"} 1. Pass NULL names for
  * absent labels. Returns 0 or a KP_E* code. */

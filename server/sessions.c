@@ -131,6 +131,7 @@ struct sess {
 struct sess_table {
     sess_opts o;
     store *st;
+    remote *rem;            /* the shared tier under the store (NULL: none); closed after it */
     bool host_kv;           /* the backend's KV is host memory: the store reads it in place */
     kp_backend *host_be;    /* else: a CPU backend for host copies of the KV (staging) */
     size_t seq_bytes;       /* KV bytes of one hot session */
@@ -268,9 +269,57 @@ static bool wait_idle_locked(sess_table *t, sess *x) {
 /* Find id (for owner), take a reference and wait until nobody moves it.
  * On success t->mu is HELD and *out is the session; else t->mu is released
  * and KP_ENOTFOUND returned. Release with unref() under the mutex. */
+/* id is not in the table: with a remote tier it may be another replica's.
+ * The store reads its record from Redis (store_load_meta adopts it, tier
+ * "remote"); it joins the table as a stored session with the owner its
+ * record names (the replicas share the owner secret: store_secret_share).
+ * 0, KP_ENOTFOUND, or KP_EUNAVAIL (Redis unreachable: 503). t->mu NOT held. */
+static int adopt_remote(sess_table *t, const char *id, kp_err *err) {
+    if (!t->rem || !store_id_valid(id)) return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
+    void *extra = NULL;
+    size_t extra_len = 0;
+    int n_tokens = 0;
+    int rc = store_load_meta(t->st, id, &n_tokens, NULL, &extra, &extra_len, err);
+    if (rc == KP_EFORMAT) rc = kp_errf(err, KP_ENOTFOUND, "no session %s", id); /* logged by the store */
+    if (rc) return rc;
+    uint32_t magic = 0;
+    uint64_t owner = 0;
+    if (extra && extra_len >= SESS_EXTRA_BYTES) {
+        memcpy(&magic, extra, 4);
+        if (magic == SESS_EXTRA_MAGIC) memcpy(&owner, (char *)extra + 4, 8);
+    }
+    free(extra);
+    sess *x = calloc(1, sizeof *x);
+    if (!x) return kp_errf(err, KP_ENOMEM, "out of memory");
+    snprintf(x->id, sizeof x->id, "%s", id);
+    x->owner = owner;
+    x->n_tokens = n_tokens;
+    x->stored = true;
+    x->saved = true; /* acknowledged by the replica that saved it */
+    x->last_use = unix_now();
+    pthread_mutex_lock(&t->mu);
+    if (find_locked(t, id, 0, false)) { /* a concurrent request adopted it first */
+        pthread_mutex_unlock(&t->mu);
+        free(x);
+        return 0;
+    }
+    x->next = t->list;
+    t->list = x;
+    t->n++;
+    pthread_mutex_unlock(&t->mu);
+    return 0;
+}
+
 static int grab(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess **out, kp_err *err) {
     pthread_mutex_lock(&t->mu);
     sess *x = find_locked(t, id, owner, owner_check);
+    if (!x && t->rem && !find_locked(t, id, 0, false)) {
+        pthread_mutex_unlock(&t->mu);
+        int rc = adopt_remote(t, id, err);
+        if (rc) return rc;
+        pthread_mutex_lock(&t->mu);
+        x = find_locked(t, id, owner, owner_check);
+    }
     if (!x) {
         pthread_mutex_unlock(&t->mu);
         return kp_errf(err, KP_ENOTFOUND, "no session %s", id);
@@ -696,8 +745,30 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
     so.log = store_log;
     so.on_drop = store_dropped;
     so.ud = t;
+    if (o->remote_url) {
+        remote_opts ro = remote_default_opts();
+        ro.url = o->remote_url;
+        ro.model_hash = so.shape.model_fingerprint;
+        ro.codec_hash = store_remote_codec_hash(&so);
+        ro.ttl_s = o->remote_ttl_s;
+        if (o->remote_timeout_ms > 0) ro.connect_timeout_ms = ro.command_timeout_ms = o->remote_timeout_ms;
+        ro.log = store_log;
+        ro.ud = t;
+        int rrc = ro.codec_hash ? remote_open(&t->rem, &ro, err)
+                                : kp_errf(err, KP_EIO, "cannot read the codec file '%s' to name its remote keys", o->codec);
+        if (rrc) {
+            kp_backend_free(t->host_be);
+            free(t);
+            return rrc;
+        }
+        so.remote = t->rem;
+        so.remote_policy = o->remote_policy;
+        fprintf(stderr, "kvpark: sessions: remote tier %s (keys %s*), %s\n", o->remote_url, remote_prefix(t->rem),
+                o->remote_policy == STORE_REMOTE_WRITE_BACK ? "write-back" : "write-through");
+    }
     int rc = store_open(&t->st, &so, err);
     if (rc) {
+        remote_close(t->rem);
         kp_backend_free(t->host_be);
         free(t);
         return rc;
@@ -711,6 +782,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
         int krc = sess_key_owners(o->dir, o->keys, o->n_keys, t->key_new, err);
         if (krc) {
             store_close(t->st);
+            remote_close(t->rem);
             free(t->key_new);
             kp_backend_free(t->host_be);
             free(t);
@@ -735,6 +807,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
 
     if (uv_loop_init(&t->loop) || uv_async_init(&t->loop, &t->wake, on_wake) || uv_timer_init(&t->loop, &t->timer)) {
         store_close(t->st);
+        remote_close(t->rem);
         kp_backend_free(t->host_be);
         free(t->key_new);
         free(t);
@@ -755,6 +828,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
         uv_run(&t->loop, UV_RUN_DEFAULT);
         uv_loop_close(&t->loop);
         store_close(t->st);
+        remote_close(t->rem);
         kp_backend_free(t->host_be);
         free(t->key_new);
         free(t);
@@ -789,6 +863,12 @@ void sess_close(sess_table *t) {
     if (parked || failed)
         fprintf(stderr, "kvpark: sessions: %d hot sessions saved at shutdown, %d failed\n", parked, failed);
     store_close(t->st); /* flushes warm-only sessions */
+    if (t->rem) { /* what is still queued for Redis: a few seconds to go out */
+        if (remote_drain(t->rem, 5000))
+            fprintf(stderr, "kvpark: sessions: the remote tier did not take every queued write before shutdown "
+                            "(the local copies are durable)\n");
+        remote_close(t->rem);
+    }
     for (sess *x = t->list; x;) {
         sess *nx = x->next;
         sched_seq_free(x->seq);
@@ -1068,6 +1148,12 @@ int sess_list(sess_table *t, uint64_t owner, bool owner_check, sess_info **out, 
     qsort(v, k, sizeof *v, by_id);
     *out = v;
     *n_out = k;
+    return 0;
+}
+
+int sess_remote_stats(sess_table *t, remote_stats *st) {
+    if (!t || !t->rem) return KP_ENOTFOUND;
+    remote_get_stats(t->rem, st);
     return 0;
 }
 

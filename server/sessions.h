@@ -88,6 +88,10 @@ typedef struct sess_opts {
     const char *const *keys; /* the API keys (none: no auth), to migrate the owner ids of */
     int n_keys;              /*   sessions stored by older versions (see sess_key_owners) */
     bool quiet;              /* fewer log lines */
+    const char *remote_url;  /* the shared Redis tier (storage/remote.h), NULL: none */
+    int remote_policy;       /* STORE_REMOTE_WRITE_THROUGH (default) or _WRITE_BACK */
+    uint32_t remote_ttl_s;   /* expiry of what goes to Redis (0: none) */
+    int remote_timeout_ms;   /* no Redis call waits longer (0: remote.h's defaults) */
     sess_event_fn on_event;
     void *ud;
 } sess_opts;
@@ -157,6 +161,8 @@ int sess_get(sess_table *t, const char *id, uint64_t owner, bool owner_check, se
 /* Sessions of owner (all if !owner_check), sorted by id; *out malloc'd. */
 int sess_list(sess_table *t, uint64_t owner, bool owner_check, sess_info **out, size_t *n);
 void sess_get_counts(sess_table *t, sess_counts *c);
+/* The remote tier's counters and state: 0, or KP_ENOTFOUND without one. */
+int sess_remote_stats(sess_table *t, remote_stats *st);
 /* Park now every idle hot session (tests, and `kvpark` admin use): waits. */
 int sess_park_all(sess_table *t, kp_err *err);
 

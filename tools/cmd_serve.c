@@ -66,6 +66,17 @@ static const char *serve_help =
     "                           --max-sessions; without keys: --max-sessions), then 429\n"
     "      --session-ttl S      delete sessions unused for S seconds, from every tier\n"
     "                           (default 86400 = 24 h; 0: never); logged and counted\n"
+    "      --remote URL         a Redis shared by every replica, below cold:\n"
+    "                           redis://[user:password@]host[:port][/db] or unix:/path;\n"
+    "                           a replica resumes sessions any other one saved\n"
+    "      --remote-policy P    write-through (default: every save also goes to Redis,\n"
+    "                           so any replica can resume it at once and a dead replica\n"
+    "                           loses nothing) or write-back (only what the cold budget\n"
+    "                           drops goes there)\n"
+    "      --remote-ttl S       keys in Redis expire S seconds after their last write\n"
+    "                           (default 0: never; use Redis maxmemory to bound it)\n"
+    "      --remote-timeout MS  no Redis call waits longer (default 2000); a session only\n"
+    "                           in an unreachable Redis answers 503 with Retry-After\n"
     "  SIZE: bytes, or a number with K, M, G or T (powers of 1024), e.g. 512M\n"
     "      --chat-template T    chatml | llama2 | llama3 | plain (default: from the model)\n"
     "      --timeout S          idle connection timeout in seconds (default 60); a request\n"
@@ -124,7 +135,8 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
 /* getopt codes of serve's own options (above cli.h's shared table). */
 enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP, SERVE_OPT_MAX_SESSIONS_PER_KEY,
        SERVE_OPT_SESSION_TTL, SERVE_OPT_CORS_ORIGIN, SERVE_OPT_CONFIG, SERVE_OPT_PRINT_CONFIG,
-       SERVE_OPT_PROFILE, SERVE_OPT_PARK_WINDOW };
+       SERVE_OPT_PROFILE, SERVE_OPT_PARK_WINDOW, SERVE_OPT_REMOTE, SERVE_OPT_REMOTE_POLICY, SERVE_OPT_REMOTE_TTL,
+       SERVE_OPT_REMOTE_TIMEOUT };
 
 #define RA required_argument
 #define NA no_argument
@@ -156,6 +168,10 @@ static const conf_opt serve_opts[] = {
     {"warm-budget", RA, CLI_OPT_WARM_BUDGET, 0, 1, "1G"},
     {"cold-budget", RA, CLI_OPT_COLD_BUDGET, 0, 1, "0"},
     {"idle-park", RA, CLI_OPT_IDLE_PARK, 0, 1, "0"},
+    {"remote", RA, SERVE_OPT_REMOTE, 0, 1, NULL},
+    {"remote-policy", RA, SERVE_OPT_REMOTE_POLICY, 0, 1, "write-through"},
+    {"remote-ttl", RA, SERVE_OPT_REMOTE_TTL, 0, 1, "0"},
+    {"remote-timeout", RA, SERVE_OPT_REMOTE_TIMEOUT, 0, 1, "2000"},
     {"max-sessions", RA, CLI_OPT_MAX_SESSIONS, 0, 1, "1024"},
     {"max-sessions-per-key", RA, SERVE_OPT_MAX_SESSIONS_PER_KEY, 0, 1, NULL},
     {"session-ttl", RA, SERVE_OPT_SESSION_TTL, 0, 1, "86400"},
@@ -295,6 +311,28 @@ static int serve_apply(void *ctx, int c, const char *arg, char *msg, size_t cap)
     case CLI_OPT_COLD_BUDGET:
         if (cli_parse_size(arg, &ho->cold_budget)) BAD("bad cold-budget '%s' (e.g. 100G)", arg);
         break;
+    case SERVE_OPT_REMOTE: {
+        remote_url u;
+        kp_err e = {0};
+        if (remote_url_parse(arg, &u, &e)) BAD("bad remote '%s': %s", arg, e.msg);
+        if (strstr(arg, CONF_REDACTED))
+            BAD("remote has \"%s\" in it (as --print-config prints a password): give the real URL", CONF_REDACTED);
+        ho->remote_url = arg;
+        break;
+    }
+    case SERVE_OPT_REMOTE_POLICY:
+        if (!strcmp(arg, "write-through")) ho->remote_policy = STORE_REMOTE_WRITE_THROUGH;
+        else if (!strcmp(arg, "write-back")) ho->remote_policy = STORE_REMOTE_WRITE_BACK;
+        else BAD("bad remote-policy '%s' (write-through or write-back)", arg);
+        break;
+    case SERVE_OPT_REMOTE_TTL:
+        if (cli_parse_long(arg, 0, 1L << 31, &v)) BAD("bad remote-ttl '%s' (seconds, 0: no expiry)", arg);
+        ho->remote_ttl_s = (uint32_t)v;
+        break;
+    case SERVE_OPT_REMOTE_TIMEOUT:
+        if (cli_parse_long(arg, 10, 600000, &v)) BAD("bad remote-timeout '%s' (milliseconds, 10..600000)", arg);
+        ho->remote_timeout_ms = (int)v;
+        break;
     case CLI_OPT_IDLE_PARK:
         if (cli_parse_float(arg, 0, 1e9, &d)) BAD("bad idle-park '%s' (seconds)", arg);
         ho->idle_park_s = d;
@@ -378,6 +416,14 @@ static void serve_print_config(const serve_st *st) {
                 continue;
             }
             break;
+        case SERVE_OPT_REMOTE: { /* a password in the URL is not printed */
+            const char *at = v ? strrchr(v, '@') : NULL, *sch = v ? strstr(v, "://") : NULL;
+            if (at && sch && sch < at) {
+                printf("remote: \"%.*s%s@%s\"\n", (int)(sch + 3 - v), v, CONF_REDACTED, at + 1);
+                continue;
+            }
+            break;
+        }
         case CLI_OPT_METRICS_KEY:
             if (st->ho.metrics_key) {
                 printf("metrics-key: \"%s\"\n", CONF_REDACTED);

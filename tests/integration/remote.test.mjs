@@ -1,0 +1,139 @@
+/*
+ * remote.test.mjs — two replicas sharing one Redis (--remote): a conversation
+ * saved on one is resumed on the other, and Redis going away never hurts the
+ * sessions a replica holds.
+ *
+ *   1. A saves a session; B, which never saw it, continues it from Redis: the
+ *      same answer as A gives for the same turn, with the saved tokens counted
+ *      as cached, a restore from tier "remote" in B's metrics, and the remote
+ *      tier "up" in B's /health.
+ *   2. Ownership holds across replicas (the replicas share the owner secret
+ *      through Redis): another API key gets 404 on B.
+ *   3. A delete on B reaches Redis: A's copy is local, but a third replica
+ *      cannot resurrect the session.
+ *   4. Redis stopped: a session only in Redis is a 503 with Retry-After (no
+ *      hang), sessions local to the replica answer as before, /health says
+ *      "down" and the server stays healthy.
+ *
+ * Skips (and says so) where redis-server is not installed.
+ */
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import { after, before, describe, it } from 'node:test';
+import { ONCE, freePort, jfetch, metricValue, sleep, startServer, tmpDir } from './helpers.mjs';
+
+const HAVE_REDIS = spawnSync('redis-server', ['--version']).status === 0;
+const KA = 'key-remote-a';
+const KB = 'key-remote-b';
+const hA = { authorization: `Bearer ${KA}` };
+const hB = { authorization: `Bearer ${KB}` };
+
+async function startRedis(dir) {
+  const port = await freePort();
+  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+    '--dir', dir], { stdio: 'ignore' });
+  for (let i = 0; i < 100; i++) {
+    const r = spawnSync('redis-cli', ['-p', String(port), 'ping'], { encoding: 'utf8' });
+    if (r.stdout && r.stdout.includes('PONG')) return { port, proc };
+    await sleep(50);
+  }
+  proc.kill('SIGKILL');
+  throw new Error('redis-server did not start');
+}
+
+const turn = (sid, content, max_tokens = 16) => ({
+  model: 'm', temperature: 0, max_tokens, session_id: sid, messages: [{ role: 'user', content }],
+});
+
+describe('remote tier: two replicas and one Redis', { skip: HAVE_REDIS ? false : 'redis-server is not installed', timeout: 120000 }, () => {
+  let redis;
+  let a;
+  let b;
+  const dirs = [];
+  const url = () => `redis://127.0.0.1:${redis.port}`;
+  const args = (dir) => ['-c', '512', '--api-key', KA, '--api-key', KB, '--cold-dir', dir, '--remote', url(),
+    '--remote-timeout', '500'];
+
+  before(async () => {
+    dirs.push(tmpDir('redis'), tmpDir('repA'), tmpDir('repB'), tmpDir('repC'));
+    redis = await startRedis(dirs[0]);
+    a = await startServer({ args: args(dirs[1]) });
+    b = await startServer({ args: args(dirs[2]) }); /* after A: takes A's owner secret from Redis */
+  });
+  after(async () => {
+    await Promise.all([a?.stop(), b?.stop()]);
+    try { redis?.proc.kill('SIGKILL'); } catch { /* gone */ }
+    for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
+  });
+
+  let sid;
+  let sid2;
+  it('a session saved on A is resumed on B from Redis: same answer, tokens cached, tier "remote"', async () => {
+    const c = await jfetch(a.url + '/v1/sessions', { body: {}, headers: hA });
+    assert.equal(c.status, 200, c.text);
+    sid = c.json.id;
+    const t1 = await jfetch(a.baseURL + '/chat/completions', { body: turn(sid, ONCE), headers: hA });
+    assert.equal(t1.status, 200, t1.text);
+    const saved = await jfetch(a.url + `/v1/sessions/${sid}/save`, { headers: hA });
+    assert.equal(saved.status, 200, saved.text);
+    /* the write-through copy reaches Redis asynchronously: B retries a 404 for a moment */
+    let onB;
+    for (let i = 0; i < 50; i++) {
+      onB = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid, 'And then?'), headers: hA });
+      if (onB.status !== 404) break;
+      await sleep(100);
+    }
+    assert.equal(onB.status, 200, onB.text);
+    assert.ok(onB.json.usage.prompt_tokens_details?.cached_tokens > 0, `nothing cached: ${JSON.stringify(onB.json.usage)}`);
+    const onA = await jfetch(a.baseURL + '/chat/completions', { body: turn(sid, 'And then?'), headers: hA });
+    assert.equal(onA.status, 200, onA.text);
+    assert.equal(onB.json.choices[0].message.content, onA.json.choices[0].message.content);
+    const m = (await jfetch(b.url + '/metrics', { method: 'GET', headers: hA })).text;
+    assert.ok(metricValue(m, 'kvpark_session_restore_seconds_count', { tier: 'remote' }) >= 1, m);
+    assert.ok(metricValue(m, 'kvpark_remote_events_total', { event: 'hit' }) >= 1, m);
+    const h = await jfetch(b.url + '/health', { method: 'GET' });
+    assert.equal(h.status, 200);
+    assert.equal(h.json.remote.state, 'up', h.text);
+  });
+
+  it('ownership holds across replicas: another key gets 404 on B', async () => {
+    const c = await jfetch(a.url + '/v1/sessions', { body: {}, headers: hA });
+    sid2 = c.json.id;
+    assert.equal((await jfetch(a.baseURL + '/chat/completions', { body: turn(sid2, ONCE, 4), headers: hA })).status, 200);
+    assert.equal((await jfetch(a.url + `/v1/sessions/${sid2}/save`, { headers: hA })).status, 200);
+    await sleep(300);
+    const other = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid2, 'Hi'), headers: hB });
+    assert.equal(other.status, 404, other.text);
+  });
+
+  it('a delete on B reaches Redis: a third replica cannot resume the session', async () => {
+    const d = await jfetch(b.url + `/v1/sessions/${sid}`, { method: 'DELETE', headers: hA });
+    assert.equal(d.status, 200, d.text);
+    await sleep(500);
+    const c = await startServer({ args: args(dirs[3]) });
+    try {
+      const r = await jfetch(c.baseURL + '/chat/completions', { body: turn(sid, 'Hi'), headers: hA });
+      assert.equal(r.status, 404, r.text);
+    } finally {
+      await c.stop();
+    }
+  });
+
+  it('Redis stopped: a session only in Redis is 503 + Retry-After, local sessions unaffected', async () => {
+    redis.proc.kill('SIGKILL');
+    await new Promise((r) => redis.proc.once('exit', r));
+    const t0 = Date.now();
+    const r = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid2, 'Hi'), headers: hA });
+    assert.equal(r.status, 503, r.text);
+    assert.equal(r.headers.get('retry-after'), '1');
+    assert.ok(Date.now() - t0 < 20000, 'answered without hanging');
+    /* A holds sid2 itself: unaffected */
+    const local = await jfetch(a.baseURL + '/chat/completions', { body: turn(sid2, 'Hi', 4), headers: hA });
+    assert.equal(local.status, 200, local.text);
+    const h = await jfetch(b.url + '/health', { method: 'GET' });
+    assert.equal(h.status, 200);
+    assert.equal(h.json.status, 'ok');
+    assert.equal(h.json.remote.state, 'down', h.text);
+  });
+});
