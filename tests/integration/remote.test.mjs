@@ -9,9 +9,11 @@
  *      tier "up" in B's /health.
  *   2. Ownership holds across replicas (the replicas share the owner secret
  *      through Redis): another API key gets 404 on B.
- *   3. A delete on B reaches Redis: A's copy is local, but a third replica
+ *   3. A and B save one id at once: a third replica resumes one whole version
+ *      (A's or B's: its answer and prompt length match one of theirs).
+ *   4. A delete on B reaches Redis: A's copy is local, but a third replica
  *      cannot resurrect the session.
- *   4. Redis stopped: a session only in Redis is a 503 with Retry-After (no
+ *   5. Redis stopped: a session only in Redis is a 503 with Retry-After (no
  *      hang), sessions local to the replica answer as before, /health says
  *      "down" and the server stays healthy.
  *
@@ -56,7 +58,7 @@ describe('remote tier: two replicas and one Redis', { skip: HAVE_REDIS ? false :
     '--remote-timeout', '500'];
 
   before(async () => {
-    dirs.push(tmpDir('redis'), tmpDir('repA'), tmpDir('repB'), tmpDir('repC'));
+    dirs.push(tmpDir('redis'), tmpDir('repA'), tmpDir('repB'), tmpDir('repC'), tmpDir('repD'));
     redis = await startRedis(dirs[0]);
     a = await startServer({ args: args(dirs[1]) });
     b = await startServer({ args: args(dirs[2]) }); /* after A: takes A's owner secret from Redis */
@@ -105,6 +107,43 @@ describe('remote tier: two replicas and one Redis', { skip: HAVE_REDIS ? false :
     await sleep(300);
     const other = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid2, 'Hi'), headers: hB });
     assert.equal(other.status, 404, other.text);
+  });
+
+  it('A and B save one session concurrently: a third replica gets one whole version, never a mix', async () => {
+    const c0 = await jfetch(a.url + '/v1/sessions', { body: {}, headers: hA });
+    const sid3 = c0.json.id;
+    assert.equal((await jfetch(a.baseURL + '/chat/completions', { body: turn(sid3, ONCE, 8), headers: hA })).status, 200);
+    assert.equal((await jfetch(a.url + `/v1/sessions/${sid3}/save`, { headers: hA })).status, 200);
+    let r;
+    for (let i = 0; i < 50; i++) { /* B adopts it from Redis */
+      r = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid3, 'The cat', 8), headers: hA });
+      if (r.status !== 404) break;
+      await sleep(100);
+    }
+    assert.equal(r.status, 200, r.text);
+    /* now the two replicas hold different conversations under one id; both save at once */
+    assert.equal((await jfetch(a.baseURL + '/chat/completions', { body: turn(sid3, 'The dog', 8), headers: hA })).status, 200);
+    const [sa, sb] = await Promise.all([
+      jfetch(a.url + `/v1/sessions/${sid3}/save`, { headers: hA }),
+      jfetch(b.url + `/v1/sessions/${sid3}/save`, { headers: hA })]);
+    assert.equal(sa.status, 200, sa.text);
+    assert.equal(sb.status, 200, sb.text);
+    await sleep(800); /* both write-through copies reach Redis */
+    const probe = turn(sid3, 'The end.', 8);
+    const [ra, rb] = await Promise.all([
+      jfetch(a.baseURL + '/chat/completions', { body: probe, headers: hA }),
+      jfetch(b.baseURL + '/chat/completions', { body: probe, headers: hA })]);
+    const c = await startServer({ args: args(dirs[4]) });
+    try {
+      const rc = await jfetch(c.baseURL + '/chat/completions', { body: probe, headers: hA });
+      assert.equal(rc.status, 200, rc.text);
+      const got = [rc.json.choices[0].message.content, rc.json.usage.prompt_tokens];
+      const want = [ra, rb].map((x) => [x.json.choices[0].message.content, x.json.usage.prompt_tokens]);
+      assert.ok(want.some((w) => w[0] === got[0] && w[1] === got[1]),
+        `C's answer ${JSON.stringify(got)} is neither A's nor B's version: ${JSON.stringify(want)}`);
+    } finally {
+      await c.stop();
+    }
   });
 
   it('a delete on B reaches Redis: a third replica cannot resume the session', async () => {
