@@ -874,9 +874,9 @@ static int share_secret(server *s, kp_err *err) {
     if (s->o.remote_timeout_ms > 0) ro.connect_timeout_ms = ro.command_timeout_ms = s->o.remote_timeout_ms;
     remote *r = NULL;
     int rc = remote_open(&r, &ro, err);
-    for (int i = 0; !rc && i < 10; i++) {
+    for (int tries = 1; rc == 0; tries++) {
         rc = store_secret_share(s->o.session_dir, r, err);
-        if (rc != KP_EBUSY || i == 9) break;
+        if (rc != KP_EBUSY || tries == 10) break;
         fprintf(stderr, "kvpark: waiting for the remote tier %s: %s\n", s->o.remote_url, err->msg);
         nanosleep(&(struct timespec){1, 0}, NULL);
         rc = 0;

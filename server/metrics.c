@@ -325,24 +325,27 @@ metrics_family *metrics_histogram(metrics_registry *reg, const char *name, const
                       NULL, NULL, err);
 }
 
-metrics_family *metrics_gauge_fn(metrics_registry *reg, const char *name, const char *help,
-                                 const char *label0, const char *label1,
-                                 metrics_collect_fn fn, void *ctx, kp_err *err) {
+/* A family whose values fn sets at each render. */
+static metrics_family *add_collected(metrics_registry *reg, metrics_type type, const char *name, const char *help,
+                                     const char *label0, const char *label1, metrics_collect_fn fn, void *ctx,
+                                     kp_err *err) {
     if (!fn) {
         kp_errf(err, KP_EINVAL, "metrics: %s: collect callback is NULL", name ? name : "?");
         return NULL;
     }
-    return add_family(reg, METRICS_GAUGE, name, help, label0, label1, NULL, 0, fn, ctx, err);
+    return add_family(reg, type, name, help, label0, label1, NULL, 0, fn, ctx, err);
+}
+
+metrics_family *metrics_gauge_fn(metrics_registry *reg, const char *name, const char *help,
+                                 const char *label0, const char *label1,
+                                 metrics_collect_fn fn, void *ctx, kp_err *err) {
+    return add_collected(reg, METRICS_GAUGE, name, help, label0, label1, fn, ctx, err);
 }
 
 metrics_family *metrics_counter_fn(metrics_registry *reg, const char *name, const char *help,
                                    const char *label0, const char *label1,
                                    metrics_collect_fn fn, void *ctx, kp_err *err) {
-    if (!fn) {
-        kp_errf(err, KP_EINVAL, "metrics: %s: collect callback is NULL", name ? name : "?");
-        return NULL;
-    }
-    return add_family(reg, METRICS_COUNTER, name, help, label0, label1, NULL, 0, fn, ctx, err);
+    return add_collected(reg, METRICS_COUNTER, name, help, label0, label1, fn, ctx, err);
 }
 
 int metrics_info(metrics_registry *reg, const char *name, const char *help,

@@ -380,6 +380,14 @@ const codec *store_codec_for(store *s, const park_manifest *m) {
 
 /* ---- the index (mu held) ------------------------------------------------------------ */
 
+int store_foreign(store *s, const park_manifest *m, const codec **cc) {
+    *cc = NULL;
+    if (m->model_fingerprint != s->o.shape.model_fingerprint) return STORE_FOREIGN_MODEL;
+    if (m->kv_type != s->o.kv_type) return STORE_FOREIGN_TYPE;
+    if (!(*cc = store_codec_for(s, m))) return STORE_FOREIGN_CODEC;
+    return 0;
+}
+
 store_sess *store_find(const store *s, const char *id) {
     for (size_t i = 0; i < s->n; i++)
         if (strcmp(s->v[i]->id, id) == 0) return s->v[i];
@@ -628,8 +636,6 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
         store_release_manifest(s, &rel1);
         store_release_manifest(s, &rel2);
         cas_collect(s->cas);
-    } else {
-        park_manifest_free(&rel1);
     }
     if (s->o.remote && s->o.remote_policy == STORE_REMOTE_WRITE_THROUGH)
         store_remote_push(s, id, &e->man, e->extra, e->extra_len, mtime, true);
@@ -1220,9 +1226,10 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
         return 0;
     }
     const codec *cc = NULL;
-    if (m.model_fingerprint != s->o.shape.model_fingerprint) oc->foreign_model++;
-    else if (m.kv_type != s->o.kv_type) oc->foreign_type++;
-    else if (!(cc = store_codec_for(s, &m))) oc->foreign_codec++;
+    int foreign = store_foreign(s, &m, &cc);
+    if (foreign == STORE_FOREIGN_MODEL) oc->foreign_model++;
+    else if (foreign == STORE_FOREIGN_TYPE) oc->foreign_type++;
+    else if (foreign == STORE_FOREIGN_CODEC) oc->foreign_codec++;
     if (!cc) {
         /* Left in place, and so are its objects: they are referenced (for as
          * long as the store is open) so that the collect below keeps them

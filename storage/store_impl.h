@@ -101,6 +101,10 @@ int store_rec_build(const park_manifest *m, const uint8_t *extra, size_t extra_l
                     uint8_t **out, size_t *len, kp_err *err);
 /* The codec that decodes manifests like m, or NULL (foreign). mu held. */
 const codec *store_codec_for(store *s, const park_manifest *m);
+/* Whether this store can use a record's manifest: 0 and *cc its codec, or
+ * why not (*cc NULL): another model, KV type or codec. mu held or at open. */
+enum { STORE_FOREIGN_MODEL = 1, STORE_FOREIGN_TYPE, STORE_FOREIGN_CODEC };
+int store_foreign(store *s, const park_manifest *m, const codec **cc);
 /* Per-id serialisation (mu held): wait until no call works on id, mark it
  * busy and return its entry, or (create) a new placeholder, or NULL. */
 store_sess *store_sess_acquire(store *s, const char *id, bool create);

@@ -82,13 +82,11 @@ void store_remote_push(store *s, const char *id, const park_manifest *m, const u
         if (rc) break;
         objs[got++] = (remote_obj){.key = m->spans[i].key, .data = d, .len = len};
     }
-    if (rc) {
+    if (rc)
         store_logf(s, "store: session '%s' not sent to the remote tier (reading its objects): %s", id,
                    rc == KP_ENOMEM && !err.msg[0] ? "out of memory" : err.msg);
-    } else if (remote_enqueue_save(s->o.remote, id, objs, got, rec, rec_len) == 0) {
-        /* queued: the writer owns copies; ours go below */
-    }
-    /* a refused job (queue full) was logged and counted by remote.c */
+    else /* the job takes copies; a refused one (queue full) is logged and counted by remote.c */
+        remote_enqueue_save(s->o.remote, id, objs, got, rec, rec_len);
     for (int i = 0; i < got; i++) free((void *)objs[i].data);
     free(objs);
     free(rec);
@@ -119,10 +117,8 @@ int store_remote_adopt(store *s, const char *id, kp_err *err) {
     }
     pthread_mutex_lock(&s->mu);
     const codec *cc = NULL;
-    const char *why = NULL;
-    if (m.model_fingerprint != s->o.shape.model_fingerprint) why = "another model";
-    else if (m.kv_type != s->o.kv_type) why = "another KV type";
-    else if (!(cc = store_codec_for(s, &m))) why = "a codec this server was not given";
+    static const char *const whys[] = {NULL, "another model", "another KV type", "a codec this server was not given"};
+    const char *why = whys[store_foreign(s, &m, &cc)];
     store_sess *e = why ? NULL : store_sess_acquire(s, id, true);
     if (!why && !e) {
         pthread_mutex_unlock(&s->mu);
