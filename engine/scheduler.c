@@ -117,10 +117,11 @@ static int common_prefix(const int32_t *a, int na, const int32_t *b, int nb) {
 
 /* The prefix of q's tokens job j may reuse: none unless q last held j's
  * owner's tokens (another key's prompt must not show, neither in n_cached
- * nor in the time the prefill takes). */
+ * nor in the time the prefill takes), and only rows its KV holds (a session
+ * whose KV was lost keeps its token ids with an empty KV: recomputed here). */
 static int reusable_prefix(const sched_seq *q, const sched_job *j) {
     if (q->owner != j->owner) return 0;
-    return common_prefix(q->tokens, q->n_tokens, j->prompt, j->n_prompt);
+    return common_prefix(q->tokens, KP_MIN(q->n_tokens, q->kv->n_pos), j->prompt, j->n_prompt);
 }
 
 /* Pick the idle anonymous slot with the longest prefix the job may reuse

@@ -4,7 +4,9 @@
  *
  * Model
  *   - A sched_seq is a sequence the scheduler can run: a KV cache plus the
- *     token ids it holds (kv->n_pos == n_tokens after every step). The
+ *     token ids it holds (kv->n_pos == n_tokens after every step; between
+ *     jobs a session may hold more ids than KV rows, when its stored KV was
+ *     lost: only the rows the KV holds are reused, the rest prefilled). The
  *     server's sessions own sched_seqs; the scheduler also keeps a small pool
  *     of anonymous ones (one per parallel slot) used by requests without a
  *     session, and reuses whichever holds the longest common prefix with the

@@ -40,7 +40,9 @@
     XX(EBUSY, -9, "busy")               /* queue full, resource in use                         */   \
     XX(ECANCELED, -10, "canceled")      /* shut down or abandoned before it finished           */   \
     XX(ENOSPC, -11, "no space left")    /* disk full, quota or file-size limit (HTTP 507)      */   \
-    XX(EUNAVAIL, -12, "unavailable")    /* a peer (the remote tier) cannot be reached now (503) */
+    XX(EUNAVAIL, -12, "unavailable")    /* a peer (the remote tier) cannot be reached now (503) */   \
+    XX(ELOST, -13, "KV lost")           /* a stored session's KV is gone, its token ids remain:    \
+                                         * recompute the KV from them (a re-prefill)            */
 
 enum {
     KP_OK = 0,

@@ -266,7 +266,7 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
         if (rc) return reply_sess_error(c, rc, id, "restored", &err);
         int n_tokens = sess_seq(x)->n_tokens;
         sess_release(s->sessions, x, false);
-        if (strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
+        if (sess_restored(from)) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
         return reply_jansson(c, 200, json_pack("{s:s, s:s, s:s, s:i, s:f}", "id", id, "object", "session.restore",
                                                "from_tier", from, "tokens", n_tokens, "ms", ms), id);
     }
@@ -727,6 +727,7 @@ static void collect_store(metrics_family *f, void *ctx) {
     metrics_set(f, (double)n.store.io_errors, "io_error", NULL);
     metrics_set(f, (double)n.store.foreign, "foreign", NULL);
     metrics_set(f, (double)n.store.tmp_removed, "torn_write_removed", NULL);
+    metrics_set(f, (double)n.store.kv_lost, "kv_lost", NULL);
 }
 
 /* sessions.c reports parks, restores, saves, drops and errors here. */
@@ -782,7 +783,9 @@ static int setup_metrics(server *s, kp_err *err) {
                           "sessions is stored once, so these do not split kvpark_sessions' sessions by tier.",
                           "tier", NULL, collect_kv_bytes, s, err) ||
         !metrics_gauge_fn(reg, "kvpark_store_events", "Session store events since start: sessions dropped "
-                          "(cold tier full), files quarantined, write errors, foreign records, torn writes removed.",
+                          "(cold tier full), files quarantined, write errors, foreign records, torn writes removed, "
+                          "sessions whose KV was found unreadable (kv_lost: their token ids are kept and "
+                          "recomputed, kvpark_session_events_total{event=\"recomputed\"}).",
                           "event", NULL, collect_store, s, err) ||
         !metrics_counter_fn(reg, "kvpark_remote_events_total", "Remote tier (--remote, Redis) events since start: "
                             "put (a record or object written), get (a read), hit, miss (not there: never written, "

@@ -615,7 +615,7 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
             r->g->sess = NULL;
             return http_reply_error(c, &e);
         }
-        if (strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
+        if (sess_restored(from)) metrics_observe(s->m_restore, ms / 1e3, from, NULL);
     }
 
     uint64_t rnd[2] = {0, 0};

@@ -676,13 +676,16 @@ const metrics_series_set metrics_kvpark_series[] = {
      * it came from; error: either; expire: the tier it was deleted from */
     {"kvpark_session_events_total", S_("park", "restore", "error"), S_("warm", "cold")},
     {"kvpark_session_events_total", S_("restore", "error"), S_("remote")},
+    /* recomputed: the KV could not be restored from that tier, the token ids
+     * could: the next request re-prefills them */
+    {"kvpark_session_events_total", S_("recomputed"), S_("warm", "cold", "remote")},
     {"kvpark_session_events_total", S_("park", "error"), S_("empty")},
     {"kvpark_session_events_total", S_("expire"), S_("empty", "hot", "warm", "cold")},
     {"kvpark_session_events_total", S_("save", "drop"), S_("cold")},
     {"kvpark_session_restore_seconds", S_("warm", "cold", "remote"), NULL},
     {"kvpark_sessions", S_("empty", "hot", "warm", "cold"), NULL},
     {"kvpark_kv_bytes", S_("hot", "warm", "cold"), NULL},
-    {"kvpark_store_events", S_("dropped", "quarantined", "io_error", "foreign", "torn_write_removed"), NULL},
+    {"kvpark_store_events", S_("dropped", "quarantined", "io_error", "foreign", "torn_write_removed", "kv_lost"), NULL},
 };
 const int metrics_n_kvpark_series = (int)KP_ARRAY_LEN(metrics_kvpark_series);
 #undef S_

@@ -25,10 +25,17 @@
  *   empty/warm/cold IDLE -> RESTORING   : sess_acquire (not hot)
  *   RESTORING        -> hot IDLE        : sess_acquire, the KV is built (empty)
  *                                         or restored (load_hot); users++
+ *   RESTORING        -> hot IDLE        : sess_acquire, the token ids loaded
+ *                                         but the KV did not (kv_recomputable:
+ *                                         "recomputed"); the seq holds the ids
+ *                                         over 0 KV rows until a job prefills
+ *                                         them; users++
  *   RESTORING        -> same tier IDLE  : sess_acquire, restore failed with
- *                                         any error but EFORMAT / ENOTFOUND
- *   RESTORING        -> gone            : sess_acquire, restore failed with
- *                                         EFORMAT or ENOTFOUND (stored = false)
+ *                                         any other error but EFORMAT /
+ *                                         ENOTFOUND
+ *   RESTORING        -> gone            : sess_acquire, the token ids failed
+ *                                         to load with EFORMAT or ENOTFOUND
+ *                                         (stored = false)
  *   hot IDLE         -> hot IDLE        : sess_acquire (users++), sess_release
  *                                         (users--; dirty if the KV was used)
  *   hot IDLE         -> PARKING         : schedule_parks (users == 0, past
@@ -382,6 +389,11 @@ static int staging_new(sess_table *t, const kv_cache *like, int n, kv_cache **ou
  * copy runs on the thread that owns the model (sched_kv_copy through sch;
  * sch NULL: the scheduler is gone and the caller is the only thread left). */
 static int store_hot(sess_table *t, sched *sch, sess *x, bool durable, store_save_stats *st, kp_err *err) {
+    if (x->seq->kv->n_pos < x->seq->n_tokens) { /* its KV was lost, no request has recomputed it yet */
+        if (x->stored) return durable ? store_flush(t->st, x->id, err) : 0; /* the store holds its token ids */
+        return kp_errf(err, KP_ELOST, "session %s: its KV was lost and has not been recomputed yet: send a "
+                       "request on it first", x->id);
+    }
     uint8_t extra[SESS_EXTRA_BYTES];
     make_extra(t, x, extra);
     /* scope = owner: stored spans are shared between sessions of one key only */
@@ -398,6 +410,16 @@ static int store_hot(sess_table *t, sched *sch, sess *x, bool durable, store_sav
     }
     kv_free(h);
     return rc;
+}
+
+/* A restore that failed with rc can be made good by recomputing the KV from
+ * the session's token ids (which loaded): its KV was lost (damaged, evicted,
+ * a codec gone: KP_ELOST, KP_EFORMAT, KP_EUNSUP, KP_EMISMATCH), a remote tier
+ * is down past its timeout (KP_EUNAVAIL), or a disk read failed (KP_EIO).
+ * Not: out of memory, shutting down, busy (the same request would fail). */
+static bool kv_recomputable(int rc) {
+    return rc == KP_ELOST || rc == KP_EFORMAT || rc == KP_EUNSUP || rc == KP_EMISMATCH || rc == KP_EUNAVAIL ||
+           rc == KP_EIO || rc == KP_ENOTFOUND;
 }
 
 /* Restore the stored KV of id into kv (n_tokens rows), staging if needed:
@@ -451,6 +473,17 @@ static int park_one(sess_table *t, sess *x, char tier[STORE_TIER_MAX], kp_err *e
     if (x->stored && !x->dirty) { /* the store already holds exactly this */
         snprintf(tier, STORE_TIER_MAX, x->saved ? "cold" : "warm");
         return 0;
+    }
+    if (x->seq->kv->n_pos < x->seq->n_tokens && !x->stored) {
+        /* its KV was lost, not recomputed, and the store dropped its token ids
+         * meanwhile (cold budget): only the rows the KV holds can be kept */
+        sess_log(t, "session %s: parked with %d of its %d tokens (its KV was lost and no request recomputed it)",
+                 x->id, x->seq->kv->n_pos, x->seq->n_tokens);
+        x->seq->n_tokens = x->seq->kv->n_pos;
+        if (x->seq->n_tokens == 0) {
+            snprintf(tier, STORE_TIER_MAX, "empty");
+            return 0;
+        }
     }
     snprintf(tier, STORE_TIER_MAX, x->saved ? "cold" : "warm");
     return store_hot(t, t->o.sch, x, x->saved, NULL, err);
@@ -951,6 +984,8 @@ int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check
     sched_seq *q = NULL;
     int32_t *tokens = NULL;
     int n_tokens = 0;
+    bool recompute = false;
+    kp_err why = {0};
     int rc = sched_seq_new(&q, t->o.m, t->o.kv_type, t->o.n_ctx, err);
     if (!rc) q->owner = owner; /* its jobs' owner (sched_job.owner): the caller passed the check */
     if (!rc && stored) {
@@ -960,7 +995,15 @@ int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check
         if (!rc && n_tokens > q->cap)
             rc = kp_errf(err, KP_ERANGE, "session %s holds %d tokens, more than the server's context of %d (-c)",
                          id, n_tokens, t->o.n_ctx);
-        if (!rc) rc = load_hot(t, id, q->kv, n_tokens, err);
+        if (!rc && (rc = load_hot(t, id, q->kv, n_tokens, &why)) != 0) {
+            if (kv_recomputable(rc)) { /* the token ids are here: the next job prefills them */
+                kv_truncate(q->kv, 0);
+                recompute = true;
+                rc = 0;
+            } else {
+                kp_errf(err, rc, "%s", why.msg);
+            }
+        }
         if (!rc) {
             memcpy(q->tokens, tokens, sizeof *tokens * (size_t)n_tokens);
             q->n_tokens = n_tokens;
@@ -990,11 +1033,19 @@ int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check
     x->last_use = unix_now();
     pthread_mutex_unlock(&t->mu);
     if (ms) *ms = secs * 1e3;
-    if (from) snprintf(from, STORE_TIER_MAX, "%s", tier);
-    if (stored) event(t, "restore", tier, secs);
+    if (recompute) {
+        sess_log(t, "session %s: its KV cannot be restored from %s (%s); its %d tokens are recomputed by its "
+                 "next request", id, tier, why.msg, n_tokens);
+    }
+    if (from) snprintf(from, STORE_TIER_MAX, "%s", recompute ? "recomputed" : tier);
+    if (stored) event(t, recompute ? "recomputed" : "restore", tier, secs);
     kick(t); /* the hot tier grew */
     *out = x;
     return 0;
+}
+
+bool sess_restored(const char *from) {
+    return strcmp(from, "hot") != 0 && strcmp(from, "empty") != 0 && strcmp(from, "recomputed") != 0;
 }
 
 void sess_release(sess_table *t, sess *x, bool used) {

@@ -140,13 +140,23 @@ void sess_close(sess_table *t);
 int sess_create(sess_table *t, uint64_t owner, sess_info *info, kp_err *err);
 
 /* Make the session hot and pin it. KP_ENOTFOUND: no such session for this
- * owner (owner_check false: any owner). KP_EFORMAT / KP_ERANGE: it cannot be
- * restored (message names it; a corrupt one is gone). *from: the tier it came
- * from; *ms: restore time. A sequence built here carries `owner` as its
+ * owner (owner_check false: any owner). KP_EUNAVAIL: only in a remote tier
+ * that cannot be reached (its token ids unknown here: retry). KP_ERANGE /
+ * KP_EFORMAT: it cannot be restored (message names it). When its token ids
+ * load but its KV does not (lost, damaged, evicted, a codec gone, the
+ * remote tier down past its timeout) it is still 0: the sequence holds the
+ * token ids over an empty KV, the next job on it prefills them (the
+ * scheduler reuses only KV rows), *from is "recomputed", and the event is
+ * logged and counted ("recomputed"). *from: the tier it came from ("hot",
+ * "empty", "warm", "cold", "remote", "recomputed"); *ms: restore time. A
+ * sequence built here carries `owner` as its
  * sched_seq.owner: the jobs run on it must carry the same sched_job.owner
  * or the scheduler treats its KV as another tenant's (nothing reused). */
 int sess_acquire(sess_table *t, const char *id, uint64_t owner, bool owner_check, sess **out,
                  char from[STORE_TIER_MAX], double *ms, kp_err *err);
+/* True when a sess_acquire with *from = from restored a KV from the store
+ * (warm, cold, remote): what kvpark_session_restore_seconds observes. */
+bool sess_restored(const char *from);
 sched_seq *sess_seq(sess *x);
 const char *sess_id(const sess *x);
 /* Unpin; `used` = a generation ran on it (its KV changed). */

@@ -532,6 +532,8 @@ int park_restore_begin(cas *store, const codec *c, const park_manifest *m, kv_ca
                        "rows", m->n_tokens, kv->n_ctx);
     if (kv->n_layer < 1 || kv->n_layer > PARK_MAX_LAYERS)
         return kp_errf(err, KP_EINVAL, "park: restore: %d layers", kv->n_layer);
+    if (m->n_tokens > 0 && m->n_spans == 0)
+        return kp_errf(err, KP_ELOST, "park: the manifest holds %d token ids and no KV (tokens only)", m->n_tokens);
 
     layout_span *qs = NULL;
     int ns = 0;
@@ -839,14 +841,15 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
     if ((version == PARK_MAN_VERSION) != (m.scope == 0))
         return kp_errf(err, KP_EFORMAT, "park: manifest version %u with scope %llx (version 1 has none, "
                        "version 2 one)", version, (unsigned long long)m.scope);
-    /* The spans must be exactly the layout's. */
+    /* The spans must be exactly the layout's, or none at all: a tokens-only
+     * manifest (a session whose KV was lost keeps its token ids, store.h). */
     layout_span *qs = NULL;
     int ns = 0;
     if (m.layout.sink < 0 || m.layout.window < 0 ||
         park_spans_of(m.n_tokens, &m.layout, &qs, &ns, NULL) != 0)
         return kp_errf(err, KP_EFORMAT, "park: manifest layout (sink %d, window %d, chunk %d) "
                        "is invalid", m.layout.sink, m.layout.window, m.layout.chunk);
-    if (ns != m.n_spans) {
+    if (ns != m.n_spans && m.n_spans != 0) {
         free(qs);
         return kp_errf(err, KP_EFORMAT, "park: manifest lists %d spans, its layout gives %d",
                        m.n_spans, ns);
@@ -868,7 +871,7 @@ int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *out, kp_er
         }
         m.tokens[i] = (int32_t)t;
     }
-    for (int i = 0; i < ns; i++, p += PARK_MAN_SPAN) {
+    for (int i = 0; i < m.n_spans; i++, p += PARK_MAN_SPAN) {
         park_span *s = &m.spans[i];
         uint32_t fl = kp_get_u32(p + 8);
         s->span.start = (int)kp_get_u32(p);

@@ -64,7 +64,7 @@ typedef struct park_manifest {
     park_layout layout;
     int n_tokens;
     int32_t *tokens;         /* [n_tokens] */
-    park_span *spans;        /* [n_spans] */
+    park_span *spans;        /* [n_spans]; none: tokens only (park_manifest_write) */
     int n_spans;
 } park_manifest;
 
@@ -114,7 +114,9 @@ int park_release(cas *store, const park_manifest *m);
  * codecs (a name, not a file) and when the file cannot be read. */
 uint64_t park_codec_hash(const char *name);
 void park_manifest_free(park_manifest *m);
-/* Versioned, checksummed byte form (malloc'd). */
+/* Versioned, checksummed byte form (malloc'd). Its spans are exactly the
+ * layout's for n_tokens, or none (tokens only: what the store keeps of a
+ * session whose KV was lost; park_restore refuses it). */
 int park_manifest_write(const park_manifest *m, uint8_t **out, size_t *len, kp_err *err);
 int park_manifest_read(const uint8_t *buf, size_t len, park_manifest *m, kp_err *err);
 

@@ -462,6 +462,36 @@ void store_release_manifest(store *s, park_manifest *m) {
     park_manifest_free(m);
 }
 
+/* A manifest of a session whose KV is lost: its token ids (and codec, layout)
+ * and no spans. store_load_kv answers KP_ELOST for it; the caller recomputes
+ * the KV from the tokens and its next save is an ordinary version again. */
+bool store_kv_lost(const park_manifest *m) { return m->n_tokens > 0 && m->n_spans == 0; }
+
+/* *out = m without its spans (tokens copied). */
+static int tokens_only(const park_manifest *m, park_manifest *out, kp_err *err) {
+    *out = *m;
+    out->spans = NULL;
+    out->n_spans = 0;
+    out->tokens = malloc(sizeof *out->tokens * (size_t)(m->n_tokens > 0 ? m->n_tokens : 1));
+    if (!out->tokens) {
+        memset(out, 0, sizeof *out);
+        return kp_errf(err, KP_ENOMEM, "store: out of memory (%d token ids)", m->n_tokens);
+    }
+    if (m->n_tokens > 0) memcpy(out->tokens, m->tokens, sizeof *out->tokens * (size_t)m->n_tokens);
+    return 0;
+}
+
+/* Write id's tokens-only record (lost: a tokens_only manifest), in place of
+ * whatever record it had. 0 or a negative code (logged by the caller). */
+static int write_lost_record(store *s, const char *id, const park_manifest *lost, const uint8_t *extra,
+                             size_t extra_len, int64_t mtime, size_t *rec_len, kp_err *err) {
+    uint8_t *rec = NULL;
+    int rc = store_rec_build(lost, extra, extra_len, mtime, &rec, rec_len, err);
+    if (!rc) rc = rec_write(s, id, rec, *rec_len, err);
+    free(rec);
+    return rc;
+}
+
 /* Take a busy entry out of the index, handing its versions to the caller
  * (who releases them with mu NOT held: readers never see a half-released
  * manifest). mu held. */
@@ -632,11 +662,10 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     e->has_data = true;
     s->st.saves++;
     pthread_mutex_unlock(&s->mu);
-    if (rel1.n_spans || rel2.n_spans) {
-        store_release_manifest(s, &rel1);
-        store_release_manifest(s, &rel2);
-        cas_collect(s->cas);
-    }
+    bool collect = rel1.n_spans || rel2.n_spans;
+    store_release_manifest(s, &rel1); /* tokens-only versions (store_kv_lost) hold no spans */
+    store_release_manifest(s, &rel2);
+    if (collect) cas_collect(s->cas);
     if (s->o.remote && s->o.remote_policy == STORE_REMOTE_WRITE_THROUGH)
         store_remote_push(s, id, &e->man, e->extra, e->extra_len, mtime, true);
     if (st) {
@@ -730,10 +759,9 @@ static int flush_work(store *s, store_sess *e, kp_err *err) {
     e->durable = true;
     e->rec_bytes = len;
     pthread_mutex_unlock(&s->mu);
-    if (rel.n_spans) {
-        store_release_manifest(s, &rel);
-        cas_collect(s->cas);
-    }
+    bool collect = rel.n_spans > 0;
+    store_release_manifest(s, &rel);
+    if (collect) cas_collect(s->cas);
     return 0;
 }
 
@@ -899,22 +927,64 @@ struct store_restore {
     park_restorer *pr;
 };
 
-/* A restore found e damaged (an object missing or corrupt): quarantine its
- * record, release its references, forget it. e is busy and pinned (ours). */
-static void forget_damaged(store *s, store_sess *e, const char *why) {
+/* A restore found e's KV unreadable (an object missing or corrupt here, or
+ * evicted or corrupt in the remote tier): its record goes to quarantine (the
+ * evidence), its references are released, and it stays indexed as a
+ * tokens-only version (store_kv_lost), written back as its record when it
+ * had one on disk, so the caller can recompute the KV from its token ids,
+ * now and after a restart. Out of memory: forgotten instead (on_drop). e is
+ * busy and pinned (ours); mu NOT held. */
+static void lose_kv(store *s, store_sess *e, const char *why) {
     char id[STORE_ID_MAX + 1];
     snprintf(id, sizeof id, "%s", e->id);
-    if (e->durable || e->has_old) store_quarantine_record(s, id, why);
-    park_manifest m1, m2;
+    bool on_disk = e->durable || e->has_old;
+    park_manifest lost, m1 = {0}, m2 = {0};
+    kp_err e2 = {0};
+    if (tokens_only(&e->man, &lost, &e2)) {
+        if (on_disk) store_quarantine_record(s, id, why);
+        pthread_mutex_lock(&s->mu);
+        e->pins--;
+        store_sess_forget(s, e, &m1, &m2);
+        pthread_mutex_unlock(&s->mu);
+        store_release_manifest(s, &m1);
+        store_release_manifest(s, &m2);
+        cas_collect(s->cas);
+        store_logf(s, "store: session '%s' is damaged and was forgotten (%s): %s", id, e2.msg, why);
+        if (s->o.on_drop) s->o.on_drop(s->o.ud, id);
+        return;
+    }
+    size_t rec_len = 0;
+    bool durable = false;
+    if (on_disk) {
+        store_quarantine_record(s, id, why);
+        if (write_lost_record(s, id, &lost, e->extra, e->extra_len, e->mtime_ms, &rec_len, &e2) == 0)
+            durable = true;
+        else
+            store_logf(s, "store: session '%s': its token ids cannot be written down (%s); they are kept "
+                       "in memory only", id, e2.msg);
+    }
     pthread_mutex_lock(&s->mu);
+    bool held = !e->remote_only; /* a remote-only version holds no references */
+    m1 = e->man;
+    if (e->has_old) m2 = e->old;
+    e->man = lost;
+    memset(&e->old, 0, sizeof e->old);
+    e->has_old = false;
+    e->remote_only = false;
+    e->durable = durable;
+    e->obj_bytes = 0;
+    e->rec_bytes = durable ? rec_len : 0;
     e->pins--;
-    store_sess_forget(s, e, &m1, &m2);
+    e->busy = false;
+    s->st.kv_lost++;
+    pthread_cond_broadcast(&s->cv);
     pthread_mutex_unlock(&s->mu);
-    store_release_manifest(s, &m1);
+    if (held) store_release_manifest(s, &m1);
+    else park_manifest_free(&m1);
     store_release_manifest(s, &m2);
     cas_collect(s->cas);
-    store_logf(s, "store: session '%s' is damaged and was forgotten: %s", id, why);
-    if (s->o.on_drop) s->o.on_drop(s->o.ud, id);
+    store_logf(s, "store: session '%s': its KV cannot be read (%s); its %d token ids are kept, and its KV "
+               "is recomputed from them when it is next used", id, why, lost.n_tokens);
 }
 
 int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **out, kp_err *err) {
@@ -948,32 +1018,40 @@ int store_load_kv_begin(store *s, const char *id, kv_cache *kv, store_restore **
 
     kp_err e2 = {0};
     if (e->remote_only && (rc = store_remote_fetch(s, e, &e2)) != 0) {
-        park_manifest m1, m2;
-        pthread_mutex_lock(&s->mu);
-        e->pins--;
         if (rc == KP_EUNAVAIL || rc == KP_ENOMEM) { /* nothing changed: try again later */
+            pthread_mutex_lock(&s->mu);
+            e->pins--;
             store_sess_release(s, e);
             pthread_mutex_unlock(&s->mu);
             free(r);
             return kp_errf(err, rc, "%s", e2.msg);
         }
-        store_sess_forget(s, e, &m1, &m2); /* evicted or damaged in Redis: nothing stays */
-        pthread_mutex_unlock(&s->mu);
-        store_release_manifest(s, &m2);
+        /* evicted or damaged in Redis: the token ids remain */
+        char why[KP_ERR_MAX + 32];
+        snprintf(why, sizeof why, "the remote tier lost it: %s", e2.msg);
+        lose_kv(s, e, why);
         free(r);
-        store_logf(s, "store: session '%s' could not be read from the remote tier: %s", id, e2.msg);
-        if (s->o.on_drop) s->o.on_drop(s->o.ud, id);
-        return kp_errf(err, KP_EFORMAT, "store: session '%s' is damaged in the remote tier (an object "
-                       "evicted or corrupt); it was forgotten here: %s", id, e2.msg);
+        return kp_errf(err, KP_ELOST, "store: session '%s': its KV is not in the remote tier any more (an "
+                       "object evicted or corrupt): %s", id, e2.msg);
+    }
+    if (store_kv_lost(&e->man)) {
+        int nt = e->man.n_tokens;
+        pthread_mutex_lock(&s->mu);
+        e->pins--;
+        store_sess_release(s, e);
+        pthread_mutex_unlock(&s->mu);
+        free(r);
+        return kp_errf(err, KP_ELOST, "store: session '%s' holds its %d token ids but no KV (it was lost "
+                       "earlier): recompute it", id, nt);
     }
     rc = park_restore_begin(s->cas, e->cc, &e->man, kv, &r->pr, &e2);
     if (rc == KP_EFORMAT || rc == KP_ENOTFOUND) {
         char why[KP_ERR_MAX];
         snprintf(why, sizeof why, "%s", e2.msg);
-        forget_damaged(s, e, why);
+        lose_kv(s, e, why);
         free(r);
-        return kp_errf(err, KP_EFORMAT, "store: session '%s' is damaged (its record was moved to "
-                       "quarantine and the session forgotten): %s", id, why);
+        return kp_errf(err, KP_ELOST, "store: session '%s': its KV is damaged (the record was moved to "
+                       "quarantine; its token ids are kept): %s", id, why);
     }
     pthread_mutex_lock(&s->mu);
     e->busy = false;
@@ -1079,6 +1157,7 @@ static int snap_take(const store_sess *e, snap *sn) {
     sn->ent.bytes = e->obj_bytes + e->rec_bytes;
     sn->ent.mtime_unix_ms = e->mtime_ms;
     sn->ent.durable = e->durable;
+    sn->ent.kv_lost = store_kv_lost(&e->man);
     sn->remote = e->remote_only;
     sn->n_keys = e->man.n_spans;
     sn->keys = malloc((size_t)(sn->n_keys ? sn->n_keys : 1) * sizeof *sn->keys);
@@ -1089,7 +1168,7 @@ static int snap_take(const store_sess *e, snap *sn) {
 
 /* "warm" if every object is in RAM, else "cold". */
 static void snap_tier(store *s, snap *sn) {
-    bool warm = sn->n_keys > 0;
+    bool warm = sn->n_keys > 0 || (sn->ent.kv_lost && !sn->ent.durable); /* tokens only: where the record is */
     for (int i = 0; i < sn->n_keys && warm; i++)
         if (!(cas_where(s->cas, sn->keys[i]) & CAS_IN_WARM)) warm = false;
     snprintf(sn->ent.tier, sizeof sn->ent.tier, "%s", sn->remote ? "remote" : warm ? "warm" : "cold");
@@ -1195,6 +1274,7 @@ void store_get_stats(store *s, store_stats *st) {
     st->foreign = own.foreign;
     st->imported = own.imported;
     st->io_errors = own.io_errors;
+    st->kv_lost = own.kv_lost;
 }
 
 /* ---- open: re-index records ------------------------------------------------------------- */
@@ -1250,10 +1330,25 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
         cas_key_hex(m.spans[i].key, hex);
         snprintf(why, sizeof why, "its object %s (span %d, tokens %d..%d) is missing", hex, i,
                  m.spans[i].span.start, m.spans[i].span.start + m.spans[i].span.n - 1);
+        /* the evidence aside, the token ids kept (store_kv_lost): the KV is recomputed */
         store_quarantine_record(s, id, why);
+        park_manifest lost;
+        kp_err e3 = {0};
+        rc = tokens_only(&m, &lost, &e3);
         park_manifest_free(&m);
-        free(extra);
-        return 0;
+        if (!rc) rc = write_lost_record(s, id, &lost, extra, extra_len, mtime, &len, &e3);
+        if (rc) {
+            store_logf(s, "store: session '%s' forgotten: its token ids cannot be kept: %s", id, e3.msg);
+            park_manifest_free(&lost);
+            free(extra);
+            return rc == KP_ENOMEM ? kp_errf(err, rc, "%s", e3.msg) : 0;
+        }
+        store_logf(s, "store: session '%s': its KV is lost (%s); its %d token ids are kept, and its KV is "
+                   "recomputed from them when it is next used", id, why, lost.n_tokens);
+        s->st.kv_lost++;
+        m = lost;
+        obj_bytes = 0;
+        break;
     }
     store_sess *e = calloc(1, sizeof *e);
     if (!e || index_add(s, e)) {

@@ -31,7 +31,8 @@
  *     model fingerprint validate, and whose codec the store can open (its own
  *     codec, or a built-in codec named by the manifest: none, fp16, int8, int4,
  *     kivi2) becomes a cold session and re-references its objects; a session
- *     whose objects are not all present is quarantined (counted, logged);
+ *     whose objects are not all present has its record quarantined (counted,
+ *     logged) and keeps its token ids (a tokens-only record, "KV lost" below);
  *     corrupt files are quarantined; records of another model or of a codec
  *     file the store was not given are left in place and counted as foreign
  *     (logged once with what to do); leftover *.tmp files are removed; then
@@ -54,11 +55,18 @@
  *     and never the one just saved; every drop is counted
  *     (store_stats.dropped) and reported through opts.log and opts.on_drop.
  *   - store_load_kv() restores the session's KV rows into kv (kv->n_pos is
- *     changed only on success; kv must have the store's shape and room). A
- *     missing or corrupt object fails with KP_EFORMAT and a message naming
- *     the session; the session's record is moved to quarantine and the
- *     session forgotten (other sessions are untouched, except those that
- *     shared the corrupt object, which fail the same way when loaded).
+ *     changed only on success; kv must have the store's shape and room).
+ *   - KV lost: a missing or corrupt object (found at open or by a load), or
+ *     an object the remote tier evicted, fails the load with KP_ELOST and a
+ *     message naming the session; the session's record is moved to
+ *     quarantine (the evidence), its references are released, and it stays
+ *     indexed with its token ids and extra bytes only (a tokens-only record
+ *     in place of the old one when that was on disk), so the caller can
+ *     recompute the KV from the tokens (load_meta still works; load_kv keeps
+ *     answering KP_ELOST until the next save, an ordinary version again).
+ *     Other sessions are untouched, except those that shared the corrupt
+ *     object, which are found the same way when loaded. Only a record whose
+ *     token ids cannot be read is forgotten.
  *   - store_load_kv_begin/_layer/_end: the same restore, layer by layer, so a
  *     caller can start using layer l while deeper layers are still decoding
  *     (pipelined resume). See the functions.
@@ -71,8 +79,8 @@
  *     indexed as tier "remote" and its first restore brings its objects here
  *     (then it is a warm session). Redis unreachable: those calls are
  *     KP_EUNAVAIL and change nothing; calls on local sessions never wait on it.
- *     An object evicted or corrupt in Redis: the load is KP_EFORMAT and the
- *     id is forgotten here with nothing left behind. store_delete queues the
+ *     An object evicted or corrupt in Redis: the load is KP_ELOST (above).
+ *     store_delete queues the
  *     delete for Redis too, so no replica resumes a deleted session; a drop
  *     by the cold budget does not (Redis keeps the session).
  *   - All calls are thread-safe. The index mutex is never held during file
@@ -147,6 +155,7 @@ typedef struct store_entry {
     char tier[STORE_TIER_MAX];      /* "warm" (every object in RAM), "cold", or "remote"
                                      * (known from the remote tier; nothing local yet) */
     bool durable;                   /* record and objects are on disk */
+    bool kv_lost;                   /* only its token ids are left: store_load_kv is KP_ELOST */
 } store_entry;
 
 typedef struct store_save_stats {
@@ -168,6 +177,7 @@ typedef struct store_stats {
     uint64_t foreign;               /* records of another model / codec, left alone */
     uint64_t imported;              /* legacy v1 blobs imported at open */
     uint64_t io_errors;             /* failed writes (disk full, ...) */
+    uint64_t kv_lost;               /* sessions whose KV was found unreadable (token ids kept) */
 } store_stats;
 
 store_opts store_default_opts(void);

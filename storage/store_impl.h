@@ -105,6 +105,8 @@ const codec *store_codec_for(store *s, const park_manifest *m);
  * why not (*cc NULL): another model, KV type or codec. mu held or at open. */
 enum { STORE_FOREIGN_MODEL = 1, STORE_FOREIGN_TYPE, STORE_FOREIGN_CODEC };
 int store_foreign(store *s, const park_manifest *m, const codec **cc);
+/* True for a tokens-only manifest: token ids, no spans (its KV was lost). */
+bool store_kv_lost(const park_manifest *m);
 /* Per-id serialisation (mu held): wait until no call works on id, mark it
  * busy and return its entry, or (create) a new placeholder, or NULL. */
 store_sess *store_sess_acquire(store *s, const char *id, bool create);

@@ -756,8 +756,8 @@ static void test_store_two_replicas(void **state) {
     store *C = open_store(dc, s.url, &rc, STORE_REMOTE_WRITE_THROUGH, 0);
     assert_int_equal(store_load_meta(C, "conv-1", &nt, NULL, NULL, NULL, &err), KP_ENOTFOUND);
 
-    /* an object evicted from Redis: the remote load is a clean failure, and
-     * nothing of it stays behind on C */
+    /* an object evicted from Redis: the KV is lost (KP_ELOST), nothing of the
+     * objects stays behind on C, and the token ids stay (to be recomputed) */
     kv->n_pos = 100; /* it: the first 100 rows */
     assert_int_equal(store_save(A, "conv-2", &it, true, NULL, &err), 0);
     assert_int_equal(remote_drain(ra, 20000), 0);
@@ -769,15 +769,35 @@ static void test_store_two_replicas(void **state) {
      * one key picked at random may be one conv-2 does not use */
     for (size_t i = 0; i < keys->elements; i++) freeReplyObject(raw(&s, "DEL %s", keys->element[i]->str));
     freeReplyObject(keys);
-    int r2 = store_load_meta(C, "conv-2", &nt, NULL, NULL, NULL, &err);
-    if (r2 == 0) { /* meta may come first; then the KV load fails cleanly */
-        kv_cache *kc = tu_kv_new(g_be, KP_TYPE_F32, NL, NCTX, NKV, HD);
-        r2 = store_load_kv(C, "conv-2", kc, &err);
-        assert_int_equal(kc->n_pos, 0);
-        kv_free(kc);
-    }
-    assert_true(r2 == KP_ENOTFOUND || r2 == KP_EFORMAT);
-    assert_false(store_has(C, "conv-2"));
+    int32_t *tl = NULL;
+    assert_int_equal(store_load_meta(C, "conv-2", &nt, &tl, NULL, NULL, &err), 0); /* the record is there */
+    assert_int_equal(nt, 100);
+    free(tl);
+    kv_cache *kc = tu_kv_new(g_be, KP_TYPE_F32, NL, NCTX, NKV, HD);
+    assert_int_equal(store_load_kv(C, "conv-2", kc, &err), KP_ELOST);
+    assert_non_null(strstr(err.msg, "conv-2"));
+    assert_int_equal(kc->n_pos, 0);
+    store_entry se;
+    assert_int_equal(store_stat(C, "conv-2", &se), 0);
+    assert_true(se.kv_lost);
+    assert_int_equal(se.n_tokens, 100);
+    assert_string_equal(se.tier, "warm");
+    tl = NULL;
+    assert_int_equal(store_load_meta(C, "conv-2", &nt, &tl, NULL, NULL, &err), 0);
+    assert_int_equal(nt, 100);
+    assert_memory_equal(tl, tok, 100 * sizeof *tok);
+    free(tl);
+    assert_int_equal(store_load_kv(C, "conv-2", kc, &err), KP_ELOST); /* until the next save */
+    store_stats cst;
+    store_get_stats(C, &cst);
+    assert_int_equal(cst.kv_lost, 1);
+    /* recomputed and saved again: an ordinary version */
+    assert_int_equal(store_save(C, "conv-2", &it, true, NULL, &err), 0);
+    assert_int_equal(store_load_kv(C, "conv-2", kc, &err), 0);
+    assert_true(kv_rows_equal(kv, kc, 100));
+    assert_int_equal(store_stat(C, "conv-2", &se), 0);
+    assert_false(se.kv_lost);
+    kv_free(kc);
 
     /* Redis down: a session only in Redis is KP_EUNAVAIL (503), local ones unaffected */
     rsrv_kill(&s);

@@ -18,9 +18,10 @@
  *     just-saved one, a session bigger than the budget refused; warm budget
  *     spills to cold;
  *   - corruption: flips in every region of a record and truncations
- *     quarantined at open, a corrupt object fails the load with KP_EFORMAT
- *     naming the session (forgotten, record quarantined, others fine), a
- *     missing object quarantines the record at open, torn .tmp removed;
+ *     quarantined at open, a corrupt object fails the load with KP_ELOST
+ *     naming the session (record quarantined, its token ids kept as a
+ *     tokens-only record across a restart until the next save, others fine),
+ *     a missing object at open the same, torn .tmp removed;
  *   - disk full (RLIMIT_FSIZE: writes fail with EFBIG): the save fails with
  *     KP_ENOSPC, the previous version stays restorable, no references leak;
  *   - the per-store secret: created once with mode 0600, read back the same,
@@ -1036,18 +1037,31 @@ static void test_corrupt_object(void **state) {
     kv_cache *got = new_kv(KP_TYPE_F32);
     got->n_pos = 4;
     int rc = store_load_kv(s, "A", got, &err);
-    assert_int_equal(rc, KP_EFORMAT);
+    assert_int_equal(rc, KP_ELOST);
     assert_non_null(strstr(err.msg, "'A'"));
     assert_int_equal(got->n_pos, 4);
-    assert_false(store_has(s, "A"));
-    assert_int_equal(store_load_kv(s, "A", got, &err), KP_ENOTFOUND);
+    /* A keeps its token ids (to be recomputed), nothing else */
+    assert_true(store_has(s, "A"));
+    assert_int_equal(store_load_kv(s, "A", got, &err), KP_ELOST);
+    assert_int_equal(got->n_pos, 4);
+    int nt = 0;
+    int32_t *ta = NULL;
+    assert_int_equal(store_load_meta(s, "A", &nt, &ta, NULL, NULL, &err), 0);
+    int32_t *want_a = tu_make_tokens(100, 1);
+    assert_int_equal(nt, 100);
+    assert_memory_equal(ta, want_a, 100 * sizeof *ta);
+    free(ta);
+    store_entry se;
+    assert_int_equal(store_stat(s, "A", &se), 0);
+    assert_true(se.kv_lost);
+    assert_string_equal(se.tier, "cold");
     rec_file(dir, "A", p);
-    assert_false(tu_file_exists(p));
-    assert_int_equal(lr->n_drop, 1);
-    assert_string_equal(lr->dropped[0], "A");
+    assert_true(tu_file_exists(p)); /* its tokens-only record, in place of the old one */
+    assert_int_equal(lr->n_drop, 0);
     store_stats ss;
     store_get_stats(s, &ss);
     assert_int_equal(ss.quarantined, 2); /* the object (cas) and the record */
+    assert_int_equal(ss.kv_lost, 1);
     assert_int_equal(count_quarantine(dir), 2);
     load_check(s, "B", KP_TYPE_F32, 100, 2, 2);
     assert_int_equal(store_load_kv(s, "C", got, &err), 0);
@@ -1058,17 +1072,41 @@ static void test_corrupt_object(void **state) {
     assert_false(cas_has(store_cas(s), ma.spans[6].key));
     store_close(s);
 
-    /* a missing object: B's record is quarantined at open */
+    /* after a restart A is still its token ids; a save makes it whole again */
+    logrec *lr2 = logrec_new();
+    s = open_store(dir, lr2);
+    if (store_stat(s, "A", &se)) fail_msg("A lost at reopen: %s", lr2->all);
+    logrec_free(lr2);
+    assert_true(se.kv_lost);
+    assert_int_equal(se.n_tokens, 100);
+    assert_int_equal(store_load_kv(s, "A", got, &err), KP_ELOST);
+    save_ok(s, "A", KP_TYPE_F32, 100, 1, 1, true, NULL);
+    load_check(s, "A", KP_TYPE_F32, 100, 1, 1);
+    free(want_a);
+    store_close(s);
+
+    /* a missing object: B's record is quarantined at open, its token ids kept */
     park_manifest mb;
     read_manifest(dir, "B", &mb);
     obj_file(dir, mb.spans[2].key, p);
     assert_int_equal(unlink(p), 0);
     s = open_store(dir, NULL);
-    assert_false(store_has(s, "B"));
+    assert_true(store_has(s, "B"));
+    assert_int_equal(store_stat(s, "B", &se), 0);
+    assert_true(se.kv_lost);
+    assert_int_equal(se.n_tokens, 100);
+    assert_int_equal(store_load_kv(s, "B", got, &err), KP_ELOST);
     assert_true(store_has(s, "C"));
     store_get_stats(s, &ss);
     assert_int_equal(ss.quarantined, 1);
+    assert_int_equal(ss.kv_lost, 1);
     assert_int_equal(store_load_kv(s, "C", got, &err), 0);
+    /* and it is gone when deleted */
+    assert_int_equal(store_delete(s, "B", &err), 0);
+    store_close(s);
+    s = open_store(dir, NULL);
+    assert_false(store_has(s, "B"));
+    assert_true(store_has(s, "C"));
     store_close(s);
     park_manifest_free(&ma);
     park_manifest_free(&mb);

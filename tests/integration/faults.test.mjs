@@ -14,9 +14,13 @@
  *   3. Flipped bits and truncations in every part of a session record
  *      (header fields, manifest, extra bytes, checksums) and in object files:
  *      quarantined at restart (files under DIR/quarantine, counted in
- *      /metrics), the other sessions intact; an object corrupted while the
- *      server runs fails the next request on its session with a 409 naming
- *      the session, and harms no other session.
+ *      /metrics), the other sessions intact. A damaged record is gone (404:
+ *      its token ids are unreadable); a session whose objects are damaged
+ *      keeps its token ids, so its next request recomputes the KV (a
+ *      re-prefill: cached_tokens 0) and answers exactly like the reference,
+ *      logged and counted (kvpark_session_events_total{event="recomputed"});
+ *      the same for an object corrupted while the server runs; no other
+ *      session is harmed.
  *   4. 200 sessions parked and restored concurrently with live traffic:
  *      every continuation equals the reference, no 5xx.
  *
@@ -448,7 +452,8 @@ describe('faults', { timeout: 560000 }, () => {
   });
 
   it('flipped bits and truncation in every part of session records and in objects: quarantined; ' +
-     'a corrupt object at restore is a 409 naming the session; nothing else is harmed', { timeout: 120000 }, async () => {
+     'a damaged record is gone, damaged objects are recomputed from the token ids; nothing else is harmed',
+     { timeout: 120000 }, async () => {
     const dir = tmpDir('corrupt');
     const args = ['-c', '256', '--cold-dir', dir];
     let srv = await startServer({ args });
@@ -542,7 +547,7 @@ describe('faults', { timeout: 560000 }, () => {
       assert.ok(nQ >= wantQ, `kvpark_store_events{event="quarantined"} = ${nQ}, want >= ${wantQ}\n${srv.log().slice(-4000)}`);
       const q = quarantined(dir);
       const listed = await listSessions(srv);
-      for (const [name] of [...RECORD, ...OBJECT]) {
+      for (const [name] of RECORD) { /* its token ids are unreadable: gone */
         const s = S[name];
         assert.ok(!listed[s.id], `damage "${name}": session ${s.id} still listed`);
         assert.ok(q.some((f) => f.startsWith(`${s.id}.kvpm`)), `damage "${name}": its record is not in quarantine: ${q}`);
@@ -550,8 +555,34 @@ describe('faults', { timeout: 560000 }, () => {
         const r = await chatReq(srv, [...s.hist, { role: 'user', content: USERS[0] }], { sid: s.id });
         assert.equal(r.status, 404, `damage "${name}": a request on it: ${r.status} ${r.text}`);
       }
+      /* its KV is lost, its token ids are not: recomputed by the next request */
+      const recomputedAnswer = async (s, what, user) => {
+        const msgs = [...s.hist, { role: 'user', content: user }];
+        const r = await chatReq(srv, msgs, { sid: s.id });
+        assert.equal(r.status, 200, `${what}: ${r.status} ${r.text}`);
+        assert.equal(replyOf(r), await refAnswer(msgs), `${what}: the recomputed session answers like the reference`);
+        assert.equal(r.json.usage.prompt_tokens_details?.cached_tokens ?? 0, 0, `${what}: recomputed, not restored`);
+        s.hist = withReply(msgs, replyOf(r));
+        return r;
+      };
+      let nRecomputed = 0;
+      for (const [name] of OBJECT) {
+        const s = S[name];
+        assert.ok(listed[s.id], `damage "${name}": session ${s.id} not listed: its token ids were lost`);
+        assert.equal(listed[s.id].tokens, s.tokens, `damage "${name}": its tokens`);
+        assert.ok(q.some((f) => f.startsWith(`${s.id}.kvpm`)), `damage "${name}": its record is not in quarantine: ${q}`);
+        assert.match(srv.log(), new RegExp(`'${s.id}'.*KV is lost`), `damage "${name}": not logged`);
+        await recomputedAnswer(s, `damage "${name}"`, USERS[0]);
+        nRecomputed++;
+      }
       for (const [name] of OBJECT.slice(0, 3)) {
         assert.ok(q.some((f) => f.startsWith(S[name].obj)), `damage "${name}": object not in quarantine: ${q}`);
+      }
+      {
+        const m1 = await getMetrics(srv);
+        assert.ok(metricValue(m1, 'kvpark_session_events_total', { event: 'recomputed', tier: 'cold' }) >= nRecomputed,
+          'each recompute is counted');
+        assert.ok(metricValue(m1, 'kvpark_store_events', { event: 'kv_lost' }) >= OBJECT.length, 'each lost KV is counted');
       }
 
       /* intact sessions: listed with their tokens; two of them are corrupted now, while the server runs */
@@ -567,24 +598,36 @@ describe('faults', { timeout: 560000 }, () => {
         const f = objectPath(dir, s.obj);
         flipBit(f, 56 + Math.floor((fs.statSync(f).size - 56) / 3), 0x80);
       }
-      const expect409 = (r, s, what) => {
-        assert.equal(r.status, 409, `${what}: ${r.status} ${r.text}`);
-        assertErrorShape(assert, r.json);
-        assert.ok(r.json.error.message.includes(s.id), `${what}: the message must name the session: ${r.json.error.message}`);
-      };
       /* the one damaged before the restart: payloads are checked when read */
-      const lazyMsgs = [...lazy.hist, { role: 'user', content: USERS[0] }];
-      if (listed[lazy.id]) expect409(await chatReq(srv, lazyMsgs, { sid: lazy.id }), lazy, 'payload damaged before the restart');
-      const l1 = [...live1.hist, { role: 'user', content: USERS[1] }];
-      expect409(await chatReq(srv, l1, { sid: live1.id }), live1, 'object corrupted while running (chat)');
-      expect409(await jfetch(srv.url + `/v1/sessions/${live2.id}/restore`, {}), live2, 'object corrupted while running (restore)');
+      if (listed[lazy.id]) {
+        await recomputedAnswer(lazy, 'payload damaged before the restart', USERS[0]);
+        nRecomputed++;
+      }
+      await recomputedAnswer(live1, 'object corrupted while running (chat)', USERS[1]);
+      nRecomputed++;
+      const rs = await jfetch(srv.url + `/v1/sessions/${live2.id}/restore`, {});
+      assert.equal(rs.status, 200, `object corrupted while running (restore): ${rs.text}`);
+      assert.equal(rs.json.from_tier, 'recomputed');
+      assert.equal(rs.json.tokens, live2.tokens);
+      nRecomputed++;
+      await recomputedAnswer(live2, 'object corrupted while running (then chat)', USERS[1]);
       for (const s of [lazy, live1, live2]) {
         const g = await jfetch(srv.url + `/v1/sessions/${s.id}`, { method: 'GET' });
-        assert.equal(g.status, 404, `a session found corrupt is forgotten: ${g.text}`);
+        assert.equal(g.status, 200, `a session whose KV was lost is kept: ${g.text}`);
         assert.ok(quarantined(dir).some((f) => f.startsWith(s.obj)), `object ${s.obj} of ${s.id} not in quarantine`);
+      }
+      /* hot now, and whole again: the next turn reuses the recomputed KV */
+      {
+        const msgs = [...live1.hist, { role: 'user', content: USERS[2] }];
+        const r = await chatReq(srv, msgs, { sid: live1.id });
+        assert.equal(r.status, 200, r.text);
+        assert.equal(replyOf(r), await refAnswer(msgs), 'after the recompute');
+        assert.ok(r.json.usage.prompt_tokens_details?.cached_tokens > 0, 'the recomputed KV is reused');
       }
       const m2 = await getMetrics(srv);
       assert.ok(metricValue(m2, 'kvpark_store_events', { event: 'quarantined' }) > nQ, 'the corrupt objects found at restore are counted');
+      const nRec = ['warm', 'cold'].reduce((a, tier) => a + metricValue(m2, 'kvpark_session_events_total', { event: 'recomputed', tier }), 0);
+      assert.ok(nRec >= nRecomputed, `kvpark_session_events_total{event="recomputed"} = ${nRec}, want >= ${nRecomputed}`);
 
       /* nobody else is harmed: every other session continues exactly like the reference */
       await Promise.all([S['warm-up'], ...rest].map(async (s) => {

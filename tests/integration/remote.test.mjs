@@ -14,8 +14,10 @@
  *   4. A delete on B reaches Redis: A's copy is local, but a third replica
  *      cannot resurrect the session.
  *   5. Redis stopped: a session only in Redis is a 503 with Retry-After (no
- *      hang), sessions local to the replica answer as before, /health says
- *      "down" and the server stays healthy.
+ *      hang); one whose record B indexed before (its token ids) is recomputed
+ *      and answers as A does (cached_tokens 0, counted as "recomputed");
+ *      sessions local to the replica answer as before, /health says "down"
+ *      and the server stays healthy.
  *
  * Skips (and says so) where redis-server is not installed.
  */
@@ -159,17 +161,33 @@ describe('remote tier: two replicas and one Redis', { skip: HAVE_REDIS ? false :
     }
   });
 
-  it('Redis stopped: a session only in Redis is 503 + Retry-After, local sessions unaffected', async () => {
+  it('Redis stopped: a session B knows is recomputed from its token ids; one only in Redis is 503 + ' +
+     'Retry-After; local sessions unaffected', async () => {
+    const c = await jfetch(a.url + '/v1/sessions', { body: {}, headers: hA });
+    const sid4 = c.json.id; /* saved on A, never seen by B: only Redis has it for B */
+    assert.equal((await jfetch(a.baseURL + '/chat/completions', { body: turn(sid4, ONCE, 4), headers: hA })).status, 200);
+    assert.equal((await jfetch(a.url + `/v1/sessions/${sid4}/save`, { headers: hA })).status, 200);
+    await sleep(500);
     redis.proc.kill('SIGKILL');
     await new Promise((r) => redis.proc.once('exit', r));
     const t0 = Date.now();
-    const r = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid2, 'Hi'), headers: hA });
+    const r = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid4, 'Hi'), headers: hA });
     assert.equal(r.status, 503, r.text);
     assert.equal(r.headers.get('retry-after'), '1');
+    assert.equal(r.json.error.code, 'remote_unavailable');
     assert.ok(Date.now() - t0 < 20000, 'answered without hanging');
+    /* sid2: B indexed its record (case 2) but never fetched its KV: its token
+     * ids are here, so B recomputes the KV and answers as A does */
+    const onB = await jfetch(b.baseURL + '/chat/completions', { body: turn(sid2, 'Hi', 8), headers: hA });
+    assert.equal(onB.status, 200, onB.text);
+    assert.equal(onB.json.usage.prompt_tokens_details?.cached_tokens ?? 0, 0, 'recomputed, nothing restored');
     /* A holds sid2 itself: unaffected */
-    const local = await jfetch(a.baseURL + '/chat/completions', { body: turn(sid2, 'Hi', 4), headers: hA });
+    const local = await jfetch(a.baseURL + '/chat/completions', { body: turn(sid2, 'Hi', 8), headers: hA });
     assert.equal(local.status, 200, local.text);
+    assert.equal(onB.json.choices[0].message.content, local.json.choices[0].message.content);
+    const m = (await jfetch(b.url + '/metrics', { method: 'GET', headers: hA })).text;
+    assert.ok(metricValue(m, 'kvpark_session_events_total', { event: 'recomputed', tier: 'remote' }) >= 1, m);
+    assert.match(b.log(), new RegExp(`session ${sid2}: its KV cannot be restored from remote`));
     const h = await jfetch(b.url + '/health', { method: 'GET' });
     assert.equal(h.status, 200);
     assert.equal(h.json.status, 'ok');
