@@ -789,6 +789,10 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
         ro.ud = t;
         int rrc = ro.codec_hash ? remote_open(&t->rem, &ro, err)
                                 : kp_errf(err, KP_EIO, "cannot read the codec file '%s' to name its remote keys", o->codec);
+        uint8_t secret[STORE_SECRET_BYTES]; /* the deployment's by now (http.c share_secret) */
+        if (!rrc && !(rrc = store_secret(so.dir, secret, err))) remote_keep_secret(t->rem, secret, sizeof secret);
+        sodium_memzero(secret, sizeof secret);
+        if (rrc) remote_close(t->rem);
         if (rrc) {
             kp_backend_free(t->host_be);
             free(t);

@@ -34,6 +34,7 @@
 #include <time.h>
 
 #include <hiredis/hiredis.h>
+#include <sodium.h>
 #include <xxhash.h>
 
 #define ROB_MAGIC "KVPKROB1"
@@ -97,6 +98,8 @@ struct remote {
     bool dropped_since_ok;
     char last_err[KP_ERR_MAX];
     uint64_t ev[REMOTE_EV_N];
+    uint8_t secret[256];    /* the deployment's owner secret, once shared (remote_share_secret): */
+    size_t secret_len;      /*   re-asserted with every save, should Redis evict it (allkeys-lru) */
 };
 
 remote_opts remote_default_opts(void) {
@@ -592,6 +595,24 @@ int remote_has_object(remote *r, cas_key k, kp_err *err) {
 
 /* ---- records ----------------------------------------------------------------------- */
 
+/* The owner secret back into Redis after a record write (remote_keep_secret):
+ * NX, never over another replica's. */
+static int reassert_secret(remote *r, redisContext *c, kp_err *err) {
+    uint8_t sec[sizeof r->secret];
+    pthread_mutex_lock(&r->mu);
+    size_t n = r->secret_len;
+    memcpy(sec, r->secret, n);
+    pthread_mutex_unlock(&r->mu);
+    if (!n) return 0;
+    redisReply *rep = cmd(c, "SET %s %b NX", REMOTE_SECRET_KEY, sec, n);
+    int en = errno;
+    sodium_memzero(sec, sizeof sec);
+    if (!rep) return conn_fail(r, c, en, err);
+    int rc = rep->type == REDIS_REPLY_ERROR ? reply_fail(r, rep, "the owner-secret write", err) : 0;
+    freeReplyObject(rep);
+    return rc;
+}
+
 static int put_record_on(remote *r, redisContext *c, const char *id, const void *rec, size_t len,
                          long long expect, long long *version, kp_err *err) {
     char key[REMOTE_PREFIX_MAX + REMOTE_ID_MAX + 8], ttl[24], want[24];
@@ -617,6 +638,7 @@ static int put_record_on(remote *r, redisContext *c, const char *id, const void 
         if (version) *version = rep->element[1]->integer;
         if (rep->element[0]->integer == 1) {
             count(r, REMOTE_EV_PUT);
+            rc = reassert_secret(r, c, err);
         } else {
             rc = kp_errf(err, KP_EBUSY, "remote: session '%s' changed meanwhile (version %lld, expected %lld)", id,
                          rep->element[1]->integer, expect);
@@ -743,8 +765,17 @@ int remote_share_secret(remote *r, const uint8_t *mine, size_t n, uint8_t *out, 
         }
     }
     conn_put(r, c);
+    if (!rc) remote_keep_secret(r, out, n);
     if (!rc) note(r, 0, false, NULL);
     return rc;
+}
+
+void remote_keep_secret(remote *r, const uint8_t *secret, size_t n) {
+    if (!r || !secret || n > sizeof r->secret) return;
+    pthread_mutex_lock(&r->mu);
+    memcpy(r->secret, secret, n);
+    r->secret_len = n;
+    pthread_mutex_unlock(&r->mu);
 }
 
 /* ---- the write queue ------------------------------------------------------------------ */
@@ -997,6 +1028,7 @@ void remote_close(remote *r) {
     pthread_cond_destroy(&r->cv);
     pthread_cond_destroy(&r->cv_idle);
     pthread_mutex_destroy(&r->mu);
+    sodium_memzero(r->secret, sizeof r->secret);
     free(r);
 }
 

@@ -144,6 +144,11 @@ int remote_del_record(remote *r, const char *id, kp_err *err);
  * that is not an n-byte value. */
 #define REMOTE_SECRET_KEY "kvpark:owner-secret"
 int remote_share_secret(remote *r, const uint8_t *mine, size_t n, uint8_t *out, kp_err *err);
+/* Hands r the deployment's secret (n <= 256 bytes; remote_share_secret keeps
+ * it too): every record write then puts it back with SET NX, should Redis
+ * have lost it (allkeys-lru eviction, a restart without persistence) -- a
+ * replica starting then would otherwise draw its own and key owners apart. */
+void remote_keep_secret(remote *r, const uint8_t *secret, size_t n);
 
 /* Queue a save (objects first, record last) or a delete. 0 queued, KP_EBUSY
  * queue full (dropped), KP_ENOMEM. */

@@ -15,7 +15,7 @@
  * Relative values are read from the current directory.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
@@ -371,6 +371,27 @@ export function metricValue(text, name, labels = {}) {
 }
 
 /* Poll fn() until it returns something truthy (returned), or throw after ms. */
+/* A throwaway redis-server on 127.0.0.1 (no persistence, files in dir):
+ * { port, proc }. port: a given one (a restart on the same address), else
+ * a free one; extra: more redis-server flags ("--maxmemory", "1mb", ...). */
+export async function startRedis(dir, { port, extra = [] } = {}) {
+  port = port || await freePort();
+  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+    '--dir', dir, ...extra], { stdio: 'ignore' });
+  for (let i = 0; i < 100; i++) {
+    const r = spawnSync('redis-cli', ['-p', String(port), 'ping'], { encoding: 'utf8' });
+    if (r.stdout && r.stdout.includes('PONG')) return { port, proc };
+    await sleep(50);
+  }
+  proc.kill('SIGKILL');
+  throw new Error('redis-server did not start');
+}
+
+/* redis-cli -p port ARGS..., its output. */
+export function redisCli(port, ...args) {
+  return spawnSync('redis-cli', ['-p', String(port), ...args], { encoding: 'utf8' }).stdout || '';
+}
+
 export async function waitFor(what, fn, ms = 10000) {
   const t0 = Date.now();
   for (;;) {

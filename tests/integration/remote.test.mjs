@@ -22,29 +22,16 @@
  * Skips (and says so) where redis-server is not installed.
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { ONCE, freePort, jfetch, metricValue, sleep, startServer, tmpDir } from './helpers.mjs';
+import { ONCE, jfetch, metricValue, sleep, startRedis, startServer, tmpDir } from './helpers.mjs';
 
 const HAVE_REDIS = spawnSync('redis-server', ['--version']).status === 0;
 const KA = 'key-remote-a';
 const KB = 'key-remote-b';
 const hA = { authorization: `Bearer ${KA}` };
 const hB = { authorization: `Bearer ${KB}` };
-
-async function startRedis(dir) {
-  const port = await freePort();
-  const proc = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
-    '--dir', dir], { stdio: 'ignore' });
-  for (let i = 0; i < 100; i++) {
-    const r = spawnSync('redis-cli', ['-p', String(port), 'ping'], { encoding: 'utf8' });
-    if (r.stdout && r.stdout.includes('PONG')) return { port, proc };
-    await sleep(50);
-  }
-  proc.kill('SIGKILL');
-  throw new Error('redis-server did not start');
-}
 
 const turn = (sid, content, max_tokens = 16) => ({
   model: 'm', temperature: 0, max_tokens, session_id: sid, messages: [{ role: 'user', content }],
