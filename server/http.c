@@ -688,10 +688,14 @@ static void collect_kv_bytes(metrics_family *f, void *ctx) {
     metrics_set(f, (double)n.hot_bytes, "hot", NULL);
     metrics_set(f, (double)n.warm_bytes, "warm", NULL);
     metrics_set(f, (double)n.cold_bytes, "cold", NULL);
+    remote_stats rs;
+    if (sess_remote_stats(s->sessions, &rs) == 0 && rs.budget_bytes)
+        metrics_set(f, (double)rs.used_bytes, "remote", NULL);
 }
 
 /* GET /health: {"status":"ok"}, and with a remote tier its state:
- * "remote": {"state": "up"|"degraded"|"down", "queued": jobs, "error": last}.
+ * "remote": {"state": "up"|"degraded"|"down", "queued": jobs, "error": last}
+ * (and "budget_bytes", "used_bytes" with --remote-budget).
  * The server is healthy whatever Redis does (local sessions are unaffected):
  * the remote state is for dashboards and the operator, not a reason to be
  * taken out of a load balancer. */
@@ -699,8 +703,15 @@ static enum MHD_Result health_reply(server *s, struct MHD_Connection *c) {
     remote_stats rs;
     json_t *o = json_pack("{s:s}", "status", "ok");
     if (o && s->sessions && sess_remote_stats(s->sessions, &rs) == 0)
-        json_object_set_new(o, "remote", json_pack("{s:s,s:I,s:s}", "state", remote_state_name(rs.state),
-                                                   "queued", (json_int_t)rs.queue_jobs, "error", rs.last_error));
+    {
+        json_t *ro = json_pack("{s:s,s:I,s:s}", "state", remote_state_name(rs.state), "queued",
+                               (json_int_t)rs.queue_jobs, "error", rs.last_error);
+        if (ro && rs.budget_bytes) {
+            json_object_set_new(ro, "budget_bytes", json_integer((json_int_t)rs.budget_bytes));
+            json_object_set_new(ro, "used_bytes", json_integer((json_int_t)rs.used_bytes));
+        }
+        json_object_set_new(o, "remote", ro);
+    }
     char *txt = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     return reply_json(c, 200, txt, NULL);
@@ -780,7 +791,9 @@ static int setup_metrics(server *s, kp_err *err) {
                           "sessions (--hot-budget); warm = coded chunks in RAM (--warm-budget); cold = coded "
                           "chunks in files on disk, headers excluded (--cold-budget). A chunk can be in warm and "
                           "cold at once (a saved or spilled session cached in RAM), and a prefix shared by "
-                          "sessions is stored once, so these do not split kvpark_sessions' sessions by tier.",
+                          "sessions is stored once, so these do not split kvpark_sessions' sessions by tier. "
+                          "remote (with --remote-budget only) = our values in Redis under this model and codec, "
+                          "all replicas together, as the budget's books saw them at this replica's last write.",
                           "tier", NULL, collect_kv_bytes, s, err) ||
         !metrics_gauge_fn(reg, "kvpark_store_events", "Session store events since start: sessions dropped "
                           "(cold tier full), files quarantined, write errors, foreign records, torn writes removed, "
@@ -790,7 +803,8 @@ static int setup_metrics(server *s, kp_err *err) {
         !metrics_counter_fn(reg, "kvpark_remote_events_total", "Remote tier (--remote, Redis) events since start: "
                             "put (a record or object written), get (a read), hit, miss (not there: never written, "
                             "evicted or expired), error, retry (a queued write tried again), dropped (a write "
-                            "given up: queue full or shutdown), timeout. Absent without --remote.",
+                            "given up: queue full or shutdown), timeout, evicted (keys --remote-budget removed, "
+                            "least recently used first). Absent without --remote.",
                             "event", NULL, collect_remote, s, err))
         return KP_EINVAL;
     /* Every known series at 0 from the first scrape, so rate() sees its first increase. */
@@ -981,7 +995,7 @@ int http_serve(const http_opts *opts, kp_err *err) {
                      .max_sessions = s->o.max_sessions, .max_sessions_per_key = s->o.max_sessions_per_key,
                      .session_ttl_s = s->o.session_ttl_s, .keys = s->o.keys, .n_keys = s->o.n_keys,
                      .quiet = s->o.quiet, .remote_url = s->o.remote_url, .remote_policy = s->o.remote_policy,
-                     .remote_ttl_s = s->o.remote_ttl_s, .remote_timeout_ms = s->o.remote_timeout_ms,
+                     .remote_ttl_s = s->o.remote_ttl_s, .remote_budget = s->o.remote_budget, .remote_timeout_ms = s->o.remote_timeout_ms,
                      .on_event = on_sess_event, .ud = s};
     if ((rc = sess_open(&s->sessions, &sso, err))) goto done;
     snprintf(s->codec_name, sizeof s->codec_name, "%s", s->o.codec ? s->o.codec : "none");

@@ -73,6 +73,7 @@ typedef struct http_opts {
     const char *remote_url;   /* --remote: the shared Redis tier (NULL: none) */
     int remote_policy;        /* --remote-policy: STORE_REMOTE_WRITE_THROUGH (default) / _WRITE_BACK */
     uint32_t remote_ttl_s;    /* --remote-ttl: expiry in Redis (0: none) */
+    uint64_t remote_budget;   /* --remote-budget: bytes in Redis under our prefix (0: none) */
     int remote_timeout_ms;    /* --remote-timeout: no Redis call waits longer (default 2000) */
     const char *chat_template;/* NULL: from the model */
     const char *keys[HTTP_MAX_KEYS]; /* API keys (none: no auth) */

@@ -784,6 +784,7 @@ int sess_open(sess_table **out, const sess_opts *o, kp_err *err) {
         ro.model_hash = so.shape.model_fingerprint;
         ro.codec_hash = store_remote_codec_hash(&so);
         ro.ttl_s = o->remote_ttl_s;
+        ro.budget_bytes = o->remote_budget;
         if (o->remote_timeout_ms > 0) ro.connect_timeout_ms = ro.command_timeout_ms = o->remote_timeout_ms;
         ro.log = store_log;
         ro.ud = t;

@@ -91,6 +91,7 @@ typedef struct sess_opts {
     const char *remote_url;  /* the shared Redis tier (storage/remote.h), NULL: none */
     int remote_policy;       /* STORE_REMOTE_WRITE_THROUGH (default) or _WRITE_BACK */
     uint32_t remote_ttl_s;   /* expiry of what goes to Redis (0: none) */
+    uint64_t remote_budget;  /* bytes in Redis under the prefix (0: none; remote.h "The budget") */
     int remote_timeout_ms;   /* no Redis call waits longer (0: remote.h's defaults) */
     sess_event_fn on_event;
     void *ud;

@@ -45,7 +45,7 @@
 #define REMOTE_VALUE_MAX (512ull << 20) /* Redis' own limit on a string */
 
 static const char *const ev_names[REMOTE_EV_N] = {"put", "get", "hit", "miss", "error",
-                                                  "retry", "dropped", "timeout"};
+                                                  "retry", "dropped", "timeout", "evicted"};
 
 const char *remote_event_name(int ev) {
     return ev >= 0 && ev < REMOTE_EV_N ? ev_names[ev] : "unknown";
@@ -66,6 +66,55 @@ static const char REC_SCRIPT[] =
     "local ttl = tonumber(ARGV[2])\n"
     "if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end\n"
     "return {1, nv}\n";
+
+/* The budget (remote.h "The budget"). Every script below starts with NOW:
+ * the server's clock in microseconds (TIME is non-deterministic: Redis 5
+ * needs effects replication switched on first; later ones have it on).
+ *
+ * BUDGET_SCRIPT: KEYS[1..3] = b:used, b:lru, b:size; ARGV[1] = the budget,
+ * then (key, bytes) pairs to enter (bytes < 0: just remove it from the
+ * books, e.g. after a DEL). Returns {keys evicted, bytes used}. */
+#define NOW_LUA                                                                                             \
+    "if redis.replicate_commands then pcall(redis.replicate_commands) end\n"                              \
+    "local t = redis.call('TIME')\n"                                                                      \
+    "local now = tonumber(t[1]) * 1000000 + tonumber(t[2])\n"
+static const char BUDGET_SCRIPT[] =
+    NOW_LUA
+    "local used = tonumber(redis.call('GET', KEYS[1])) or 0\n"
+    "for i = 2, #ARGV - 1, 2 do\n"
+    "  local k, n = ARGV[i], tonumber(ARGV[i + 1])\n"
+    "  local old = tonumber(redis.call('HGET', KEYS[3], k)) or 0\n"
+    "  if n >= 0 and redis.call('EXISTS', k) == 1 then\n"
+    "    redis.call('HSET', KEYS[3], k, n)\n"
+    "    redis.call('ZADD', KEYS[2], now, k)\n"
+    "    used = used + n - old\n"
+    "  else\n"
+    "    redis.call('HDEL', KEYS[3], k)\n"
+    "    redis.call('ZREM', KEYS[2], k)\n"
+    "    used = used - old\n"
+    "  end\n"
+    "end\n"
+    "local budget, ev = tonumber(ARGV[1]), 0\n"
+    "while used > budget do\n"
+    "  local p = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')\n"
+    "  if #p == 0 or tonumber(p[2]) >= now then break end\n"
+    "  local n = tonumber(redis.call('HGET', KEYS[3], p[1])) or 0\n"
+    "  redis.call('DEL', p[1])\n"
+    "  redis.call('ZREM', KEYS[2], p[1])\n"
+    "  redis.call('HDEL', KEYS[3], p[1])\n"
+    "  used = used - n\n"
+    "  ev = ev + 1\n"
+    "end\n"
+    "if used < 0 then used = 0 end\n"
+    "redis.call('SET', KEYS[1], used)\n"
+    "return {ev, used}\n";
+
+/* TOUCH_SCRIPT: KEYS[1] = b:lru, KEYS[2] = the key read; moves it to the
+ * young end if it is in the books. */
+static const char TOUCH_SCRIPT[] =
+    NOW_LUA
+    "redis.call('ZADD', KEYS[1], 'XX', now, KEYS[2])\n"
+    "return 0\n";
 
 typedef struct rjob {
     struct rjob *next;
@@ -98,6 +147,7 @@ struct remote {
     bool dropped_since_ok;
     char last_err[KP_ERR_MAX];
     uint64_t ev[REMOTE_EV_N];
+    uint64_t used;          /* b:used as the last budget step returned */
     uint8_t secret[256];    /* the deployment's owner secret, once shared (remote_share_secret): */
     size_t secret_len;      /*   re-asserted with every save, should Redis evict it (allkeys-lru) */
 };
@@ -418,6 +468,79 @@ static void rec_key(const remote *r, const char *id, char out[REMOTE_PREFIX_MAX 
     snprintf(out, REMOTE_PREFIX_MAX + REMOTE_ID_MAX + 8, "%ss:%s", r->prefix, id);
 }
 
+/* ---- the budget (remote.h "The budget") ---------------------------------------------- */
+
+static void book_key(const remote *r, const char *which, char out[REMOTE_PREFIX_MAX + 16]) {
+    snprintf(out, REMOTE_PREFIX_MAX + 16, "%sb:%s", r->prefix, which);
+}
+
+/* One budget step: enters keys[i] at sizes[i] bytes (< 0: out of the
+ * books), then evicts while over the budget. No-op without a budget. */
+static int budget_step(remote *r, redisContext *c, char *const *keys, const long long *sizes, int n, kp_err *err) {
+    if (!r->o.budget_bytes) return 0;
+    char used[REMOTE_PREFIX_MAX + 16], lru[REMOTE_PREFIX_MAX + 16], size[REMOTE_PREFIX_MAX + 16], budget[24];
+    book_key(r, "used", used);
+    book_key(r, "lru", lru);
+    book_key(r, "size", size);
+    snprintf(budget, sizeof budget, "%llu", (unsigned long long)r->o.budget_bytes);
+    int argc = 7 + 2 * n;
+    const char **argv = calloc((size_t)argc, sizeof *argv);
+    size_t *argl = calloc((size_t)argc, sizeof *argl);
+    char (*num)[24] = calloc((size_t)(n ? n : 1), sizeof *num);
+    if (!argv || !argl || !num) {
+        free(argv);
+        free(argl);
+        free(num);
+        return kp_errf(err, KP_ENOMEM, "remote: out of memory");
+    }
+    argv[0] = "EVAL", argv[1] = BUDGET_SCRIPT, argv[2] = "3", argv[3] = used, argv[4] = lru, argv[5] = size;
+    argv[6] = budget;
+    for (int i = 0; i < n; i++) {
+        snprintf(num[i], sizeof num[i], "%lld", sizes[i]);
+        argv[7 + 2 * i] = keys[i];
+        argv[8 + 2 * i] = num[i];
+    }
+    for (int i = 0; i < argc; i++) argl[i] = i == 1 ? sizeof BUDGET_SCRIPT - 1 : strlen(argv[i]);
+    redisReply *rep = cmdv(c, argc, argv, argl);
+    int en = errno;
+    free(argv);
+    free(argl);
+    free(num);
+    if (!rep) return conn_fail(r, c, en, err);
+    int rc = 0;
+    if (rep->type == REDIS_REPLY_ERROR) {
+        rc = reply_fail(r, rep, "a budget step", err);
+    } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
+               rep->element[1]->type != REDIS_REPLY_INTEGER) {
+        rc = reply_fail(r, NULL, "a budget step (unexpected reply)", err);
+    } else {
+        long long ev = rep->element[0]->integer;
+        pthread_mutex_lock(&r->mu);
+        r->ev[REMOTE_EV_EVICTED] += ev > 0 ? (uint64_t)ev : 0;
+        r->used = rep->element[1]->integer > 0 ? (uint64_t)rep->element[1]->integer : 0;
+        pthread_mutex_unlock(&r->mu);
+        if (ev > 0)
+            rlogf(r, "remote: the budget (%llu bytes) evicted %lld least recently used keys; %lld bytes in use",
+                  (unsigned long long)r->o.budget_bytes, ev, rep->element[1]->integer);
+    }
+    freeReplyObject(rep);
+    return rc;
+}
+
+/* A read moves KEY to the young end of the books. Best effort: a failure
+ * here fails the read only if the connection broke. */
+static int budget_touch(remote *r, redisContext *c, const char *key, kp_err *err) {
+    if (!r->o.budget_bytes) return 0;
+    char lru[REMOTE_PREFIX_MAX + 16];
+    book_key(r, "lru", lru);
+    redisReply *rep = cmd(c, "EVAL %s 2 %s %s", TOUCH_SCRIPT, lru, key);
+    int en = errno;
+    if (!rep) return conn_fail(r, c, en, err);
+    if (rep->type == REDIS_REPLY_ERROR) rlogf(r, "remote: the budget's LRU touch failed: %s", rep->str);
+    freeReplyObject(rep);
+    return 0;
+}
+
 static uint8_t *obj_wrap(cas_key k, const void *data, size_t len, size_t *out_len) {
     uint8_t *b = malloc(ROB_HDR + len);
     if (!b) return NULL;
@@ -517,6 +640,12 @@ int remote_put_object(remote *r, cas_key k, const void *data, size_t len, kp_err
     int rc = conn_get(r, &c, err);
     if (rc) return rc;
     rc = put_object_on(r, c, k, data, len, err);
+    if (!rc) {
+        char key[REMOTE_PREFIX_MAX + 40], *keys[1] = {key};
+        long long sz[1] = {(long long)(len + ROB_HDR)};
+        obj_key(r, k, key);
+        rc = budget_step(r, c, keys, sz, 1, err);
+    }
     conn_put(r, c);
     if (!rc) note(r, 0, false, NULL);
     return rc;
@@ -539,6 +668,7 @@ int remote_get_object(remote *r, cas_key k, void **data, size_t *len, kp_err *er
         conn_put(r, c);
         return rc;
     }
+    if (rep->type == REDIS_REPLY_STRING) budget_touch(r, c, key, NULL);
     conn_put(r, c);
     char hex[33];
     cas_key_hex(k, hex);
@@ -656,6 +786,12 @@ int remote_put_record(remote *r, const char *id, const void *rec, size_t len, lo
     redisContext *c;
     if ((rc = conn_get(r, &c, err))) return rc;
     rc = put_record_on(r, c, id, rec, len, expect, version, err);
+    if (!rc) {
+        char key[REMOTE_PREFIX_MAX + REMOTE_ID_MAX + 8], *keys[1] = {key};
+        long long sz[1] = {(long long)(len + RRC_HDR)};
+        rec_key(r, id, key);
+        rc = budget_step(r, c, keys, sz, 1, err);
+    }
     conn_put(r, c);
     if (!rc || rc == KP_EBUSY) note(r, 0, false, NULL);
     return rc;
@@ -675,6 +811,8 @@ int remote_get_record(remote *r, const char *id, void **rec, size_t *len, long l
     redisReply *rep = cmd(c, "HMGET %s v d", key);
     int en = errno;
     if (!rep) rc = conn_fail(r, c, en, err);
+    else if (rep->type == REDIS_REPLY_ARRAY && rep->elements == 2 && rep->element[1]->type == REDIS_REPLY_STRING)
+        budget_touch(r, c, key, NULL);
     conn_put(r, c);
     if (!rep) return rc;
     if (rep->type == REDIS_REPLY_ERROR) {
@@ -718,6 +856,11 @@ static int del_record_on(remote *r, redisContext *c, const char *id, kp_err *err
     if (!rep) return conn_fail(r, c, en, err);
     int rc = rep->type == REDIS_REPLY_ERROR ? reply_fail(r, rep, "a session delete", err) : 0;
     freeReplyObject(rep);
+    if (!rc) {
+        char *keys[1] = {key};
+        long long sz[1] = {-1};
+        rc = budget_step(r, c, keys, sz, 1, err);
+    }
     return rc;
 }
 
@@ -821,7 +964,27 @@ static int run_save(remote *r, redisContext *c, rjob *j, kp_err *err) {
     }
     free(have);
     if (rc) return rc;
-    return put_record_on(r, c, j->id, j->rec, j->rec_len, REMOTE_ANY, NULL, err);
+    if ((rc = put_record_on(r, c, j->id, j->rec, j->rec_len, REMOTE_ANY, NULL, err)) || !r->o.budget_bytes) return rc;
+    /* the budget: every object of the session (new or already there) and its record, in one step */
+    char **keys = calloc((size_t)j->n_objs + 1, sizeof *keys);
+    long long *sz = calloc((size_t)j->n_objs + 1, sizeof *sz);
+    char *kb = calloc((size_t)j->n_objs + 1, REMOTE_PREFIX_MAX + REMOTE_ID_MAX + 8);
+    if (!keys || !sz || !kb) {
+        rc = kp_errf(err, KP_ENOMEM, "remote: out of memory");
+    } else {
+        for (int i = 0; i <= j->n_objs; i++) keys[i] = kb + (size_t)i * (REMOTE_PREFIX_MAX + REMOTE_ID_MAX + 8);
+        for (int i = 0; i < j->n_objs; i++) {
+            obj_key(r, j->objs[i].key, keys[i]);
+            sz[i] = (long long)(j->objs[i].len + ROB_HDR);
+        }
+        rec_key(r, j->id, keys[j->n_objs]);
+        sz[j->n_objs] = (long long)(j->rec_len + RRC_HDR);
+        rc = budget_step(r, c, keys, sz, j->n_objs + 1, err);
+    }
+    free(keys);
+    free(sz);
+    free(kb);
+    return rc;
 }
 
 static void *writer(void *arg) {
@@ -1041,6 +1204,8 @@ void remote_get_stats(remote *r, remote_stats *st) {
     st->queue_jobs = r->q_jobs;
     st->queue_bytes = r->q_bytes;
     st->state = r->state;
+    st->budget_bytes = r->o.budget_bytes;
+    st->used_bytes = r->used;
     if (r->state == REMOTE_UP && r->q_jobs * 2 > r->o.queue_max_jobs) st->state = REMOTE_DEGRADED;
     snprintf(st->last_error, sizeof st->last_error, "%s", r->last_err);
     pthread_mutex_unlock(&r->mu);

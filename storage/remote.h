@@ -10,6 +10,7 @@
  *                        (cas.h, 32 hex digits), value = envelope + payload
  *   PREFIX "s:" ID       a session record: a Redis hash {v: version,
  *                        d: envelope + the store's record bytes}
+ *   PREFIX "b:used", "b:lru", "b:size"   the budget's books (only with one)
  * Envelopes (little-endian) make every value self-checking:
  *   object: "KVPKROB1", key.hi u64, key.lo u64, payload length u64,
  *           XXH64(payload), XXH64(bytes [0, 40)), payload
@@ -49,6 +50,22 @@
  *     or jobs were dropped since the last success), "down" (last round trip
  *     failed: connect, I/O, timeout), with the last error message.
  *   - Thread-safe: a small pool of connections under one mutex.
+ *
+ * The budget (remote_opts.budget_bytes, --remote-budget): the bytes of our
+ * values under the prefix, shared by every replica (give them all the same
+ * value: each step applies the caller's). Redis keeps the books itself, so
+ * they are one for all replicas and every step is one atomic Lua script:
+ * "b:size" (hash: key -> bytes), "b:lru" (sorted set: key -> last use, the
+ * server's clock), "b:used" (their sum). A write (objects, then the record)
+ * enters its keys at their sizes; a read (remote_get_object/_record) moves
+ * a key to the young end; then, while used > budget, the least recently
+ * used keys go (DEL), counted as "evicted" -- never one the step just
+ * entered. An object that goes makes the sessions using it recompute their
+ * KV from the token ids (store.h "KV lost"); a record that goes makes that
+ * session unknown to replicas that do not hold it; objects of deleted
+ * sessions age out. A key Redis itself evicted or expired leaves the books
+ * when a step meets it (or at its turn in the LRU). The owner secret is
+ * outside the prefix and never budgeted.
  */
 #ifndef KP_REMOTE_H
 #define KP_REMOTE_H
@@ -84,6 +101,7 @@ typedef struct remote_opts {
     int connect_timeout_ms;    /* default 1000 */
     int command_timeout_ms;    /* default 2000 */
     uint32_t ttl_s;            /* expiry of every key written (0: none) */
+    uint64_t budget_bytes;     /* bytes under the prefix at most (0: none; see "The budget") */
     size_t queue_max_jobs;     /* default 256 */
     uint64_t queue_max_bytes;  /* default 256 MiB */
     int retry_min_ms;          /* first backoff (default 50) */
@@ -94,9 +112,10 @@ typedef struct remote_opts {
 
 enum {
     REMOTE_EV_PUT, REMOTE_EV_GET, REMOTE_EV_HIT, REMOTE_EV_MISS, REMOTE_EV_ERROR,
-    REMOTE_EV_RETRY, REMOTE_EV_DROPPED, REMOTE_EV_TIMEOUT, REMOTE_EV_N
+    REMOTE_EV_RETRY, REMOTE_EV_DROPPED, REMOTE_EV_TIMEOUT, REMOTE_EV_EVICTED, REMOTE_EV_N
 };
-/* "put", "get", "hit", "miss", "error", "retry", "dropped", "timeout". */
+/* "put", "get", "hit", "miss", "error", "retry", "dropped", "timeout",
+ * "evicted" (keys the budget removed). */
 const char *remote_event_name(int ev);
 
 typedef enum { REMOTE_DOWN = 0, REMOTE_UP = 1, REMOTE_DEGRADED = 2 } remote_state_t;
@@ -106,6 +125,8 @@ typedef struct remote_stats {
     size_t queue_jobs;
     uint64_t queue_bytes;
     remote_state_t state;
+    uint64_t budget_bytes;     /* remote_opts.budget_bytes (0: none) */
+    uint64_t used_bytes;       /* under the prefix, as the last budget step saw it (0 without a budget) */
     char last_error[KP_ERR_MAX];
 } remote_stats;
 

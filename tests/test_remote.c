@@ -567,6 +567,135 @@ static void test_eviction(void **state) {
     rsrv_done(&s);
 }
 
+/* ---- --remote-budget ------------------------------------------------------------------ */
+
+static remote *open_budgeted(const rsrv *s, uint64_t budget) {
+    remote_opts o = remote_default_opts();
+    o.url = s->url;
+    o.model_hash = 5;
+    o.codec_hash = 5;
+    o.budget_bytes = budget;
+    o.retry_min_ms = 10;
+    o.retry_max_ms = 100;
+    remote *r = NULL;
+    kp_err err = {0};
+    if (remote_open(&r, &o, &err)) fail_msg("remote_open: %s", err.msg);
+    return r;
+}
+
+/* Session i of the budget test: its own object (SZ bytes), an object every
+ * session shares, and a record. */
+enum { BSZ = 32768 };
+static void budget_save(remote *r, int i, const uint8_t *shared) {
+    uint8_t *d = bytes_n(1000 + i, BSZ);
+    remote_obj objs[2] = {{key_n(1000 + i), d, BSZ}, {key_n(999), shared, BSZ}};
+    char id[16], rec[64];
+    snprintf(id, sizeof id, "b%d", i);
+    int rl = snprintf(rec, sizeof rec, "record of session %d", i);
+    assert_int_equal(remote_enqueue_save(r, id, objs, 2, rec, (size_t)rl), 0);
+    free(d);
+    assert_int_equal(remote_drain(r, 10000), 0);
+}
+
+/* 0 whole (record + own object + the shared one), 1 some part gone, 2 all gone. */
+static int budget_state(remote *r, int i) {
+    char id[16];
+    snprintf(id, sizeof id, "b%d", i);
+    void *got = NULL;
+    size_t n = 0;
+    kp_err err = {0};
+    int rc = remote_get_record(r, id, &got, &n, NULL, &err);
+    free(got);
+    assert_true(rc == 0 || rc == KP_ENOTFOUND);
+    int rec = rc == 0;
+    rc = remote_get_object(r, key_n(1000 + i), &got, &n, &err);
+    free(got);
+    assert_true(rc == 0 || rc == KP_ENOTFOUND);
+    int obj = rc == 0;
+    return rec && obj ? 0 : !rec && !obj ? 2 : 1;
+}
+
+/* What the books say is what Redis holds: b:used = the sum of our values' sizes. */
+static long long budget_real_bytes(rsrv *s, const char *prefix) {
+    redisReply *k = raw(s, "KEYS %s*", prefix);
+    long long sum = 0;
+    for (size_t i = 0; i < k->elements; i++) {
+        const char *key = k->element[i]->str;
+        const char *tail = key + strlen(prefix);
+        if (!strncmp(tail, "o:", 2)) {
+            redisReply *l = raw(s, "STRLEN %s", key);
+            sum += l->integer;
+            freeReplyObject(l);
+        } else if (!strncmp(tail, "s:", 2)) {
+            redisReply *l = raw(s, "HSTRLEN %s d", key);
+            sum += l->integer;
+            freeReplyObject(l);
+        }
+    }
+    freeReplyObject(k);
+    return sum;
+}
+
+static void test_budget(void **state) {
+    (void)state;
+    rsrv s;
+    rsrv_init(&s, NULL);
+    const uint64_t budget = 12 * (BSZ + 48) + 1000; /* room for about 11 sessions' own objects */
+    remote *a = open_budgeted(&s, budget), *b = open_budgeted(&s, budget);
+    uint8_t *shared = bytes_n(999, BSZ);
+    char used_key[REMOTE_PREFIX_MAX + 16];
+    snprintf(used_key, sizeof used_key, "%sb:used", remote_prefix(a));
+
+    for (int i = 0; i < 8; i++) budget_save(a, i, shared);
+    remote_stats st;
+    remote_get_stats(a, &st);
+    assert_int_equal(st.events[REMOTE_EV_EVICTED], 0);
+    assert_int_equal(st.budget_bytes, budget);
+    assert_int_equal((long long)st.used_bytes, budget_real_bytes(&s, remote_prefix(a)));
+    assert_int_equal(budget_state(a, 0), 0); /* a read: session 0 is now the youngest */
+    /* replica b writes into the same books */
+    for (int i = 8; i < 16; i++) budget_save(b, i, shared);
+    remote_get_stats(b, &st);
+    print_message("budget: %llu of %llu bytes in use after 16 sessions; %llu keys evicted\n",
+                  (unsigned long long)st.used_bytes, (unsigned long long)budget,
+                  (unsigned long long)st.events[REMOTE_EV_EVICTED]);
+    assert_true(st.events[REMOTE_EV_EVICTED] > 0);
+    assert_true(st.used_bytes <= budget);
+    assert_int_equal((long long)st.used_bytes, budget_real_bytes(&s, remote_prefix(a)));
+    redisReply *u = raw(&s, "GET %s", used_key);
+    assert_int_equal(strtoll(u->str, NULL, 10), (long long)st.used_bytes);
+    freeReplyObject(u);
+    /* least recently used first: 1 went before 0 (read since); the newest are whole */
+    assert_int_equal(budget_state(a, 1), 2);
+    assert_int_not_equal(budget_state(a, 0), 2);
+    for (int i = 12; i < 16; i++) assert_int_equal(budget_state(a, i), 0);
+    /* the shared object is used by every save: never the oldest, never evicted */
+    void *got = NULL;
+    size_t n = 0;
+    kp_err err = {0};
+    assert_int_equal(remote_get_object(a, key_n(999), &got, &n, &err), 0);
+    assert_memory_equal(got, shared, BSZ);
+    free(got);
+    /* a delete leaves the books */
+    assert_int_equal(remote_del_record(a, "b15", &err), 0);
+    remote_get_stats(a, &st);
+    assert_int_equal((long long)st.used_bytes, budget_real_bytes(&s, remote_prefix(a)));
+    /* a key Redis lost by itself (its own eviction, expiry): the next save that needs it writes it again,
+     * and the books still agree with what Redis holds */
+    char okey[REMOTE_PREFIX_MAX + 40], hex[33];
+    cas_key_hex(key_n(1014), hex);
+    snprintf(okey, sizeof okey, "%so:%s", remote_prefix(a), hex);
+    freeReplyObject(raw(&s, "DEL %s", okey));
+    budget_save(a, 14, shared);
+    budget_save(a, 16, shared);
+    remote_get_stats(a, &st);
+    assert_int_equal((long long)st.used_bytes, budget_real_bytes(&s, remote_prefix(a)));
+    free(shared);
+    remote_close(a);
+    remote_close(b);
+    rsrv_done(&s);
+}
+
 /* ---- Redis killed, stopped; the queue ----------------------------------------------------- */
 
 static void test_killed_and_queue(void **state) {
@@ -957,6 +1086,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_garbage),
         cmocka_unit_test(test_concurrent_writers),
         cmocka_unit_test(test_eviction),
+        cmocka_unit_test(test_budget),
         cmocka_unit_test(test_killed_and_queue),
 #if STORE_REMOTE
         cmocka_unit_test(test_store_two_replicas),

@@ -74,7 +74,12 @@ static const char *serve_help =
     "                           loses nothing) or write-back (only what the cold budget\n"
     "                           drops goes there)\n"
     "      --remote-ttl S       keys in Redis expire S seconds after their last write\n"
-    "                           (default 0: never; use Redis maxmemory to bound it)\n"
+    "                           (default 0: never)\n"
+    "      --remote-budget SIZE bytes kvpark keeps in Redis for this model and codec, all\n"
+    "                           replicas together (default 0: unlimited; give every\n"
+    "                           replica the same); over it the least recently used\n"
+    "                           objects and records go (an object gone: its sessions are\n"
+    "                           recomputed from their token ids); logged, counted\n"
     "      --remote-timeout MS  no Redis call waits longer (default 2000); a session only\n"
     "                           in an unreachable Redis answers 503 with Retry-After\n"
     "  SIZE: bytes, or a number with K, M, G or T (powers of 1024), e.g. 512M\n"
@@ -136,7 +141,7 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
 enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP, SERVE_OPT_MAX_SESSIONS_PER_KEY,
        SERVE_OPT_SESSION_TTL, SERVE_OPT_CORS_ORIGIN, SERVE_OPT_CONFIG, SERVE_OPT_PRINT_CONFIG,
        SERVE_OPT_PROFILE, SERVE_OPT_PARK_WINDOW, SERVE_OPT_REMOTE, SERVE_OPT_REMOTE_POLICY, SERVE_OPT_REMOTE_TTL,
-       SERVE_OPT_REMOTE_TIMEOUT };
+       SERVE_OPT_REMOTE_TIMEOUT, SERVE_OPT_REMOTE_BUDGET };
 
 #define RA required_argument
 #define NA no_argument
@@ -171,6 +176,7 @@ static const conf_opt serve_opts[] = {
     {"remote", RA, SERVE_OPT_REMOTE, 0, 1, NULL},
     {"remote-policy", RA, SERVE_OPT_REMOTE_POLICY, 0, 1, "write-through"},
     {"remote-ttl", RA, SERVE_OPT_REMOTE_TTL, 0, 1, "0"},
+    {"remote-budget", RA, SERVE_OPT_REMOTE_BUDGET, 0, 1, "0"},
     {"remote-timeout", RA, SERVE_OPT_REMOTE_TIMEOUT, 0, 1, "2000"},
     {"max-sessions", RA, CLI_OPT_MAX_SESSIONS, 0, 1, "1024"},
     {"max-sessions-per-key", RA, SERVE_OPT_MAX_SESSIONS_PER_KEY, 0, 1, NULL},
@@ -328,6 +334,9 @@ static int serve_apply(void *ctx, int c, const char *arg, char *msg, size_t cap)
     case SERVE_OPT_REMOTE_TTL:
         if (cli_parse_long(arg, 0, 1L << 31, &v)) BAD("bad remote-ttl '%s' (seconds, 0: no expiry)", arg);
         ho->remote_ttl_s = (uint32_t)v;
+        break;
+    case SERVE_OPT_REMOTE_BUDGET:
+        if (cli_parse_size(arg, &ho->remote_budget)) BAD("bad remote-budget '%s' (e.g. 8G; 0: none)", arg);
         break;
     case SERVE_OPT_REMOTE_TIMEOUT:
         if (cli_parse_long(arg, 10, 600000, &v)) BAD("bad remote-timeout '%s' (milliseconds, 10..600000)", arg);

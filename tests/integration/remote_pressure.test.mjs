@@ -10,7 +10,10 @@
  *      "recomputed"); a session whose record Redis evicted is a clean 404
  *      on C (C has nothing of it) and still answers on A. Never a 5xx, a
  *      409 or a different answer. Redis is checked to have evicted keys.
- *   2. Redis restarted (SIGKILL, then a new empty redis-server on the same
+ *   2. The same with --remote-budget instead (kvpark's own LRU over its keys,
+ *      books kept in Redis): /health and the metrics say how much is used
+ *      (never over the budget) and how many keys went.
+ *   3. Redis restarted (SIGKILL, then a new empty redis-server on the same
  *      port) while A serves and saves: every request on A answers 200, its
  *      saves are acknowledged (queued), /health goes "down" then "up" again,
  *      and a session saved after the restart reaches Redis: a fresh replica
@@ -55,7 +58,7 @@ describe('remote tier under pressure', { skip: HAVE_REDIS ? false : 'redis-serve
   const procs = [];
   const servers = [];
   before(() => {
-    for (const t of ['redis', 'pA', 'pC', 'rA', 'rD']) dirs.push(tmpDir(t));
+    for (const t of ['redis', 'pA', 'pC', 'rA', 'rD', 'bA', 'bC']) dirs.push(tmpDir(t));
   });
   after(async () => {
     await Promise.all(servers.map((s) => s.stop()));
@@ -63,13 +66,13 @@ describe('remote tier under pressure', { skip: HAVE_REDIS ? false : 'redis-serve
     for (const d of dirs) fs.rmSync(d, { recursive: true, force: true });
   });
 
-  it('maxmemory allkeys-lru evicts while A writes 40 sessions: C answers each exactly as A, restored or ' +
-     'recomputed; an evicted record is a clean 404 on C', async () => {
-    /* about a dozen sessions' worth of memory: most of the 40 lose something */
-    const redis = await startRedis(dirs[0], { extra: ['--maxmemory', '2mb', '--maxmemory-policy', 'allkeys-lru'] });
+  /* A writes 40 sessions through to a Redis that cannot hold them all (evict() says it
+   * evicted something); a fresh replica C then resumes each with its whole history. */
+  async function writeThenResumeOnC(what, redisExtra, serverExtra, evict, dirA, dirC) {
+    const redis = await startRedis(dirs[0], { extra: redisExtra });
     procs.push(redis.proc);
     const url = `redis://127.0.0.1:${redis.port}`;
-    const a = await startServer({ args: args(dirs[1], url) });
+    const a = await startServer({ args: [...args(dirA, url), ...serverExtra] });
     servers.push(a);
     const S = [];
     for (let i = 0; i < 40; i++) S.push(await savedSession(a, `${PROMPTS[i % PROMPTS.length]} ${i}`));
@@ -77,10 +80,10 @@ describe('remote tier under pressure', { skip: HAVE_REDIS ? false : 'redis-serve
       const h = await jfetch(a.url + '/health', { method: 'GET' });
       return h.json.remote?.queued === 0;
     }, 60000);
-    const evicted = Number((redisCli(redis.port, 'INFO', 'stats').match(/evicted_keys:(\d+)/) || [])[1] || 0);
-    assert.ok(evicted > 0, `Redis evicted nothing (maxmemory too large for the test to mean anything)`);
+    const evicted = await evict(redis, a);
+    assert.ok(evicted > 0, `nothing was evicted (the limit is too large for the test to mean anything)`);
 
-    const c = await startServer({ args: args(dirs[2], url) });
+    const c = await startServer({ args: [...args(dirC, url), ...serverExtra] });
     servers.push(c);
     let restored = 0;
     let recomputed = 0;
@@ -103,9 +106,37 @@ describe('remote tier under pressure', { skip: HAVE_REDIS ? false : 'redis-serve
     assert.equal(metricValue(m, 'kvpark_session_events_total', { event: 'recomputed' }), recomputed,
       'every recompute is counted');
     assert.equal(metricValue(m, 'kvpark_session_events_total', { event: 'error' }), 0, 'no restore failed');
-    console.log(`# allkeys-lru: ${evicted} keys evicted; on C ${restored} restored, ${recomputed} recomputed, ` +
+    console.log(`# ${what}: ${evicted} keys evicted; on C ${restored} restored, ${recomputed} recomputed, ` +
       `${missing} records evicted (404)`);
     assert.ok(restored + recomputed > 0, 'C resumed nothing');
+    return { a, c, S };
+  }
+
+  it('maxmemory allkeys-lru evicts while A writes 40 sessions: C answers each exactly as A, restored or ' +
+     'recomputed; an evicted record is a clean 404 on C', async () => {
+    /* about a dozen sessions' worth of memory: most of the 40 lose something */
+    await writeThenResumeOnC('allkeys-lru', ['--maxmemory', '2mb', '--maxmemory-policy', 'allkeys-lru'], [],
+      (redis) => Number((redisCli(redis.port, 'INFO', 'stats').match(/evicted_keys:(\d+)/) || [])[1] || 0),
+      dirs[1], dirs[2]);
+  });
+
+  it('--remote-budget: the books stay under the budget, A and C count what went, C answers each exactly as ' +
+     'A; the newest session is whole on C', async () => {
+    const BUDGET = 400 * 1024;
+    const { c, S } = await writeThenResumeOnC('--remote-budget', [], ['--remote-budget', String(BUDGET)],
+      async (redis, a) => {
+        const h = (await jfetch(a.url + '/health', { method: 'GET' })).json.remote;
+        assert.equal(h.budget_bytes, BUDGET);
+        assert.ok(h.used_bytes > 0 && h.used_bytes <= BUDGET, `used ${h.used_bytes} of ${BUDGET}`);
+        const m = (await jfetch(a.url + '/metrics', { method: 'GET', headers: H })).text;
+        assert.equal(metricValue(m, 'kvpark_kv_bytes', { tier: 'remote' }), h.used_bytes);
+        return metricValue(m, 'kvpark_remote_events_total', { event: 'evicted' });
+      }, dirs[5], dirs[6]);
+    /* C's reads moved the newest session to the young end; it was restored whole */
+    const last = S[S.length - 1];
+    const r = await chat(c, last.sid, [...last.hist, { role: 'user', content: 'What happened next?' }, ]);
+    assert.equal(r.status, 200, r.text);
+    assert.ok(r.json.usage.prompt_tokens_details?.cached_tokens > 0, 'the newest session came from Redis');
   });
 
   it('Redis restarted mid-traffic: A answers and acknowledges saves throughout, the tier comes back, ' +
