@@ -157,5 +157,11 @@ describe('config file', { timeout: 120000 }, () => {
     assert.equal(ex.status, 0, ex.stderr);
     const def = serve(['--print-config']);
     assert.equal(ex.stdout, def.stdout);
+    /* every key, set or commented out */
+    const text = fs.readFileSync(path.join(REPO, 'deploy', 'kvpark.yaml.example'), 'utf8');
+    for (const line of def.stdout.split('\n').filter((l) => /^[a-z-]+:/.test(l))) {
+      const key = line.split(':')[0];
+      assert.match(text, new RegExp(`^(# )?${key}:`, 'm'), `the example does not show ${key}`);
+    }
   });
 });
