@@ -14,6 +14,15 @@
  *               then counts the pages still resident, reported);
  *               TTFT = park_restore + forward T
  *
+ *   remote      (--remote URL) the session saved on replica A (a store that
+ *               writes through to Redis), resumed on replica B: a store on an
+ *               empty directory and the same Redis, as a replica that never
+ *               saw the session; TTFT = store_load_meta (the record from
+ *               Redis) + store_load_kv (its objects from Redis, decoded)
+ *               + forward T. A fresh B every repeat (nothing local); its
+ *               connection is opened before the clock starts, as a running
+ *               replica's pool is.
+ *
  *   warm, pipelined   the warm path with the restore split by layer
  *               (park_restore_begin/_layer/_end): a decoder thread decodes
  *               layer after layer while the new turn's forward pass runs,
@@ -56,6 +65,8 @@
 #include "engine/model.h"
 #include "storage/cas.h"
 #include "storage/park.h"
+#include "storage/remote.h"
+#include "storage/store.h"
 #include "bench/plot.h"
 #include "tools/cli.h"
 
@@ -66,6 +77,7 @@
 
 typedef struct br_opts {
     const char *model, *file, *csv, *plot, *dir;
+    const char *remote;               /* --remote URL: the remote column (NULL: not measured) */
     const char *device;               /* --device: cpu (default) | cuda | auto */
     char *codec_list;                 /* strdup of --codec, split in place */
     const char *codecs[BR_MAX_CODECS];
@@ -87,6 +99,8 @@ typedef struct br_row {
     double restore_warm_ms, restore_cold_ms;
     double warm_pipe_ms;              /* warm, restore pipelined with the forward pass */
     int tok_pipe;
+    double remote_ms, restore_remote_ms; /* the other replica, from Redis (--remote; 0: not measured) */
+    int tok_remote;
     double disk_mbps;                 /* read() bandwidth of this row's cold files */
     long resident_pages;              /* object pages still cached after DONTNEED */
     int tok_prefill, tok_hot, tok_warm, tok_cold;
@@ -250,6 +264,7 @@ typedef struct br_ctx {
     codec **codecs;
     uint64_t *codec_hash;
     uint64_t fingerprint;
+    codec_shape shape;
     const int32_t *tokens;            /* [max ctx + turn] */
     float *logits;                    /* [n_vocab] */
     int n_vocab;
@@ -309,13 +324,13 @@ static int br_pipe_gate(void *ud, int layer) {
 }
 
 /* One pipelined warm resume into dst (empty): TTFT in ms. */
-static int br_pipelined(br_ctx *b, cas *store, const codec *c, const park_manifest *man, kv_cache *dst, int L,
+static int br_pipelined(br_ctx *b, cas *cs, const codec *c, const park_manifest *man, kv_cache *dst, int L,
                         double *ms, kp_err *err) {
     br_pipe p = {.n_layer = dst->n_layer};
     pthread_mutex_init(&p.mu, NULL);
     pthread_cond_init(&p.cv, NULL);
     double t0 = kp_now();
-    int rc = park_restore_begin(store, c, man, dst, &p.pr, err); /* fetch + verify: all the I/O */
+    int rc = park_restore_begin(cs, c, man, dst, &p.pr, err); /* fetch + verify: all the I/O */
     pthread_t th;
     bool started = false;
     if (!rc && pthread_create(&th, NULL, br_pipe_main, &p) != 0)
@@ -350,20 +365,20 @@ static int br_warm(br_ctx *b, int ci, kv_cache *sess, kv_cache *dst, int L, br_r
     park_layout lay = br_layout(b->codecs[ci]);
     cas_opts co = cas_default_opts();
     co.warm_budget = UINT64_C(1) << 40; /* never spill: this is the RAM tier alone */
-    cas *store = NULL;
+    cas *cs = NULL;
     park_manifest man = {0};
     park_stats ps = {0};
     double t_ttft[BR_MAX_REPEATS], t_rest[BR_MAX_REPEATS];
-    int rc = cas_open(&store, &co, err);
+    int rc = cas_open(&cs, &co, err);
     if (rc) return rc;
-    rc = park_save(store, b->codecs[ci], b->codec_hash[ci], o->codecs[ci], b->fingerprint, &lay,
+    rc = park_save(cs, b->codecs[ci], b->codec_hash[ci], o->codecs[ci], b->fingerprint, &lay,
                    sess, b->tokens, L, false, &man, &ps, err);
     if (rc) goto out;
     r->bytes_total = ps.bytes_total;
     for (int i = 0; i < o->repeats; i++) {
         kv_truncate(dst, 0);
         double t0 = kp_now();
-        if ((rc = park_restore(store, b->codecs[ci], &man, dst, NULL, err))) goto out;
+        if ((rc = park_restore(cs, b->codecs[ci], &man, dst, NULL, err))) goto out;
         double t1 = kp_now();
         if ((rc = br_forward(b->m, dst, b->tokens + L, o->turn, b->logits, err))) goto out;
         double t2 = kp_now();
@@ -375,14 +390,14 @@ static int br_warm(br_ctx *b, int ci, kv_cache *sess, kv_cache *dst, int L, br_r
     r->restore_warm_ms = br_median(t_rest, o->repeats);
     for (int i = 0; i < o->repeats; i++) {
         kv_truncate(dst, 0);
-        if ((rc = br_pipelined(b, store, b->codecs[ci], &man, dst, L, &t_ttft[i], err))) goto out;
+        if ((rc = br_pipelined(b, cs, b->codecs[ci], &man, dst, L, &t_ttft[i], err))) goto out;
     }
     r->tok_pipe = br_argmax(b->logits, b->n_vocab);
     r->warm_pipe_ms = br_median(t_ttft, o->repeats);
-    park_release(store, &man);
+    park_release(cs, &man);
 out:
     park_manifest_free(&man);
-    cas_close(store);
+    cas_close(cs);
     return rc;
 }
 
@@ -400,26 +415,26 @@ static int br_cold(br_ctx *b, int ci, kv_cache *sess, kv_cache *dst, int L, br_r
     cas_opts co = cas_default_opts();
     co.dir = dir;
     co.warm_budget = UINT64_C(1) << 40;
-    cas *store = NULL;
+    cas *cs = NULL;
     park_manifest man = {0};
     uint8_t *mbytes = NULL;
     size_t mlen = 0;
     double t_ttft[BR_MAX_REPEATS], t_rest[BR_MAX_REPEATS];
-    int rc = cas_open(&store, &co, err);
+    int rc = cas_open(&cs, &co, err);
     if (rc) goto out;
-    rc = park_save(store, b->codecs[ci], b->codec_hash[ci], o->codecs[ci], b->fingerprint, &lay,
+    rc = park_save(cs, b->codecs[ci], b->codec_hash[ci], o->codecs[ci], b->fingerprint, &lay,
                    sess, b->tokens, L, true, &man, NULL, err);
     if (!rc) rc = park_manifest_write(&man, &mbytes, &mlen, err);
     park_manifest_free(&man);
-    cas_close(store);
-    store = NULL;
+    cas_close(cs);
+    cs = NULL;
     if (rc) goto out;
 
     r->resident_pages = 0;
     for (int i = 0; i < o->repeats; i++) {
-        if ((rc = cas_open(&store, &co, err))) goto out;
+        if ((rc = cas_open(&cs, &co, err))) goto out;
         if ((rc = park_manifest_read(mbytes, mlen, &man, err))) goto out;
-        for (int s = 0; s < man.n_spans; s++) cas_ref(store, man.spans[s].key);
+        for (int s = 0; s < man.n_spans; s++) cas_ref(cs, man.spans[s].key);
         for (int s = 0; s < man.n_spans; s++) {
             br_object_path(dir, man.spans[s].key, path, sizeof path);
             if ((rc = br_evict(path, NULL, err))) goto out;
@@ -446,24 +461,115 @@ static int br_cold(br_ctx *b, int ci, kv_cache *sess, kv_cache *dst, int L, br_r
         }
         kv_truncate(dst, 0);
         double t0 = kp_now();
-        if ((rc = park_restore(store, b->codecs[ci], &man, dst, NULL, err))) goto out;
+        if ((rc = park_restore(cs, b->codecs[ci], &man, dst, NULL, err))) goto out;
         double t1 = kp_now();
         if ((rc = br_forward(b->m, dst, b->tokens + L, o->turn, b->logits, err))) goto out;
         double t2 = kp_now();
         t_rest[i] = 1e3 * (t1 - t0);
         t_ttft[i] = 1e3 * (t2 - t0);
         park_manifest_free(&man);
-        cas_close(store);
-        store = NULL;
+        cas_close(cs);
+        cs = NULL;
     }
     r->tok_cold = br_argmax(b->logits, b->n_vocab);
     r->cold_ms = br_median(t_ttft, o->repeats);
     r->restore_cold_ms = br_median(t_rest, o->repeats);
 out:
     park_manifest_free(&man);
-    cas_close(store);
+    cas_close(cs);
     free(mbytes);
     br_rm_tree(dir);
+    return rc;
+}
+
+/* One replica of the remote path: a store on DIR writing through to Redis. */
+static int br_replica(br_ctx *b, int ci, const char *dir, store **st, remote **rem, kp_err *err) {
+    const br_opts *o = b->o;
+    store_opts so = store_default_opts();
+    so.dir = dir;
+    so.shape = b->shape;
+    so.kv_type = o->kv_type;
+    so.codec = o->codecs[ci];
+    so.layout = br_layout(b->codecs[ci]);
+    so.warm_budget = UINT64_C(1) << 40;
+    remote_opts ro = remote_default_opts();
+    ro.url = o->remote;
+    ro.model_hash = b->fingerprint;
+    ro.codec_hash = store_remote_codec_hash(&so);
+    ro.ttl_s = 3600; /* what the bench leaves behind in a shared Redis expires */
+    int rc = remote_open(rem, &ro, err);
+    if (rc) return rc;
+    so.remote = *rem;
+    so.remote_policy = STORE_REMOTE_WRITE_THROUGH;
+    if ((rc = store_open(st, &so, err))) {
+        remote_close(*rem);
+        *rem = NULL;
+    }
+    return rc;
+}
+
+static void br_replica_close(store *st, remote *rem, const char *dir) {
+    store_close(st);
+    remote_close(rem);
+    br_rm_tree(dir);
+}
+
+/* Remote path for one codec (see the top of the file). */
+static int br_remote(br_ctx *b, int ci, kv_cache *sess, kv_cache *dst, int L, br_row *r, kp_err *err) {
+    const br_opts *o = b->o;
+    char dir_a[BR_PATH_MAX], dir_b[BR_PATH_MAX], id[24];
+    snprintf(dir_a, sizeof dir_a, "%s/remote-a-ctx%d-codec%d", b->base, L, ci);
+    snprintf(dir_b, sizeof dir_b, "%s/remote-b-ctx%d-codec%d", b->base, L, ci);
+    double t_ttft[BR_MAX_REPEATS], t_rest[BR_MAX_REPEATS];
+    store *sa = NULL, *sb = NULL;
+    remote *ra = NULL, *rb = NULL;
+    store_new_id(id);
+    int rc = br_replica(b, ci, dir_a, &sa, &ra, err);
+    if (rc) return rc;
+    store_item it = {.tokens = b->tokens, .n_tokens = L, .kv = sess};
+    kv_truncate(sess, L);
+    if ((rc = store_save(sa, id, &it, false, NULL, err))) goto out;
+    if (remote_drain(ra, 60000)) {
+        remote_stats st;
+        remote_get_stats(ra, &st);
+        rc = kp_errf(err, KP_EUNAVAIL, "bench resume: the save did not reach Redis at %s: %s", o->remote,
+                     st.last_error);
+        goto out;
+    }
+    for (int i = 0; i < o->repeats; i++) {
+        if ((rc = br_replica(b, ci, dir_b, &sb, &rb, err))) goto out;
+        void *got = NULL;
+        size_t n = 0;
+        kp_err e2 = {0};
+        remote_get_record(rb, "bench-warm-up", &got, &n, NULL, &e2); /* a miss: the connection is pooled */
+        free(got);
+        kv_truncate(dst, 0);
+        int n_tok = 0;
+        double t0 = kp_now();
+        if ((rc = store_load_meta(sb, id, &n_tok, NULL, NULL, NULL, err))) goto out;
+        if ((rc = store_load_kv(sb, id, dst, err))) goto out;
+        double t1 = kp_now();
+        if (n_tok != L || dst->n_pos != L) {
+            rc = kp_errf(err, KP_EFORMAT, "bench resume: replica B restored %d of %d tokens", dst->n_pos, L);
+            goto out;
+        }
+        if ((rc = br_forward(b->m, dst, b->tokens + L, o->turn, b->logits, err))) goto out;
+        double t2 = kp_now();
+        t_rest[i] = 1e3 * (t1 - t0);
+        t_ttft[i] = 1e3 * (t2 - t0);
+        br_replica_close(sb, rb, dir_b);
+        sb = NULL;
+        rb = NULL;
+    }
+    r->tok_remote = br_argmax(b->logits, b->n_vocab);
+    r->remote_ms = br_median(t_ttft, o->repeats);
+    r->restore_remote_ms = br_median(t_rest, o->repeats);
+out:
+    if (sb) br_replica_close(sb, rb, dir_b);
+    kp_err e3 = {0};
+    store_delete(sa, id, &e3); /* the record leaves Redis too */
+    remote_drain(ra, 5000);
+    br_replica_close(sa, ra, dir_a);
     return rc;
 }
 
@@ -513,8 +619,10 @@ static int br_one_ctx(br_ctx *b, int L, br_row *rows, kp_err *err) {
         r->tok_hot = tok_hot;
         if ((rc = br_warm(b, ci, sess, dst, L, r, err))) goto out;   /* (c) */
         if ((rc = br_cold(b, ci, sess, dst, L, r, err))) goto out;   /* (d) */
-        fprintf(stderr, "kvpark: ctx %d codec %s: prefill %.2f ms, hot %.2f, warm %.2f (pipelined %.2f), cold %.2f\n",
-                L, o->codecs[ci], r->prefill_ms, r->hot_ms, r->warm_ms, r->warm_pipe_ms, r->cold_ms);
+        if (o->remote && (rc = br_remote(b, ci, sess, dst, L, r, err))) goto out; /* (e) */
+        fprintf(stderr, "kvpark: ctx %d codec %s: prefill %.2f ms, hot %.2f, warm %.2f (pipelined %.2f), cold %.2f, "
+                "remote %.2f\n", L, o->codecs[ci], r->prefill_ms, r->hot_ms, r->warm_ms, r->warm_pipe_ms, r->cold_ms,
+                r->remote_ms);
     }
 out:
     kv_free(sess);
@@ -528,18 +636,25 @@ static double br_ratio(double a, double b) { return b > 0 ? a / b : 0; }
 
 static void br_print_table(const br_opts *o, const br_row *rows, int n) {
     printf("\n| ctx | codec | bytes/token | re-prefill ms | hot ms | warm ms | warm pipelined ms | cold ms | "
-           "hot x | warm x | cold x | restore warm ms | restore cold ms | disk MB/s | next token "
-           "pre/hot/warm/pipe/cold |\n");
-    printf("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+           "remote ms | hot x | warm x | cold x | remote x | restore warm ms | restore cold ms | restore remote ms | "
+           "disk MB/s | next token pre/hot/warm/pipe/cold/remote |\n");
+    printf("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
     for (int i = 0; i < n; i++) {
         const br_row *r = &rows[i];
-        printf("| %d | %s | %.0f | %.2f | %.3f | %.3f | %.3f | %.3f | %.1f | %.1f | %.1f | %.3f | %.3f | "
-               "%.0f | %d/%d/%d/%d/%d |\n",
+        char rem[24] = "-", remx[24] = "-", remr[24] = "-", remt[16] = "-";
+        if (o->remote) {
+            snprintf(rem, sizeof rem, "%.3f", r->remote_ms);
+            snprintf(remx, sizeof remx, "%.1f", br_ratio(r->prefill_ms, r->remote_ms));
+            snprintf(remr, sizeof remr, "%.3f", r->restore_remote_ms);
+            snprintf(remt, sizeof remt, "%d", r->tok_remote);
+        }
+        printf("| %d | %s | %.0f | %.2f | %.3f | %.3f | %.3f | %.3f | %s | %.1f | %.1f | %.1f | %s | %.3f | %.3f | "
+               "%s | %.0f | %d/%d/%d/%d/%d/%s |\n",
                r->ctx, o->codecs[r->codec], (double)r->bytes_total / r->ctx, r->prefill_ms,
-               r->hot_ms, r->warm_ms, r->warm_pipe_ms, r->cold_ms, br_ratio(r->prefill_ms, r->hot_ms),
-               br_ratio(r->prefill_ms, r->warm_ms), br_ratio(r->prefill_ms, r->cold_ms),
-               r->restore_warm_ms, r->restore_cold_ms, r->disk_mbps, r->tok_prefill, r->tok_hot,
-               r->tok_warm, r->tok_pipe, r->tok_cold);
+               r->hot_ms, r->warm_ms, r->warm_pipe_ms, r->cold_ms, rem, br_ratio(r->prefill_ms, r->hot_ms),
+               br_ratio(r->prefill_ms, r->warm_ms), br_ratio(r->prefill_ms, r->cold_ms), remx,
+               r->restore_warm_ms, r->restore_cold_ms, remr, r->disk_mbps, r->tok_prefill, r->tok_hot,
+               r->tok_warm, r->tok_pipe, r->tok_cold, remt);
     }
 }
 
@@ -579,16 +694,20 @@ static int br_write_csv(const br_opts *o, const char *model_name, const br_row *
     fprintf(f, "model,ctx,codec,bytes_total,bytes_per_token,prefill_ms,hot_ms,warm_ms,cold_ms,"
                "speedup_hot,speedup_warm,speedup_cold,restore_warm_ms,restore_cold_ms,"
                "disk_read_mbps,cold_resident_pages,prefill_token,hot_token,warm_token,cold_token,"
-               "warm_pipelined_ms,pipelined_token\n");
+               "warm_pipelined_ms,pipelined_token,remote_ms,speedup_remote,restore_remote_ms,remote_token\n");
     for (int i = 0; i < n; i++) {
         const br_row *r = &rows[i];
-        fprintf(f, "%s,%d,%s,%llu,%.2f,%.4f,%.4f,%.4f,%.4f,%.2f,%.2f,%.2f,%.4f,%.4f,%.1f,%ld,%d,%d,%d,%d,%.4f,%d\n",
+        char rem[96] = ",,,"; /* empty: not measured (no --remote) */
+        if (o->remote)
+            snprintf(rem, sizeof rem, "%.4f,%.2f,%.4f,%d", r->remote_ms, br_ratio(r->prefill_ms, r->remote_ms),
+                     r->restore_remote_ms, r->tok_remote);
+        fprintf(f, "%s,%d,%s,%llu,%.2f,%.4f,%.4f,%.4f,%.4f,%.2f,%.2f,%.2f,%.4f,%.4f,%.1f,%ld,%d,%d,%d,%d,%.4f,%d,%s\n",
                 model_name, r->ctx, o->codecs[r->codec], (unsigned long long)r->bytes_total,
                 (double)r->bytes_total / r->ctx, r->prefill_ms, r->hot_ms, r->warm_ms, r->cold_ms,
                 br_ratio(r->prefill_ms, r->hot_ms), br_ratio(r->prefill_ms, r->warm_ms),
                 br_ratio(r->prefill_ms, r->cold_ms), r->restore_warm_ms, r->restore_cold_ms,
                 r->disk_mbps, r->resident_pages, r->tok_prefill, r->tok_hot, r->tok_warm,
-                r->tok_cold, r->warm_pipe_ms, r->tok_pipe);
+                r->tok_cold, r->warm_pipe_ms, r->tok_pipe, rem);
     }
     int bad = ferror(f);
     if (fclose(f) || bad)
@@ -613,16 +732,20 @@ static void br_plot_script(FILE *f, const char *term, void *ud) {
             "plot '%s' index 0 using 1:2 with linespoints title 're-prefill', "
             "'' index 0 using 1:3 with linespoints title 'hot'",
             term, o->plot, p->model_name, p->dat);
-    for (int c = 0; c < o->n_codecs; c++)
+    for (int c = 0; c < o->n_codecs; c++) {
         fprintf(f, ", '' index %d using 1:2 with linespoints title 'warm %s', "
                    "'' index %d using 1:3 with linespoints title 'cold %s'",
                 c + 1, o->codecs[c], c + 1, o->codecs[c]);
+        if (o->remote) fprintf(f, ", '' index %d using 1:6 with linespoints title 'remote %s'", c + 1, o->codecs[c]);
+    }
     fprintf(f, "\nset ylabel 'speed-up vs re-prefill (x)'\n"
                "plot '%s' index 0 using 1:4 with linespoints title 'hot'", p->dat);
-    for (int c = 0; c < o->n_codecs; c++)
+    for (int c = 0; c < o->n_codecs; c++) {
         fprintf(f, ", '' index %d using 1:4 with linespoints title 'warm %s', "
                    "'' index %d using 1:5 with linespoints title 'cold %s'",
                 c + 1, o->codecs[c], c + 1, o->codecs[c]);
+        if (o->remote) fprintf(f, ", '' index %d using 1:7 with linespoints title 'remote %s'", c + 1, o->codecs[c]);
+    }
     fprintf(f, "\nunset multiplot\n");
 }
 
@@ -655,9 +778,10 @@ static void br_write_plot(const br_opts *o, const char *model_name, const br_row
         fprintf(f, "\n\n");
         for (int i = 0; i < n; i++)
             if (rows[i].codec == c)
-                fprintf(f, "%d %.4f %.4f %.3f %.3f\n", rows[i].ctx, rows[i].warm_ms, rows[i].cold_ms,
+                fprintf(f, "%d %.4f %.4f %.3f %.3f %.4f %.3f\n", rows[i].ctx, rows[i].warm_ms, rows[i].cold_ms,
                         br_ratio(rows[i].prefill_ms, rows[i].warm_ms),
-                        br_ratio(rows[i].prefill_ms, rows[i].cold_ms));
+                        br_ratio(rows[i].prefill_ms, rows[i].cold_ms), rows[i].remote_ms,
+                        br_ratio(rows[i].prefill_ms, rows[i].remote_ms));
     }
     fclose(f);
     br_plot bp = {.o = o, .model_name = model_name, .dat = dat};
@@ -672,11 +796,14 @@ static const char br_help[] =
     "usage: kvpark bench resume [-m MODEL] [--codec none,int8,FILE...] [--ctx 128,256,...]\n"
     "       [--repeats 3] [--csv FILE] [--plot FILE.png] [--dir DIR] [-f TEXTFILE]\n"
     "       [-t THREADS] [--kv-type f16|f32|bf16] [--turn 16] [--device cpu|cuda|auto]\n"
+    "       [--remote redis://HOST:PORT]\n"
     "Time-to-first-token of one new user turn (--turn tokens: prefill them and get the\n"
     "first token's logits) for a session of L tokens that is (a) re-prefilled from\n"
     "text, (b) hot (KV resident), (c) warm (parked in the RAM tier, restored), (d) cold\n"
     "(parked durably in DIR, cas reopened, files fsynced and evicted from the page cache\n"
-    "with posix_fadvise DONTNEED, restored). Medians over --repeats; also bytes per\n"
+    "with posix_fadvise DONTNEED, restored), (e) with --remote, remote: saved by one\n"
+    "replica through to that Redis and resumed by another that never saw it (record and\n"
+    "objects from Redis, restored). Medians over --repeats; also bytes per\n"
     "token per codec, the disk read bandwidth of the cold files (plain read() after\n"
     "DONTNEED) and the break-even bandwidth below which a codec beats 'none'.\n"
     "Defaults: --codec none,int8; --ctx 128, 256, ... up to min(model context, 2048);\n"
@@ -690,7 +817,7 @@ static int br_usage(const char *msg, const char *arg) {
 }
 
 enum { BR_OPT_CODEC = 3000, BR_OPT_CTX, BR_OPT_REPEATS, BR_OPT_CSV, BR_OPT_PLOT, BR_OPT_DIR,
-       BR_OPT_KV_TYPE, BR_OPT_TURN, BR_OPT_DEVICE };
+       BR_OPT_KV_TYPE, BR_OPT_TURN, BR_OPT_DEVICE, BR_OPT_REMOTE };
 
 static int br_parse(int argc, char **argv, br_opts *o) {
     static const struct option lo[] = {
@@ -700,6 +827,7 @@ static int br_parse(int argc, char **argv, br_opts *o) {
         {"csv", required_argument, 0, BR_OPT_CSV}, {"plot", required_argument, 0, BR_OPT_PLOT},
         {"dir", required_argument, 0, BR_OPT_DIR}, {"kv-type", required_argument, 0, BR_OPT_KV_TYPE},
         {"turn", required_argument, 0, BR_OPT_TURN}, {"device", required_argument, 0, BR_OPT_DEVICE},
+        {"remote", required_argument, 0, BR_OPT_REMOTE},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     const char *codec_arg = "none,int8";
@@ -737,6 +865,13 @@ static int br_parse(int argc, char **argv, br_opts *o) {
         case BR_OPT_CSV: o->csv = optarg; break;
         case BR_OPT_PLOT: o->plot = optarg; break;
         case BR_OPT_DIR: o->dir = optarg; break;
+        case BR_OPT_REMOTE: {
+            remote_url u;
+            kp_err e = {0};
+            if (remote_url_parse(optarg, &u, &e)) return br_usage(e.msg, optarg);
+            o->remote = optarg;
+            break;
+        }
         case BR_OPT_KV_TYPE:
             if ((o->kv_type = kv_type_from_name(optarg)) < 0)
                 return br_usage("bad --kv-type (f32, f16 or bf16)", optarg);
@@ -792,6 +927,7 @@ int bench_resume_main(int argc, char **argv) {
     b.n_vocab = hp->n_vocab;
     b.fingerprint = model_fingerprint(m);
     codec_shape shape = quality_codec_shape(m);
+    b.shape = shape;
     for (int c = 0; c < o.n_codecs; c++) {
         if ((rc = codec_open(&codecs[c], o.codecs[c], &shape, &err))) goto out;
         hashes[c] = park_codec_hash(o.codecs[c]);

@@ -49,98 +49,8 @@
 
 static kp_backend *g_be; /* one CPU backend for the store tests */
 
-/* ---- a redis-server of our own -------------------------------------------------- */
-
-typedef struct rsrv {
-    char dir[512];
-    char sock[600];
-    char url[640];
-    pid_t pid;
-} rsrv;
-
-static int on_path(const char *prog) {
-    const char *path = getenv("PATH");
-    if (!path) return 0;
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *save = NULL, *d = strtok_r(buf, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
-        char p[4200];
-        snprintf(p, sizeof p, "%s/%s", d, prog);
-        if (access(p, X_OK) == 0) return 1;
-    }
-    return 0;
-}
-
-static void msleep(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000l};
-    nanosleep(&ts, NULL);
-}
-
-/* Start redis-server on s->sock (extra: more "--opt value" pairs, NULL-ended). */
-static void rsrv_start(rsrv *s, const char *const *extra) {
-    if (!on_path("redis-server"))
-        fail_msg("redis-server is not on PATH: the remote tier's tests need a real Redis "
-                 "(apt-get install redis-server; deploy/install-deps.sh installs it)");
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* a failed test must not leave Redis holding the runner's pipes */
-        char log[700];
-        snprintf(log, sizeof log, "%s/redis.log", s->dir);
-        const char *argv[64] = {"redis-server", "--port", "0", "--unixsocket", s->sock, "--unixsocketperm", "700",
-                                "--dir", s->dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
-                                "--logfile", log};
-        int n = 17;
-        for (int i = 0; extra && extra[i] && n < 62; i++) argv[n++] = extra[i];
-        argv[n] = NULL;
-        execvp("redis-server", (char *const *)argv);
-        _exit(127);
-    }
-    s->pid = pid;
-    for (int i = 0; i < 500; i++) { /* until it answers PING (at most 10 s) */
-        redisContext *c = redisConnectUnix(s->sock);
-        if (c && !c->err) {
-            redisReply *r = redisCommand(c, "PING");
-            int ok = r && r->type == REDIS_REPLY_STATUS;
-            if (r) freeReplyObject(r);
-            redisFree(c);
-            if (ok) return;
-        } else if (c) {
-            redisFree(c);
-        }
-        int st;
-        if (waitpid(pid, &st, WNOHANG) == pid) fail_msg("redis-server exited at start (see %s/redis.log)", s->dir);
-        msleep(20);
-    }
-    fail_msg("redis-server did not answer on %s", s->sock);
-}
-
-static void rsrv_init(rsrv *s, const char *const *extra) {
-    memset(s, 0, sizeof *s);
-    char *d = tu_tmpdir();
-    snprintf(s->dir, sizeof s->dir, "%s", d);
-    free(d);
-    snprintf(s->sock, sizeof s->sock, "%s/redis.sock", s->dir);
-    snprintf(s->url, sizeof s->url, "unix:%s", s->sock);
-    rsrv_start(s, extra);
-}
-
-static void rsrv_kill(rsrv *s) {
-    if (s->pid <= 0) return;
-    kill(s->pid, SIGCONT);
-    kill(s->pid, SIGKILL);
-    waitpid(s->pid, NULL, 0);
-    s->pid = 0;
-    unlink(s->sock);
-}
-
-static void rsrv_done(rsrv *s) {
-    rsrv_kill(s);
-    tu_rm_rf(s->dir);
-}
-
 /* A raw command on the test's own connection. */
-static redisReply *raw(rsrv *s, const char *fmt, ...) {
+static redisReply *raw(tu_redis *s, const char *fmt, ...) {
     redisContext *c = redisConnectUnix(s->sock);
     assert_true(c && !c->err);
     va_list ap;
@@ -152,7 +62,7 @@ static redisReply *raw(rsrv *s, const char *fmt, ...) {
     return r;
 }
 
-static remote *open_remote(const rsrv *s, uint64_t model, uint64_t codec_h) {
+static remote *open_remote(const tu_redis *s, uint64_t model, uint64_t codec_h) {
     remote_opts o = remote_default_opts();
     o.url = s->url;
     o.model_hash = model;
@@ -253,8 +163,8 @@ static void test_urls(void **state) {
 
 static void test_roundtrip_and_prefix(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     remote *a = open_remote(&s, 0x1111, 0xaaaa);
     remote *b = open_remote(&s, 0x2222, 0xaaaa);
     kp_err err = {0};
@@ -341,15 +251,15 @@ static void test_roundtrip_and_prefix(void **state) {
     freeReplyObject(rr);
     remote_close(t);
     free(d);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 /* ---- garbage --------------------------------------------------------------------------- */
 
 static void test_garbage(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     remote *r = open_remote(&s, 1, 2);
     kp_err err = {0};
     uint8_t *d = bytes_n(5, 4096);
@@ -425,7 +335,7 @@ static void test_garbage(void **state) {
     free(good);
     free(d);
     remote_close(r);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 /* ---- concurrent writers of one id --------------------------------------------------- */
@@ -472,8 +382,8 @@ static void *cw_thread(void *p) {
 
 static void test_concurrent_writers(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     /* two "replicas": two handles (own connections) of one model */
     cw_arg a = {.r = open_remote(&s, 7, 7), .who = 1}, b = {.r = open_remote(&s, 7, 7), .who = 2};
     pthread_t ta, tb;
@@ -507,16 +417,16 @@ static void test_concurrent_writers(void **state) {
     free(got);
     remote_close(a.r);
     remote_close(b.r);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 /* ---- eviction -------------------------------------------------------------------------- */
 
 static void test_eviction(void **state) {
     (void)state;
-    rsrv s;
+    tu_redis s;
     const char *const extra[] = {"--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru", NULL};
-    rsrv_init(&s, extra);
+    tu_redis_init(&s, extra);
     remote *r = open_remote(&s, 3, 3);
     kp_err err = {0};
     enum { N = 200, SZ = 65536 };
@@ -564,12 +474,12 @@ static void test_eviction(void **state) {
         free(got);
     }
     remote_close(r);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 /* ---- --remote-budget ------------------------------------------------------------------ */
 
-static remote *open_budgeted(const rsrv *s, uint64_t budget) {
+static remote *open_budgeted(const tu_redis *s, uint64_t budget) {
     remote_opts o = remote_default_opts();
     o.url = s->url;
     o.model_hash = 5;
@@ -616,7 +526,7 @@ static int budget_state(remote *r, int i) {
 }
 
 /* What the books say is what Redis holds: b:used = the sum of our values' sizes. */
-static long long budget_real_bytes(rsrv *s, const char *prefix) {
+static long long budget_real_bytes(tu_redis *s, const char *prefix) {
     redisReply *k = raw(s, "KEYS %s*", prefix);
     long long sum = 0;
     for (size_t i = 0; i < k->elements; i++) {
@@ -638,8 +548,8 @@ static long long budget_real_bytes(rsrv *s, const char *prefix) {
 
 static void test_budget(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     const uint64_t budget = 12 * (BSZ + 48) + 1000; /* room for about 11 sessions' own objects */
     remote *a = open_budgeted(&s, budget), *b = open_budgeted(&s, budget);
     uint8_t *shared = bytes_n(999, BSZ);
@@ -693,20 +603,20 @@ static void test_budget(void **state) {
     free(shared);
     remote_close(a);
     remote_close(b);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 /* ---- Redis killed, stopped; the queue ----------------------------------------------------- */
 
 static void test_killed_and_queue(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     remote *r = open_remote(&s, 4, 4);
     kp_err err = {0};
     uint8_t *d = bytes_n(1, 5000);
     assert_int_equal(remote_put_object(r, key_n(0), d, 5000, &err), 0);
-    rsrv_kill(&s);
+    tu_redis_kill(&s);
     /* calls fail (no hang) with the tier's error, the state says down */
     void *got = NULL;
     size_t n = 0;
@@ -734,7 +644,7 @@ static void test_killed_and_queue(void **state) {
     assert_int_equal(st.state, REMOTE_DOWN);
     assert_non_null(strstr(st.last_error, "unavailable"));
     /* a fresh (empty) Redis on the same socket: the queue drains */
-    rsrv_start(&s, NULL);
+    tu_redis_start(&s, NULL);
     assert_int_equal(remote_drain(r, 20000), 0);
     for (int i = 0; i < 5; i++) {
         char id[16], want[32];
@@ -768,7 +678,7 @@ static void test_killed_and_queue(void **state) {
     remote_close(r);
 
     /* the queue is bounded: with Redis gone, the third job is dropped at once */
-    rsrv_kill(&s);
+    tu_redis_kill(&s);
     remote_opts o = remote_default_opts();
     o.url = s.url;
     o.queue_max_jobs = 2;
@@ -783,7 +693,7 @@ static void test_killed_and_queue(void **state) {
     assert_int_equal(st.queue_jobs, 2);
     remote_close(r); /* does not wait for Redis */
     free(d);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 #if STORE_REMOTE
@@ -827,8 +737,8 @@ static int kv_rows_equal(const kv_cache *a, const kv_cache *b, int n) {
 
 static void test_store_two_replicas(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     char *da = tu_tmpdir(), *db = tu_tmpdir();
     remote *ra = NULL, *rb = NULL;
     store *A = open_store(da, s.url, &ra, STORE_REMOTE_WRITE_THROUGH, 0);
@@ -929,7 +839,7 @@ static void test_store_two_replicas(void **state) {
     kv_free(kc);
 
     /* Redis down: a session only in Redis is KP_EUNAVAIL (503), local ones unaffected */
-    rsrv_kill(&s);
+    tu_redis_kill(&s);
     assert_int_equal(store_load_meta(C, "conv-9", &nt, NULL, NULL, NULL, &err), KP_EUNAVAIL);
     kv_cache *ka = tu_kv_new(g_be, KP_TYPE_F32, NL, NCTX, NKV, HD);
     assert_int_equal(store_load_kv(A, "conv-2", ka, &err), 0);
@@ -953,14 +863,14 @@ static void test_store_two_replicas(void **state) {
     free(da);
     free(db);
     free(dc);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 /* Every replica keys owner ids with one secret: the first one's, through Redis. */
 static void test_secret_share(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     char *da = tu_tmpdir(), *db = tu_tmpdir(), *dc = tu_tmpdir();
     remote *ra = NULL, *rb = NULL, *rc = NULL;
     store *A = open_store(da, s.url, &ra, STORE_REMOTE_WRITE_THROUGH, 0);
@@ -994,7 +904,7 @@ static void test_secret_share(void **state) {
     assert_memory_equal(sc, again, sizeof sc);
 
     /* Redis down: a clear KP_EBUSY */
-    rsrv_kill(&s);
+    tu_redis_kill(&s);
     assert_int_equal(store_secret_share(db, rb, &err), KP_EBUSY);
 
     store_close(A);
@@ -1011,13 +921,13 @@ static void test_secret_share(void **state) {
     free(da);
     free(db);
     free(dc);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 static void test_store_write_back(void **state) {
     (void)state;
-    rsrv s;
-    rsrv_init(&s, NULL);
+    tu_redis s;
+    tu_redis_init(&s, NULL);
     char *da = tu_tmpdir(), *db = tu_tmpdir();
     remote *ra = NULL, *rb = NULL;
     /* A: write-back, a cold budget that holds one session */
@@ -1060,7 +970,7 @@ static void test_store_write_back(void **state) {
     tu_rm_rf(db);
     free(da);
     free(db);
-    rsrv_done(&s);
+    tu_redis_done(&s);
 }
 
 #endif

@@ -84,4 +84,23 @@ const char *tu_kvpark_bin(void);
  * temporary file; returns its status, the captured text (malloc'd) in *out. */
 int tu_run_captured(int (*fn)(int, char **), int argc, char **argv, char **out);
 
+/* A redis-server of the test's own on a unix socket in a fresh temp dir
+ * (no persistence; it dies with the test: PR_SET_PDEATHSIG). extra: more
+ * "--opt", "value" arguments, NULL-ended. tu_redis_init fails the test if
+ * redis-server is not on PATH (check tu_on_path first to skip instead);
+ * tu_redis_start restarts a killed one on the same socket; tu_redis_done
+ * kills it and removes its dir. */
+typedef struct tu_redis {
+    char dir[512];
+    char sock[600];
+    char url[640];   /* "unix:<sock>" */
+    int pid;
+} tu_redis;
+int tu_on_path(const char *prog);
+void tu_msleep(int ms);
+void tu_redis_init(tu_redis *s, const char *const *extra);
+void tu_redis_start(tu_redis *s, const char *const *extra);
+void tu_redis_kill(tu_redis *s);
+void tu_redis_done(tu_redis *s);
+
 #endif
