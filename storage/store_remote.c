@@ -23,7 +23,9 @@
  * State of an entry with respect to the remote tier:
  *   (absent)       --adopt: record read-->          remote-only
  *   remote-only    --fetch: objects read-->         local (warm)
- *   remote-only    --fetch: object missing/bad-->   (forgotten; nothing left)
+ *   remote-only    --fetch: object missing/bad-->   tokens only (store.h "KV lost":
+ *                                                    the record is kept, KP_ELOST,
+ *                                                    the server recomputes the KV)
  *   remote-only    --save-->                        local (the save replaces it)
  *   local          --delete-->                      (absent; delete queued for Redis)
  * Redis unreachable: adopt and fetch fail with KP_EUNAVAIL and change nothing
