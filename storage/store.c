@@ -1310,6 +1310,26 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
     if (foreign == STORE_FOREIGN_MODEL) oc->foreign_model++;
     else if (foreign == STORE_FOREIGN_TYPE) oc->foreign_type++;
     else if (foreign == STORE_FOREIGN_CODEC) oc->foreign_codec++;
+    if (foreign == STORE_FOREIGN_CODEC && m.n_tokens > 0) {
+        /* This model and KV type, but a codec this server was not given (its
+         * codec file gone or changed, another --codec): the token ids are
+         * good, so the session is indexed as tokens only (store.h "KV lost")
+         * and its KV recomputed when it is used. Its record and objects stay
+         * as they are (referenced: the collect keeps them) for a server given
+         * that codec, until this session is saved again or deleted. */
+        for (int i = 0; i < m.n_spans; i++) cas_ref(s->cas, m.spans[i].key);
+        park_manifest lost;
+        kp_err e3 = {0};
+        rc = tokens_only(&m, &lost, &e3);
+        park_manifest_free(&m);
+        if (rc) {
+            free(extra);
+            return kp_errf(err, rc, "%s", e3.msg);
+        }
+        m = lost;
+        cc = s->codec;
+        s->st.kv_lost++;
+    }
     if (!cc) {
         /* Left in place, and so are its objects: they are referenced (for as
          * long as the store is open) so that the collect below keeps them
@@ -1495,12 +1515,17 @@ int store_open(store **out, const store_opts *o, kp_err *err) {
     size_t freed = cas_collect(s->cas);
     if (freed) store_logf(s, "store: collected %zu objects no session uses", freed);
     store_import_legacy(s, &oc);
-    if (oc.foreign_model || oc.foreign_codec || oc.foreign_type)
+    if (oc.foreign_model || oc.foreign_type)
         store_logf(s, "store: left alone in '%s': %llu sessions of another model, %llu of "
-                   "another KV type, %llu made with a codec this server was not given (start a "
-                   "server with that model / --kv-type / --codec file to use them, or delete "
-                   "them)", s->dir, (unsigned long long)oc.foreign_model,
-                   (unsigned long long)oc.foreign_type, (unsigned long long)oc.foreign_codec);
+                   "another KV type (start a server with that model / --kv-type to use them, or "
+                   "delete them)", s->dir, (unsigned long long)oc.foreign_model,
+                   (unsigned long long)oc.foreign_type);
+    if (oc.foreign_codec)
+        store_logf(s, "store: %llu sessions in '%s' were parked with a codec this server was not "
+                   "given (a codec file gone or changed, another --codec): their token ids are "
+                   "kept and their KV is recomputed when they are next used; their files stay "
+                   "as they are until each is saved again (start a server with that --codec to "
+                   "restore them instead)", (unsigned long long)oc.foreign_codec, s->dir);
     enforce_cold(s, NULL);
     *out = s;
     return 0;

@@ -33,9 +33,11 @@
  *     kivi2) becomes a cold session and re-references its objects; a session
  *     whose objects are not all present has its record quarantined (counted,
  *     logged) and keeps its token ids (a tokens-only record, "KV lost" below);
- *     corrupt files are quarantined; records of another model or of a codec
- *     file the store was not given are left in place and counted as foreign
- *     (logged once with what to do); leftover *.tmp files are removed; then
+ *     corrupt files are quarantined; records of another model or KV type are
+ *     left in place and counted as foreign (logged once with what to do); a
+ *     record of this model made with a codec file the store was not given is
+ *     indexed tokens only ("KV lost": recomputed), its files left as they
+ *     are until the session is saved again; leftover *.tmp files are removed; then
  *     unreferenced objects are collected.
  *   - Ids: 1..64 characters of [A-Za-z0-9_-], checked before any file is
  *     touched (KP_EINVAL otherwise). store_new_id: 22 chars, 128 random bits.
@@ -56,8 +58,9 @@
  *     (store_stats.dropped) and reported through opts.log and opts.on_drop.
  *   - store_load_kv() restores the session's KV rows into kv (kv->n_pos is
  *     changed only on success; kv must have the store's shape and room).
- *   - KV lost: a missing or corrupt object (found at open or by a load), or
- *     an object the remote tier evicted, fails the load with KP_ELOST and a
+ *   - KV lost: a missing or corrupt object (found at open or by a load), an
+ *     object the remote tier evicted, or a codec the store was not given
+ *     (found at open; nothing is quarantined then), fails the load with KP_ELOST and a
  *     message naming the session; the session's record is moved to
  *     quarantine (the evidence), its references are released, and it stays
  *     indexed with its token ids and extra bytes only (a tokens-only record
@@ -174,7 +177,7 @@ typedef struct store_stats {
     uint64_t dropped;               /* sessions dropped: cold tier over budget */
     uint64_t quarantined;           /* records + objects moved to quarantine since open */
     uint64_t tmp_removed;           /* torn writes removed at open */
-    uint64_t foreign;               /* records of another model / codec, left alone */
+    uint64_t foreign;               /* records of another model / KV type, left alone */
     uint64_t imported;              /* legacy v1 blobs imported at open */
     uint64_t io_errors;             /* failed writes (disk full, ...) */
     uint64_t kv_lost;               /* sessions whose KV was found unreadable (token ids kept) */
