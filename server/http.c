@@ -741,6 +741,18 @@ static void collect_store(metrics_family *f, void *ctx) {
     metrics_set(f, (double)n.store.kv_lost, "kv_lost", NULL);
 }
 
+/* What parks and saves stored since start (store_stats saved_*): the
+ * codec's compression ratio is rate(fp16) / rate(coded). */
+static void collect_park_bytes(metrics_family *f, void *ctx) {
+    server *s = ctx;
+    sess_counts n;
+    if (!s->sessions) return;
+    sess_get_counts(s->sessions, &n);
+    metrics_set(f, (double)n.store.saved_fp16_bytes, "fp16", NULL);
+    metrics_set(f, (double)n.store.saved_coded_bytes, "coded", NULL);
+    metrics_set(f, (double)n.store.saved_new_bytes, "new", NULL);
+}
+
 /* sessions.c reports parks, restores, saves, drops and errors here. */
 static void on_sess_event(void *ud, const char *kind, const char *tier, double secs) {
     server *s = ud;
@@ -800,6 +812,12 @@ static int setup_metrics(server *s, kp_err *err) {
                           "sessions whose KV was found unreadable (kv_lost: their token ids are kept and "
                           "recomputed, kvpark_session_events_total{event=\"recomputed\"}).",
                           "event", NULL, collect_store, s, err) ||
+        !metrics_counter_fn(reg, "kvpark_park_bytes_total", "Bytes of KV parked and saved since start, by kind: "
+                            "fp16 (what the KV takes at 16 bits a number), coded (its objects after the codec "
+                            "and LZ4; spans shared with an earlier version or session counted again), new "
+                            "(object bytes that were not stored yet). The compression ratio is "
+                            "rate(fp16) / rate(coded).",
+                            "kind", NULL, collect_park_bytes, s, err) ||
         !metrics_counter_fn(reg, "kvpark_remote_events_total", "Remote tier (--remote, Redis) events since start: "
                             "put (a record or object written), get (a read), hit, miss (not there: never written, "
                             "evicted or expired), error, retry (a queued write tried again), dropped (a write "

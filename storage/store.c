@@ -661,6 +661,9 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     e->lru = ++s->tick;
     e->has_data = true;
     s->st.saves++;
+    s->st.saved_fp16_bytes += ps.fp16_bytes;
+    s->st.saved_coded_bytes += ps.bytes_total;
+    s->st.saved_new_bytes += ps.bytes_new;
     pthread_mutex_unlock(&s->mu);
     bool collect = rel1.n_spans || rel2.n_spans;
     store_release_manifest(s, &rel1); /* tokens-only versions (store_kv_lost) hold no spans */
@@ -1275,6 +1278,9 @@ void store_get_stats(store *s, store_stats *st) {
     st->imported = own.imported;
     st->io_errors = own.io_errors;
     st->kv_lost = own.kv_lost;
+    st->saved_fp16_bytes = own.saved_fp16_bytes;
+    st->saved_coded_bytes = own.saved_coded_bytes;
+    st->saved_new_bytes = own.saved_new_bytes;
 }
 
 /* ---- open: re-index records ------------------------------------------------------------- */

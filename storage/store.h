@@ -181,6 +181,10 @@ typedef struct store_stats {
     uint64_t imported;              /* legacy v1 blobs imported at open */
     uint64_t io_errors;             /* failed writes (disk full, ...) */
     uint64_t kv_lost;               /* sessions whose KV was found unreadable (token ids kept) */
+    /* what the saves since open stored, summed (store_save_stats): the KV at
+     * fp16, its coded objects (shared spans counted in every save using them:
+     * the codec's ratio is fp16 / coded) and the object bytes that were new */
+    uint64_t saved_fp16_bytes, saved_coded_bytes, saved_new_bytes;
 } store_stats;
 
 store_opts store_default_opts(void);
