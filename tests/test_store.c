@@ -762,6 +762,29 @@ static void test_foreign_records(void **state) {
     free(dir);
 }
 
+/* store_stats saved_*: what every save stored, summed (the server's
+ * kvpark_park_bytes_total); a second save of the same KV adds coded bytes
+ * again but (its spans shared) no new ones. */
+static void test_saved_bytes(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir();
+    store *s = open_store_o(dir, (sopts){.codec = "int8", .kv_type = KP_TYPE_F32});
+    store_save_stats a, b;
+    save_ok(s, "x", KP_TYPE_F32, 100, 1, 1, false, &a);
+    save_ok(s, "y", KP_TYPE_F32, 100, 1, 1, false, &b); /* the same tokens and rows */
+    store_stats ss;
+    store_get_stats(s, &ss);
+    assert_int_equal(ss.saved_fp16_bytes, a.fp16_bytes + b.fp16_bytes);
+    assert_int_equal(ss.saved_coded_bytes, a.bytes_total + b.bytes_total);
+    assert_int_equal(ss.saved_new_bytes, a.bytes_new + b.bytes_new);
+    assert_true(a.fp16_bytes > 0 && a.bytes_total > 0);
+    assert_int_equal(b.bytes_new, 0);
+    assert_true(ss.saved_new_bytes < ss.saved_coded_bytes);
+    store_close(s);
+    tu_rm_rf(dir);
+    free(dir);
+}
+
 /* ---- budgets -------------------------------------------------------------------------- */
 
 static void test_cold_budget(void **state) {
@@ -1627,6 +1650,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_dedup_and_delete),
         cmocka_unit_test(test_resave_longer),
         cmocka_unit_test(test_foreign_records),
+        cmocka_unit_test(test_saved_bytes),
         cmocka_unit_test(test_cold_budget),
         cmocka_unit_test(test_warm_budget),
         cmocka_unit_test(test_corrupt_records),
