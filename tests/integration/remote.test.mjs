@@ -11,9 +11,12 @@
  *      through Redis): another API key gets 404 on B.
  *   3. A and B save one id at once: a third replica resumes one whole version
  *      (A's or B's: its answer and prompt length match one of theirs).
- *   4. A delete on B reaches Redis: A's copy is local, but a third replica
+ *   4. A holds an older copy of a session that B continued and saved: A
+ *      answers the whole history exactly as B does (reusing only what its
+ *      copy shares), and A's next save is what a fresh replica resumes.
+ *   5. A delete on B reaches Redis: A's copy is local, but a third replica
  *      cannot resurrect the session.
- *   5. Redis stopped: a session only in Redis is a 503 with Retry-After (no
+ *   6. Redis stopped: a session only in Redis is a 503 with Retry-After (no
  *      hang); one whose record B indexed before (its token ids) is recomputed
  *      and answers as A does (cached_tokens 0, counted as "recomputed");
  *      sessions local to the replica answer as before, /health says "down"
@@ -25,7 +28,7 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { after, before, describe, it } from 'node:test';
-import { ONCE, jfetch, metricValue, sleep, startRedis, startServer, tmpDir } from './helpers.mjs';
+import { ONCE, jfetch, metricValue, sleep, startRedis, startServer, tmpDir, waitFor } from './helpers.mjs';
 
 const HAVE_REDIS = spawnSync('redis-server', ['--version']).status === 0;
 const KA = 'key-remote-a';
@@ -47,7 +50,7 @@ describe('remote tier: two replicas and one Redis', { skip: HAVE_REDIS ? false :
     '--remote-timeout', '500'];
 
   before(async () => {
-    dirs.push(tmpDir('redis'), tmpDir('repA'), tmpDir('repB'), tmpDir('repC'), tmpDir('repD'));
+    dirs.push(tmpDir('redis'), tmpDir('repA'), tmpDir('repB'), tmpDir('repC'), tmpDir('repD'), tmpDir('repE'));
     redis = await startRedis(dirs[0]);
     a = await startServer({ args: args(dirs[1]) });
     b = await startServer({ args: args(dirs[2]) }); /* after A: takes A's owner secret from Redis */
@@ -132,6 +135,47 @@ describe('remote tier: two replicas and one Redis', { skip: HAVE_REDIS ? false :
         `C's answer ${JSON.stringify(got)} is neither A's nor B's version: ${JSON.stringify(want)}`);
     } finally {
       await c.stop();
+    }
+  });
+
+  it('A holds an older copy of a session B continued: A answers the whole history as B does, ' +
+     'and its save is the newest version for everyone', async () => {
+    const chat = (srv, id, messages) => jfetch(srv.baseURL + '/chat/completions', {
+      headers: hA, body: { model: 'm', temperature: 0, max_tokens: 12, session_id: id, messages } });
+    const c = await jfetch(a.url + '/v1/sessions', { body: {}, headers: hA });
+    const id = c.json.id;
+    const h1 = [{ role: 'user', content: 'Tom had a red ball.' }];
+    const r1 = await chat(a, id, h1);
+    assert.equal(r1.status, 200, r1.text);
+    assert.equal((await jfetch(a.url + `/v1/sessions/${id}/save`, { headers: hA })).status, 200);
+    await waitFor('A\'s save to reach Redis', async () =>
+      (await jfetch(a.url + '/health', { method: 'GET' })).json.remote?.queued === 0);
+    const h2 = [...h1, r1.json.choices[0].message, { role: 'user', content: 'Where did he throw it?' }];
+    const r2 = await chat(b, id, h2); /* B adopts A's version and continues it */
+    assert.equal(r2.status, 200, r2.text);
+    assert.ok(r2.json.usage.prompt_tokens_details.cached_tokens > 0, r2.text);
+    assert.equal((await jfetch(b.url + `/v1/sessions/${id}/save`, { headers: hA })).status, 200);
+    await waitFor('B\'s save to reach Redis', async () =>
+      (await jfetch(b.url + '/health', { method: 'GET' })).json.remote?.queued === 0);
+    const h3 = [...h2, r2.json.choices[0].message, { role: 'user', content: 'And then?' }];
+    const onA = await chat(a, id, h3); /* A still has the first version */
+    const onB = await chat(b, id, h3);
+    assert.equal(onA.status, 200, onA.text);
+    assert.equal(onA.json.choices[0].message.content, onB.json.choices[0].message.content);
+    assert.ok(onA.json.usage.prompt_tokens_details.cached_tokens < onB.json.usage.prompt_tokens_details.cached_tokens,
+      'A reused only what its older copy shares');
+    assert.equal((await jfetch(a.url + `/v1/sessions/${id}/save`, { headers: hA })).status, 200);
+    await waitFor('A\'s save to reach Redis', async () =>
+      (await jfetch(a.url + '/health', { method: 'GET' })).json.remote?.queued === 0);
+    const d = await startServer({ args: args(dirs[5]) });
+    try {
+      const h4 = [...h3, onA.json.choices[0].message, { role: 'user', content: 'Why?' }];
+      const onD = await chat(d, id, h4);
+      assert.equal(onD.status, 200, onD.text);
+      assert.ok(onD.json.usage.prompt_tokens_details.cached_tokens >= onA.json.usage.prompt_tokens,
+        `D resumed A's newest version: ${onD.text}`);
+    } finally {
+      await d.stop();
     }
   });
 
