@@ -539,14 +539,15 @@ static float kp_dot_q4_0_ref(int64_t n, const void *vw, const void *vx) {
     const kp_block_q8_0 *x = vx;
     float sumf = 0;
     for (int64_t ib = 0; ib < n / KP_QK4_0; ib++) {
-        int sumi0 = 0, sumi1 = 0;
+        /* one accumulator: the two-accumulator form of ggml's loop is
+         * miscompiled by GCC 12's -O2 vectorizer (wrong sums; -O3 and
+         * -fno-tree-vectorize are right). Integer sums: the same result. */
+        int sumi = 0;
         for (int j = 0; j < KP_QK4_0 / 2; j++) {
             const int v0 = (w[ib].qs[j] & 0x0F) - 8;
             const int v1 = (w[ib].qs[j] >> 4) - 8;
-            sumi0 += v0 * x[ib].qs[j];
-            sumi1 += v1 * x[ib].qs[j + KP_QK4_0 / 2];
+            sumi += v0 * x[ib].qs[j] + v1 * x[ib].qs[j + KP_QK4_0 / 2];
         }
-        const int sumi = sumi0 + sumi1;
         sumf += sumi * KP_H2F(w[ib].d) * KP_H2F(x[ib].d);
     }
     return sumf;
