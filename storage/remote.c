@@ -148,6 +148,8 @@ struct remote {
     char last_err[KP_ERR_MAX];
     uint64_t ev[REMOTE_EV_N];
     uint64_t used;          /* b:used as the last budget step returned */
+    cas_key *known;         /* [known_cap] open addressing, {0,0} = empty: objects this */
+    size_t known_cap, n_known; /*   process wrote or saw in Redis (remote_known; advisory) */
     uint8_t secret[256];    /* the deployment's owner secret, once shared (remote_share_secret): */
     size_t secret_len;      /*   re-asserted with every save, should Redis evict it (allkeys-lru) */
 };
@@ -933,6 +935,67 @@ static void job_free(rjob *j) {
 
 /* Objects Redis lacks are SET (pipelined EXISTS first), present ones get
  * their TTL refreshed; then the record. On c, by the writer. */
+/* ---- objects known to be in Redis (r->mu held) ------------------------------------------- */
+
+#define KNOWN_MAX (1u << 20) /* 16 MiB of keys at most; then the set starts over */
+
+static bool key_empty(cas_key k) { return !k.hi && !k.lo; }
+static size_t known_slot(const remote *r, cas_key k) { return (size_t)(k.hi ^ (k.lo * 0x9e3779b97f4a7c15ull)) & (r->known_cap - 1); }
+
+static bool known_has(const remote *r, cas_key k) {
+    if (!r->known || key_empty(k)) return false;
+    for (size_t i = known_slot(r, k);; i = (i + 1) & (r->known_cap - 1)) {
+        if (key_empty(r->known[i])) return false;
+        if (r->known[i].hi == k.hi && r->known[i].lo == k.lo) return true;
+    }
+}
+
+static void known_add(remote *r, cas_key k) {
+    if (key_empty(k) || known_has(r, k)) return;
+    if (!r->known || (r->n_known + 1) * 2 > r->known_cap) { /* grow (or start over at the cap) */
+        size_t cap = r->known ? r->known_cap * 2 : 1024;
+        if (cap > KNOWN_MAX) cap = KNOWN_MAX;
+        cas_key *old = r->known;
+        size_t old_cap = r->known_cap;
+        cas_key *nk = calloc(cap, sizeof *nk);
+        if (!nk) return; /* advisory: not knowing only costs a copy */
+        r->known = nk;
+        r->known_cap = cap;
+        r->n_known = 0;
+        if (old && cap > old_cap)
+            for (size_t i = 0; i < old_cap; i++)
+                if (!key_empty(old[i])) known_add(r, old[i]);
+        free(old);
+    }
+    size_t i = known_slot(r, k);
+    while (!key_empty(r->known[i])) i = (i + 1) & (r->known_cap - 1);
+    r->known[i] = k;
+    r->n_known++;
+}
+
+/* Removal in a linear-probing table: re-insert the rest of the cluster. */
+static void known_forget(remote *r, cas_key k) {
+    if (!known_has(r, k)) return;
+    size_t i = known_slot(r, k);
+    while (r->known[i].hi != k.hi || r->known[i].lo != k.lo) i = (i + 1) & (r->known_cap - 1);
+    r->known[i] = (cas_key){0, 0};
+    r->n_known--;
+    for (size_t j = (i + 1) & (r->known_cap - 1); !key_empty(r->known[j]); j = (j + 1) & (r->known_cap - 1)) {
+        cas_key m = r->known[j];
+        r->known[j] = (cas_key){0, 0};
+        r->n_known--;
+        known_add(r, m);
+    }
+}
+
+int remote_known(remote *r, cas_key k) {
+    if (!r) return 0;
+    pthread_mutex_lock(&r->mu);
+    bool h = known_has(r, k);
+    pthread_mutex_unlock(&r->mu);
+    return h;
+}
+
 static int run_save(remote *r, redisContext *c, rjob *j, kp_err *err) {
     char key[REMOTE_PREFIX_MAX + 40];
     for (int i = 0; i < j->n_objs; i++) {
@@ -952,8 +1015,14 @@ static int run_save(remote *r, redisContext *c, rjob *j, kp_err *err) {
         else if (!rc) rc = reply_fail(r, rep, "EXISTS", err);
         freeReplyObject(rep);
     }
+    int gone = 0;
     for (int i = 0; i < j->n_objs && !rc; i++) {
-        if (!have[i]) {
+        if (!have[i] && !j->objs[i].data) { /* sent by key (remote_known) but gone since: evicted */
+            pthread_mutex_lock(&r->mu);
+            known_forget(r, j->objs[i].key);
+            pthread_mutex_unlock(&r->mu);
+            gone++;
+        } else if (!have[i]) {
             rc = put_object_on(r, c, j->objs[i].key, j->objs[i].data, j->objs[i].len, err);
         } else if (r->o.ttl_s) {
             obj_key(r, j->objs[i].key, key);
@@ -964,7 +1033,16 @@ static int run_save(remote *r, redisContext *c, rjob *j, kp_err *err) {
     }
     free(have);
     if (rc) return rc;
-    if ((rc = put_record_on(r, c, j->id, j->rec, j->rec_len, REMOTE_ANY, NULL, err)) || !r->o.budget_bytes) return rc;
+    if (gone)
+        rlogf(r, "remote: session '%s': %d of its objects left Redis since this replica wrote them (evicted or "
+              "expired); its record goes up without them (a replica reading it recomputes that KV), and its next "
+              "save sends them again", j->id, gone);
+    if ((rc = put_record_on(r, c, j->id, j->rec, j->rec_len, REMOTE_ANY, NULL, err))) return rc;
+    pthread_mutex_lock(&r->mu);
+    for (int i = 0; i < j->n_objs; i++)
+        if (j->objs[i].data || known_has(r, j->objs[i].key)) known_add(r, j->objs[i].key);
+    pthread_mutex_unlock(&r->mu);
+    if (!r->o.budget_bytes) return 0;
     /* the budget: every object of the session (new or already there) and its record, in one step */
     char **keys = calloc((size_t)j->n_objs + 1, sizeof *keys);
     long long *sz = calloc((size_t)j->n_objs + 1, sizeof *sz);
@@ -1097,12 +1175,14 @@ int remote_enqueue_save(remote *r, const char *id, const remote_obj *objs, int n
     j->rec_len = rec_len;
     j->bytes = rec_len;
     for (int i = 0; i < n_objs; i++) {
-        void *d = malloc(objs[i].len ? objs[i].len : 1);
-        if (!d) goto oom;
-        if (objs[i].len) memcpy(d, objs[i].data, objs[i].len);
+        void *d = NULL;
+        if (objs[i].data) { /* NULL: by key only (remote_known) */
+            if (!(d = malloc(objs[i].len ? objs[i].len : 1))) goto oom;
+            if (objs[i].len) memcpy(d, objs[i].data, objs[i].len);
+            j->bytes += objs[i].len;
+        }
         j->objs[i] = (remote_obj){.key = objs[i].key, .data = d, .len = objs[i].len};
         j->n_objs = i + 1;
-        j->bytes += objs[i].len;
     }
     return enqueue(r, j);
 oom:
@@ -1192,6 +1272,7 @@ void remote_close(remote *r) {
     pthread_cond_destroy(&r->cv_idle);
     pthread_mutex_destroy(&r->mu);
     sodium_memzero(r->secret, sizeof r->secret);
+    free(r->known);
     free(r);
 }
 

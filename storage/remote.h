@@ -38,7 +38,8 @@
  *     last acknowledged write wins); with expect = V it applies only if the
  *     current version is V (compare-and-set), else KP_EBUSY and *version =
  *     the current one. A reader gets one whole record, never a mix.
- *   - remote_enqueue_save(): copies the objects and the record into a
+ *   - remote_enqueue_save(): copies the objects (those given by data; the
+ *     others go by key: remote_known) and the record into a
  *     bounded queue and returns at once (never blocks on Redis); the writer
  *     thread writes the objects first (only those Redis lacks; existing ones
  *     get their TTL refreshed), then the record, retrying with exponential
@@ -133,8 +134,8 @@ typedef struct remote_stats {
 /* One object of a save job. */
 typedef struct remote_obj {
     cas_key key;
-    const void *data;
-    size_t len;
+    const void *data;    /* NULL: by key only, for an object remote_known() says is there */
+    size_t len;          /* its length either way (the budget's books) */
 } remote_obj;
 
 remote_opts remote_default_opts(void);
@@ -176,6 +177,12 @@ void remote_keep_secret(remote *r, const uint8_t *secret, size_t n);
 int remote_enqueue_save(remote *r, const char *id, const remote_obj *objs, int n_objs,
                         const void *rec, size_t rec_len);
 int remote_enqueue_delete(remote *r, const char *id);
+/* 1 if this process wrote object k to Redis or saw it there in a save, so a
+ * save may send it by key only (remote_obj.data NULL) instead of a copy.
+ * Advisory: if Redis has dropped it since, the writer finds it missing,
+ * forgets it (the next save sends its data) and logs that the record went up
+ * without it (a replica reading that record recomputes the KV). */
+int remote_known(remote *r, cas_key k);
 /* Wait until the queue is empty (0) or timeout_ms passed (KP_EBUSY). */
 int remote_drain(remote *r, int timeout_ms);
 

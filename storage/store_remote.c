@@ -80,6 +80,10 @@ void store_remote_push(store *s, const char *id, const park_manifest *m, const u
     for (int i = 0; i < n && !rc; i++) {
         void *d = NULL;
         size_t len = 0;
+        if (remote_known(s->o.remote, m->spans[i].key)) { /* there already: by key, no copy (a prefix of the last save) */
+            objs[got++] = (remote_obj){.key = m->spans[i].key, .data = NULL, .len = m->spans[i].bytes};
+            continue;
+        }
         rc = cas_get(s->cas, m->spans[i].key, &d, &len, &err);
         if (rc) break;
         objs[got++] = (remote_obj){.key = m->spans[i].key, .data = d, .len = len};

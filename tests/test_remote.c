@@ -606,6 +606,79 @@ static void test_budget(void **state) {
     tu_redis_done(&s);
 }
 
+/* Objects a save wrote are known (remote_known): the next save sends them by
+ * key only; one that left Redis meanwhile is forgotten, the record still goes
+ * up, and the save after that sends its data again. Many keys: the set
+ * grows and forgets correctly. */
+static void test_known_objects(void **state) {
+    (void)state;
+    tu_redis s;
+    tu_redis_init(&s, NULL);
+    remote *r = open_remote(&s, 6, 6);
+    kp_err err = {0};
+    uint8_t *d = bytes_n(7, 4000);
+    remote_obj objs[3] = {{key_n(1), d, 4000}, {key_n(2), d, 2000}, {key_n(3), d, 1000}};
+    assert_false(remote_known(r, key_n(1)));
+    assert_int_equal(remote_enqueue_save(r, "k", objs, 3, "v1", 2), 0);
+    assert_int_equal(remote_drain(r, 10000), 0);
+    for (int i = 1; i <= 3; i++) assert_true(remote_known(r, key_n(i)));
+    /* by key: nothing copied, the record updated */
+    remote_obj by_key[3] = {{key_n(1), NULL, 4000}, {key_n(2), NULL, 2000}, {key_n(3), NULL, 1000}};
+    remote_stats st0, st1;
+    remote_get_stats(r, &st0);
+    assert_int_equal(remote_enqueue_save(r, "k", by_key, 3, "v2", 2), 0);
+    assert_int_equal(remote_drain(r, 10000), 0);
+    remote_get_stats(r, &st1);
+    assert_int_equal(st1.events[REMOTE_EV_PUT] - st0.events[REMOTE_EV_PUT], 1); /* the record only */
+    void *got = NULL;
+    size_t n = 0;
+    assert_int_equal(remote_get_record(r, "k", &got, &n, NULL, &err), 0);
+    assert_memory_equal(got, "v2", 2);
+    free(got);
+    /* object 2 leaves Redis (evicted): the key-only save forgets it, the record goes up */
+    char okey[REMOTE_PREFIX_MAX + 40], hex[33];
+    cas_key_hex(key_n(2), hex);
+    snprintf(okey, sizeof okey, "%so:%s", remote_prefix(r), hex);
+    freeReplyObject(raw(&s, "DEL %s", okey));
+    assert_int_equal(remote_enqueue_save(r, "k", by_key, 3, "v3", 2), 0);
+    assert_int_equal(remote_drain(r, 10000), 0);
+    assert_false(remote_known(r, key_n(2)));
+    assert_true(remote_known(r, key_n(1)) && remote_known(r, key_n(3)));
+    assert_int_equal(remote_get_record(r, "k", &got, &n, NULL, &err), 0);
+    assert_memory_equal(got, "v3", 2);
+    free(got);
+    assert_int_equal(remote_get_object(r, key_n(2), &got, &n, &err), KP_ENOTFOUND);
+    /* with its data again: back in Redis, known again */
+    assert_int_equal(remote_enqueue_save(r, "k", objs, 3, "v4", 2), 0);
+    assert_int_equal(remote_drain(r, 10000), 0);
+    assert_true(remote_known(r, key_n(2)));
+    assert_int_equal(remote_get_object(r, key_n(2), &got, &n, &err), 0);
+    assert_int_equal(n, 2000);
+    free(got);
+    /* 3000 keys: the set grows; every one known, others not */
+    enum { NK = 3000 };
+    remote_obj *many = calloc(NK, sizeof *many);
+    for (int i = 0; i < NK; i++) many[i] = (remote_obj){key_n(10000 + i), d, 16};
+    assert_int_equal(remote_enqueue_save(r, "many", many, NK, "m", 1), 0);
+    assert_int_equal(remote_drain(r, 20000), 0);
+    for (int i = 0; i < NK; i++) assert_true(remote_known(r, key_n(10000 + i)));
+    assert_false(remote_known(r, key_n(99999)));
+    /* forgetting keys in the middle of clusters keeps the others findable */
+    for (int i = 0; i < NK; i += 3) {
+        cas_key_hex(key_n(10000 + i), hex);
+        snprintf(okey, sizeof okey, "%so:%s", remote_prefix(r), hex);
+        freeReplyObject(raw(&s, "DEL %s", okey));
+        many[i].data = NULL;
+    }
+    assert_int_equal(remote_enqueue_save(r, "many", many, NK, "m2", 2), 0);
+    assert_int_equal(remote_drain(r, 20000), 0);
+    for (int i = 0; i < NK; i++) assert_int_equal(remote_known(r, key_n(10000 + i)), i % 3 != 0);
+    free(many);
+    free(d);
+    remote_close(r);
+    tu_redis_done(&s);
+}
+
 /* ---- Redis killed, stopped; the queue ----------------------------------------------------- */
 
 static void test_killed_and_queue(void **state) {
@@ -997,6 +1070,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_concurrent_writers),
         cmocka_unit_test(test_eviction),
         cmocka_unit_test(test_budget),
+        cmocka_unit_test(test_known_objects),
         cmocka_unit_test(test_killed_and_queue),
 #if STORE_REMOTE
         cmocka_unit_test(test_store_two_replicas),
