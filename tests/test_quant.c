@@ -806,6 +806,64 @@ static void test_vec_dot_rows(void **state) {
     free(xs);
 }
 
+/* kp_vec_dot_tile (Q8_0, Q4_0 weights with VNNI): every tile shape against
+ * the scalar reference of each pair, within the float tolerance of
+ * test_vec_dot_random (the integer block sums are the same; the float order
+ * differs), and nothing written outside the tile. Skips where the CPU or
+ * build has no tile (kp_vec_dot_tile returns 0: the matmul uses nx). */
+static void test_vec_dot_tile(void **state) {
+    (void)state;
+    enum { N = 1024, R = 4 };
+    const int types[] = {KP_TYPE_Q8_0, KP_TYPE_Q4_0};
+    float *w = malloc(N * R * sizeof *w), *x = malloc(N * R * sizeof *x);
+    uint8_t *wq = malloc(N * R * 2), *xq = malloc(N * R * 2);
+    uint64_t s = 77;
+    int done = 0;
+    for (size_t ti = 0; ti < KP_ARRAY_LEN(types); ti++) {
+        const int wt = types[ti], xt = kp_vec_dot_type(wt);
+        for (int rep = 0; rep < 3; rep++) {
+            tu_rand_floats(w, N * R, 1.0f, &s);
+            tu_rand_floats(x, N * R, rep == 2 ? 40.0f : 4.0f, &s);
+            const int n = rep == 1 ? 32 * 5 : N; /* an odd block count too */
+            const size_t rb = kp_type_row_bytes(wt, n), xrb = kp_type_row_bytes(xt, n);
+            for (int r = 0; r < R; r++) {
+                assert_int_equal(kp_quant_row(wt, w + r * n, wq + r * rb, n), 0);
+                assert_int_equal(kp_quant_row_act(xt, x + r * n, xq + r * xrb, n), 0);
+            }
+            for (int nw = 1; nw <= R; nw++)
+                for (int nx = 1; nx <= R; nx++) {
+                    float out[R * (R + 1)];
+                    for (int i = 0; i < R * (R + 1); i++) out[i] = NAN;
+                    if (!kp_vec_dot_tile(wt, n, wq, rb, nw, xq, xrb, nx, out, R + 1)) continue;
+                    done++;
+                    for (int j = 0; j < R; j++)
+                        for (int r = 0; r <= R; r++) {
+                            const float got = out[j * (R + 1) + r];
+                            if (j >= nx || r >= nw) {
+                                assert_true(isnan(got));
+                                continue;
+                            }
+                            const float ref = kp_vec_dot_ref(wt, n, wq + r * rb, xq + j * xrb);
+                            double mag = 0;
+                            float wd[N], xd[N];
+                            kp_dequant_row(wt, wq + r * rb, wd, n);
+                            kp_dequant_row(xt, xq + j * xrb, xd, n);
+                            for (int i = 0; i < n; i++) mag += fabs((double)wd[i] * xd[i]);
+                            const double tol = 4e-7 * mag * (1 + sqrt((double)n) / 4) + 1e-30;
+                            if (fabs((double)got - ref) > tol)
+                                fail_msg("%s n=%d tile %dx%d (%d,%d): %.9g vs ref %.9g (tol %g)", kp_type_name(wt), n,
+                                         nw, nx, r, j, got, ref, tol);
+                        }
+                }
+        }
+    }
+    if (!done) print_message("skipped: no VNNI tile in this build (kp_vec_dot_tile returns 0)\n");
+    free(w);
+    free(x);
+    free(wq);
+    free(xq);
+}
+
 /* ---------------------------------------------------------------------- */
 /* Bit-exactness with llama-quantize (tiny-llama-256 models)              */
 /* ---------------------------------------------------------------------- */
@@ -1084,6 +1142,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_vec_dot_random),
         cmocka_unit_test(test_vec_dot_exact),
         cmocka_unit_test(test_vec_dot_rows),
+        cmocka_unit_test(test_vec_dot_tile),
         cmocka_unit_test(test_llama_quantize_bit_exact),
         cmocka_unit_test(test_bench),
     };

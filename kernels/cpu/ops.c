@@ -643,9 +643,10 @@ static void matmul_q_worker(void *arg_, int ith, int nth) {
     const kp_wref *w = a->w;
     const int64_t n_out = w->n_out;
     /* Blocks of 16 rows: the weights stay in L1 across all tokens. Within a
-     * block, each weight row is dotted with NX tokens at once
-     * (kp_vec_dot_nx: its blocks are loaded and unpacked once for all of
-     * them; the result is bit for bit kp_vec_dot's). */
+     * block, tiles of 4 weight rows x NX tokens (kp_vec_dot_tile: Q8_0 and
+     * Q4_0 with VNNI, every block loaded once per tile), else each weight
+     * row with NX tokens at once (kp_vec_dot_nx: its blocks are loaded and
+     * unpacked once for all of them; bit for bit kp_vec_dot's). */
     const int64_t BR = 16;
     const int NX = 4; /* tokens per kp_vec_dot_nx call: 4 rows of activations stay in L1 too */
     int64_t blocks = (n_out + BR - 1) / BR, lo, hi;
@@ -656,9 +657,16 @@ static void matmul_q_worker(void *arg_, int ith, int nth) {
             const int nx = KP_MIN(NX, a->n - t);
             const char *xq = a->xq + (size_t)t * a->xq_rb;
             float *yt = a->y + (int64_t)t * n_out;
-            for (int64_t o = o0; o < o1; o++)
-                kp_vec_dot_nx(w->type, w->n_in, (const char *)w->data + (size_t)o * a->w_rb, xq, a->xq_rb,
-                              nx, yt + o, (size_t)n_out);
+            for (int64_t o = o0; o < o1;) { /* tiles of 4 weight rows where the CPU has them */
+                const char *wr = (const char *)w->data + (size_t)o * a->w_rb;
+                const int nw = (int)KP_MIN(4, o1 - o);
+                if (kp_vec_dot_tile(w->type, w->n_in, wr, a->w_rb, nw, xq, a->xq_rb, nx, yt + o, (size_t)n_out)) {
+                    o += nw;
+                    continue;
+                }
+                kp_vec_dot_nx(w->type, w->n_in, wr, xq, a->xq_rb, nx, yt + o, (size_t)n_out);
+                o++;
+            }
         }
     }
 }

@@ -55,6 +55,16 @@ void kp_vec_dot_rows(int wtype, int64_t n, int64_t nrows, const void *w, size_t 
 void kp_vec_dot_nx(int wtype, int64_t n, const void *w_row, const void *x, size_t x_stride, int nx,
                    float *out, size_t out_stride);
 
+/* A tile of a matmul: out[j * out_stride + r] = w row r . x row j for
+ * r < nw <= 4 (rows w + r * w_stride) and j < nx <= 4 (rows x + j *
+ * x_stride), every block of every row loaded once for the tile. Q8_0 and
+ * Q4_0 weights (Q8_0 activations) on CPUs with VNNI; returns 1 when done, 0
+ * when not available here (the caller uses kp_vec_dot_nx). The integer block
+ * sums are kp_vec_dot's; the float terms are summed in another order (one
+ * accumulator per output), so results agree within float rounding. */
+int kp_vec_dot_tile(int wtype, int64_t n, const void *w, size_t w_stride, int nw, const void *x,
+                    size_t x_stride, int nx, float *out, size_t out_stride);
+
 /* Row conversions, vectorised; bit-identical to kp_f32_to_fp16 & co. */
 void kp_f32_to_f16_row(const float *src, uint16_t *dst, int64_t n);
 void kp_f16_to_f32_row(const uint16_t *src, float *dst, int64_t n);

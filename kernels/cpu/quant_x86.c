@@ -398,6 +398,81 @@ KP_AI __m256i kp_q4_0_bytes(const uint8_t *qs) {
 KP_DEF_DOTK_Q8_0(kp_dotk_q8_0, kp_block_q8_0, kp_q8_0_bytes)
 KP_DEF_DOTK_Q8_0(kp_dotk_q4_0, kp_block_q4_0, kp_q4_0_bytes)
 
+/* ---- Q8_0 / Q4_0 weights . Q8_0 activations: a tile of weight rows ---- */
+
+/* With VNNI (dpbusd: u8 x s8 into int32, accumulating), a tile of NW <= 4
+ * weight rows x NX <= 4 activation rows: each block of every row is loaded
+ * once for the whole tile. The activations are made unsigned (x + 128: a
+ * sign-bit flip) once per row and block, and each weight block's 128 * sum
+ * is taken out by starting its dot products from -128 * sum(w): per pair of
+ * rows one dpbusd, a conversion, a multiply of the two scales and an FMA.
+ * The integer block sums are kp_vec_dot's exactly; the per-block float terms
+ * go into one accumulator per output, in block order (kp_vec_dot alternates
+ * two), so results agree with it within float rounding, not bit for bit. */
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define KP_HAVE_TILE 1
+#define KP_TW 4
+KP_AI __m256i kp_dpbusd(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+    return _mm256_dpbusd_epi32(acc, u, s);
+#endif
+}
+
+#define KP_DEF_TILE_Q8_0(NAME, WBLOCK, WBYTES)                                                          \
+    KP_AI void NAME(int64_t n, const uint8_t *w, size_t ws, const int NW, const uint8_t *x, size_t xs,  \
+                    const int NX, float *out, size_t os) {                                              \
+        const int64_t nb = n / KP_QK8_0;                                                                \
+        const __m256i off = _mm256_set1_epi8((char)0x80);                                               \
+        __m256 acc[KP_TW][KP_NX_MAX];                                                                   \
+        for (int r = 0; r < NW; r++)                                                                    \
+            for (int j = 0; j < NX; j++) acc[r][j] = _mm256_setzero_ps();                               \
+        for (int64_t ib = 0; ib < nb; ib++) {                                                           \
+            __m256i wq[KP_TW], nc[KP_TW];                                                               \
+            __m256 vdw[KP_TW];                                                                          \
+            for (int r = 0; r < NW; r++) {                                                              \
+                const WBLOCK *b = (const WBLOCK *)(w + (size_t)r * ws) + ib;                            \
+                wq[r] = WBYTES(b->qs);                                                                  \
+                nc[r] = _mm256_sub_epi32(_mm256_setzero_si256(), kp_dpbusd(_mm256_setzero_si256(), off, wq[r])); \
+                vdw[r] = _mm256_set1_ps(KP_H2F(b->d));                                                  \
+            }                                                                                           \
+            for (int j = 0; j < NX; j++) {                                                              \
+                const kp_block_q8_0 *xb = (const kp_block_q8_0 *)(x + (size_t)j * xs) + ib;             \
+                const __m256i xu = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)xb->qs), off);  \
+                const __m256 vdx = _mm256_set1_ps(KP_H2F(xb->d));                                       \
+                for (int r = 0; r < NW; r++) {                                                          \
+                    const __m256i p = kp_dpbusd(nc[r], xu, wq[r]);                                      \
+                    acc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(vdw[r], vdx), _mm256_cvtepi32_ps(p), acc[r][j]); \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int j = 0; j < NX; j++)                                                                    \
+            for (int r = 0; r < NW; r++) out[(size_t)j * os + r] = kp_hsum8(acc[r][j]);                 \
+    }
+
+KP_DEF_TILE_Q8_0(kp_tilek_q8_0, kp_block_q8_0, kp_q8_0_bytes)
+KP_DEF_TILE_Q8_0(kp_tilek_q4_0, kp_block_q4_0, kp_q4_0_bytes)
+
+typedef void (*kp_tile_fn)(int64_t n, const uint8_t *w, size_t ws, const uint8_t *x, size_t xs, float *out,
+                           size_t os);
+#define KP_TILE_ONE(T, NW, NX)                                                                            \
+    static void kp_tile_##T##_##NW##x##NX(int64_t n, const uint8_t *w, size_t ws, const uint8_t *x, size_t xs, \
+                                          float *out, size_t os) {                                        \
+        kp_tilek_##T(n, w, ws, NW, x, xs, NX, out, os);                                                   \
+    }
+#define KP_TILE_ROW(T, NW) KP_TILE_ONE(T, NW, 1) KP_TILE_ONE(T, NW, 2) KP_TILE_ONE(T, NW, 3) KP_TILE_ONE(T, NW, 4)
+#define KP_TILE_TABLE(T)                                                                                  \
+    KP_TILE_ROW(T, 1) KP_TILE_ROW(T, 2) KP_TILE_ROW(T, 3) KP_TILE_ROW(T, 4)                               \
+    static const kp_tile_fn kp_tiles_##T[KP_TW][KP_NX_MAX] = {                                            \
+        {kp_tile_##T##_1x1, kp_tile_##T##_1x2, kp_tile_##T##_1x3, kp_tile_##T##_1x4},                     \
+        {kp_tile_##T##_2x1, kp_tile_##T##_2x2, kp_tile_##T##_2x3, kp_tile_##T##_2x4},                     \
+        {kp_tile_##T##_3x1, kp_tile_##T##_3x2, kp_tile_##T##_3x3, kp_tile_##T##_3x4},                     \
+        {kp_tile_##T##_4x1, kp_tile_##T##_4x2, kp_tile_##T##_4x3, kp_tile_##T##_4x4}};
+KP_TILE_TABLE(q8_0)
+KP_TILE_TABLE(q4_0)
+#endif /* VNNI */
+
 /* ---- Q4_K / Q6_K weights . Q8_K activations ---- */
 
 KP_AI void kp_dotk_q4_K(int64_t n, const void *vw, const uint8_t *x, size_t xs, float *out, size_t os,
@@ -607,6 +682,20 @@ void kp_vec_dot_rows(int wtype, int64_t n, int64_t nrows, const void *w, size_t 
     if (!f) return;
     const uint8_t *wr = w;
     for (int64_t r = 0; r < nrows; r++) out[r] = f(n, wr + (size_t)r * w_stride, x_row);
+}
+
+int kp_vec_dot_tile(int wtype, int64_t n, const void *w, size_t w_stride, int nw, const void *x,
+                    size_t x_stride, int nx, float *out, size_t out_stride) {
+#if defined(KP_QUANT_AVX2) && defined(KP_HAVE_TILE)
+    const kp_tile_fn(*tab)[KP_NX_MAX] = wtype == KP_TYPE_Q8_0 ? kp_tiles_q8_0 : wtype == KP_TYPE_Q4_0 ? kp_tiles_q4_0 : NULL;
+    if (!tab || nw < 1 || nw > KP_TW || nx < 1 || nx > KP_NX_MAX || n % KP_QK8_0) return 0;
+    tab[nw - 1][nx - 1](n, w, w_stride, x, x_stride, out, out_stride);
+    return 1;
+#else
+    (void)wtype, (void)n, (void)w, (void)w_stride, (void)nw, (void)x, (void)x_stride, (void)nx, (void)out,
+        (void)out_stride;
+    return 0;
+#endif
 }
 
 void kp_vec_dot_nx(int wtype, int64_t n, const void *w_row, const void *x, size_t x_stride, int nx,
