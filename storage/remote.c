@@ -56,13 +56,16 @@ const char *remote_state_name(remote_state_t s) {
 }
 
 /* The record-write script: KEYS[1] record key; ARGV: data, ttl, expected
- * version (-1: any). Returns {1, new version} or {0, current version}. */
+ * version (-1: any), the owner secret ("" if not known: field k is a copy
+ * a replica can find should REMOTE_SECRET_KEY be evicted; remote_share_secret).
+ * Returns {1, new version} or {0, current version}. */
 static const char REC_SCRIPT[] =
     "local cur = tonumber(redis.call('HGET', KEYS[1], 'v')) or 0\n"
     "local want = tonumber(ARGV[3])\n"
     "if want >= 0 and cur ~= want then return {0, cur} end\n"
     "local nv = cur + 1\n"
     "redis.call('HSET', KEYS[1], 'v', nv, 'd', ARGV[1])\n"
+    "if #ARGV[4] > 0 then redis.call('HSET', KEYS[1], 'k', ARGV[4]) end\n"
     "local ttl = tonumber(ARGV[2])\n"
     "if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) else redis.call('PERSIST', KEYS[1]) end\n"
     "return {1, nv}\n";
@@ -754,10 +757,16 @@ static int put_record_on(remote *r, redisContext *c, const char *id, const void 
     if (!v) return kp_errf(err, KP_ENOMEM, "remote: out of memory (%zu byte record)", len);
     snprintf(ttl, sizeof ttl, "%u", r->o.ttl_s);
     snprintf(want, sizeof want, "%lld", expect < 0 ? -1ll : expect);
-    const char *argv[7] = {"EVAL", REC_SCRIPT, "1", key, (const char *)v, ttl, want};
-    size_t argl[7] = {4, sizeof REC_SCRIPT - 1, 1, strlen(key), vl, strlen(ttl), strlen(want)};
-    redisReply *rep = cmdv(c, 7, argv, argl);
+    uint8_t sec[sizeof r->secret];
+    pthread_mutex_lock(&r->mu);
+    size_t sn = r->secret_len;
+    memcpy(sec, r->secret, sn);
+    pthread_mutex_unlock(&r->mu);
+    const char *argv[8] = {"EVAL", REC_SCRIPT, "1", key, (const char *)v, ttl, want, (const char *)sec};
+    size_t argl[8] = {4, sizeof REC_SCRIPT - 1, 1, strlen(key), vl, strlen(ttl), strlen(want), sn};
+    redisReply *rep = cmdv(c, 8, argv, argl);
     int en = errno;
+    sodium_memzero(sec, sizeof sec);
     free(v);
     if (!rep) return conn_fail(r, c, en, err);
     int rc = 0;
@@ -879,21 +888,82 @@ int remote_del_record(remote *r, const char *id, kp_err *err) {
 
 /* ---- the deployment's shared secret -------------------------------------------------- */
 
+/* A copy of the owner secret (n bytes) in field k of any session record
+ * under any prefix: SCAN, at most ~10,000 keys looked at. */
+static int find_secret_copy(remote *r, redisContext *c, size_t n, uint8_t *out, bool *found, kp_err *err) {
+    *found = false;
+    char cursor[32] = "0";
+    int looked = 0;
+    do {
+        redisReply *rep = cmd(c, "SCAN %s MATCH kvpark:*:s:* COUNT 1000", cursor);
+        int en = errno;
+        if (!rep) return conn_fail(r, c, en, err);
+        if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 || rep->element[0]->type != REDIS_REPLY_STRING ||
+            rep->element[1]->type != REDIS_REPLY_ARRAY) {
+            freeReplyObject(rep);
+            return 0; /* not a Redis we understand here: draw a new one */
+        }
+        snprintf(cursor, sizeof cursor, "%s", rep->element[0]->str);
+        const redisReply *keys = rep->element[1];
+        for (size_t i = 0; i < keys->elements && !*found; i++, looked++) {
+            if (keys->element[i]->type != REDIS_REPLY_STRING) continue;
+            redisReply *k = cmd(c, "HGET %b k", keys->element[i]->str, (size_t)keys->element[i]->len);
+            en = errno;
+            if (!k) {
+                freeReplyObject(rep);
+                return conn_fail(r, c, en, err);
+            }
+            if (k->type == REDIS_REPLY_STRING && (size_t)k->len == n) {
+                memcpy(out, k->str, n);
+                *found = true;
+            }
+            freeReplyObject(k);
+        }
+        freeReplyObject(rep);
+    } while (!*found && strcmp(cursor, "0") && looked < 10000);
+    return 0;
+}
+
 int remote_share_secret(remote *r, const uint8_t *mine, size_t n, uint8_t *out, kp_err *err) {
     if (!r || !mine || !out || n == 0 || n > 256) return kp_errf(err, KP_EINVAL, "remote: share secret: bad arguments");
     redisContext *c;
     int rc = conn_get(r, &c, err);
     if (rc) return rc;
-    /* the first replica's secret stands; every later one reads it */
-    redisReply *rep = cmd(c, "SET %s %b NX", REMOTE_SECRET_KEY, mine, n);
+    /* The first replica's secret stands; every later one reads it. Read
+     * first: a write may make Redis evict (maxmemory with allkeys-lru), and
+     * the key to go could be this very one just before our SET NX. */
+    redisReply *rep = cmd(c, "EXISTS %s", REMOTE_SECRET_KEY);
     int en = errno;
     if (!rep) {
         rc = conn_fail(r, c, en, err);
         conn_put(r, c);
         return rc;
     }
-    if (rep->type == REDIS_REPLY_ERROR) rc = reply_fail(r, rep, "the owner-secret write", err);
+    bool there = rep->type == REDIS_REPLY_INTEGER && rep->integer == 1;
+    if (rep->type == REDIS_REPLY_ERROR) rc = reply_fail(r, rep, "the owner-secret read", err);
     freeReplyObject(rep);
+    uint8_t found[256];
+    bool have_copy = false;
+    if (!rc && !there) { /* gone (evicted)? records carry copies: the deployment's survives in them */
+        rc = find_secret_copy(r, c, n, found, &have_copy, err);
+        if (rc) {
+            conn_put(r, c);
+            return rc;
+        }
+        if (have_copy) rlogf(r, "remote: the owner secret was missing in Redis (evicted?); restored from a session record");
+    }
+    if (!rc && !there) {
+        rep = cmd(c, "SET %s %b NX", REMOTE_SECRET_KEY, have_copy ? found : mine, n);
+        sodium_memzero(found, sizeof found);
+        en = errno;
+        if (!rep) {
+            rc = conn_fail(r, c, en, err);
+            conn_put(r, c);
+            return rc;
+        }
+        if (rep->type == REDIS_REPLY_ERROR) rc = reply_fail(r, rep, "the owner-secret write", err);
+        freeReplyObject(rep);
+    }
     if (!rc) {
         rep = cmd(c, "GET %s", REMOTE_SECRET_KEY);
         en = errno;

@@ -9,7 +9,8 @@
  *   PREFIX "o:" KEYHEX   a span object: the local chunk store's key
  *                        (cas.h, 32 hex digits), value = envelope + payload
  *   PREFIX "s:" ID       a session record: a Redis hash {v: version,
- *                        d: envelope + the store's record bytes}
+ *                        d: envelope + the store's record bytes, k: a copy
+ *                        of the owner secret (remote_share_secret)}
  *   PREFIX "b:used", "b:lru", "b:size"   the budget's books (only with one)
  * Envelopes (little-endian) make every value self-checking:
  *   object: "KVPKROB1", key.hi u64, key.lo u64, payload length u64,
@@ -162,6 +163,10 @@ int remote_del_record(remote *r, const char *id, kp_err *err);
  * mine under REMOTE_SECRET_KEY (outside every model prefix: one deployment,
  * one secret), then GET: *out is the secret the first replica put there, so
  * every replica keys owner ids alike and a session is its key's everywhere.
+ * Redis may evict that key (allkeys-lru, also in the background): every
+ * record write puts it back (NX) and stores a copy in the record (field k),
+ * and a replica that finds the key missing looks for a copy in the records
+ * (SCAN, ~10,000 keys at most) before it puts up its own.
  * KP_EBUSY if Redis is unreachable, KP_EFORMAT if the key holds something
  * that is not an n-byte value. */
 #define REMOTE_SECRET_KEY "kvpark:owner-secret"

@@ -976,6 +976,27 @@ static void test_secret_share(void **state) {
     assert_int_equal(store_secret(dc, again, &err), 0);
     assert_memory_equal(sc, again, sizeof sc);
 
+    /* the secret key evicted (allkeys-lru): every record A writes carries a copy
+     * (field k), so the next fresh replica still takes the deployment's */
+    assert_int_equal(store_save(A, "conv-a", &it, true, NULL, &err), 0);
+    assert_int_equal(remote_drain(ra, 10000), 0);
+    freeReplyObject(raw(&s, "DEL %s", REMOTE_SECRET_KEY));
+    char *dd = tu_tmpdir();
+    remote *rd = NULL;
+    store *D = open_store(dd, s.url, &rd, STORE_REMOTE_WRITE_THROUGH, 0);
+    uint8_t sd[STORE_SECRET_BYTES];
+    assert_int_equal(store_secret_share(dd, rd, &err), 0);
+    assert_int_equal(store_secret(dd, sd, &err), 0);
+    assert_memory_equal(sa, sd, sizeof sa);
+    redisReply *k = raw(&s, "GET %s", REMOTE_SECRET_KEY); /* and it is back under its key */
+    assert_int_equal(k->type, REDIS_REPLY_STRING);
+    assert_memory_equal(k->str, sa, sizeof sa);
+    freeReplyObject(k);
+    store_close(D);
+    remote_close(rd);
+    tu_rm_rf(dd);
+    free(dd);
+
     /* Redis down: a clear KP_EBUSY */
     tu_redis_kill(&s);
     assert_int_equal(store_secret_share(db, rb, &err), KP_EBUSY);
