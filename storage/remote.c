@@ -371,6 +371,19 @@ static int reply_fail(remote *r, const redisReply *rep, const char *what, kp_err
     return kp_errf(err, KP_EIO, "%s", e2.msg);
 }
 
+/* The reply of our scripts, {int, int}: 0, or the error (a Redis error,
+ * or a reply of another shape) for WHAT. */
+static int reply_int_pair(remote *r, const redisReply *rep, const char *what, kp_err *err) {
+    if (rep->type == REDIS_REPLY_ERROR) return reply_fail(r, rep, what, err);
+    if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
+        rep->element[1]->type != REDIS_REPLY_INTEGER) {
+        char w[96];
+        snprintf(w, sizeof w, "%s (unexpected reply)", what);
+        return reply_fail(r, NULL, w, err);
+    }
+    return 0;
+}
+
 static redisReply *cmd(redisContext *c, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
@@ -512,13 +525,8 @@ static int budget_step(remote *r, redisContext *c, char *const *keys, const long
     free(argl);
     free(num);
     if (!rep) return conn_fail(r, c, en, err);
-    int rc = 0;
-    if (rep->type == REDIS_REPLY_ERROR) {
-        rc = reply_fail(r, rep, "a budget step", err);
-    } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
-               rep->element[1]->type != REDIS_REPLY_INTEGER) {
-        rc = reply_fail(r, NULL, "a budget step (unexpected reply)", err);
-    } else {
+    int rc = reply_int_pair(r, rep, "a budget step", err);
+    if (!rc) {
         long long ev = rep->element[0]->integer;
         pthread_mutex_lock(&r->mu);
         r->ev[REMOTE_EV_EVICTED] += ev > 0 ? (uint64_t)ev : 0;
@@ -769,13 +777,8 @@ static int put_record_on(remote *r, redisContext *c, const char *id, const void 
     sodium_memzero(sec, sizeof sec);
     free(v);
     if (!rep) return conn_fail(r, c, en, err);
-    int rc = 0;
-    if (rep->type == REDIS_REPLY_ERROR) {
-        rc = reply_fail(r, rep, "a session record write", err);
-    } else if (rep->type != REDIS_REPLY_ARRAY || rep->elements != 2 || rep->element[0]->type != REDIS_REPLY_INTEGER ||
-               rep->element[1]->type != REDIS_REPLY_INTEGER) {
-        rc = reply_fail(r, NULL, "a session record write (unexpected reply)", err);
-    } else {
+    int rc = reply_int_pair(r, rep, "a session record write", err);
+    if (!rc) {
         if (version) *version = rep->element[1]->integer;
         if (rep->element[0]->integer == 1) {
             count(r, REMOTE_EV_PUT);

@@ -264,6 +264,14 @@ export function rawRequest(url, { method = 'GET', headers = {}, body, chunked = 
   });
 }
 
+/* fetch's "fetch failed" says nothing: name the request, when, and the cause
+ * (ECONNRESET, "other side closed", a timeout), so a failure says why. */
+function fetchError(e, method, url, t0) {
+  const c = e.cause;
+  const why = c ? `${c.code ?? c.name ?? ''} ${c.message ?? ''}`.trim() : '';
+  return new Error(`${method} ${url}: ${e.message}${why ? ` (${why})` : ''} after ${Date.now() - t0} ms`, { cause: e });
+}
+
 /* JSON POST (or any method) with fetch; resolves { status, headers, json, text }. */
 export async function jfetch(url, { method = 'POST', body, headers = {}, timeoutMs = 30000 } = {}) {
   const init = { method, headers: { ...headers }, signal: AbortSignal.timeout(timeoutMs) };
@@ -271,8 +279,13 @@ export async function jfetch(url, { method = 'POST', body, headers = {}, timeout
     init.body = typeof body === 'string' ? body : JSON.stringify(body);
     init.headers['content-type'] = 'application/json';
   }
-  const r = await fetch(url, init);
-  const text = await r.text();
+  const t0 = Date.now();
+  let r;
+  let text;
+  try {
+    r = await fetch(url, init);
+    text = await r.text();
+  } catch (e) { throw fetchError(e, method, url, t0); }
   let json = null;
   try { json = JSON.parse(text); } catch { /* not JSON */ }
   return { status: r.status, headers: r.headers, json, text };
@@ -283,13 +296,18 @@ export async function jfetch(url, { method = 'POST', body, headers = {}, timeout
  * Resolves { status, headers, events: [parsed data objects], done (saw [DONE]), raw }.
  */
 export async function sse(url, body, { headers = {}, timeoutMs = 30000 } = {}) {
-  const r = await fetch(url, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json', ...headers },
-    body: JSON.stringify(body),
-    signal: AbortSignal.timeout(timeoutMs),
-  });
-  const raw = await r.text();
+  const t0 = Date.now();
+  let r;
+  let raw;
+  try {
+    r = await fetch(url, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...headers },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(timeoutMs),
+    });
+    raw = await r.text();
+  } catch (e) { throw fetchError(e, 'POST', url, t0); }
   const events = [];
   let done = false;
   for (const block of raw.split(/\r?\n\r?\n/)) {
