@@ -451,6 +451,52 @@ KP_AI __m256i kp_dpbusd(__m256i acc, __m256i u, __m256i s) {
             for (int r = 0; r < NW; r++) out[(size_t)j * os + r] = kp_hsum8(acc[r][j]);                 \
     }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512DQ__)
+/* The same tile on 512-bit registers: two blocks per register (block 2k in
+ * the low half, 2k+1 in the high one; an odd last block with a zero high
+ * half, which adds exact zeros), so each pair of rows costs one dpbusd, a
+ * conversion, a multiply and an FMA per two blocks. */
+KP_AI __m512i kp_pair_i(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+KP_AI __m512 kp_pair_f(float lo, float hi) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(lo)), _mm256_set1_ps(hi), 1);
+}
+#undef KP_DEF_TILE_Q8_0
+#define KP_DEF_TILE_Q8_0(NAME, WBLOCK, WBYTES)                                                          \
+    KP_AI void NAME(int64_t n, const uint8_t *w, size_t ws, const int NW, const uint8_t *x, size_t xs,  \
+                    const int NX, float *out, size_t os) {                                              \
+        const int64_t nb = n / KP_QK8_0;                                                                \
+        const __m512i off = _mm512_set1_epi8((char)0x80);                                               \
+        __m512 acc[KP_TW][KP_NX_MAX];                                                                   \
+        for (int r = 0; r < NW; r++)                                                                    \
+            for (int j = 0; j < NX; j++) acc[r][j] = _mm512_setzero_ps();                               \
+        for (int64_t ib = 0; ib < nb; ib += 2) {                                                        \
+            const int two = ib + 1 < nb;                                                                \
+            __m512i wq[KP_TW], nc[KP_TW];                                                               \
+            __m512 vdw[KP_TW];                                                                          \
+            for (int r = 0; r < NW; r++) {                                                              \
+                const WBLOCK *b = (const WBLOCK *)(w + (size_t)r * ws) + ib;                            \
+                wq[r] = kp_pair_i(WBYTES(b[0].qs), two ? WBYTES(b[1].qs) : _mm256_setzero_si256());     \
+                nc[r] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, wq[r])); \
+                vdw[r] = kp_pair_f(KP_H2F(b[0].d), two ? KP_H2F(b[1].d) : 0.0f);                        \
+            }                                                                                           \
+            for (int j = 0; j < NX; j++) {                                                              \
+                const kp_block_q8_0 *xb = (const kp_block_q8_0 *)(x + (size_t)j * xs) + ib;             \
+                const __m256i x1 = two ? _mm256_loadu_si256((const __m256i *)xb[1].qs) : _mm256_setzero_si256(); \
+                const __m512i xu = _mm512_xor_si512(kp_pair_i(_mm256_loadu_si256((const __m256i *)xb[0].qs), x1), off); \
+                const __m512 vdx = kp_pair_f(KP_H2F(xb[0].d), two ? KP_H2F(xb[1].d) : 0.0f);            \
+                for (int r = 0; r < NW; r++) {                                                          \
+                    const __m512i p = _mm512_dpbusd_epi32(nc[r], xu, wq[r]);                            \
+                    acc[r][j] = _mm512_fmadd_ps(_mm512_mul_ps(vdw[r], vdx), _mm512_cvtepi32_ps(p), acc[r][j]); \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        for (int j = 0; j < NX; j++)                                                                    \
+            for (int r = 0; r < NW; r++)                                                                \
+                out[(size_t)j * os + r] = kp_hsum8(_mm256_add_ps(_mm512_castps512_ps256(acc[r][j]),     \
+                                                                 _mm512_extractf32x8_ps(acc[r][j], 1))); \
+    }
+#endif
+
 KP_DEF_TILE_Q8_0(kp_tilek_q8_0, kp_block_q8_0, kp_q8_0_bytes)
 KP_DEF_TILE_Q8_0(kp_tilek_q4_0, kp_block_q4_0, kp_q4_0_bytes)
 
