@@ -177,7 +177,12 @@ store_opts store_default_opts(void) {
     return o;
 }
 
-const char *store_codec_name(const store *s) { return s->codec_label; }
+const char *store_codec_name(store *s) {
+    pthread_mutex_lock(&s->mu);
+    const char *r = s->cur->label; /* entries live until store_close */
+    pthread_mutex_unlock(&s->mu);
+    return r;
+}
 
 cas *store_cas(store *s) { return s ? s->cas : NULL; }
 
@@ -362,20 +367,195 @@ static int rec_unlink(store *s, const char *id) {
     return 0;
 }
 
-/* ---- codecs ----------------------------------------------------------------------- */
+/* ---- codecs -----------------------------------------------------------------------
+ *
+ * The registry: every codec this store decodes with, each opened once and
+ * kept until store_close (a session's cc points into it). A manifest names
+ * its codec by label and, for a codec file, by the XXH3 of the file's bytes
+ * (park_codec_hash); a built-in by its name alone.
+ *
+ * Codec files are kept: the store copies every codec file it saves with
+ * into DIR/codecs/HASH.kvcodec (durably, before the first save with it) and
+ * opens every file there at open, so a session parked with an earlier codec
+ * (another --codec, a codec the server calibrated itself and replaced) stays
+ * readable after the original file is gone. A file there of another model is
+ * left alone (codec_open refuses its fingerprint). Kept files are never
+ * removed by the store: they are small next to the sessions they decode.
+ */
+
+static store_codec *codec_find(const store *s, uint64_t hash, const char *label) {
+    for (size_t i = 0; i < s->n_codecs; i++) {
+        store_codec *ce = s->codecs[i];
+        if (hash ? ce->hash == hash : (ce->hash == 0 && strcmp(ce->label, label) == 0)) return ce;
+    }
+    return NULL;
+}
+
+static int codec_add(store *s, store_codec *ce, kp_err *err) {
+    store_codec **nv = realloc(s->codecs, (s->n_codecs + 1) * sizeof *nv);
+    if (!nv) return kp_errf(err, KP_ENOMEM, "store: out of memory");
+    s->codecs = nv;
+    s->codecs[s->n_codecs++] = ce;
+    return 0;
+}
+
+/* Open a codec (a built-in name or a codec file's path) as a registry entry;
+ * not added. */
+static int codec_ent_open(store *s, const char *name, store_codec **out, kp_err *err) {
+    *out = NULL;
+    store_codec *ce = calloc(1, sizeof *ce);
+    if (!ce) return kp_errf(err, KP_ENOMEM, "store: out of memory");
+    int rc = codec_open(&ce->c, name, &s->o.shape, err);
+    if (rc) {
+        free(ce);
+        return rc;
+    }
+    ce->layout = s->o.layout;
+    /* A calibrated codec brings the layout it was fitted and measured with
+     * (lossless sink and window, chunk rows): park with exactly that. */
+    int lc, ls, lw;
+    if (!codec_layout(ce->c, &lc, &ls, &lw)) ce->layout = (park_layout){.sink = ls, .window = lw, .chunk = lc};
+    if (store_codec_builtin(name)) {
+        snprintf(ce->label, sizeof ce->label, "%s", name); /* a file of that name in the cwd is not the codec */
+    } else {
+        ce->hash = park_codec_hash(name);
+        if (!ce->hash) {
+            codec_free(ce->c);
+            free(ce);
+            return kp_errf(err, KP_EIO, "store: cannot read codec file '%s' to identify it", name);
+        }
+        const char *base = strrchr(name, '/');
+        snprintf(ce->label, sizeof ce->label, "%s", base ? base + 1 : name);
+    }
+    *out = ce;
+    return 0;
+}
+
+static void codec_ent_free(store_codec *ce) {
+    if (!ce) return;
+    codec_free(ce->c);
+    free(ce);
+}
+
+static void codec_kept_path(const store *s, uint64_t hash, char *path, size_t n) {
+    snprintf(path, n, "%s/codecs/%016llx.kvcodec", s->dir, (unsigned long long)hash);
+}
+
+/* Copy the codec file src into DIR/codecs (durable) unless a copy is there. */
+static int codec_keep(store *s, const store_codec *ce, const char *src, kp_err *err) {
+    char path[STORE_DIR_MAX + 64], tmp[STORE_DIR_MAX + 80], dir[STORE_DIR_MAX + 16];
+    codec_kept_path(s, ce->hash, path, sizeof path);
+    if (park_codec_hash(path) == ce->hash) return 0;
+    snprintf(dir, sizeof dir, "%s/codecs", s->dir);
+    if (fs_mkdir_p(dir))
+        return kp_errf(err, KP_EIO, "store: cannot create '%s': %s", dir, strerror(errno));
+    FILE *f = fopen(src, "rb");
+    if (!f) return kp_errf(err, KP_EIO, "store: cannot read codec file '%s': %s", src, strerror(errno));
+    uint8_t *buf = NULL;
+    size_t len = 0, cap = 0, got;
+    int rc = 0;
+    do {
+        if (len == cap) {
+            uint8_t *nb = realloc(buf, cap = cap ? 2 * cap : 1 << 16);
+            if (!nb) {
+                rc = kp_errf(err, KP_ENOMEM, "store: out of memory reading '%s'", src);
+                break;
+            }
+            buf = nb;
+        }
+        got = fread(buf + len, 1, cap - len, f);
+        len += got;
+    } while (got > 0);
+    if (!rc && ferror(f)) rc = kp_errf(err, KP_EIO, "store: cannot read codec file '%s'", src);
+    fclose(f);
+    if (!rc && XXH3_64bits(buf, len) != ce->hash)
+        rc = kp_errf(err, KP_EIO, "store: codec file '%s' changed while it was read; not kept", src);
+    if (!rc) {
+        snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
+        const char *what = "write";
+        if (fs_write_replace(tmp, path, buf, len, NULL, 0, &what))
+            rc = kp_errf(err, fs_write_errcode(errno), "store: cannot keep codec file '%s' as '%s' (%s): %s",
+                         src, path, what, strerror(errno));
+        else
+            fs_fsync_dir(dir);
+    }
+    free(buf);
+    return rc;
+}
+
+/* Open every kept codec file of this model in DIR/codecs (at open). */
+static void codec_load_kept(store *s) {
+    char dir[STORE_DIR_MAX + 16];
+    snprintf(dir, sizeof dir, "%s/codecs", s->dir);
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (!fs_has_suffix(de->d_name, ".kvcodec")) continue;
+        char path[STORE_DIR_MAX + 300];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        uint64_t h = park_codec_hash(path);
+        if (!h || codec_find(s, h, NULL)) continue;
+        store_codec *ce = NULL;
+        kp_err e2 = {0};
+        if (codec_ent_open(s, path, &ce, &e2)) continue; /* another model's, or unreadable */
+        if (codec_add(s, ce, &e2)) codec_ent_free(ce);
+    }
+    closedir(d);
+}
 
 /* The codec that decodes manifests like m, or NULL (foreign). mu held or
  * at open. */
 const codec *store_codec_for(store *s, const park_manifest *m) {
-    if (m->codec_hash) return m->codec_hash == s->codec_hash ? s->codec : NULL;
-    if (s->codec_hash == 0 && strcmp(m->codec, s->codec_label) == 0) return s->codec;
-    for (int i = 0; i < STORE_N_BUILTIN; i++) {
-        if (strcmp(m->codec, store_builtin_codecs[i]) != 0) continue;
-        if (!s->builtin[i] && codec_open(&s->builtin[i], store_builtin_codecs[i], &s->o.shape, NULL))
-            return NULL;
-        return s->builtin[i];
+    store_codec *ce = codec_find(s, m->codec_hash, m->codec);
+    if (ce) return ce->c;
+    if (m->codec_hash || !store_codec_builtin(m->codec)) return NULL;
+    kp_err e2 = {0};
+    if (codec_ent_open(s, m->codec, &ce, &e2)) return NULL;
+    if (codec_add(s, ce, &e2)) {
+        codec_ent_free(ce);
+        return NULL;
     }
-    return NULL;
+    return ce->c;
+}
+
+/* Open name (built-in or file), keep a file's copy, register it. */
+static int codec_register(store *s, const char *name, store_codec **out, kp_err *err) {
+    store_codec *ce = NULL;
+    int rc = codec_ent_open(s, name, &ce, err);
+    if (rc) return rc;
+    if (ce->hash && (rc = codec_keep(s, ce, name, err))) {
+        codec_ent_free(ce);
+        return rc;
+    }
+    pthread_mutex_lock(&s->mu);
+    store_codec *have = codec_find(s, ce->hash, ce->label);
+    if (have) {
+        snprintf(have->label, sizeof have->label, "%s", ce->label); /* the name it was given by */
+        *out = have;
+    } else if (!(rc = codec_add(s, ce, err))) {
+        *out = ce;
+        ce = NULL;
+    }
+    pthread_mutex_unlock(&s->mu);
+    codec_ent_free(ce);
+    return rc;
+}
+
+int store_set_codec(store *s, const char *name, kp_err *err) {
+    if (!s || !name || !name[0]) return kp_errf(err, KP_EINVAL, "store: no codec given");
+    if (s->o.remote)
+        return kp_errf(err, KP_EUNSUP, "store: the codec cannot change while a remote tier is used "
+                       "(every replica must park with the same codec)");
+    store_codec *ce = NULL;
+    int rc = codec_register(s, name, &ce, err);
+    if (rc) return rc;
+    pthread_mutex_lock(&s->mu);
+    s->cur = ce;
+    pthread_mutex_unlock(&s->mu);
+    store_logf(s, "store: new saves park with codec '%s' (chunk %d, sink %d, window %d)", ce->label,
+               ce->layout.chunk, ce->layout.sink, ce->layout.window);
+    return 0;
 }
 
 /* ---- the index (mu held) ------------------------------------------------------------ */
@@ -599,8 +779,11 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
     const char *id = e->id;
     park_manifest nm;
     park_stats ps;
-    int rc = park_save_scoped(s->cas, s->codec, s->codec_hash, s->codec_label,
-                       s->o.shape.model_fingerprint, it->scope, &s->o.layout, it->kv, it->tokens,
+    pthread_mutex_lock(&s->mu);
+    const store_codec *cur = s->cur; /* store_set_codec may change it meanwhile */
+    pthread_mutex_unlock(&s->mu);
+    int rc = park_save_scoped(s->cas, cur->c, cur->hash, cur->label,
+                       s->o.shape.model_fingerprint, it->scope, &cur->layout, it->kv, it->tokens,
                        it->n_tokens, durable, &nm, &ps, err);
     if (rc) {
         cas_collect(s->cas); /* objects put before the failure */
@@ -650,7 +833,7 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
         e->remote_only = false;
     }
     e->man = nm;
-    e->cc = s->codec;
+    e->cc = cur->c;
     free(e->extra);
     e->extra = extra;
     e->extra_len = it->extra_len;
@@ -1333,7 +1516,7 @@ static int reindex_one(store *s, const char *id, const char *path, open_ctx *oc,
             return kp_errf(err, rc, "%s", e3.msg);
         }
         m = lost;
-        cc = s->codec;
+        cc = s->cur->c;
         s->st.kv_lost++;
     }
     if (!cc) {
@@ -1487,26 +1670,10 @@ int store_open(store **out, const store_opts *o, kp_err *err) {
         goto fail;
     }
 
-    /* the codec of new saves */
-    const char *cname = o->codec && o->codec[0] ? o->codec : "none";
-    if ((rc = codec_open(&s->codec, cname, &s->o.shape, err))) goto fail;
-    /* A calibrated codec brings the layout it was fitted and measured with
-     * (lossless sink and window, chunk rows): park with exactly that. */
-    int lc, ls, lw;
-    if (!codec_layout(s->codec, &lc, &ls, &lw)) s->o.layout = (park_layout){.sink = ls, .window = lw, .chunk = lc};
-    s->codec_hash = park_codec_hash(cname);
-    if (store_codec_builtin(cname)) {
-        s->codec_hash = 0; /* a file of that name in the cwd is not the codec */
-        snprintf(s->codec_label, sizeof s->codec_label, "%s", cname);
-    } else {
-        if (!s->codec_hash) {
-            rc = kp_errf(err, KP_EIO, "store: cannot read codec file '%s' to identify it", cname);
-            goto fail;
-        }
-        const char *base = strrchr(cname, '/');
-        snprintf(s->codec_label, sizeof s->codec_label, "%s", base ? base + 1 : cname);
-    }
-    s->o.codec = s->codec_label;
+    /* the codec of new saves, then the codec files kept from earlier runs */
+    if ((rc = codec_register(s, o->codec && o->codec[0] ? o->codec : "none", &s->cur, err))) goto fail;
+    s->o.codec = s->cur->label;
+    codec_load_kept(s);
 
     cas_opts co = cas_default_opts();
     co.dir = s->dir;
@@ -1553,9 +1720,8 @@ void store_close(store *s) {
     }
     for (size_t i = 0; i < s->n; i++) sess_free(s->v[i]);
     free(s->v);
-    for (int i = 0; i < STORE_N_BUILTIN; i++)
-        if (s->builtin[i] != s->codec) codec_free(s->builtin[i]);
-    codec_free(s->codec);
+    for (size_t i = 0; i < s->n_codecs; i++) codec_ent_free(s->codecs[i]);
+    free(s->codecs);
     cas_close(s->cas);
     free(s->dir);
     free(s->sess_dir);

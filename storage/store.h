@@ -19,6 +19,8 @@
  *                           (own XXH64).
  *   DIR/objects/KK/KEY.kvo  span objects (cas.h)
  *   DIR/quarantine/         corrupt files moved aside, never deleted
+ *   DIR/codecs/HASH.kvcodec copies of the codec files sessions were parked
+ *                           with (HASH: XXH3-64 of the file, 16 hex digits)
  *   DIR/owner.secret        32 random bytes, mode 0600: the key of the
  *                           server's owner ids (store_secret)
  *   DIR/ID.kvps             legacy v1 session blobs (storage/blob.h): imported
@@ -74,6 +76,11 @@
  *     caller can start using layer l while deeper layers are still decoding
  *     (pipelined resume). See the functions.
  *   - store_delete() removes the record and releases its objects.
+ *   - Codec files are kept: every codec file the store parks with is copied
+ *     to DIR/codecs/HASH.kvcodec (durable, before its first save), and every
+ *     file there of this model is opened at open, so sessions parked with an
+ *     earlier codec stay readable when the original file is gone or the
+ *     server is given another --codec (store_set_codec switches at run time).
  *   - Remote tier (opts.remote, storage/remote.h; store_remote.c): under
  *     write-through (the default) every save is also queued for Redis (record
  *     + objects; never blocking the caller); under write-back a session goes
@@ -200,8 +207,18 @@ int store_new_id(char out[23]);
  * parks with the layout given in store_opts; 0 for anything else (a codec
  * file, which brings the layout it was calibrated with). */
 int store_codec_builtin(const char *name);
-/* The codec new saves use ("none", "int8", or the codec file's name). */
-const char *store_codec_name(const store *s);
+/* The codec new saves use ("none", "int8", or the codec file's name; the
+ * string lives until store_close). */
+const char *store_codec_name(store *s);
+/* From now on new saves park with codec `name` (a built-in or a codec file
+ * of this model, parked with the layout the file carries): the file is kept
+ * in DIR/codecs first (so its sessions stay readable after it is gone), then
+ * the switch is made; saves already encoding finish with the codec they
+ * started with. Sessions parked earlier keep decoding with their own codec.
+ * KP_EUNSUP with a remote tier (its keys are named by one codec, shared by
+ * every replica); the codec_open errors for a bad file (another model's:
+ * KP_EMISMATCH). On error nothing changes. */
+int store_set_codec(store *s, const char *name, kp_err *err);
 
 int store_save(store *s, const char *id, const store_item *item, bool durable, store_save_stats *st,
                kp_err *err);

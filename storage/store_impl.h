@@ -58,16 +58,27 @@ typedef struct store_sess {
                            * restore (then it is an ordinary warm session) */
 } store_sess;
 
+/* One codec of the registry (store.c "codecs"). */
+typedef struct store_codec {
+    codec *c;
+    uint64_t hash;         /* XXH3-64 of the codec file (park_codec_hash); 0 for built-ins */
+    char label[64];        /* what manifests name: built-in name or the file's basename */
+    park_layout layout;    /* the layout saves with it use (a file's own, or store_opts') */
+} store_codec;
+
 struct store {
     pthread_mutex_t mu;
     pthread_cond_t cv;     /* an entry stopped being busy / the evictor finished */
     store_opts o;          /* o.dir and o.codec point at our copies */
     char *dir, *sess_dir, *q_dir;
     cas *cas;
-    codec *codec;          /* for new saves */
-    uint64_t codec_hash;   /* 0 for built-ins */
-    char codec_label[64];  /* what manifests name: built-in name or file basename */
-    codec *builtin[STORE_N_BUILTIN]; /* opened on demand (mu held) */
+    store_codec *cur;      /* the codec of new saves (read and swapped with mu held:
+                              store_set_codec changes it while the store is open) */
+    store_codec **codecs;  /* [n_codecs] every codec this store decodes with: the codec
+                              files it was given or has kept in DIR/codecs, and the
+                              built-ins opened so far; never freed before store_close,
+                              so a session's cc stays valid */
+    size_t n_codecs;
     store_sess **v;        /* [n] the index */
     size_t n, cap;
     uint64_t tick;

@@ -72,28 +72,9 @@ static float frand(uint64_t *st) {
     return v;
 }
 
-/* A synthetic pca/learned codec: random mean, encoder (latents of about unit
- * variance on rows of about unit size), decoder, ranks (1..d) and bit
- * widths (1..8) per coder. */
 static codec *make_learned(int L, int H, int D, int n_rot, int mode, int kind, int ranges, uint64_t *st) {
     codec_shape s = {L, H, D, n_rot, mode, 10000.0f, 1.0f, 0x1234};
-    const int d = H * D;
-    int ranks[64];
-    for (int i = 0; i < 2 * L; i++) ranks[i] = i == 0 ? d : 1 + (int)(fabsf(frand(st)) * (d - 1));
-    codec *c = NULL;
-    kp_err err = {0};
-    assert_int_equal(codec_learned_alloc(&c, &s, kind, ranks, &err), 0);
-    codec_learned *cl = (codec_learned *)c;
-    cl->ranges = ranges;
-    for (int i = 0; i < 2 * L; i++) {
-        lc_coder *cd = &cl->coders[i];
-        tu_rand_floats(cd->mean, d, 0.5f, st);
-        tu_rand_floats(cd->enc, (size_t)d * cd->r, sqrtf(3.0f / d) * 1.5f, st);
-        tu_rand_floats(cd->dec, (size_t)d * cd->r, sqrtf(3.0f / cd->r), st);
-        for (int j = 0; j < cd->r; j++) cd->bits[j] = (uint8_t)(1 + (j * 5 + i) % 8);
-    }
-    assert_int_equal(codec_learned_finish(c, &err), 0);
-    return c;
+    return tu_learned_codec(&s, kind, ranges, st);
 }
 
 static void add_codec(fx *f, codec *c, const char *what) {

@@ -51,6 +51,7 @@
 
 #include "kernels/kernels.h"
 #include "kernels/types.h"
+#include "compress/codecfile.h"
 #include "storage/blob.h"
 #include "storage/cas.h"
 #include "storage/park.h"
@@ -449,6 +450,139 @@ static void test_int8_and_lazy_codec(void **state) {
     kv_free(got2);
     tu_rm_rf(dir);
     free(dir);
+}
+
+/* ---- codec files: kept, switched at run time -------------------------------------- */
+
+/* A synthetic learned codec file for the store's shape (model fp), its
+ * layout chunk 16, sink 4, window 8; path: DIR/NAME. */
+static void write_codec_file(const char *path, uint64_t fp, uint64_t seed) {
+    codec_shape sh = {.n_layer = NL, .n_kv_heads = NKV, .head_dim = HD, .n_rot = HD,
+                      .rope_base = 10000.f, .rope_freq_scale = 1.f, .model_fingerprint = fp};
+    uint64_t st = seed;
+    codec *c = tu_learned_codec(&sh, CODEC_LEARNED, 1, &st);
+    codec_learned *cl = (codec_learned *)c;
+    cl->chunk = 16;
+    cl->sink = 4;
+    cl->window = 8;
+    kp_err err = {0};
+    if (codecfile_write(c, path, &err)) fail_msg("codecfile_write: %s", err.msg);
+    codec_free(c);
+}
+
+static kv_cache *load_rows(store *s, const char *id, int n) {
+    kv_cache *got = new_kv(KP_TYPE_F32);
+    kp_err err = {0};
+    if (store_load_kv(s, id, got, &err)) fail_msg("store_load_kv '%s': %s", id, err.msg);
+    assert_int_equal(got->n_pos, n);
+    return got;
+}
+
+static void test_codec_files(void **state) {
+    (void)state;
+    char *dir = tu_tmpdir(), *src = tu_tmpdir();
+    char pa[PATHN], pb[PATHN], pc[PATHN], kept[PATHN];
+    snprintf(pa, sizeof pa, "%s/a.kvcodec", src);
+    snprintf(pb, sizeof pb, "%s/b.kvcodec", src);
+    snprintf(pc, sizeof pc, "%s/other-model.kvcodec", src);
+    write_codec_file(pa, FP_A, 1);
+    write_codec_file(pb, FP_A, 2);
+    write_codec_file(pc, FP_B, 3);
+    snprintf(kept, sizeof kept, "%s/codecs", dir);
+
+    /* parked with a: the file is kept before the save; the codec's own layout */
+    store *s = open_store_o(dir, (sopts){.codec = pa, .kv_type = KP_TYPE_F32});
+    assert_string_equal(store_codec_name(s), "a.kvcodec");
+    assert_int_equal(count_files(kept, ".kvcodec"), 1);
+    save_ok(s, "sa", KP_TYPE_F32, 120, 1, 1, true, NULL);
+    park_manifest m;
+    read_manifest(dir, "sa", &m);
+    assert_string_equal(m.codec, "a.kvcodec");
+    assert_true(m.codec_hash != 0);
+    assert_int_equal(m.layout.window, 8);
+    park_manifest_free(&m);
+    kv_cache *ra = load_rows(s, "sa", 120);
+    kv_cache *want = new_kv(KP_TYPE_F32);
+    tu_kv_fill(want, 0, 120, 1);
+    assert_true(max_diff_f32(want, ra, 4, 112) > 0); /* really coded */
+    assert_true(max_diff_f32(want, ra, 112, 120) == 0); /* the codec's window, not the store's 16 */
+
+    /* switched to b at run time: new saves use b, sa still decodes with a */
+    kp_err err = {0};
+    assert_int_equal(store_set_codec(s, pb, &err), 0);
+    assert_string_equal(store_codec_name(s), "b.kvcodec");
+    assert_int_equal(count_files(kept, ".kvcodec"), 2);
+    save_ok(s, "sb", KP_TYPE_F32, 100, 2, 2, true, NULL);
+    read_manifest(dir, "sb", &m);
+    assert_string_equal(m.codec, "b.kvcodec");
+    park_manifest_free(&m);
+    kv_cache *ra2 = load_rows(s, "sa", 120), *rb = load_rows(s, "sb", 100);
+    assert_true(rows_equal(ra, ra2, 120));
+    kv_free(ra2);
+    /* another model's codec file is refused and changes nothing */
+    assert_int_equal(store_set_codec(s, pc, &err), KP_EMISMATCH);
+    assert_string_equal(store_codec_name(s), "b.kvcodec");
+    assert_int_equal(store_set_codec(s, "/nonexistent/x.kvcodec", &err), KP_ENOTFOUND);
+    assert_int_equal(store_set_codec(s, "int8", &err), 0);
+    assert_string_equal(store_codec_name(s), "int8");
+    save_ok(s, "s8", KP_TYPE_F32, 50, 3, 3, true, NULL);
+    store_close(s);
+
+    /* the original files gone, another codec given: every session restores
+     * exactly as before from the kept copies; the other model's file is not kept */
+    assert_int_equal(unlink(pa), 0);
+    assert_int_equal(unlink(pb), 0);
+    s = open_store_o(dir, (sopts){.codec = "none", .kv_type = KP_TYPE_F32});
+    store_stats ss;
+    store_get_stats(s, &ss);
+    assert_int_equal(ss.kv_lost, 0);
+    assert_int_equal(ss.foreign, 0);
+    ra2 = load_rows(s, "sa", 120);
+    kv_cache *rb2 = load_rows(s, "sb", 100), *r8 = load_rows(s, "s8", 50);
+    assert_true(rows_equal(ra, ra2, 120));
+    assert_true(rows_equal(rb, rb2, 100));
+    kv_free(ra2);
+    kv_free(rb2);
+    kv_free(r8);
+    assert_int_equal(count_files(kept, ".kvcodec"), 2);
+    store_close(s);
+
+    /* the kept copies gone too: a's and b's sessions keep their token ids
+     * (KV lost, recomputed by the server); int8's restores */
+    DIR *d = opendir(kept);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.') continue;
+        char p[2 * PATHN];
+        snprintf(p, sizeof p, "%s/%s", kept, de->d_name);
+        assert_int_equal(unlink(p), 0);
+    }
+    closedir(d);
+    s = open_store_o(dir, (sopts){.codec = "none", .kv_type = KP_TYPE_F32});
+    store_get_stats(s, &ss);
+    assert_int_equal(ss.kv_lost, 2);
+    kv_cache *got = new_kv(KP_TYPE_F32);
+    assert_int_equal(store_load_kv(s, "sa", got, &err), KP_ELOST);
+    int nt = 0;
+    int32_t *tok = NULL;
+    void *x = NULL;
+    size_t xl = 0;
+    assert_int_equal(store_load_meta(s, "sa", &nt, &tok, &x, &xl, &err), 0);
+    assert_int_equal(nt, 120);
+    free(tok);
+    free(x);
+    r8 = load_rows(s, "s8", 50);
+    kv_free(r8);
+    kv_free(got);
+    store_close(s);
+
+    kv_free(ra);
+    kv_free(rb);
+    kv_free(want);
+    tu_rm_rf(dir);
+    tu_rm_rf(src);
+    free(dir);
+    free(src);
 }
 
 /* ---- reopen, flush, crash ----------------------------------------------------------- */
@@ -1645,6 +1779,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_ids),
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_int8_and_lazy_codec),
+        cmocka_unit_test(test_codec_files),
         cmocka_unit_test(test_reopen_and_flush),
         cmocka_unit_test(test_legacy_import),
         cmocka_unit_test(test_dedup_and_delete),

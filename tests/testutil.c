@@ -2,6 +2,7 @@
  * testutil.c — see testutil.h.
  */
 #include "tests/testutil.h"
+#include "compress/codecfile.h"
 
 #include <ftw.h>
 #include <hiredis/hiredis.h>
@@ -291,4 +292,31 @@ void tu_redis_kill(tu_redis *s) {
 void tu_redis_done(tu_redis *s) {
     tu_redis_kill(s);
     tu_rm_rf(s->dir);
+}
+
+struct codec *tu_learned_codec(const codec_shape *shape, int kind, int ranges, uint64_t *st) {
+    const int L = shape->n_layer, d = shape->n_kv_heads * shape->head_dim;
+    int *ranks = malloc(sizeof(int) * 2 * (size_t)L);
+    assert_non_null(ranks);
+    ranks[0] = d;
+    for (int i = 1; i < 2 * L; i++) {
+        float u;
+        tu_rand_floats(&u, 1, 1.0f, st);
+        ranks[i] = 1 + (int)(fabsf(u) * (float)(d - 1));
+    }
+    codec *c = NULL;
+    kp_err err = {0};
+    if (codec_learned_alloc(&c, shape, kind, ranks, &err)) fail_msg("codec_learned_alloc: %s", err.msg);
+    free(ranks);
+    codec_learned *cl = (codec_learned *)c;
+    cl->ranges = ranges;
+    for (int i = 0; i < 2 * L; i++) {
+        lc_coder *cd = &cl->coders[i];
+        tu_rand_floats(cd->mean, (size_t)d, 0.5f, st);
+        tu_rand_floats(cd->enc, (size_t)d * cd->r, sqrtf(3.0f / d) * 1.5f, st);
+        tu_rand_floats(cd->dec, (size_t)d * cd->r, sqrtf(3.0f / cd->r), st);
+        for (int j = 0; j < cd->r; j++) cd->bits[j] = (uint8_t)(1 + (j * 5 + i) % 8);
+    }
+    if (codec_learned_finish(c, &err)) fail_msg("codec_learned_finish: %s", err.msg);
+    return c;
 }

@@ -43,6 +43,13 @@ double tu_max_abs_diff(const float *a, const float *b, size_t n);
 double tu_max_rel_err(const float *a, const float *b, size_t n, double floor);
 /* Deterministic random floats in [-scale, scale) (xorshift). */
 void tu_rand_floats(float *x, size_t n, float scale, uint64_t *state);
+/* A synthetic pca/learned codec for `shape` (compress/codecfile.h): random
+ * mean, encoder (latents of about unit variance on rows of about unit size),
+ * decoder, ranks (1..d; the first coder d) and bit widths (1..8) per coder;
+ * ranges 0 (per-chunk) or 1 (fixed). Fails the test if it cannot be made. */
+struct codec;
+struct codec_shape;
+struct codec *tu_learned_codec(const struct codec_shape *shape, int kind, int ranges, uint64_t *st);
 
 /* A KV cache of kv_type on be, [n_layer] x [n_ctx][n_kv_heads][head_dim];
  * fails the test on error. Free with kv_free. */
