@@ -95,6 +95,7 @@ calib_opts calib_default_opts(void) {
                     .refine = 1,
                     .sens = 1,
                     .max_dppl = 0,
+                    .max_kl = 0,
                     .park_every = 64,
                     .attn = 1,
                     .sens_scale = NULL,
@@ -895,13 +896,14 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
     if (o->kind != CODEC_LEARNED && o->kind != CODEC_PCA)
         return kp_errf(err, KP_EINVAL, "calibrate: kind must be learned or pca");
     if (o->n_ctx < 1 || o->chunk < 1 || o->chunk > 65535 || !(o->bits > 0 && o->bits <= 16) || o->sink < 0 ||
-        o->window < 0 || !(o->k_weight > 0 && o->k_weight < 1e6) || !(o->max_dppl >= 0) || o->park_every < 1)
+        o->window < 0 || !(o->k_weight > 0 && o->k_weight < 1e6) || !(o->max_dppl >= 0) || !(o->max_kl >= 0) || o->park_every < 1)
         return kp_errf(err, KP_EINVAL, "calibrate: bad options (n_ctx %d, chunk %d, bits %g, max_dppl %g, "
                        "park_every %d)", o->n_ctx, o->chunk, o->bits, o->max_dppl, o->park_every);
-    if (!(o->ratio >= 0) || (o->ratio > 0 && o->max_dppl > 0))
-        return kp_errf(err, KP_EINVAL, "calibrate: give one of --bits, --ratio (> 0) and --max-dppl");
-    if (o->max_dppl > 0 && o->kind != CODEC_LEARNED)
-        return kp_errf(err, KP_EINVAL, "calibrate: --max-dppl needs --kind learned");
+    if (!(o->ratio >= 0) || (o->ratio > 0) + (o->max_dppl > 0) + (o->max_kl > 0) > 1)
+        return kp_errf(err, KP_EINVAL, "calibrate: give one of --bits, --ratio (> 0), --max-dppl and --max-kl");
+    const int search = o->max_dppl > 0 || o->max_kl > 0;
+    if (search && o->kind != CODEC_LEARNED)
+        return kp_errf(err, KP_EINVAL, "calibrate: --max-dppl / --max-kl need --kind learned");
     const int L = hp->n_layer, hd = hp->head_dim, nkv = hp->n_kv_heads, d = hd * nkv, NC = 2 * L;
     if (d > 4096) return kp_errf(err, KP_EUNSUP, "calibrate: KV rows of %d values are too wide", d);
     if (hp->n_head % nkv) return kp_errf(err, KP_EUNSUP, "calibrate: n_head %% n_kv_heads != 0");
@@ -916,8 +918,8 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
     const int learned = o->kind == CODEC_LEARNED, ranges = learned && o->ranges;
     /* held-out quality runs need one whole window of the quality context */
     const int qual = learned && n_val >= n_ctx;
-    if (o->max_dppl > 0 && !qual)
-        return kp_errf(err, KP_EINVAL, "calibrate: --max-dppl needs a held-out slice of at least one window "
+    if (search && !qual)
+        return kp_errf(err, KP_EINVAL, "calibrate: --max-dppl / --max-kl need a held-out slice of at least one window "
                        "of %d tokens (the last 10%% of the text): give more text or a smaller -c", n_ctx);
     codec_shape shape = {.n_layer = L, .n_kv_heads = nkv, .head_dim = hd, .n_rot = hp->n_rot,
                          .rope_mode = hp->rope_mode, .rope_base = hp->rope_base,
@@ -962,10 +964,10 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
         rc = kp_errf(err, KP_ENOMEM, "calibrate: out of memory");
         goto done;
     }
-    rc = cal_run_windows(m, tokens, n_fit, n_ctx, &st, attn ? cal_attn_window : NULL, &st, o->progress,
-                         "calibrate", err);
+    rc = cal_run_windows(m, tokens, n_fit, n_ctx, &st, attn ? cal_attn_window : NULL, &st, o, 1,
+                         "collecting K/V statistics", err);
     if (!rc && cap_v)
-        rc = cal_run_windows(m, tokens + n_fit, n_val, n_ctx, &sv, attn ? cal_attn_window : NULL, &sv, 0, "", err);
+        rc = cal_run_windows(m, tokens + n_fit, n_val, n_ctx, &sv, attn ? cal_attn_window : NULL, &sv, o, 0, "", err);
     if (rc) goto done;
     for (int ci = 0; ci < NC; ci++) {
         cal_coder *cc = &x.cc[ci];
@@ -992,7 +994,7 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
         x.val = tokens + n_fit, x.n_val = n_val;
         x.qo = quality_default_opts();
         x.qo.n_ctx = n_ctx, x.qo.park_every = o->park_every, x.qo.chunk = o->chunk, x.qo.sink = o->sink;
-        x.qo.window = o->window, x.qo.kv_type = KP_TYPE_F16;
+        x.qo.window = o->window, x.qo.kv_type = KP_TYPE_F16, x.qo.cancel = o->cancel;
     }
     const int sens = learned && o->sens && qual;
     if (sens && (rc = cal_sensitivity(&x, bits0, err))) goto done;
@@ -1002,18 +1004,20 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
     double target = bits0;
     quality_result qr = {0};
     int have_q = 0;
-    if (o->max_dppl > 0) {
+    if (search) {
         /* bisection over the bit budget in log space: the smallest budget
-         * whose held-out Δppl is <= max_dppl (Δppl falls as bits rise, up to
-         * noise: the search trusts that). Starts from 8 bits/value, the most
+         * whose held-out Δppl is <= max_dppl (or KL <= max_kl; both fall as
+         * bits rise, up to noise: the search trusts that). Starts from 8 bits/value, the most
          * a latent can have; each step is a whole fit (allocation,
          * refinement) and one held-out quality run per candidate. */
         double lo = 1.0 / d, hi = CODECFILE_MAX_BITS, best = -1;
         if (o->log)
-            fprintf(o->log, "max-dppl %g%%: bisection over bits/value in [%.4g, %d] on the held-out slice "
-                    "(%lld tokens, never the evaluation text)\n", o->max_dppl, lo, CODECFILE_MAX_BITS,
+            fprintf(o->log, "%s %g%s: bisection over bits/value in [%.4g, %d] on the held-out slice "
+                    "(%lld tokens, never the evaluation text)\n", o->max_kl > 0 ? "max-kl" : "max-dppl",
+                    o->max_kl > 0 ? o->max_kl : o->max_dppl, o->max_kl > 0 ? "" : "%", lo, CODECFILE_MAX_BITS,
                     (long long)n_val);
         for (int step = 0; step < 12; step++) {
+            if (o->on_progress) o->on_progress(o->progress_ud, "bit budget search (fit + held-out run)", step, 12, -1);
             const double b = step == 0 ? hi : sqrt(lo * hi);
             quality_result q;
             int measured = 0;
@@ -1023,7 +1027,7 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
             codec_free(c), c = NULL;
             if (rc) goto done;
             const double dp = 100.0 * (q.ppl - q.ppl_ref) / q.ppl_ref;
-            const int ok = dp <= o->max_dppl;
+            const int ok = o->max_kl > 0 ? q.kl <= o->max_kl : dp <= o->max_dppl;
             r.search_steps++;
             if (o->log)
                 fprintf(o->log, "  step %2d: %.4f bits/value (coded %.4f): ratio %.3f, Δppl %+.3f%%, KL %.4g, "
@@ -1031,17 +1035,21 @@ int calib_run(model *m, const int32_t *tokens, size_t n_tokens, const calib_opts
                         ok ? "meets the bound" : "too lossy");
             if (ok) best = b, hi = b, qr = q, have_q = 1;
             else if (step == 0) {
-                rc = kp_errf(err, KP_ERANGE, "calibrate: even %d bits/value give Δppl %+.3f%% > %g%% on the "
-                             "held-out slice", CODECFILE_MAX_BITS, dp, o->max_dppl);
+                rc = o->max_kl > 0
+                         ? kp_errf(err, KP_ERANGE, "calibrate: even %d bits/value give KL %.4g > %g on the "
+                                   "held-out slice", CODECFILE_MAX_BITS, q.kl, o->max_kl)
+                         : kp_errf(err, KP_ERANGE, "calibrate: even %d bits/value give Δppl %+.3f%% > %g%% on the "
+                                   "held-out slice", CODECFILE_MAX_BITS, dp, o->max_dppl);
                 goto done;
             } else lo = b;
             if (step > 0 && hi / lo < 1.02) break;
         }
         target = best;
-        if (o->log) fprintf(o->log, "max-dppl: chose %.4f bits/value\n", target);
+        if (o->log) fprintf(o->log, "%s: chose %.4f bits/value\n", o->max_kl > 0 ? "max-kl" : "max-dppl", target);
     }
     /* the final fit (deterministic: for max_dppl the very codec the search
      * measured, so its held-out numbers stand) */
+    if (o->on_progress) o->on_progress(o->progress_ud, "final fit and validation", 0, 1, -1);
     {
         quality_result q;
         int measured = 0;

@@ -22,6 +22,7 @@
 #ifndef KP_CALIB_H
 #define KP_CALIB_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -62,12 +63,22 @@ typedef struct calib_opts {
                              next-token KL per unit of weighted error); 0: k_weight for keys */
     double max_dppl;      /* > 0: search (bisection over the bit budget) for the smallest codec
                              whose held-out delta ppl (%) is <= max_dppl; bits is then ignored */
+    double max_kl;        /* > 0: the same search with held-out KL (nats) <= max_kl as the bound
+                             (what the server's own calibration uses: Δppl can fall under lossy
+                             coding, KL cannot); not with max_dppl or ratio */
     int attn;             /* 1: rows weighted by the attention they receive from queries at
                              distance >= window (what their coding error costs) */
     int park_every;       /* held-out quality runs (sensitivity, max_dppl): park every N (64) */
     const double *sens_scale; /* [2 * n_layer] (K of layer l at 2l, V at 2l+1): multiplies the
                              measured sensitivities; NULL = 1 (tests make a layer "more sensitive") */
     FILE *log;            /* human-readable tables (allocation, refinement, search); NULL: quiet */
+    /* progress of the long steps (collecting statistics, each fit and held-out
+     * run, each search step): called every few seconds and at each step's end
+     * with what is being done, done/total units and the seconds left (< 0:
+     * unknown). NULL: none (progress above still prints). */
+    void (*on_progress)(void *ud, const char *what, int64_t done, int64_t total, double eta_s);
+    void *progress_ud;
+    const atomic_int *cancel; /* non-NULL and set: stop at the next window (KP_ECANCELED), nothing written */
 } calib_opts;
 
 typedef struct calib_report {

@@ -57,8 +57,10 @@ void cal_allocate(int n_coders, int d, int C, double target, int pca, int ranges
 int cal_attn_window(void *ud, kv_cache *kv, int pos0, kp_err *err);
 int cal_importance(model *m, const cal_stats *st, int layer, int is_v, double *M, kp_err *err);
 float *cal_row(const cal_stats *st, int layer, int is_v, int64_t i);
+/* co (may be NULL): its cancel flag is checked before every window; with
+ * show, progress goes to stderr (co->progress) and co->on_progress as `what`. */
 int cal_run_windows(model *m, const int32_t *tokens, int64_t n, int n_ctx, cal_stats *st,
-                           cal_window_fn fn, void *ud, int progress, const char *what, kp_err *err);
+                    cal_window_fn fn, void *ud, const calib_opts *co, int show, const char *what, kp_err *err);
 void cal_sqrt_blocks(const double *M, int d, int hd, double *S, double *Sinv);
 int cal_stats_attn(cal_stats *st, int n_layer, int n_ctx, int window);
 void cal_stats_free(cal_stats *st);

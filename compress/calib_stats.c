@@ -412,9 +412,10 @@ void calib_allocate_bits(const double *lam, const double *sens, int n_coders, in
 
 /* ---- running the model ------------------------------------------------------- */
 
-static void cal_progress(int on, const char *what, int64_t done, int64_t total, double t0) {
-    if (!on) return;
-    double el = kp_now() - t0, eta = done > 0 ? el * (double)(total - done) / (double)done : 0;
+static void cal_progress(const calib_opts *co, const char *what, int64_t done, int64_t total, double t0) {
+    double el = kp_now() - t0, eta = done > 0 ? el * (double)(total - done) / (double)done : -1;
+    if (co->on_progress) co->on_progress(co->progress_ud, what, done, total, eta);
+    if (!co->progress) return;
     if (isatty(2)) {
         int w = 30, f = total > 0 ? (int)(w * done / total) : w;
         fprintf(stderr, "\r%s [%.*s%*s] %lld/%lld tokens, ETA %.0f s   ", what, f,
@@ -429,7 +430,7 @@ static void cal_progress(int on, const char *what, int64_t done, int64_t total, 
 /* Run the model over tokens[0..n) in windows of n_ctx (fresh cache each),
  * the probe attached; after each window call fn (may be NULL). */
 int cal_run_windows(model *m, const int32_t *tokens, int64_t n, int n_ctx, cal_stats *st,
-                           cal_window_fn fn, void *ud, int progress, const char *what, kp_err *err) {
+                    cal_window_fn fn, void *ud, const calib_opts *co, int show, const char *what, kp_err *err) {
     kv_cache *kv = NULL;
     int rc = model_kv_new(m, &kv, KP_TYPE_F32, n_ctx, err);
     if (rc) return rc;
@@ -437,13 +438,17 @@ int cal_run_windows(model *m, const int32_t *tokens, int64_t n, int n_ctx, cal_s
     double t0 = kp_now(), last = 0;
     const double every = isatty(2) ? 0.2 : 5.0; /* seconds between progress updates */
     for (int64_t p = 0; p < n && rc == 0; p += n_ctx) {
+        if (co && co->cancel && atomic_load(co->cancel)) {
+            rc = kp_errf(err, KP_ECANCELED, "calibrate: canceled");
+            break;
+        }
         int len = (int)KP_MIN((int64_t)n_ctx, n - p);
         kv_truncate(kv, 0);
         model_seq seq = {.kv = kv, .tokens = tokens + p, .n_tokens = len};
         rc = model_forward(m, &seq, 1, err);
         if (rc == 0 && fn) rc = fn(ud, kv, (int)p, err);
-        if (p + len >= n || kp_now() - last >= every) {
-            cal_progress(progress, what, p + len, n, t0);
+        if (co && show && (p + len >= n || kp_now() - last >= every)) {
+            cal_progress(co, what, p + len, n, t0);
             last = kp_now();
         }
     }
@@ -619,7 +624,7 @@ int calib_codec_error(model *m, const codec *c, const int32_t *tokens, size_t n_
         rc = kp_errf(err, KP_ENOMEM, "calibrate: out of memory");
         goto done;
     }
-    rc = cal_run_windows(m, tokens, (int64_t)n_tokens, n_ctx, &st, cal_err_window, &e, 0, "", err);
+    rc = cal_run_windows(m, tokens, (int64_t)n_tokens, n_ctx, &st, cal_err_window, &e, NULL, 0, "", err);
     if (rc) goto done;
     double num[2] = {0, 0}, den[2] = {0, 0};
     for (int l = 0; l < L; l++)

@@ -268,6 +268,10 @@ int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_toke
     double nll = 0, nll_ref = 0, kl = 0;
     int64_t agree = 0, count = 0;
     for (int w = 0; w < n_win; w++) {
+        if (o.cancel && atomic_load(o.cancel)) {
+            rc = kp_errf(err, KP_ECANCELED, "quality: canceled");
+            goto done;
+        }
         memcpy(win, tokens + (size_t)w * n_ctx, sizeof *win * (size_t)n_ctx);
         if (bos >= 0) win[0] = bos;
         /* 1. reference: one pass, as eval_ppl */

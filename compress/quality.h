@@ -17,6 +17,7 @@
 #ifndef KP_QUALITY_H
 #define KP_QUALITY_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "compress/codec.h"
@@ -31,6 +32,7 @@ typedef struct quality_opts {
     int window;       /* default LAYOUT_DEFAULT_WINDOW */
     int max_chunks;   /* windows evaluated at most (0 = all) */
     int kv_type;      /* default F16: the server's and llama.cpp's cache, so codec "none" is ~1x */
+    const atomic_int *cancel; /* non-NULL and set: stop before the next window (KP_ECANCELED) */
 } quality_opts;
 
 typedef struct quality_result {

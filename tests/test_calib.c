@@ -20,6 +20,9 @@
 
 #include "tests/testutil.h"
 
+#include <stdatomic.h>
+#include <unistd.h>
+
 #include "compress/calib.h"
 #include "compress/codec.h"
 #include "compress/codecfile.h" /* codec_chunk_bytes_at */
@@ -760,6 +763,63 @@ static void test_max_dppl(void **state) {
     }
 }
 
+/* --max-kl: the search's bound is the held-out KL (measured again here);
+ * progress is reported for every long step; a set cancel flag stops the
+ * run with KP_ECANCELED and writes nothing. */
+typedef struct prog_log {
+    int calls, search_steps, collect;
+    atomic_int *cancel_at_collect; /* set the flag on the first collect call */
+} prog_log;
+
+static void on_prog(void *ud, const char *what, int64_t done, int64_t total, double eta) {
+    prog_log *pl = ud;
+    (void)eta;
+    assert_true(done >= 0 && done <= total);
+    pl->calls++;
+    if (strstr(what, "search")) pl->search_steps++;
+    if (strstr(what, "collecting")) {
+        pl->collect++;
+        if (pl->cancel_at_collect) atomic_store(pl->cancel_at_collect, 1);
+    }
+}
+
+static void test_max_kl_cancel_progress(void **state) {
+    NEED_FX(f);
+    calib_opts o = calib_default_opts();
+    o.max_kl = 0.01;
+    o.sens = 0, o.refine = 0; /* the search alone: keeps the test short */
+    prog_log pl = {0};
+    o.on_progress = on_prog, o.progress_ud = &pl;
+    char p[600];
+    snprintf(p, sizeof p, "%s/maxkl.gguf", f->dir);
+    calib_report rep;
+    kp_err err = {0};
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o, p, &rep, &err), 0);
+    quality_result q = heldout_quality(f, p, &rep);
+    print_message("# max-kl 0.01: %d steps, chose %.4f bits/value: held-out KL %.4g (reported %.4g), ratio %.3f\n",
+                  rep.search_steps, rep.target_bits, q.kl, rep.heldout_kl, q.ratio);
+    assert_true(q.kl <= 0.01);
+    assert_true(fabs(q.kl - rep.heldout_kl) < 1e-12);
+    assert_true(rep.search_steps >= 4 && rep.target_bits < CODECFILE_MAX_BITS);
+    assert_int_equal(pl.search_steps, rep.search_steps);
+    assert_true(pl.collect >= 1 && pl.calls > pl.search_steps);
+    unlink(p);
+    /* one bound at a time */
+    calib_opts o3 = o;
+    o3.max_dppl = 1;
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o3, p, &rep, &err), KP_EINVAL);
+    /* canceled during the statistics: no file */
+    atomic_int cancel = 0;
+    prog_log pc = {.cancel_at_collect = &cancel};
+    calib_opts o2 = calib_default_opts();
+    o2.on_progress = on_prog, o2.progress_ud = &pc, o2.cancel = &cancel;
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o2, p, &rep, &err), KP_ECANCELED);
+    assert_int_equal(access(p, F_OK), -1);
+    /* canceled before it starts */
+    assert_int_equal(calib_run(f->m, f->cal, f->n_cal, &o2, p, &rep, &err), KP_ECANCELED);
+    assert_int_equal(access(p, F_OK), -1);
+}
+
 int main(int argc, char **argv) {
     tu_apply_filter_args(argc, argv);
     const struct CMUnitTest tests[] = {
@@ -773,6 +833,7 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_refine_never_worse),
         cmocka_unit_test(test_sensitive_layer),
         cmocka_unit_test(test_max_dppl),
+        cmocka_unit_test(test_max_kl_cancel_progress),
         cmocka_unit_test(test_window_covers_context),
         cmocka_unit_test(test_ratio_end_to_end),
     };

@@ -23,7 +23,7 @@
 
 static void calib_usage(void) {
     fprintf(stderr,
-            "usage: kvpark calibrate -m MODEL -f TEXT -o CODEC [--bits B | --ratio R | --max-dppl P]\n"
+            "usage: kvpark calibrate -m MODEL -f TEXT -o CODEC [--bits B | --ratio R | --max-dppl P | --max-kl K]\n"
             "                        [--chunk C] [--sink S] [--window W] [--kind learned|pca] [-c CTX]\n"
             "                        [--max-tokens N] [-t THREADS] [--k-weight W] [--ranges fixed|chunk]\n"
             "                        [--no-refine] [--no-sens] [--park-every N] [-q]\n"
@@ -35,6 +35,8 @@ static void calib_usage(void) {
             "                 end (lossless sink and window rows, headers, scales and codes counted)\n"
             "  --max-dppl P   the smallest codec whose delta perplexity on the held-out last 10%%\n"
             "                 of TEXT is <= P %% (bisection over the bit budget; --bits is ignored)\n"
+            "  --max-kl K     the same with the held-out KL to the uncompressed model <= K nats\n"
+            "                 (Δppl can fall under lossy coding; KL cannot)\n"
             "  --no-refine    PCA start only (no quantiser scales, no decoder/encoder refits)\n"
             "  --no-sens      bits by the k-weight prior instead of measured sensitivity\n"
             "  --park-every N held-out quality runs park every N tokens (64)\n"
@@ -94,6 +96,13 @@ int cmd_calibrate(int argc, char **argv) {
                 return 2;
             }
         }
+        else if (!strcmp(a, "--max-kl")) {
+            NEEDV;
+            if (cli_parse_float(v, 0, HUGE_VAL, &o.max_kl) || !(o.max_kl > 0)) {
+                fprintf(stderr, "kvpark calibrate: --max-kl must be a KL in nats > 0, not '%s'\n", v);
+                return 2;
+            }
+        }
         else if (!strcmp(a, "--no-refine")) o.refine = 0;
         else if (!strcmp(a, "--no-sens")) o.sens = 0;
         else if (!strcmp(a, "--attn")) o.attn = 1;
@@ -148,8 +157,8 @@ int cmd_calibrate(int argc, char **argv) {
         fprintf(stderr, "kvpark calibrate: --park-every must be >= 1\n");
         return 2;
     }
-    if (o.ratio > 0 && o.max_dppl > 0) {
-        fprintf(stderr, "kvpark calibrate: give --ratio or --max-dppl, not both\n");
+    if ((o.ratio > 0) + (o.max_dppl > 0) + (o.max_kl > 0) > 1) {
+        fprintf(stderr, "kvpark calibrate: give one of --ratio, --max-dppl and --max-kl\n");
         return 2;
     }
     if (!quiet) o.log = stdout;
