@@ -279,7 +279,8 @@ static enum MHD_Result handle_sessions(server *s, struct MHD_Connection *c, req_
                              json_pack("{s:s, s:s, s:i, s:I, s:I, s:f, s:f, s:s, s:s}", "id", id, "object",
                                        "session.save", "tokens", info.n_tokens, "bytes", (json_int_t)info.bytes,
                                        "bytes_new", (json_int_t)st.bytes_new, "ratio_vs_fp16", ratio, "ms", st.ms,
-                                       "codec", s->codec_name, "tier", info.tier),
+                                       "codec", st.codec ? st.codec : sess_codec_name(s->sessions),
+                                       "tier", info.tier),
                              id);
     }
     api_error_unknown_route(&e, method, url);
@@ -1016,7 +1017,6 @@ int http_serve(const http_opts *opts, kp_err *err) {
                      .remote_ttl_s = s->o.remote_ttl_s, .remote_budget = s->o.remote_budget, .remote_timeout_ms = s->o.remote_timeout_ms,
                      .on_event = on_sess_event, .ud = s};
     if ((rc = sess_open(&s->sessions, &sso, err))) goto done;
-    snprintf(s->codec_name, sizeof s->codec_name, "%s", s->o.codec ? s->o.codec : "none");
     atomic_store(&s->ready, true);
     fprintf(stderr, "kvpark: model %s; template %s; context %d; %d parallel; sessions in %s\n",
             model_desc(s->m), chat_template_name(s->tmpl), s->n_ctx, s->o.n_parallel, s->o.session_dir);

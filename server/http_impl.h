@@ -64,7 +64,6 @@ typedef struct server {
     const tok_vocab *vocab;
     enum chat_template tmpl;
     char model_id[256];
-    char codec_name[256];
     int n_ctx;
     int64_t created;
     atomic_bool ready;

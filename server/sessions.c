@@ -1080,6 +1080,8 @@ static void save_on_sched(void *ud) {
     c->rc = store_hot(c->t, c->t->o.sch, c->x, true, c->st, c->err); /* on the scheduler thread: copies run here */
 }
 
+const char *sess_codec_name(sess_table *t) { return store_codec_name(t->st); }
+
 int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
               sess_info *info, kp_err *err) {
     store_save_stats local = {0};

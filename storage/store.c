@@ -860,6 +860,7 @@ static int save_work(store *s, store_sess *e, const store_item *it, bool durable
         st->fp16_bytes = ps.fp16_bytes;
         st->spans_reused = ps.spans_reused;
         st->ms = (kp_now() - t0) * 1e3;
+        st->codec = cur->label;
     }
     return 0;
 

@@ -174,6 +174,8 @@ typedef struct store_save_stats {
     uint64_t fp16_bytes;     /* what the KV would take as fp16 */
     int spans_reused;        /* spans already stored (shared prefix / previous save) */
     double ms;
+    const char *codec;       /* the codec this save parked with (lives until store_close);
+                                NULL when nothing was written */
 } store_save_stats;
 
 typedef struct store_stats {

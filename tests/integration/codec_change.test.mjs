@@ -77,6 +77,7 @@ describe('a codec file gone', { timeout: 120000 }, () => {
       assert.ok(r1.json.usage.prompt_tokens > 100, r1.text);
       const sv = await jfetch(s1.url + `/v1/sessions/${c.json.id}/save`, { headers: H });
       assert.equal(sv.status, 200, sv.text);
+      assert.equal(sv.json.codec, 'A.kpc', 'the save names the codec it parked with');
     }
     await s1.stop();
     fs.rmSync(a);
