@@ -161,6 +161,18 @@ static const char *endpoint_label(const char *url) {
 /* ------------------------------------------------------------------ */
 /* 4. sessions API                                                     */
 
+/* GET /v1/codec: what parked sessions are coded with now. */
+static json_t *codec_json(server *s) {
+    store_codec_info ci;
+    sess_codec_info(s->sessions, &ci);
+    char hex[17];
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)ci.file_hash);
+    return json_pack("{s:s, s:s, s:s, s:s, s:o, s:{s:i, s:i, s:i}, s:i}", "object", "codec", "name", ci.name,
+                     "kind", ci.kind, "source", ci.file_hash ? "codec file" : "built-in", "file_hash",
+                     ci.file_hash ? json_string(hex) : json_null(), "layout", "chunk", ci.layout.chunk, "sink",
+                     ci.layout.sink, "window", ci.layout.window, "codec_files", ci.n_files);
+}
+
 static json_t *session_json(const sess_info *x) {
     return json_pack("{s:s, s:s, s:i, s:s, s:I, s:b, s:I}", "id", x->id, "object", "session", "tokens",
                      x->n_tokens, "tier", x->tier, "bytes", (json_int_t)x->bytes, "saved", x->saved,
@@ -424,6 +436,7 @@ static enum MHD_Result route(server *s, struct MHD_Connection *c, req_ctx *r, co
     if (!strncmp(url, "/v1/sessions", 12) && (url[12] == 0 || url[12] == '/'))
         return handle_sessions(s, c, r, url, method);
     if (!strcmp(url, "/v1/embeddings") && !strcmp(method, "POST")) return handle_embeddings(s, c, r);
+    if (!strcmp(url, "/v1/codec") && !strcmp(method, "GET")) return reply_jansson(c, 200, codec_json(s), NULL);
     api_error_unknown_route(&e, method, url);
     return http_reply_error(c, &e);
 }

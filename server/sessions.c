@@ -1081,6 +1081,7 @@ static void save_on_sched(void *ud) {
 }
 
 const char *sess_codec_name(sess_table *t) { return store_codec_name(t->st); }
+void sess_codec_info(sess_table *t, store_codec_info *ci) { store_codec_get(t->st, ci); }
 
 int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
               sess_info *info, kp_err *err) {

@@ -167,6 +167,7 @@ void sess_release(sess_table *t, sess *x, bool used);
 /* The codec new parks and saves use (a built-in's name or the codec file's
  * basename; the string lives until sess_close). */
 const char *sess_codec_name(sess_table *t);
+void sess_codec_info(sess_table *t, store_codec_info *ci);
 int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
               sess_info *info, kp_err *err);
 /* KP_ENOTFOUND, KP_EBUSY (in use by a request). */

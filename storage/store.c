@@ -542,6 +542,15 @@ static int codec_register(store *s, const char *name, store_codec **out, kp_err 
     return rc;
 }
 
+void store_codec_get(store *s, store_codec_info *ci) {
+    pthread_mutex_lock(&s->mu);
+    const store_codec *ce = s->cur;
+    *ci = (store_codec_info){.name = ce->label, .kind = codec_name(ce->c), .file_hash = ce->hash,
+                             .layout = ce->layout};
+    for (size_t i = 0; i < s->n_codecs; i++) ci->n_files += s->codecs[i]->hash != 0;
+    pthread_mutex_unlock(&s->mu);
+}
+
 int store_set_codec(store *s, const char *name, kp_err *err) {
     if (!s || !name || !name[0]) return kp_errf(err, KP_EINVAL, "store: no codec given");
     if (s->o.remote)

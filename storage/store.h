@@ -221,6 +221,15 @@ const char *store_codec_name(store *s);
  * every replica); the codec_open errors for a bad file (another model's:
  * KP_EMISMATCH). On error nothing changes. */
 int store_set_codec(store *s, const char *name, kp_err *err);
+/* What new saves park with, for GET /v1/codec. Strings live until store_close. */
+typedef struct store_codec_info {
+    const char *name;      /* a built-in's name or the codec file's basename */
+    const char *kind;      /* codec kind: none, fp16, int8, int4, kivi2, pca, learned */
+    uint64_t file_hash;    /* XXH3-64 of the codec file (its DIR/codecs/HASH.kvcodec); 0: built-in */
+    park_layout layout;    /* lossless sink and window rows, chunk rows */
+    int n_files;           /* codec files this store decodes with (kept in DIR/codecs) */
+} store_codec_info;
+void store_codec_get(store *s, store_codec_info *ci);
 
 int store_save(store *s, const char *id, const store_item *item, bool durable, store_save_stats *st,
                kp_err *err);

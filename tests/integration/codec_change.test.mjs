@@ -65,6 +65,15 @@ describe('a codec file gone', { timeout: 120000 }, () => {
 
     const s1 = await startServer({ args: [...common, '--codec', a] });
     servers.push(s1);
+    const k1 = await jfetch(s1.url + '/v1/codec', { method: 'GET', headers: H });
+    assert.equal(k1.status, 200, k1.text);
+    assert.equal(k1.json.object, 'codec');
+    assert.equal(k1.json.name, 'A.kpc');
+    assert.equal(k1.json.kind, 'learned');
+    assert.equal(k1.json.source, 'codec file');
+    assert.match(k1.json.file_hash, /^[0-9a-f]{16}$/);
+    assert.equal(k1.json.codec_files, 1);
+    assert.equal((await jfetch(s1.url + '/v1/codec', { method: 'GET' })).status, 401, 'a key is needed');
     const msgs = [{ role: 'user', content: STORY }];
     const sids = [];
     let r1;
@@ -89,6 +98,10 @@ describe('a codec file gone', { timeout: 120000 }, () => {
     const s2 = await startServer({ args: [...common, '--codec', b] });
     servers.push(s2);
     assert.doesNotMatch(s2.log(), /parked with a codec this server was not given/);
+    const k2 = (await jfetch(s2.url + '/v1/codec', { method: 'GET', headers: H })).json;
+    assert.equal(k2.name, 'B.kpc');
+    assert.equal(k2.codec_files, 2, 'B, and A kept from the first run');
+    assert.ok(fs.existsSync(path.join(kept, `${k1.json.file_hash}.kvcodec`)), 'kept under its hash');
     const r0 = await chat(s2, hist, sids[0]);
     assert.equal(r0.status, 200, r0.text);
     assert.ok(r0.json.usage.prompt_tokens_details?.cached_tokens > 100, `restored with the kept codec: ${r0.text}`);
@@ -99,6 +112,8 @@ describe('a codec file gone', { timeout: 120000 }, () => {
     const sid = sids[1];
     const ref = await startServer({ args: ['-c', '512', '--codec', 'none', '--cold-dir', path.join(dir, 'ref')] });
     servers.push(ref);
+    const k0 = (await jfetch(ref.url + '/v1/codec', { method: 'GET' })).json;
+    assert.deepEqual([k0.name, k0.kind, k0.source, k0.file_hash, k0.codec_files], ['none', 'none', 'built-in', null, 0]);
     const want = await chat(ref, hist, null, {});
     assert.equal(want.status, 200, want.text);
 
