@@ -242,7 +242,6 @@ static int bc_learned(model *m, const char *calib, const char *bits_list, double
  * 10.3x / +2.23%. At W 8 the sink changes nothing measurable (S 0 / 1 / 4:
  * KL 0.0085 / 0.0084 / 0.0086) and costs 3% / 10% of the ratio. Models with
  * strong attention sinks may want --sink 1..4: it is a codec parameter. */
-#define BC_CTX 512
 #define BC_WINDOW 8
 #define BC_SINK 0
 
@@ -303,10 +302,7 @@ int bench_codec_main(int argc, char **argv) {
     int nrows = 0;
     int rc = cli_quality_load_model(&q, &m, &err);
     if (rc) return cli_die(&err, rc);
-    if (q.qo.n_ctx == 0) {
-        int train = model_hp(m)->n_ctx_train;
-        q.qo.n_ctx = train > 0 && train < BC_CTX ? train : BC_CTX;
-    }
+    if (q.qo.n_ctx == 0) q.qo.n_ctx = quality_ctx_for(m);
     if ((rc = cli_tokenize_file(m, q.file, &ids, &n, &err))) goto out;
     fprintf(stderr, "kvpark: %s: %zu tokens; model %s; ctx %d, park every %d, chunk %d, sink %d, "
             "window %d\n", q.file, n, model_desc(m), q.qo.n_ctx, q.qo.park_every, q.qo.chunk,

@@ -216,6 +216,11 @@ static int quality_argmax(const float *x, int n) {
     return best;
 }
 
+int quality_ctx_for(model *m) {
+    const int train = model_hp(m)->n_ctx_train;
+    return train > 0 && train < QUALITY_DEFAULT_CTX ? train : QUALITY_DEFAULT_CTX;
+}
+
 int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_tokens,
                  const quality_opts *opts, quality_result *res, kp_err *err) {
     quality_opts o = opts ? *opts : quality_default_opts();

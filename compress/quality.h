@@ -65,6 +65,10 @@ int quality_eval(model *m, const codec *c, const int32_t *tokens, int64_t n_toke
  * session of n_pos tokens. KP_EINVAL for a bad layout or n_pos < 1. */
 int quality_layout_ratio(const codec *c, const codec_shape *sh, const layout *lay, int n_pos, int kv_type,
                          double *ratio, double *fixed_bytes, double *coded_values, kp_err *err);
+/* The context codec measurements use unless told (ppl --codec, bench codec:
+ * the same as plain ppl): 512, or the model's training context if smaller. */
+#define QUALITY_DEFAULT_CTX 512
+int quality_ctx_for(model *m);
 /* The codec shape of a model (for codec_open). */
 codec_shape quality_codec_shape(model *m);
 

@@ -30,6 +30,7 @@
  * process. */
 static int ppl_codec(int argc, char **argv) {
     cli_quality q = {.qo = quality_default_opts()};
+    q.qo.n_ctx = 0; /* not given: quality_ctx_for (512, as plain ppl) */
     const char *codec_arg = NULL;
     static const struct option lo[] = {CLI_QUALITY_LONGOPTS,
                                        {"codec", required_argument, 0, CLI_QOPT_CODEC},
@@ -42,7 +43,7 @@ static int ppl_codec(int argc, char **argv) {
         if (r > 0) continue;
         if (ch == CLI_QOPT_CODEC) codec_arg = optarg;
         else if (ch == 'h') {
-            puts("usage: kvpark ppl [-m MODEL] -f TEXTFILE --codec NAME|FILE [-c CTX] [--chunks N]\n"
+            puts("usage: kvpark ppl [-m MODEL] -f TEXTFILE --codec NAME|FILE [-c CTX (512)] [--chunks N]\n"
                  "       [--park-every N] [--sink S] [--window W] [--chunk C]\n"
                  "       [--kv-type f32|f16|bf16] [-t THREADS]\n"
                  "(--kv-type defaults to f16 here, the server's and llama.cpp's cache; plain ppl: f32)\n"
@@ -66,12 +67,13 @@ static int ppl_codec(int argc, char **argv) {
     size_t n = 0;
     int rc = cli_quality_load_model(&q, &m, &err);
     if (rc) return cli_die(&err, rc);
+    if (q.qo.n_ctx == 0) q.qo.n_ctx = quality_ctx_for(m);
     codec_shape shape = quality_codec_shape(m);
     if ((rc = codec_open(&c, codec_arg, &shape, &err))) goto out;
     const int from_file = cli_quality_codec_layout(&q, c);
     if ((rc = cli_tokenize_file(m, q.file, &ids, &n, &err))) goto out;
-    fprintf(stderr, "kvpark: %s: %zu tokens; model %s; codec %s, park every %d, chunk %d, sink %d, "
-            "window %d%s\n", q.file, n, model_desc(m), codec_name(c), q.qo.park_every, q.qo.chunk,
+    fprintf(stderr, "kvpark: %s: %zu tokens; model %s; codec %s, ctx %d, park every %d, chunk %d, sink %d, "
+            "window %d%s\n", q.file, n, model_desc(m), codec_name(c), q.qo.n_ctx, q.qo.park_every, q.qo.chunk,
             q.qo.sink, q.qo.window, from_file ? " (the codec file's layout where not given)" : "");
     quality_result r;
     double t0 = kp_now();
