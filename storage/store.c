@@ -531,8 +531,7 @@ static int codec_register(store *s, const char *name, store_codec **out, kp_err 
     pthread_mutex_lock(&s->mu);
     store_codec *have = codec_find(s, ce->hash, ce->label);
     if (have) {
-        snprintf(have->label, sizeof have->label, "%s", ce->label); /* the name it was given by */
-        *out = have;
+        *out = have; /* its label stays: other threads may be reading it */
     } else if (!(rc = codec_add(s, ce, err))) {
         *out = ce;
         ce = NULL;
