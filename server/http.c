@@ -48,6 +48,7 @@
 #include <time.h>
 
 
+#include "compress/quality.h"
 #include "engine/chat.h"
 #include "engine/model.h"
 #include "engine/scheduler.h"
@@ -161,16 +162,51 @@ static const char *endpoint_label(const char *url) {
 /* ------------------------------------------------------------------ */
 /* 4. sessions API                                                     */
 
+/* --codec auto: the server's own calibration (autocodec.h). Token counts
+ * only for a text file: from traffic they would tell one tenant how much
+ * the others send (/metrics has them, for the operator). */
+static json_t *calibration_json(autocodec *ac) {
+    autocodec_status st;
+    autocodec_get(ac, &st);
+    json_t *c = json_pack("{s:s, s:s}", "state", autocodec_state_name(st.state), "source",
+                          st.from_traffic ? "traffic" : "text");
+    if (!c) return json_null();
+    if (st.kl_bound > 0) json_object_set_new(c, "kl_bound", json_real(st.kl_bound));
+    if (!st.from_traffic) {
+        json_object_set_new(c, "tokens", json_integer(st.tokens));
+        json_object_set_new(c, "needed", json_integer(st.needed));
+    }
+    if (st.state == AUTOCODEC_CALIBRATING) {
+        json_object_set_new(c, "phase", json_string(st.phase));
+        json_object_set_new(c, "progress", json_real(st.progress));
+        json_object_set_new(c, "eta_s", st.eta_s >= 0 ? json_real(st.eta_s) : json_null());
+    }
+    if (st.state == AUTOCODEC_DONE) {
+        json_object_set_new(c, "heldout_kl", json_real(st.heldout_kl));
+        json_object_set_new(c, "heldout_ratio", json_real(st.heldout_ratio));
+        json_object_set_new(c, "bits_per_value", json_real(st.bits));
+        json_object_set_new(c, "created", json_integer((json_int_t)st.created));
+    }
+    if (st.state == AUTOCODEC_DONE || st.state == AUTOCODEC_OFF) { /* its name, not where the server keeps it */
+        const char *b = strrchr(st.path, '/');
+        json_object_set_new(c, "file", json_string(b ? b + 1 : st.path));
+    }
+    if (st.state == AUTOCODEC_FAILED) json_object_set_new(c, "error", json_string(st.error));
+    return c;
+}
+
 /* GET /v1/codec: what parked sessions are coded with now. */
 static json_t *codec_json(server *s) {
     store_codec_info ci;
     sess_codec_info(s->sessions, &ci);
     char hex[17];
     snprintf(hex, sizeof hex, "%016llx", (unsigned long long)ci.file_hash);
-    return json_pack("{s:s, s:s, s:s, s:s, s:o, s:{s:i, s:i, s:i}, s:i}", "object", "codec", "name", ci.name,
-                     "kind", ci.kind, "source", ci.file_hash ? "codec file" : "built-in", "file_hash",
-                     ci.file_hash ? json_string(hex) : json_null(), "layout", "chunk", ci.layout.chunk, "sink",
-                     ci.layout.sink, "window", ci.layout.window, "codec_files", ci.n_files);
+    json_t *j = json_pack("{s:s, s:s, s:s, s:s, s:o, s:{s:i, s:i, s:i}, s:i}", "object", "codec", "name", ci.name,
+                          "kind", ci.kind, "source", ci.file_hash ? "codec file" : "built-in", "file_hash",
+                          ci.file_hash ? json_string(hex) : json_null(), "layout", "chunk", ci.layout.chunk, "sink",
+                          ci.layout.sink, "window", ci.layout.window, "codec_files", ci.n_files);
+    if (j && s->ac) json_object_set_new(j, "calibration", calibration_json(s->ac));
+    return j;
 }
 
 static json_t *session_json(const sess_info *x) {
@@ -757,6 +793,34 @@ static void collect_store(metrics_family *f, void *ctx) {
 
 /* What parks and saves stored since start (store_stats saved_*): the
  * codec's compression ratio is rate(fp16) / rate(coded). */
+/* --codec auto's calibration (autocodec.h): 1 for the state it is in */
+static void collect_calib_state(metrics_family *f, void *ctx) {
+    server *s = ctx;
+    if (!atomic_load(&s->ready) || !s->ac) return;
+    autocodec_status st;
+    autocodec_get(s->ac, &st);
+    for (int i = AUTOCODEC_OFF; i <= AUTOCODEC_FAILED; i++)
+        metrics_set(f, st.state == (autocodec_state)i, autocodec_state_name((autocodec_state)i), NULL);
+}
+
+static void collect_calib_tokens(metrics_family *f, void *ctx) {
+    server *s = ctx;
+    if (!atomic_load(&s->ready) || !s->ac) return;
+    autocodec_status st;
+    autocodec_get(s->ac, &st);
+    metrics_set(f, (double)st.tokens, "collected", NULL);
+    metrics_set(f, (double)st.needed, "needed", NULL);
+}
+
+static void collect_calib_progress(metrics_family *f, void *ctx) {
+    server *s = ctx;
+    if (!atomic_load(&s->ready) || !s->ac) return;
+    autocodec_status st;
+    autocodec_get(s->ac, &st);
+    metrics_set(f, st.state == AUTOCODEC_DONE ? 1.0 : st.state == AUTOCODEC_CALIBRATING ? st.progress : 0.0,
+                NULL, NULL);
+}
+
 static void collect_park_bytes(metrics_family *f, void *ctx) {
     server *s = ctx;
     sess_counts n;
@@ -826,6 +890,14 @@ static int setup_metrics(server *s, kp_err *err) {
                           "sessions whose KV was found unreadable (kv_lost: their token ids are kept and "
                           "recomputed, kvpark_session_events_total{event=\"recomputed\"}).",
                           "event", NULL, collect_store, s, err) ||
+        !metrics_gauge_fn(reg, "kvpark_codec_calibration", "--codec auto: 1 for the state the server's own codec "
+                          "calibration is in (off: a codec file was found; collecting: prompts are being "
+                          "gathered; calibrating; done: the codec is written and new parks use it; failed: "
+                          "see the log, parking stays int8).", "state", NULL, collect_calib_state, s, err) ||
+        !metrics_gauge_fn(reg, "kvpark_codec_calibration_tokens", "--codec auto: calibration tokens collected "
+                          "and needed.", "kind", NULL, collect_calib_tokens, s, err) ||
+        !metrics_gauge_fn(reg, "kvpark_codec_calibration_progress", "--codec auto: progress of the current "
+                          "calibration step, 0 to 1 (1 when done).", NULL, NULL, collect_calib_progress, s, err) ||
         !metrics_counter_fn(reg, "kvpark_park_bytes_total", "Bytes of KV parked and saved since start, by kind: "
                             "fp16 (what the KV takes at 16 bits a number), coded (its objects after the codec "
                             "and LZ4; spans shared with an earlier version or session counted again), new "
@@ -934,6 +1006,12 @@ static int share_secret(server *s, kp_err *err) {
     return rc;
 }
 
+/* autocodec_opts.use: new parks use the codec the server calibrated */
+static int use_codec(void *ud, const char *path, kp_err *err) {
+    server *s = ud;
+    return sess_set_codec(s->sessions, path, err);
+}
+
 int http_serve(const http_opts *opts, kp_err *err) {
     server *s = calloc(1, sizeof *s);
     if (!s) return kp_errf(err, KP_ENOMEM, "out of memory");
@@ -1019,8 +1097,30 @@ int http_serve(const http_opts *opts, kp_err *err) {
     so.n_ctx = s->n_ctx;
     so.kv_type = s->o.kv_type;
     if ((rc = sched_new(&s->sch, s->m, &so, err))) goto done;
+    /* --codec auto: a codec file of this model, else int8 while one is calibrated */
+    char auto_path[AUTOCODEC_PATH_MAX] = "";
+    const bool is_auto = s->o.codec && !strcmp(s->o.codec, "auto");
+    const char *park_codec = s->o.codec;
+    codec_shape shape = quality_codec_shape(s->m);
+    if (is_auto) {
+        if (autocodec_find(s->o.model, &shape, s->o.remote_url ? NULL : s->o.session_dir, auto_path,
+                           sizeof auto_path)) {
+            park_codec = auto_path;
+            fprintf(stderr, "kvpark: codec auto: parking with %s\n", auto_path);
+        } else {
+            park_codec = "int8";
+            if (s->o.remote_url)
+                fprintf(stderr, "kvpark: codec auto: no codec file beside the model; parking with int8 (with "
+                                "--remote every replica must park with the same codec: put one from 'kvpark "
+                                "calibrate' beside the model, or give --codec FILE)\n");
+            else
+                fprintf(stderr, "kvpark: codec auto: no codec file for this model (beside it or in %s/autocodec); "
+                                "parking with int8 while one is calibrated in the background from %s\n",
+                        s->o.session_dir, s->o.calib_text ? s->o.calib_text : "the prompts served");
+        }
+    }
     sess_opts sso = {.m = s->m, .sch = s->sch, .kv_type = s->o.kv_type, .n_ctx = s->n_ctx,
-                     .dir = s->o.session_dir, .codec = s->o.codec, .park_window = s->o.park_window,
+                     .dir = s->o.session_dir, .codec = park_codec, .park_window = s->o.park_window,
                      .hot_sessions = s->o.hot_sessions,
                      .hot_budget = s->o.hot_budget, .warm_budget = s->o.warm_budget,
                      .cold_budget = s->o.cold_budget, .idle_park_s = s->o.idle_park_s,
@@ -1030,6 +1130,13 @@ int http_serve(const http_opts *opts, kp_err *err) {
                      .remote_ttl_s = s->o.remote_ttl_s, .remote_budget = s->o.remote_budget, .remote_timeout_ms = s->o.remote_timeout_ms,
                      .on_event = on_sess_event, .ud = s};
     if ((rc = sess_open(&s->sessions, &sso, err))) goto done;
+    if (is_auto && (auto_path[0] || !s->o.remote_url)) {
+        autocodec_opts ao = {.model_path = model_path(s->m), .shape = shape, .dir = s->o.session_dir,
+                             .calib_text = s->o.calib_text, .tokens = s->o.calib_tokens,
+                             .n_ctx = KP_MIN(AUTOCODEC_DEFAULT_CTX, s->n_ctx), .max_kl = s->o.calib_max_kl,
+                             .quiet = s->o.quiet, .use = use_codec, .ud = s};
+        if ((rc = autocodec_start(&s->ac, &ao, auto_path[0] ? auto_path : NULL, err))) goto done;
+    }
     atomic_store(&s->ready, true);
     fprintf(stderr, "kvpark: model %s; template %s; context %d; %d parallel; sessions in %s\n",
             model_desc(s->m), chat_template_name(s->tmpl), s->n_ctx, s->o.n_parallel, s->o.session_dir);
@@ -1055,6 +1162,7 @@ done:
         pthread_join(s->watchdog, NULL);
     }
     if (d) MHD_stop_daemon(d); /* joins the pool; every connection is closed (records freed) */
+    autocodec_free(s->ac); /* a calibration in flight is canceled (it switches the store's codec) */
     /* sessions close before the scheduler is freed: a background park still
      * running hands its device copies to the (stopped) scheduler */
     sess_close(s->sessions); /* hot sessions are parked to disk: a restart loses nothing */

@@ -59,7 +59,12 @@ typedef struct http_opts {
     int max_conns;            /* open connections at most (default 16384) */
     int max_conns_per_ip;     /* open connections per client address at most (default 64; 0: no limit) */
     const char *session_dir;  /* cold tier directory, --cold-dir (alias --session-dir); default ./sessions */
-    const char *codec;        /* codec for parked sessions: none, int8, ... or a codec file (NULL: none) */
+    const char *codec;        /* codec for parked sessions: auto, none, int8, ... or a codec file (NULL: none);
+                               * auto: server/autocodec.h (a codec file of the model, else int8 while
+                               * one is calibrated in the background) */
+    const char *calib_text;   /* --calib-text: auto calibrates from this file, not from traffic */
+    int64_t calib_tokens;     /* --calib-tokens: tokens auto calibrates on (0: 32768) */
+    double calib_max_kl;      /* --calib-max-kl: KL bound of auto's codec on unseen text (0: 0.002) */
     int max_sessions;         /* sessions held in all tiers at most (default 1024) */
     int max_sessions_per_key; /* sessions of one API key at most (0: max_sessions / 4; no keys: max_sessions) */
     double session_ttl_s;     /* unused sessions are deleted after this long (default 86400; 0: never) */

@@ -660,6 +660,7 @@ enum MHD_Result http_gen_start(server *s, struct MHD_Connection *c, req_ctx *r, 
             break;
         }
         submitted++;
+        autocodec_feed(s->ac, p->prompt, (size_t)p->n_prompt); /* --codec auto from traffic (a copy, RAM only) */
     }
     if (rc) {
         /* take back what was submitted, then answer with the error */

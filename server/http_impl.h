@@ -39,6 +39,7 @@
 #include "engine/scheduler.h"
 #include "engine/tok.h"
 #include "server/api.h"
+#include "server/autocodec.h"
 #include "server/http.h"
 #include "server/metrics.h"
 #include "server/sessions.h"
@@ -61,6 +62,7 @@ typedef struct server {
     model *m;
     sched *sch;
     sess_table *sessions;
+    autocodec *ac;            /* --codec auto: the codec found or being calibrated (else NULL) */
     const tok_vocab *vocab;
     enum chat_template tmpl;
     char model_id[256];

@@ -1082,6 +1082,7 @@ static void save_on_sched(void *ud) {
 
 const char *sess_codec_name(sess_table *t) { return store_codec_name(t->st); }
 void sess_codec_info(sess_table *t, store_codec_info *ci) { store_codec_get(t->st, ci); }
+int sess_set_codec(sess_table *t, const char *name, kp_err *err) { return store_set_codec(t->st, name, err); }
 
 int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
               sess_info *info, kp_err *err) {

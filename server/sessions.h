@@ -168,6 +168,8 @@ void sess_release(sess_table *t, sess *x, bool used);
  * basename; the string lives until sess_close). */
 const char *sess_codec_name(sess_table *t);
 void sess_codec_info(sess_table *t, store_codec_info *ci);
+/* New parks and saves use codec `name` from now on (store_set_codec). */
+int sess_set_codec(sess_table *t, const char *name, kp_err *err);
 int sess_save(sess_table *t, const char *id, uint64_t owner, bool owner_check, store_save_stats *st,
               sess_info *info, kp_err *err);
 /* KP_ENOTFOUND, KP_EBUSY (in use by a request). */

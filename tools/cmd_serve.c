@@ -50,8 +50,18 @@ static const char *serve_help =
     "Sessions and their tiers (hot: live KV; warm: compressed in RAM; cold: on disk):\n"
     "      --cold-dir DIR       where parked and saved sessions live (default ./sessions;\n"
     "                           --session-dir is the same option)\n"
-    "      --codec C            codec for parked sessions: none (lossless, default), fp16,\n"
-    "                           int8, int4, kivi2, or a codec file from 'kvpark calibrate'\n"
+    "      --codec C            codec for parked sessions: auto (default), none (lossless),\n"
+    "                           fp16, int8, int4, kivi2, or a codec file from 'kvpark\n"
+    "                           calibrate'. auto: the model's codec file (MODEL.kvcodec\n"
+    "                           beside MODEL.gguf, or the one the server made in the cold\n"
+    "                           dir's autocodec/); without one it parks with int8 and\n"
+    "                           calibrates a learned codec in the background at the lowest\n"
+    "                           priority, from the prompts it serves (or --calib-text), then\n"
+    "                           parks with that (GET /v1/codec shows the state)\n"
+    "      --calib-text FILE    auto: calibrate from this text instead of the prompts served\n"
+    "      --calib-tokens N     auto: tokens to calibrate on (default 32768)\n"
+    "      --calib-max-kl K     auto: the codec's KL bound on unseen text, in nats per token\n"
+    "                           (default 0.002; searched at half of it on a held-out tenth)\n"
     "      --hot-sessions N     hot sessions at most, then the least recently used idle\n"
     "                           ones are parked (default 0: no count limit)\n"
     "      --hot-budget SIZE    bytes of hot KV at most (default 2G; 0: no limit)\n"
@@ -141,7 +151,8 @@ static int read_key_file(const char *path, http_opts *o, char **key_store) {
 enum { OPT_REQUEST_TIMEOUT = 0x1000, OPT_MAX_CONNS, OPT_MAX_CONNS_PER_IP, SERVE_OPT_MAX_SESSIONS_PER_KEY,
        SERVE_OPT_SESSION_TTL, SERVE_OPT_CORS_ORIGIN, SERVE_OPT_CONFIG, SERVE_OPT_PRINT_CONFIG,
        SERVE_OPT_PROFILE, SERVE_OPT_PARK_WINDOW, SERVE_OPT_REMOTE, SERVE_OPT_REMOTE_POLICY, SERVE_OPT_REMOTE_TTL,
-       SERVE_OPT_REMOTE_TIMEOUT, SERVE_OPT_REMOTE_BUDGET };
+       SERVE_OPT_REMOTE_TIMEOUT, SERVE_OPT_REMOTE_BUDGET, SERVE_OPT_CALIB_TEXT, SERVE_OPT_CALIB_TOKENS,
+       SERVE_OPT_CALIB_MAX_KL };
 
 #define RA required_argument
 #define NA no_argument
@@ -166,7 +177,10 @@ static const conf_opt serve_opts[] = {
     {"cold-dir", RA, CLI_OPT_SESSION_DIR, 0, 1, "./sessions"},
     {"session-dir", RA, CLI_OPT_SESSION_DIR, 0, 0, NULL}, /* alias of cold-dir: flag only */
     {"profile", RA, SERVE_OPT_PROFILE, 0, 1, NULL},
-    {"codec", RA, CLI_OPT_CODEC, 0, 1, NULL},
+    {"codec", RA, CLI_OPT_CODEC, 0, 1, NULL}, /* not set: auto, or the profile's */
+    {"calib-text", RA, SERVE_OPT_CALIB_TEXT, 0, 1, NULL},
+    {"calib-tokens", RA, SERVE_OPT_CALIB_TOKENS, 0, 1, NULL},  /* not set: 32768 (a set one needs codec auto) */
+    {"calib-max-kl", RA, SERVE_OPT_CALIB_MAX_KL, 0, 1, NULL},  /* not set: 0.002 */
     {"park-window", RA, SERVE_OPT_PARK_WINDOW, 0, 1, "64"},
     {"hot-sessions", RA, CLI_OPT_HOT_SESSIONS, 0, 1, "0"},
     {"hot-budget", RA, CLI_OPT_HOT_BUDGET, 0, 1, "2G"},
@@ -292,6 +306,15 @@ static int serve_apply(void *ctx, int c, const char *arg, char *msg, size_t cap)
         break;
     case CLI_OPT_CHAT_TEMPLATE: ho->chat_template = arg; break;
     case CLI_OPT_CODEC: ho->codec = arg; break;
+    case SERVE_OPT_CALIB_TEXT: ho->calib_text = arg; break;
+    case SERVE_OPT_CALIB_TOKENS:
+        if (cli_parse_long(arg, 64, 1L << 30, &v)) BAD("bad calib-tokens '%s' (64..2^30)", arg);
+        ho->calib_tokens = v;
+        break;
+    case SERVE_OPT_CALIB_MAX_KL:
+        if (cli_parse_float(arg, 1e-6, 10, &d)) BAD("bad calib-max-kl '%s' (nats per token, e.g. 0.002)", arg);
+        ho->calib_max_kl = d;
+        break;
     case SERVE_OPT_PROFILE: {
         int i, n = (int)(sizeof serve_profiles / sizeof serve_profiles[0]);
         for (i = 0; i < n && strcmp(arg, serve_profiles[i].name); i++) {}
@@ -495,7 +518,14 @@ int cmd_serve(int argc, char **argv) {
         ho->codec = st.profile;
         if (!ho->park_window) ho->park_window = st.profile_window;
     }
-    if (ho->park_window && ho->codec && !store_codec_builtin(ho->codec)) {
+    if (!ho->codec) ho->codec = "auto"; /* the learned codec, found or calibrated (server/autocodec.h) */
+    const bool is_auto = !strcmp(ho->codec, "auto");
+    if (!is_auto && (ho->calib_text || ho->calib_tokens || ho->calib_max_kl)) {
+        fprintf(stderr, "kvpark serve: calib-text, calib-tokens and calib-max-kl apply to --codec auto, not "
+                        "'%s'\n", ho->codec);
+        return serve_finish(&st, key_store, 2);
+    }
+    if (ho->park_window && !is_auto && !store_codec_builtin(ho->codec)) {
         fprintf(stderr, "kvpark serve: park-window applies to the built-in codecs (none, fp16, int8, int4, "
                         "kivi2); the codec file '%s' parks with the window it was calibrated with "
                         "(kvpark calibrate --window N)\n", ho->codec);

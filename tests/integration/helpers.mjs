@@ -137,6 +137,13 @@ async function startOn(port, model, args, readyTimeoutMs, healthKey, wrap = null
     ownDir = tmpDir('sess');
     args = [...args, '--session-dir', ownDir];
   }
+  // The default codec is auto (int8, then a learned codec calibrated from the
+  // prompts): lossy, and it would calibrate in every test. Tests park
+  // losslessly unless they pick a codec (or a config file does).
+  if (!['--codec', '--profile', '--config', '--print-config', '--calib-text', '--calib-tokens', '--calib-max-kl']
+    .some((a) => args.includes(a))) {
+    args = [...args, '--codec', 'none'];
+  }
   const argv = ['serve', '-m', model, '--host', '127.0.0.1', '--port', String(port), ...args];
   const proc = wrap
     ? spawn(wrap[0], [...wrap.slice(1), BIN, ...argv], { stdio: ['ignore', 'pipe', 'pipe'] })
